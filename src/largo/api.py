@@ -1,0 +1,305 @@
+"""The Python API: train(), load(), predict(), evaluate(), info(), infer_config().
+
+Each function reads top to bottom through the stages (data → models → train → evaluate → deploy);
+the CLI calls these and nothing else.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from largo.config import Config, ConfigError, load_config, validate_config
+from largo.data.augment import augment_images, is_active
+from largo.data.clean import clean_table
+from largo.data.features import CategoryProcessor, Processor, encode_inputs, make_processor
+from largo.data.infer import Inferred, default_config, infer_features
+from largo.data.loader import Batch, EncodedSplit
+from largo.data.readers import DataError, read_table, table_source
+from largo.data.split import split_indices, take_split
+from largo.deploy.bundle import (
+    environment,
+    find_resumable,
+    new_run_dir,
+    read_bundle,
+    read_processors,
+    write_bundle,
+    write_run_start,
+)
+from largo.deploy.predictor import Predictor, Records
+from largo.evaluate.report import write_metrics_json, write_report
+from largo.evaluate.scoring import headline, score_outputs
+from largo.models.build import build_model
+from largo.train.distributed import log
+from largo.train.loop import fit, forward_in_batches
+from largo.train.losses import make_loss_fn
+
+
+@dataclass
+class TrainResult:
+    """A finished run: where its bundle is and what it measured."""
+
+    path: Path
+    metrics: dict[str, Any]
+    report: Path
+
+    @property
+    def test(self) -> dict[str, Any]:
+        """Test metrics per output (valid metrics when there is no test split)."""
+        return self.metrics.get("test") or self.metrics.get("valid") or {}
+
+
+def _as_config(config: Config | dict | str | Path) -> Config:
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        return validate_config(config)
+    return load_config(config)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def _read_clean(path: str, cfg: Config) -> tuple[pa.Table, dict[str, int]]:
+    table = read_table(path, format=cfg.data.format, encoding=cfg.data.encoding)
+    return clean_table(
+        table,
+        inputs=[f.source for f in cfg.inputs],
+        targets=[f.source for f in cfg.outputs],
+        config=cfg.data.clean,
+    )
+
+
+def _by_feature(table: pa.Table, features: list) -> dict[str, pa.ChunkedArray]:
+    return {f.name: table.column(f.source) for f in features}
+
+
+def load_splits(cfg: Config) -> tuple[dict[str, pa.Table], dict[str, Any]]:
+    """Read, clean and split the data: {'train', 'valid', 'test'} tables and the cleaning counts."""
+    d = cfg.data
+    train, counts = _read_clean(d.train, cfg)
+    cleaning: dict[str, Any] = {"train": counts}
+    tables: dict[str, pa.Table] = {}
+    for split in ("valid", "test"):
+        value = getattr(d, split)
+        if isinstance(value, str):
+            tables[split], cleaning[split] = _read_clean(value, cfg)
+    fractions = {s: (v if isinstance(v, float) else 0.0) for s, v in (("valid", d.valid), ("test", d.test))}
+    strat = next((f for f in cfg.outputs if f.type == "category"), None)
+    labels = None
+    if d.stratify and strat is not None:
+        labels = np.array([str(v) for v in train.column(strat.source).to_pylist()])
+    idx = split_indices(train.num_rows, valid=fractions["valid"], test=fractions["test"], seed=d.split_seed,
+                        stratify=labels)
+    for split in ("train", "valid", "test"):
+        if split == "train" or split not in tables:
+            tables[split] = take_split(train, idx[split])
+    if tables["train"].num_rows == 0:
+        raise DataError(f"{d.train}: no rows left for training after cleaning and splitting")
+    return tables, cleaning
+
+
+def encode_split(table: pa.Table, cfg: Config, processors: dict[str, Processor]) -> EncodedSplit:
+    """A cleaned table → tensors (inputs through their processors, targets encoded)."""
+    source = table_source(table)
+    base_dir = str(Path(source).parent) if source and not Path(source).is_dir() else source
+    for f in cfg.inputs:
+        if f.type == "image":
+            processors[f.name].base_dir = base_dir
+    inputs = encode_inputs(_by_feature(table, cfg.inputs), cfg.inputs, processors)
+    targets = {f.name: processors[f.name].encode(table.column(f.source)) for f in cfg.outputs}
+    return EncodedSplit(inputs, targets)
+
+
+def fit_processors(table: pa.Table, cfg: Config) -> dict[str, Processor]:
+    """Fit every feature's preprocessing on the train split only."""
+    source = table_source(table)
+    base_dir = str(Path(source).parent) if source and not Path(source).is_dir() else source
+    processors: dict[str, Processor] = {}
+    for role, features in (("input", cfg.inputs), ("output", cfg.outputs)):
+        for f in features:
+            proc = make_processor(f, role == "output", base_dir)
+            proc.fit(table.column(f.source))
+            processors[f.name] = proc
+    return processors
+
+
+def _augmenter(cfg: Config) -> Callable[[Batch, torch.Generator], Batch] | None:
+    active = {f.name: f.augment for f in cfg.inputs if f.type == "image" and is_active(f.augment)}
+    if not active:
+        return None
+
+    def transform(inputs: Batch, generator: torch.Generator) -> Batch:
+        return {k: augment_images(v, active[k], generator) if k in active else v for k, v in inputs.items()}
+
+    return transform
+
+
+def _class_weights(cfg: Config, split: EncodedSplit, processors: dict[str, Processor]) -> dict[str, torch.Tensor]:
+    weights = {}
+    for f in cfg.outputs:
+        if f.type == "category" and f.class_weights == "balanced":
+            k = processors[f.name].size
+            counts = torch.bincount(split.targets[f.name], minlength=k).double().clamp(min=1)
+            weights[f.name] = (counts.sum() / (k * counts)).float()
+    return weights
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+def train(config: Config | dict | str | Path, *, resume: bool | str | Path = False) -> TrainResult:
+    """Train a model from a config and write its bundle.
+
+    Args:
+        config: a Config, the same as a dict, or a YAML file path.
+        resume: True to continue the newest unfinished run of this config's name, or a run folder.
+
+    Returns:
+        TrainResult with the bundle path, all metrics and the report path.
+    """
+    cfg = _as_config(config)
+    # 1. the run folder: a new version, or the unfinished one being resumed (with its own config)
+    if resume:
+        run_dir = Path(resume) if not isinstance(resume, bool) else find_resumable(cfg.runs_dir, cfg.name)
+        if run_dir is None or not (run_dir / "checkpoints" / "last.pt").exists():
+            raise ConfigError(f"nothing to resume: no unfinished run of {cfg.name!r} under {cfg.runs_dir}")
+        cfg = load_config(run_dir / "config.yaml")
+    else:
+        run_dir = new_run_dir(cfg.runs_dir, cfg.name)
+    log(f"run folder: {run_dir}")
+
+    # 2. data: read → clean → split → fit preprocessing on train → encode once
+    tables, cleaning = load_splits(cfg)
+    if resume:
+        processors = read_processors(run_dir, cfg)
+    else:
+        processors = fit_processors(tables["train"], cfg)
+        write_run_start(run_dir, cfg, processors)
+    splits = {name: encode_split(t, cfg, processors) for name, t in tables.items()}
+    sizes = {name: len(s) if s.inputs else 0 for name, s in splits.items()}
+    log("split sizes: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
+
+    # 3. model and objective
+    model = build_model(cfg, processors)
+    loss_fn = make_loss_fn(cfg.outputs, _class_weights(cfg, splits["train"], processors))
+    valid = splits["valid"] if sizes["valid"] else None
+
+    def score_fn(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
+        return headline(score_outputs(outputs, valid.targets, cfg.outputs, processors))
+
+    # 4. train
+    result = fit(model, splits["train"], valid, cfg.train, loss_fn, score_fn=score_fn,
+                 transform=_augmenter(cfg), checkpoint_dir=run_dir / "checkpoints", resume=bool(resume))
+
+    # 5. evaluate the final model on valid and test, then write the bundle
+    model.cpu()
+    metrics: dict[str, Any] = {
+        "name": cfg.name, "version": run_dir.name, "history": result.history, "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early, "steps": result.steps, "train_time_s": result.train_time_s,
+        "splits": sizes, "cleaning": cleaning, "seed": cfg.train.seed, "versions": environment(),
+        "config": cfg.model_dump(mode="json"),
+    }
+    predictions = {}
+    for split in ("valid", "test"):
+        if sizes[split]:
+            outputs = forward_in_batches(model, splits[split].inputs, cfg.train.eval_batch_size)
+            metrics[split] = score_outputs(outputs, splits[split].targets, cfg.outputs, processors)
+            predictions = _regression_pairs(cfg, outputs, splits[split].targets, processors)
+    report = write_bundle(run_dir, model, metrics, predictions)
+    if not cfg.train.checkpoint.keep:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return TrainResult(run_dir, metrics, report)
+
+
+def _regression_pairs(cfg: Config, outputs: Batch, targets: Batch, processors: dict[str, Processor]) -> dict:
+    pairs = {}
+    for f in cfg.outputs:
+        if f.type == "number":
+            proc = processors[f.name]
+            pairs[f.name] = (proc.unscale(targets[f.name].double().numpy()),
+                             proc.unscale(outputs[f.name].double().numpy()))
+    return pairs
+
+
+# ----------------------------------------------------------------------------------- after training
+
+
+def infer_config(data: str | Path, target: str | list[str], name: str | None = None) -> tuple[Config, Inferred]:
+    """Read a data file or image folder and build a default config for predicting `target`."""
+    path = Path(data)
+    targets = [target] if isinstance(target, str) else list(target)
+    table = read_table(path)
+    inferred = infer_features(table, targets)
+    if not inferred.inputs:
+        raise ConfigError(f"{path}: no usable input columns besides {targets}; skipped: {inferred.skipped}")
+    cfg = validate_config(default_config(str(path), inferred, name or path.stem or "run"))
+    return cfg, inferred
+
+
+def load(path: str | Path, **kwargs: Any) -> Predictor:
+    """Load a bundle as a Predictor: `largo.load(path).predict([{...}])`."""
+    return Predictor.load(path, **kwargs)
+
+
+def _records(data: Records | str | Path) -> tuple[Records, str | None]:
+    if isinstance(data, str | Path):
+        table = read_table(data)
+        source = table_source(table)
+        return table, (str(Path(source).parent) if source and not Path(source).is_dir() else source)
+    return data, None
+
+
+def predict(bundle: str | Path | Predictor, data: Records | str | Path) -> list[dict[str, Any]] | dict[str, Any]:
+    """Predict from a file (csv/tsv/jsonl/parquet/image folder) or from records."""
+    predictor = bundle if isinstance(bundle, Predictor) else load(bundle)
+    records, base_dir = _records(data)
+    return predictor.predict(records, base_dir=base_dir)
+
+
+def evaluate(bundle: str | Path | Predictor, data: str | Path, report_dir: str | Path | None = None) -> dict:
+    """Score a bundle on a labelled file; writes metrics.json and report.html to report_dir.
+
+    Returns:
+        {"test": {output: metrics}, "rows": n, "cleaning": counts, "report": path}.
+    """
+    predictor = bundle if isinstance(bundle, Predictor) else load(bundle)
+    cfg, processors = predictor.config, predictor.bundle.processors
+    table, counts = _read_clean(str(data), cfg)
+    if table.num_rows == 0:
+        raise DataError(f"{data}: no labelled rows to evaluate")
+    split = encode_split(table, cfg, processors)
+    outputs = predictor.raw_outputs(split.inputs)
+    scores = score_outputs(outputs, split.targets, cfg.outputs, processors)
+    out_dir = Path(report_dir) if report_dir else predictor.path / "evaluations" / Path(data).stem
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {"name": cfg.name, "version": predictor.path.name, "test": scores, "splits": {"test": table.num_rows},
+               "cleaning": {"test": counts}, "data": str(data)}
+    write_metrics_json(out_dir, metrics)
+    report = write_report(out_dir, metrics, predictions=_regression_pairs(cfg, outputs, split.targets, processors))
+    return {"test": scores, "rows": table.num_rows, "cleaning": counts, "report": str(report)}
+
+
+def info(bundle: str | Path) -> dict[str, Any]:
+    """What a bundle holds: features, label sets, parameter count, headline metrics, versions."""
+    b = read_bundle(bundle)
+    labels = {n: p.vocab for n, p in b.processors.items() if isinstance(p, CategoryProcessor) and p.is_output}
+    test = b.metrics.get("test") or {}
+    return {
+        "path": str(b.path),
+        "name": b.config.name,
+        "inputs": [{"name": f.name, "type": f.type} for f in b.config.inputs],
+        "outputs": [{"name": f.name, "type": f.type, **({"labels": labels[f.name]} if f.name in labels else {})}
+                    for f in b.config.outputs],
+        "parameters": sum(p.numel() for p in b.model.parameters()),
+        "test": {name: headline({name: m}) for name, m in test.items()},
+        "splits": b.metrics.get("splits"),
+        "versions": b.metrics.get("versions"),
+    }

@@ -1,0 +1,329 @@
+"""The run configuration: small pydantic models per stage, `load_config()` and readable errors.
+
+A config is data. YAML is just its serialized form; the same dict works from Python. Every field has a
+description, unknown keys are errors, and a validation error names the key path, the value given and
+what is allowed (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+class CleanConfig(StrictModel):
+    """Row-level cleaning rules applied before the split; each dropped row is counted in the report."""
+
+    strip_whitespace: bool = Field(True, description="Trim leading/trailing whitespace in string cells.")
+    empty_as_missing: bool = Field(True, description="Treat empty strings (after stripping) as missing.")
+    drop_missing_target: bool = Field(True, description="Drop rows whose target value is missing.")
+    drop_missing_inputs: bool = Field(
+        False, description="Drop rows with any missing input instead of filling the value."
+    )
+    drop_duplicates: bool = Field(False, description="Drop exact duplicate rows (inputs and targets).")
+
+
+class DataConfig(StrictModel):
+    """Where the data comes from and how it is split."""
+
+    train: str = Field(..., description="Path to the training data: csv, tsv, jsonl, parquet or image folder.")
+    valid: float | str | None = Field(
+        0.1, description="A fraction of train held out for validation, or a path to a file, or null."
+    )
+    test: float | str | None = Field(
+        0.1, description="A fraction of train held out for the final test, or a path to a file, or null."
+    )
+    split_seed: int = Field(42, description="Seed of the train/valid/test split.")
+    stratify: bool = Field(True, description="Stratify the split on the first category output.")
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "images"] = Field(
+        "auto", description="File format; auto picks it from the file suffix."
+    )
+    encoding: Literal["auto", "utf-8", "utf-8-sig", "gbk", "gb18030"] = Field(
+        "auto", description="Text encoding of csv/tsv/jsonl files; auto detects UTF-8 (with BOM) or GBK."
+    )
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+
+    @field_validator("valid", "test")
+    @classmethod
+    def _fraction_or_path(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and not 0.0 <= v < 1.0:
+            raise ValueError(f"a split fraction must be in [0, 1), got {v}")
+        return v
+
+
+# ----------------------------------------------------------------------------------------- features
+
+
+class AugmentConfig(StrictModel):
+    """Random image augmentation, applied to the train split only."""
+
+    flip: bool = Field(False, description="Random horizontal flip (off for digits and text in images).")
+    crop: int = Field(0, ge=0, description="Pad by this many pixels, then crop back at a random offset.")
+    rotate: float = Field(0.0, ge=0.0, le=180.0, description="Random rotation within ±degrees.")
+
+
+class _FeatureBase(StrictModel):
+    name: str = Field(..., min_length=1, description="Feature name, also the column name by default.")
+    column: str | None = Field(None, description="Column in the data; defaults to the feature name.")
+
+    @property
+    def source(self) -> str:
+        """The column this feature reads."""
+        return self.column or self.name
+
+
+class NumberFeatureConfig(_FeatureBase):
+    """A numeric column: standardized or min-max scaled, missing values filled."""
+
+    type: Literal["number"] = "number"
+    normalization: Literal["standard", "minmax", "none"] = Field("standard", description="Scaling.")
+    fill: Literal["mean", "median", "zero", "constant"] = Field("mean", description="Missing-value fill.")
+    fill_value: float = Field(0.0, description="Value used when fill is 'constant'.")
+    loss: Literal["mse", "mae", "huber"] = Field("mse", description="Loss when this is an output.")
+
+
+class CategoryFeatureConfig(_FeatureBase):
+    """A categorical column: a vocabulary fit on train; unseen inputs go to an unknown bucket."""
+
+    type: Literal["category"] = "category"
+    min_count: int = Field(1, ge=1, description="Values seen fewer times go to the unknown bucket.")
+    max_size: int | None = Field(None, ge=1, description="Keep at most this many most frequent values.")
+    embedding_dim: int | None = Field(None, ge=1, description="Embedding width; default grows with size.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing when an output.")
+    class_weights: Literal["none", "balanced"] = Field("none", description="Loss weights when an output.")
+
+
+class ImageFeatureConfig(_FeatureBase):
+    """An image column (paths, or an image folder): decoded, resized, normalized, augmented on train."""
+
+    type: Literal["image"] = "image"
+    size: tuple[int, int] | None = Field(None, description="[height, width]; default: the first image's.")
+    channels: Literal[1, 3] | None = Field(None, description="1 (grayscale) or 3 (RGB); default: detected.")
+    encoder: str = Field("cnn", description="Image encoder from the model zoo.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, v: str) -> str:
+        from largo.models.zoo import IMAGE_ENCODERS  # lazy: the zoo imports torch
+
+        if v not in IMAGE_ENCODERS:
+            raise ValueError(f"unknown image encoder; allowed: {', '.join(IMAGE_ENCODERS)}")
+        return v
+
+
+InputFeature = Annotated[
+    NumberFeatureConfig | CategoryFeatureConfig | ImageFeatureConfig, Field(discriminator="type")
+]
+OutputFeature = Annotated[NumberFeatureConfig | CategoryFeatureConfig, Field(discriminator="type")]
+
+
+# -------------------------------------------------------------------------------------------- model
+
+
+class ModelConfig(StrictModel):
+    """The combiner MLP on top of the input encoders, and weight init."""
+
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [128], description="Hidden layer widths of the combiner MLP."
+    )
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout in the combiner and encoders.")
+    activation: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="Hidden activation.")
+    norm: Literal["none", "batch", "layer"] = Field("none", description="Normalization in the combiner.")
+    init: Literal["default", "normal", "xavier", "he"] = Field("default", description="Weight init.")
+    init_std: float = Field(0.02, gt=0.0, description="Standard deviation for init 'normal'.")
+
+
+# -------------------------------------------------------------------------------------------- train
+
+
+class OptimizerConfig(StrictModel):
+    """Optimizer and its hyper-parameters."""
+
+    name: Literal["sgd", "adam", "adamw"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled (adamw) or coupled weight decay.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    nesterov: bool = Field(False, description="SGD Nesterov momentum.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
+
+
+class ScheduleConfig(StrictModel):
+    """Learning-rate schedule, stepped every optimizer step, with optional linear warmup."""
+
+    name: Literal["constant", "step", "exponential", "cosine"] = Field("constant", description="Shape.")
+    warmup: float = Field(
+        0.0, ge=0.0, description="Linear warmup: a fraction of all steps if < 1, else a number of steps."
+    )
+    step_epochs: float = Field(10.0, gt=0.0, description="'step': multiply by gamma every this many epochs.")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="'step': factor per decay; 'exponential': per epoch.")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="'cosine': final lr as a fraction of lr.")
+
+
+class EarlyStoppingConfig(StrictModel):
+    """Stop when a logged metric stops improving; the best weights are restored."""
+
+    metric: str = Field("valid.loss", description="Any logged metric, e.g. valid.loss or valid.f1_macro.")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="auto: min for losses/errors.")
+    patience: int = Field(5, ge=1, description="Epochs without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement.")
+
+    @property
+    def minimize(self) -> bool:
+        """Whether a smaller value of the metric is better."""
+        if self.mode != "auto":
+            return self.mode == "min"
+        last = self.metric.rsplit(".", 1)[-1]
+        return last in {"loss", "mse", "rmse", "mae", "perplexity"}
+
+
+class CheckpointConfig(StrictModel):
+    """Checkpoints for resume: every epoch, and every N steps when set."""
+
+    every_steps: int | None = Field(None, ge=1, description="Also checkpoint every this many steps.")
+    keep: bool = Field(False, description="Keep checkpoints/ in the bundle after a finished run.")
+
+
+class TrainConfig(StrictModel):
+    """The training loop."""
+
+    epochs: int = Field(10, ge=1, description="Number of passes over the train split.")
+    batch_size: int = Field(64, ge=1, description="Examples per optimizer micro-batch.")
+    accumulate: int = Field(1, ge=1, description="Micro-batches per optimizer step (gradient accumulation).")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    clip_grad_norm: float | None = Field(None, gt=0.0, description="Clip the global gradient norm.")
+    l1: float = Field(0.0, ge=0.0, description="L1 penalty on weights (not biases or norms).")
+    l2: float = Field(0.0, ge=0.0, description="L2 penalty on weights, added to the loss.")
+    early_stopping: EarlyStoppingConfig | None = Field(None, description="Early stopping, or null.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train.")
+    seed: int = Field(42, description="Seeds Python, NumPy and torch.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval_batch_size: int = Field(512, ge=1, description="Batch size for evaluation and prediction.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+# --------------------------------------------------------------------------------------------- root
+
+
+class Config(StrictModel):
+    """A whole run: data, features, model and training."""
+
+    name: str = Field("run", min_length=1, description="Run name; the bundle goes to runs/<name>/<version>.")
+    runs_dir: str = Field("runs", description="Folder that holds all runs.")
+    data: DataConfig
+    inputs: list[InputFeature] = Field(..., min_length=1, description="Input features.")
+    outputs: list[OutputFeature] = Field(..., min_length=1, description="Output features (targets).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check_features(self) -> Config:
+        names = [f.name for f in self.inputs] + [f.name for f in self.outputs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"feature names must be unique; repeated: {', '.join(dup)}")
+        es = self.train.early_stopping
+        if es is not None:
+            allowed = self.metric_names()
+            if es.metric not in allowed:
+                raise ValueError(
+                    f"train.early_stopping.metric: {es.metric!r} is not logged; allowed: {', '.join(allowed)}"
+                )
+        return self
+
+    def metric_names(self) -> list[str]:
+        """Every metric name the training loop logs for this config (usable for early stopping)."""
+        names = ["train.loss", "valid.loss"]
+        single = len(self.outputs) == 1
+        for out in self.outputs:
+            prefix = "valid." if single else f"valid.{out.name}."
+            if out.type == "category":
+                keys = ["accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro"]
+            else:
+                keys = ["mse", "rmse", "mae", "r2"]
+            names += [prefix + k for k in keys]
+        return names
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message lists every problem with its key path."""
+
+
+def _allowed(err: dict[str, Any]) -> str:
+    ctx = err.get("ctx") or {}
+    if "expected" in ctx:
+        return f"; allowed: {ctx['expected']}"
+    if "expected_tags" in ctx:
+        return f"; allowed: {ctx['expected_tags']}"
+    return ""
+
+
+def format_validation_error(exc: ValidationError, source: str = "config") -> str:
+    """Turn a pydantic error into lines of `key.path: message (got value); allowed: ...`."""
+    lines = [f"invalid {source}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+        got = err.get("input")
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown key"
+        elif kind == "missing":
+            msg = "required key is missing"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+        got_s = "" if kind == "missing" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {loc or '<root>'}: {msg}{got_s}{_allowed(err)}")
+    return "\n".join(lines)
+
+
+_UNION_TAGS = {"number", "category", "image"}
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate a dict into a `Config`, raising `ConfigError` with readable messages."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid {source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a YAML config file; relative data paths are resolved against the file's folder."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), dict):
+        for key in ("train", "valid", "test"):
+            value = data["data"].get(key)
+            if isinstance(value, str) and not Path(value).is_absolute():
+                candidate = path.parent / value
+                if candidate.exists() or not Path(value).exists():
+                    data["data"][key] = str(candidate)
+    return validate_config(data, source=str(path))
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML, every default written out."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

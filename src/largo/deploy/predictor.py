@@ -1,0 +1,118 @@
+"""Raw records → outputs with probabilities. Shared by the CLI, the Python API and the server."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from largo.data.features import CategoryProcessor, ImageProcessor, NumberProcessor, encode_inputs
+from largo.data.readers import DataError
+from largo.deploy.bundle import Bundle, read_bundle
+from largo.train.loop import forward_in_batches
+
+Records = Sequence[Mapping[str, Any]] | Mapping[str, Any] | pa.Table
+
+
+class Predictor:
+    """A loaded bundle that predicts from raw records (dicts keyed by column or feature name)."""
+
+    def __init__(self, bundle: Bundle, batch_size: int = 256, precision: str = "fp32"):
+        self.bundle = bundle
+        self.config = bundle.config
+        self.model = bundle.model
+        self.batch_size = batch_size
+        self.precision = precision
+
+    @classmethod
+    def load(cls, path: str | Path, **kwargs: Any) -> Predictor:
+        """Read a bundle folder."""
+        return cls(read_bundle(path), **kwargs)
+
+    @property
+    def path(self) -> Path:
+        """The bundle folder."""
+        return self.bundle.path
+
+    @property
+    def labels(self) -> dict[str, list[str]]:
+        """Class labels of each category output."""
+        return {
+            n: p.vocab for n, p in self.bundle.processors.items()
+            if isinstance(p, CategoryProcessor) and p.is_output
+        }
+
+    def columns(self, records: Records, base_dir: str | None = None) -> dict[str, list[Any]]:
+        """Pick each input's raw values out of the records, by column name or feature name."""
+        if isinstance(records, pa.Table):
+            table = records
+            names = set(table.column_names)
+            out = {}
+            for f in self.config.inputs:
+                key = f.source if f.source in names else f.name
+                if key not in names:
+                    raise DataError(f"input {f.name!r} is missing: no column {f.source!r} in {sorted(names)}")
+                out[f.name] = table.column(key).to_pylist()
+        else:
+            rows = [records] if isinstance(records, Mapping) else list(records)
+            out = {f.name: [] for f in self.config.inputs}
+            for i, row in enumerate(rows):
+                if not isinstance(row, Mapping):
+                    raise DataError(f"record {i}: expected a mapping of field → value, got {type(row).__name__}")
+                for f in self.config.inputs:
+                    if f.source in row:
+                        out[f.name].append(row[f.source])
+                    elif f.name in row:
+                        out[f.name].append(row[f.name])
+                    else:
+                        raise DataError(f"record {i}: missing input {f.source!r} (null is allowed, absence is not)")
+        for f in self.config.inputs:
+            proc = self.bundle.processors[f.name]
+            if isinstance(proc, ImageProcessor):
+                proc.base_dir = base_dir
+        return out
+
+    def encode(self, records: Records, base_dir: str | None = None) -> dict[str, torch.Tensor]:
+        """Records → the model's input tensors (same preprocessing as training)."""
+        return encode_inputs(self.columns(records, base_dir), self.config.inputs, self.bundle.processors)
+
+    def raw_outputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Encoded inputs → logits / scaled values per output (float32, CPU)."""
+        return forward_in_batches(self.model, inputs, self.batch_size, self.precision)
+
+    def format(self, outputs: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        """Model outputs → one dict per record: label, its probability and all class probabilities."""
+        n = len(next(iter(outputs.values())))
+        results: list[dict[str, Any]] = [{} for _ in range(n)]
+        for f in self.config.outputs:
+            proc = self.bundle.processors[f.name]
+            out = outputs[f.name]
+            if isinstance(proc, CategoryProcessor):
+                probs = torch.softmax(out, dim=-1)
+                conf, idx = probs.max(dim=-1)
+                for r, i, c, p in zip(results, idx.tolist(), conf.tolist(), probs.tolist(), strict=True):
+                    r[f.name] = proc.vocab[i]
+                    r[f"{f.name}_probability"] = c
+                    r[f"{f.name}_probabilities"] = dict(zip(proc.vocab, p, strict=True))
+            else:
+                assert isinstance(proc, NumberProcessor)
+                for r, v in zip(results, proc.unscale(out.double().numpy()).tolist(), strict=True):
+                    r[f.name] = v
+        return results
+
+    def predict(self, records: Records, base_dir: str | None = None) -> list[dict[str, Any]] | dict[str, Any]:
+        """Predict outputs for raw records; a single mapping gives a single result.
+
+        Args:
+            records: a dict, a list of dicts, or a pyarrow Table with the input columns.
+            base_dir: folder that relative image paths are resolved against.
+
+        Returns:
+            For each record {output: label or value, output_probability, output_probabilities}.
+        """
+        single = isinstance(records, Mapping)
+        results = self.format(self.raw_outputs(self.encode(records, base_dir)))
+        return results[0] if single else results

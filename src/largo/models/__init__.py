@@ -1,0 +1,1 @@
+"""Model stage: shared layers, one file per model family, heads, the zoo and the builder."""

@@ -1,0 +1,69 @@
+"""The image CNN family: the classic conv32-pool-conv64-pool stack and a deeper BatchNorm variant."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from largo.models.layers import PixelNorm
+
+
+def _block(c_in: int, c_out: int, convs: int, batch_norm: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for i in range(convs):
+        layers.append(nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(c_out))
+        layers.append(nn.ReLU(inplace=True))
+    layers.append(nn.MaxPool2d(2))
+    return layers
+
+
+# preset → (channels per stage, convs per stage, batch norm)
+PRESETS: dict[str, tuple[tuple[int, ...], int, bool]] = {
+    "classic": ((32, 64), 1, False),  # Keras' MNIST example: conv32-pool-conv64-pool-dense
+    "standard": ((32, 64), 2, True),  # two conv-bn-relu per stage; more stages for big images
+}
+
+
+class ImageCNN(nn.Module):
+    """Normalize raw pixels, run conv stages, flatten (or average-pool big maps) to a vector.
+
+    Input: uint8 or float pixels [b, c, h, w] in 0..255. The per-channel mean/std learned from the
+    train split live in buffers, so an exported model takes raw pixels.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        preset: str = "standard",
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        c, h, w = shape
+        widths, convs, bn = PRESETS[preset]
+        widths = list(widths)
+        if preset != "classic":  # add stages until the map is at most 7x7 (28x28 → 7x7)
+            while min(h, w) // 2 ** len(widths) > 7 and len(widths) < 5:
+                widths.append(min(widths[-1] * 2, 256))
+        layers: list[nn.Module] = []
+        c_in = c
+        for width in widths:
+            layers += _block(c_in, width, convs, bn)
+            c_in = width
+        self.features = nn.Sequential(*layers)
+        mh, mw = h // 2 ** len(widths), w // 2 ** len(widths)
+        if mh * mw > 64:  # large inputs: average to 4x4 so the vector stays small
+            self.pool: nn.Module = nn.AdaptiveAvgPool2d(4)
+            mh = mw = 4
+        else:
+            self.pool = nn.Identity()
+        self.drop = nn.Dropout(dropout)
+        self.out_dim = c_in * max(mh, 1) * max(mw, 1)
+        self.norm = PixelNorm(c, mean, std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)  # [b, c, h, w] standardized
+        return self.drop(self.pool(self.features(x)).flatten(1))

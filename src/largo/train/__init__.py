@@ -1,0 +1,1 @@
+"""Training stage: the loop, optimizers and schedules, checkpoints, and process/device helpers."""

@@ -1,0 +1,268 @@
+"""The training loop: `fit()` reads top to bottom, `train_step()` is one micro-batch.
+
+fit: build optimizer and schedule → resume if asked → for each epoch: train steps (autocast,
+backward, accumulate, clip, step, schedule) → validate → log → checkpoint → early stop.
+Extension points are explicit arguments (`score_fn`, `transform`, `on_epoch_end`), not callbacks
+found at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from largo.config import TrainConfig
+from largo.data.loader import Batch, EncodedSplit, batch_bounds, epoch_order, iter_batches
+from largo.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from largo.train.distributed import is_main_process, log, pick_device
+from largo.train.losses import LossFn
+from largo.train.optim import build_optimizer, build_schedule, penalized_params
+
+_SHOWN = ("epoch", "train.loss", "valid.loss", "valid.accuracy", "valid.f1_macro", "valid.mae", "valid.r2",
+          "lr", "time_s")
+ScoreFn = Callable[[dict[str, torch.Tensor]], dict[str, float]]
+
+
+@dataclass
+class FitResult:
+    """What a finished `fit()` reports."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int | None = None
+    stopped_early: bool = False
+    steps: int = 0
+    train_time_s: float = 0.0
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context for a precision ('fp32' → no autocast)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def forward_in_batches(
+    model: nn.Module, inputs: Batch, batch_size: int, precision: str = "fp32"
+) -> dict[str, torch.Tensor]:
+    """Run the model in eval mode over all examples; outputs float32 on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    n = int(next(iter(inputs.values())).shape[0])
+    chunks: dict[str, list[torch.Tensor]] = {}
+    for lo in range(0, n, batch_size):
+        batch = {k: v[lo : lo + batch_size].to(device, non_blocking=True) for k, v in inputs.items()}
+        with autocast(device, precision):
+            out = model(batch)
+        for k, v in out.items():
+            chunks.setdefault(k, []).append(v.float().cpu())
+    return {k: torch.cat(v) for k, v in chunks.items()}
+
+
+def train_step(
+    model: nn.Module, inputs: Batch, targets: Batch, loss_fn: LossFn, scale: float, amp: Any,
+    penalty: Callable[[], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Forward and backward one micro-batch; returns its summed loss (detached, no host sync).
+
+    `scale` is 1 / examples in the whole optimizer step, so accumulated gradients equal one big batch.
+    """
+    with amp:
+        loss_sum = loss_fn(model(inputs), targets)
+    total = loss_sum
+    if penalty is not None:  # the penalty counts once per step: b/N of it per micro-batch
+        total = total + penalty() * len(next(iter(targets.values())))
+    (total * scale).backward()
+    return loss_sum.detach()
+
+
+def _penalty_fn(model: nn.Module, l1: float, l2: float) -> Callable[[], torch.Tensor] | None:
+    if l1 == 0 and l2 == 0:
+        return None
+    params = penalized_params(model)
+
+    def penalty() -> torch.Tensor:
+        total = torch.zeros((), device=params[0].device)
+        for p in params:
+            if l1:
+                total = total + l1 * p.abs().sum()
+            if l2:
+                total = total + l2 * p.pow(2).sum()
+        return total
+
+    return penalty
+
+
+def _improved(value: float, best: float | None, minimize: bool, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if minimize else value > best + min_delta
+
+
+def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def fit(
+    model: nn.Module,
+    train: EncodedSplit,
+    valid: EncodedSplit | None,
+    cfg: TrainConfig,
+    loss_fn: LossFn,
+    *,
+    score_fn: ScoreFn | None = None,
+    transform: Callable[[Batch, torch.Generator], Batch] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train `model` in place on `train`, validating on `valid` after every epoch.
+
+    Args:
+        model: the model; moved to the configured device.
+        train, valid: encoded splits (valid may be None: no validation metrics, no early stopping).
+        cfg: the train section of the config.
+        loss_fn: summed loss over a batch (see `losses.make_loss_fn`).
+        score_fn: validation outputs → metrics ({"accuracy": …}); logged as valid.<name>.
+        transform: (inputs, generator) → inputs, e.g. augmentation; seeded per batch for exact resume.
+        checkpoint_dir: where last.pt goes; None disables checkpoints.
+        resume: continue from checkpoint_dir/last.pt when it exists.
+        on_epoch_end: called with each epoch's log record.
+
+    Returns:
+        FitResult with the per-epoch history; the model holds the best weights when early stopping
+        is on, else the last.
+    """
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    model.to(device)
+    train = train.to(device)
+    valid_inputs = valid.inputs if valid is not None and len(valid) else None
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    bounds = batch_bounds(len(train), cfg.batch_size, drop_singleton=has_bn)
+    steps_per_epoch = math.ceil(len(bounds) / cfg.accumulate)
+    optimizer = build_optimizer(model, cfg.optimizer, device)
+    scheduler = build_schedule(optimizer, cfg.schedule, steps_per_epoch * cfg.epochs, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    amp = autocast(device, cfg.precision)
+    penalty = _penalty_fn(model, cfg.l1, cfg.l2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    es = cfg.early_stopping
+
+    # 1. the loop's state: everything a resumed run needs to continue exactly
+    st: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best_value": None,
+                          "best_epoch": None, "bad_epochs": 0, "stopped": False, "best_model": None,
+                          "loss_sum": 0.0, "examples": 0, "elapsed": 0.0}
+    ckpt = load_checkpoint(checkpoint_dir) if resume and checkpoint_dir else None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        st.update({k: ckpt[k] for k in st})
+        log(f"resumed from {checkpoint_dir} at epoch {st['epoch'] + 1}, batch {st['batch']}, step {st['step']}")
+
+    def checkpoint() -> None:
+        if checkpoint_dir is None or not is_main_process():
+            return
+        save_checkpoint(checkpoint_dir, {
+            **st, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+        })
+
+    t_start = time.perf_counter() - st["elapsed"]
+    for epoch in range(st["epoch"], cfg.epochs):
+        if st["stopped"]:
+            break
+        # 2. train: the epoch's order depends only on (seed, epoch), so a resume continues it
+        model.train()
+        order = epoch_order(len(train), cfg.seed, epoch)
+        group_sizes = [
+            sum(hi - lo for lo, hi in bounds[g : g + cfg.accumulate]) for g in range(0, len(bounds), cfg.accumulate)
+        ]
+        batch_transform = None
+        if transform is not None:
+            def batch_transform(inputs: Batch, i: int, epoch: int = epoch) -> Batch:
+                g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch * 100_003 + i)
+                return transform(inputs, g)
+
+        loss_sum = torch.tensor(st["loss_sum"], device=device, dtype=torch.float64)
+        bar = tqdm(total=len(bounds), initial=st["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=None if cfg.progress and is_main_process() else True, leave=False, unit="batch",
+                   dynamic_ncols=True)
+        t_epoch, seen_this_session = time.perf_counter(), 0
+        for i, inputs, targets in iter_batches(train, order, bounds, st["batch"], batch_transform):
+            n = bounds[i][1] - bounds[i][0]
+            scale = 1.0 / group_sizes[i // cfg.accumulate]
+            loss = train_step(model, inputs, targets, loss_fn, scale * scaler.get_scale() if scaler.is_enabled()
+                              else scale, amp, penalty)
+            loss_sum += loss
+            st["examples"] += n
+            seen_this_session += n
+            if (i + 1) % cfg.accumulate == 0 or i + 1 == len(bounds):
+                # 3. one optimizer step: unscale, clip, step, schedule, zero
+                if scaler.is_enabled():
+                    scaler.unscale_(optimizer)
+                if cfg.clip_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                st["step"] += 1
+                st["batch"] = i + 1
+                if cfg.checkpoint.every_steps and st["step"] % cfg.checkpoint.every_steps == 0:
+                    st["loss_sum"] = float(loss_sum)
+                    st["elapsed"] = time.perf_counter() - t_start
+                    checkpoint()
+            bar.update(1)
+            if bar.n % 20 == 0 and not bar.disable:  # .item() syncs: only every 20 batches
+                rate = seen_this_session / max(1e-9, time.perf_counter() - t_epoch)
+                bar.set_postfix(loss=f"{float(loss_sum) / max(1, st['examples']):.4f}", ex_s=f"{rate:,.0f}")
+        bar.close()
+
+        # 4. validate and log
+        record: dict[str, float] = {"epoch": epoch + 1, "step": st["step"],
+                                    "lr": optimizer.param_groups[0]["lr"],
+                                    "train.loss": float(loss_sum) / max(1, st["examples"])}
+        if valid_inputs is not None:
+            outputs = forward_in_batches(model, valid_inputs, cfg.eval_batch_size, cfg.precision)
+            with torch.no_grad():
+                vloss = loss_fn(outputs, {k: v.cpu() for k, v in valid.targets.items()})
+            record["valid.loss"] = float(vloss) / len(valid)
+            if score_fn is not None:
+                record.update({f"valid.{k}": v for k, v in score_fn(outputs).items()})
+        record["time_s"] = time.perf_counter() - t_start
+        st["history"].append(record)
+        log("  ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
+                      for k in _SHOWN if k in record))
+
+        # 5. early stopping: remember the best weights, stop after `patience` epochs without gain
+        if es is not None and es.metric in record:
+            if _improved(record[es.metric], st["best_value"], es.minimize, es.min_delta):
+                st.update(best_value=record[es.metric], best_epoch=epoch + 1, bad_epochs=0,
+                          best_model=_clone_state(model))
+            else:
+                st["bad_epochs"] += 1
+                st["stopped"] = st["bad_epochs"] >= es.patience
+        st.update(epoch=epoch + 1, batch=0, loss_sum=0.0, examples=0, elapsed=time.perf_counter() - t_start)
+        checkpoint()
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+        if st["stopped"]:
+            log(f"early stopping: no {es.metric} gain in {es.patience} epochs; best epoch {st['best_epoch']}")
+
+    if st["best_model"] is not None:
+        model.load_state_dict(st["best_model"])
+    return FitResult(st["history"], st["best_epoch"], bool(st["stopped"]), st["step"], st["elapsed"])
