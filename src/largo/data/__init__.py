@@ -1,0 +1,1 @@
+"""Data stage: readers, cleaning, splits, features, loaders."""

@@ -1,0 +1,75 @@
+"""Train / valid / test split of row indices: seeded, optionally stratified, every row in exactly one split.
+
+Two stages with scikit-learn's `train_test_split`: carve the test rows from all rows, then the valid rows
+from the rest. Classes too rare to stratify go to train; when stratifying is still impossible the split
+falls back to a plain seeded shuffle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+from sklearn.model_selection import train_test_split
+
+
+def split_indices(
+    n: int, *, valid: float, test: float, seed: int, stratify: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Split `range(n)` into sorted int64 index arrays "train", "valid" and "test".
+
+    Args:
+        n: number of rows.
+        valid: fraction of all rows for validation (0.0 gives an empty array).
+        test: fraction of all rows for the final test (0.0 gives an empty array).
+        seed: the same seed gives the same split.
+        stratify: one label per row to keep class proportions equal across splits, or None.
+
+    Returns:
+        {"train": ..., "valid": ..., "test": ...}; together they hold every index once.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not (0.0 <= valid < 1.0 and 0.0 <= test < 1.0 and valid + test < 1.0):
+        raise ValueError(f"valid and test must be in [0, 1) with valid + test < 1, got {valid} and {test}")
+    codes = None
+    if stratify is not None:
+        labels = np.asarray(stratify)
+        if labels.shape != (n,):
+            raise ValueError(f"stratify must hold one label per row: shape {labels.shape}, expected ({n},)")
+        # strings compare for any label type (None and NaN included), so np.unique never fails
+        codes = np.unique(labels.astype(str), return_inverse=True)[1].reshape(-1)
+    rest, test_idx = _carve(np.arange(n, dtype=np.int64), math.ceil(test * n), seed, codes)
+    n_valid = math.ceil(valid / (1.0 - test) * len(rest)) if valid > 0 else 0
+    train_idx, valid_idx = _carve(rest, n_valid, seed, codes)
+    return {"train": np.sort(train_idx), "valid": np.sort(valid_idx), "test": np.sort(test_idx)}
+
+
+def take_split(table: pa.Table, indices: np.ndarray) -> pa.Table:
+    """The rows of `table` at `indices`, schema metadata kept."""
+    return table.take(pa.array(np.asarray(indices, dtype=np.int64))).replace_schema_metadata(
+        table.schema.metadata
+    )
+
+
+def _carve(idx: np.ndarray, size: int, seed: int, codes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Split `idx` into (rest, part) with `size` rows in part; at least one row stays in rest."""
+    size = min(size, len(idx) - 1)
+    if size <= 0:
+        return idx, idx[:0]
+    if codes is not None:
+        labels = codes[idx]
+        counts = np.bincount(labels)
+        rare = counts[labels] < 2  # a class with one row cannot be in both parts
+        common = idx[~rare]
+        if 0 < size < len(common):
+            try:
+                rest, part = train_test_split(
+                    common, test_size=size, random_state=seed, stratify=labels[~rare]
+                )
+                return np.concatenate([rest, idx[rare]]), part
+            except ValueError:
+                pass  # e.g. fewer rows in a part than classes: stratifying is impossible
+    rest, part = train_test_split(idx, test_size=size, random_state=seed, shuffle=True)
+    return rest, part
