@@ -37,6 +37,7 @@ from largo.deploy.predictor import Predictor, Records
 from largo.evaluate.report import write_metrics_json, write_report
 from largo.evaluate.scoring import headline, score_outputs
 from largo.models.build import build_model
+from largo.train.checkpoint import seed_everything
 from largo.train.distributed import log
 from largo.train.loop import fit, forward_in_batches
 from largo.train.losses import make_loss_fn
@@ -187,7 +188,8 @@ def train(config: Config | dict | str | Path, *, resume: bool | str | Path = Fal
     sizes = {name: len(s) if s.inputs else 0 for name, s in splits.items()}
     log("split sizes: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
 
-    # 3. model and objective
+    # 3. model and objective (seeded first: the same config gives the same initial weights)
+    seed_everything(cfg.train.seed)
     model = build_model(cfg, processors)
     loss_fn = make_loss_fn(cfg.outputs, _class_weights(cfg, splits["train"], processors))
     valid = splits["valid"] if sizes["valid"] else None

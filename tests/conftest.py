@@ -1,0 +1,51 @@
+"""Shared fixtures: small real data sets written from scikit-learn's bundled copies (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-learn's 1,797 8×8 digits as an image folder: <root>/<digit>/<index>.png."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digits") / "images"
+    d = load_digits()
+    for i, (img, label) in enumerate(zip(d.images, d.target, strict=True)):
+        path = root / str(label) / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(img * 255 / 16).astype(np.uint8), mode="L").save(path)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits as a table: 64 pixel columns p0..p63 and a label column."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    cols = {f"p{i}": d.data[:, i] for i in range(64)}
+    cols["label"] = d.target
+    path = tmp_path_factory.mktemp("digits_csv") / "digits.csv"
+    pacsv.write_csv(pa.table(cols), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def diabetes_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-learn's diabetes regression table (442 rows, 10 numbers, target 'progression')."""
+    from sklearn.datasets import load_diabetes
+
+    d = load_diabetes()
+    cols = {name: d.data[:, i] for i, name in enumerate(d.feature_names)}
+    cols["progression"] = d.target
+    path = tmp_path_factory.mktemp("diabetes") / "diabetes.csv"
+    pacsv.write_csv(pa.table(cols), path)
+    return path
