@@ -1,9 +1,9 @@
 """largo: build, train, evaluate, deploy and update deep-learning models end to end.
 
-    import largo
-    result = largo.train("examples/digits.yaml")
-    predictor = largo.load(result.path)
-    predictor.predict([{"image": "digit.png"}])
+import largo
+result = largo.train("examples/digits.yaml")
+predictor = largo.load(result.path)
+predictor.predict([{"image": "digit.png"}])
 """
 
 __version__ = "0.1.0"

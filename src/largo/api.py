@@ -97,8 +97,9 @@ def load_splits(cfg: Config) -> tuple[dict[str, pa.Table], dict[str, Any]]:
     labels = None
     if d.stratify and strat is not None:
         labels = np.array([str(v) for v in train.column(strat.source).to_pylist()])
-    idx = split_indices(train.num_rows, valid=fractions["valid"], test=fractions["test"], seed=d.split_seed,
-                        stratify=labels)
+    idx = split_indices(
+        train.num_rows, valid=fractions["valid"], test=fractions["test"], seed=d.split_seed, stratify=labels
+    )
     for split in ("train", "valid", "test"):
         if split == "train" or split not in tables:
             tables[split] = take_split(train, idx[split])
@@ -143,7 +144,9 @@ def _augmenter(cfg: Config) -> Callable[[Batch, torch.Generator], Batch] | None:
     return transform
 
 
-def _class_weights(cfg: Config, split: EncodedSplit, processors: dict[str, Processor]) -> dict[str, torch.Tensor]:
+def _class_weights(
+    cfg: Config, split: EncodedSplit, processors: dict[str, Processor]
+) -> dict[str, torch.Tensor]:
     weights = {}
     for f in cfg.outputs:
         if f.type == "category" and f.class_weights == "balanced":
@@ -198,15 +201,32 @@ def train(config: Config | dict | str | Path, *, resume: bool | str | Path = Fal
         return headline(score_outputs(outputs, valid.targets, cfg.outputs, processors))
 
     # 4. train
-    result = fit(model, splits["train"], valid, cfg.train, loss_fn, score_fn=score_fn,
-                 transform=_augmenter(cfg), checkpoint_dir=run_dir / "checkpoints", resume=bool(resume))
+    result = fit(
+        model,
+        splits["train"],
+        valid,
+        cfg.train,
+        loss_fn,
+        score_fn=score_fn,
+        transform=_augmenter(cfg),
+        checkpoint_dir=run_dir / "checkpoints",
+        resume=bool(resume),
+    )
 
     # 5. evaluate the final model on valid and test, then write the bundle
     model.cpu()
     metrics: dict[str, Any] = {
-        "name": cfg.name, "version": run_dir.name, "history": result.history, "best_epoch": result.best_epoch,
-        "stopped_early": result.stopped_early, "steps": result.steps, "train_time_s": result.train_time_s,
-        "splits": sizes, "cleaning": cleaning, "seed": cfg.train.seed, "versions": environment(),
+        "name": cfg.name,
+        "version": run_dir.name,
+        "history": result.history,
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "steps": result.steps,
+        "train_time_s": result.train_time_s,
+        "splits": sizes,
+        "cleaning": cleaning,
+        "seed": cfg.train.seed,
+        "versions": environment(),
         "config": cfg.model_dump(mode="json"),
     }
     predictions = {}
@@ -226,15 +246,19 @@ def _regression_pairs(cfg: Config, outputs: Batch, targets: Batch, processors: d
     for f in cfg.outputs:
         if f.type == "number":
             proc = processors[f.name]
-            pairs[f.name] = (proc.unscale(targets[f.name].double().numpy()),
-                             proc.unscale(outputs[f.name].double().numpy()))
+            pairs[f.name] = (
+                proc.unscale(targets[f.name].double().numpy()),
+                proc.unscale(outputs[f.name].double().numpy()),
+            )
     return pairs
 
 
 # ----------------------------------------------------------------------------------- after training
 
 
-def infer_config(data: str | Path, target: str | list[str], name: str | None = None) -> tuple[Config, Inferred]:
+def infer_config(
+    data: str | Path, target: str | list[str], name: str | None = None
+) -> tuple[Config, Inferred]:
     """Read a data file or image folder and build a default config for predicting `target`."""
     path = Path(data)
     targets = [target] if isinstance(target, str) else list(target)
@@ -259,7 +283,9 @@ def _records(data: Records | str | Path) -> tuple[Records, str | None]:
     return data, None
 
 
-def predict(bundle: str | Path | Predictor, data: Records | str | Path) -> list[dict[str, Any]] | dict[str, Any]:
+def predict(
+    bundle: str | Path | Predictor, data: Records | str | Path
+) -> list[dict[str, Any]] | dict[str, Any]:
     """Predict from a file (csv/tsv/jsonl/parquet/image folder) or from records."""
     predictor = bundle if isinstance(bundle, Predictor) else load(bundle)
     records, base_dir = _records(data)
@@ -282,10 +308,18 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, report_dir: str |
     scores = score_outputs(outputs, split.targets, cfg.outputs, processors)
     out_dir = Path(report_dir) if report_dir else predictor.path / "evaluations" / Path(data).stem
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {"name": cfg.name, "version": predictor.path.name, "test": scores, "splits": {"test": table.num_rows},
-               "cleaning": {"test": counts}, "data": str(data)}
+    metrics = {
+        "name": cfg.name,
+        "version": predictor.path.name,
+        "test": scores,
+        "splits": {"test": table.num_rows},
+        "cleaning": {"test": counts},
+        "data": str(data),
+    }
     write_metrics_json(out_dir, metrics)
-    report = write_report(out_dir, metrics, predictions=_regression_pairs(cfg, outputs, split.targets, processors))
+    report = write_report(
+        out_dir, metrics, predictions=_regression_pairs(cfg, outputs, split.targets, processors)
+    )
     return {"test": scores, "rows": table.num_rows, "cleaning": counts, "report": str(report)}
 
 
@@ -298,8 +332,10 @@ def info(bundle: str | Path) -> dict[str, Any]:
         "path": str(b.path),
         "name": b.config.name,
         "inputs": [{"name": f.name, "type": f.type} for f in b.config.inputs],
-        "outputs": [{"name": f.name, "type": f.type, **({"labels": labels[f.name]} if f.name in labels else {})}
-                    for f in b.config.outputs],
+        "outputs": [
+            {"name": f.name, "type": f.type, **({"labels": labels[f.name]} if f.name in labels else {})}
+            for f in b.config.outputs
+        ],
         "parameters": sum(p.numel() for p in b.model.parameters()),
         "test": {name: headline({name: m}) for name, m in test.items()},
         "splits": b.metrics.get("splits"),

@@ -18,7 +18,9 @@ from largo.config import ConfigError, dump_config, load_config, validate_config
 from largo.data.readers import DataError
 from largo.deploy.bundle import BundleError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="largo: data → model → bundle → predictions.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="largo: data → model → bundle → predictions."
+)
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -55,13 +57,21 @@ def _apply_overrides(data: dict, overrides: list[str]) -> dict:
 @_friendly
 def train(
     source: Annotated[str, typer.Argument(help="A config.yaml, or a data file / image folder to train on.")],
-    target: Annotated[list[str] | None, typer.Option("--target", "-t", help="Column to predict (data file).")] = None,
+    target: Annotated[
+        list[str] | None, typer.Option("--target", "-t", help="Column to predict (data file).")
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Run name (runs/<name>/<version>).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Override train.epochs.")] = None,
     runs_dir: Annotated[str | None, typer.Option("--runs-dir", help="Override runs_dir.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override any key: --set train.batch_size=32")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run of this name.")] = False,
-    resume_from: Annotated[str | None, typer.Option("--resume-from", help="Continue this run folder.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override any key: --set train.batch_size=32")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the newest unfinished run of this name.")
+    ] = False,
+    resume_from: Annotated[
+        str | None, typer.Option("--resume-from", help="Continue this run folder.")
+    ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Train a model and write a bundle. With a data file and --target, the config is inferred."""
@@ -87,7 +97,8 @@ def train(
     data.setdefault("train", {})["progress"] = progress and data.get("train", {}).get("progress", True)
     cfg = validate_config(_apply_overrides(data, set_ or []), source=str(path))
     result = api.train(cfg, resume=resume_from or resume)
-    typer.echo(f"config:  {result.path / 'config.yaml'}  (edit it and run: largo train {result.path / 'config.yaml'})")
+    resolved = result.path / "config.yaml"
+    typer.echo(f"config:  {resolved}  (edit it and run: largo train {resolved})")
     for output, m in result.test.items():
         shown = {k: m[k] for k in ("accuracy", "f1_macro", "mse", "mae", "r2") if m.get(k) is not None}
         typer.echo(f"test {output}: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
@@ -100,7 +111,9 @@ def train(
 def evaluate(
     bundle: Annotated[str, typer.Argument(help="A bundle folder.")],
     data: Annotated[str, typer.Option("--data", "-d", help="Labelled data to score.")],
-    report_dir: Annotated[str | None, typer.Option(help="Where to write metrics.json and report.html.")] = None,
+    report_dir: Annotated[
+        str | None, typer.Option(help="Where to write metrics.json and report.html.")
+    ] = None,
 ) -> None:
     """Score a bundle on labelled data; prints metrics and writes a report."""
     result = api.evaluate(bundle, data, report_dir)
@@ -124,8 +137,12 @@ def _flat(result: dict[str, Any]) -> dict[str, Any]:
 @_friendly
 def predict(
     bundle: Annotated[str, typer.Argument(help="A bundle folder.")],
-    data: Annotated[str | None, typer.Argument(help="csv / tsv / jsonl / parquet file or image folder.")] = None,
-    output: Annotated[str | None, typer.Option("--output", "-o", help="Write .csv or .jsonl (default: stdout jsonl).")] = None,
+    data: Annotated[
+        str | None, typer.Argument(help="csv / tsv / jsonl / parquet file or image folder.")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Write .csv or .jsonl (default: stdout jsonl).")
+    ] = None,
     record: Annotated[str | None, typer.Option("--json", help="One record as JSON: '{\"age\": 3}'.")] = None,
 ) -> None:
     """Predict with class probabilities for every row of a file, or for one JSON record."""

@@ -38,7 +38,9 @@ class CleanConfig(StrictModel):
 class DataConfig(StrictModel):
     """Where the data comes from and how it is split."""
 
-    train: str = Field(..., description="Path to the training data: csv, tsv, jsonl, parquet or image folder.")
+    train: str = Field(
+        ..., description="Path to the training data: csv, tsv, jsonl, parquet or image folder."
+    )
     valid: float | str | None = Field(
         0.1, description="A fraction of train held out for validation, or a path to a file, or null."
     )
@@ -169,7 +171,9 @@ class ScheduleConfig(StrictModel):
         0.0, ge=0.0, description="Linear warmup: a fraction of all steps if < 1, else a number of steps."
     )
     step_epochs: float = Field(10.0, gt=0.0, description="'step': multiply by gamma every this many epochs.")
-    gamma: float = Field(0.1, gt=0.0, le=1.0, description="'step': factor per decay; 'exponential': per epoch.")
+    gamma: float = Field(
+        0.1, gt=0.0, le=1.0, description="'step': factor per decay; 'exponential': per epoch."
+    )
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="'cosine': final lr as a fraction of lr.")
 
 

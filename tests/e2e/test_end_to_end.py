@@ -26,8 +26,13 @@ def _image_config(folder: Path, runs: Path, **train: object) -> dict:
         "inputs": [{"name": "image", "type": "image", "encoder": "cnn-classic"}],
         "outputs": [{"name": "label", "type": "category"}],
         "model": {"hidden": [64], "dropout": 0.1},
-        "train": {"epochs": 6, "batch_size": 64, "optimizer": {"name": "adam", "lr": 3e-3}, "progress": False,
-                  **train},
+        "train": {
+            "epochs": 6,
+            "batch_size": 64,
+            "optimizer": {"name": "adam", "lr": 3e-3},
+            "progress": False,
+            **train,
+        },
     }
 
 
@@ -57,7 +62,9 @@ def test_load_never_unpickles(digits_run: largo.TrainResult, monkeypatch: pytest
         raise AssertionError("torch.load must not be used to load a bundle")
 
     monkeypatch.setattr(torch, "load", refuse)
-    assert largo.load(digits_run.path).predict({"image": str(next(digits_run.path.parent.parent.rglob("*.png"), ""))})
+    assert largo.load(digits_run.path).predict(
+        {"image": str(next(digits_run.path.parent.parent.rglob("*.png"), ""))}
+    )
 
 
 def test_reloaded_bundle_predicts_the_same(digits_run: largo.TrainResult, digits_folder: Path) -> None:
@@ -73,22 +80,27 @@ def test_reloaded_bundle_predicts_the_same(digits_run: largo.TrainResult, digits
     assert np.mean([r["label"] == t for r, t in zip(a, truth, strict=True)]) > 0.9
 
 
-def test_evaluate_on_a_table_of_image_paths(digits_run: largo.TrainResult, digits_folder: Path,
-                                            tmp_path: Path) -> None:
+def test_evaluate_on_a_table_of_image_paths(
+    digits_run: largo.TrainResult, digits_folder: Path, tmp_path: Path
+) -> None:
     paths = sorted(digits_folder.rglob("*.png"))[::7]
     # relative image paths are resolved against the table's folder
-    table = pa.table({"image": [str(p.relative_to(digits_folder)) for p in paths],
-                      "label": [p.parent.name for p in paths]})
+    table = pa.table(
+        {"image": [str(p.relative_to(digits_folder)) for p in paths], "label": [p.parent.name for p in paths]}
+    )
     pacsv.write_csv(table, digits_folder / "subset.csv")
     result = largo.evaluate(digits_run.path, digits_folder / "subset.csv", report_dir=tmp_path / "eval")
     assert result["rows"] == len(paths)
     assert result["test"]["label"]["accuracy"] > 0.9
     assert (tmp_path / "eval" / "report.html").exists()
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]["label"]["support"] == len(paths)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]["label"]["support"] == len(
+        paths
+    )
 
 
-def test_unseen_label_at_evaluate_is_a_clear_error(digits_run: largo.TrainResult, digits_folder: Path,
-                                                   tmp_path: Path) -> None:
+def test_unseen_label_at_evaluate_is_a_clear_error(
+    digits_run: largo.TrainResult, digits_folder: Path, tmp_path: Path
+) -> None:
     p = next(digits_folder.rglob("*.png"))
     pacsv.write_csv(pa.table({"image": [str(p)], "label": ["eleven"]}), tmp_path / "bad.csv")
     with pytest.raises(largo.DataError, match="not seen in training: 'eleven'"):
@@ -137,8 +149,20 @@ def test_missing_targets_are_counted_not_silently_dropped(tmp_path: Path) -> Non
 
 
 def test_cli_train_infers_config_then_predict_evaluate_info(digits_csv: Path, tmp_path: Path) -> None:
-    res = runner.invoke(app, ["train", str(digits_csv), "--target", "label", "--epochs", "8",
-                              "--runs-dir", str(tmp_path), "--no-progress"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            str(digits_csv),
+            "--target",
+            "label",
+            "--epochs",
+            "8",
+            "--runs-dir",
+            str(tmp_path),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     bundle = tmp_path / "digits" / "v1"
     assert f"bundle:  {bundle}" in res.output and "report.html" in res.output
@@ -173,13 +197,18 @@ def test_cli_train_infers_config_then_predict_evaluate_info(digits_csv: Path, tm
     row = {f"p{i}": 0.0 for i in range(64)}
     jsonl.write_text(json.dumps(row) + "\n")
     res = runner.invoke(app, ["predict", str(bundle), str(jsonl)])
-    assert res.exit_code == 0 and json.loads(res.stdout.strip().splitlines()[-1])["label"] in info["outputs"][0]["labels"]
+    assert (
+        res.exit_code == 0
+        and json.loads(res.stdout.strip().splitlines()[-1])["label"] in info["outputs"][0]["labels"]
+    )
 
 
 def test_cli_bad_config_names_key_and_allowed_values(tmp_path: Path, digits_csv: Path) -> None:
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text(f"data: {{train: {digits_csv}}}\ninputs: [{{name: p0, type: number}}]\n"
-                   "outputs: [{name: label, type: category}]\ntrain: {optimizer: {name: adamx}}\n")
+    cfg.write_text(
+        f"data: {{train: {digits_csv}}}\ninputs: [{{name: p0, type: number}}]\n"
+        "outputs: [{name: label, type: category}]\ntrain: {optimizer: {name: adamx}}\n"
+    )
     res = runner.invoke(app, ["train", str(cfg)])
     assert res.exit_code == 2
     assert "train.optimizer.name" in res.output and "adamx" in res.output and "'adamw'" in res.output
@@ -198,11 +227,25 @@ def test_gbk_file_with_chinese_categories(tmp_path: Path) -> None:
     cities = rng.choice(["北京", "上海", "广州"], size=240)
     price = rng.normal(size=240)
     label = np.where(cities == "北京", "高", "低")
-    lines = ["城市,价格,标签"] + [f"{c},{p:.3f},{lab}" for c, p, lab in zip(cities, price, label, strict=True)]
+    lines = ["城市,价格,标签"] + [
+        f"{c},{p:.3f},{lab}" for c, p, lab in zip(cities, price, label, strict=True)
+    ]
     path = tmp_path / "gbk.csv"
     path.write_bytes("\n".join(lines).encode("gbk"))
-    res = runner.invoke(app, ["train", str(path), "--target", "标签", "--epochs", "15", "--runs-dir",
-                              str(tmp_path / "runs"), "--no-progress"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            str(path),
+            "--target",
+            "标签",
+            "--epochs",
+            "15",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     bundle = tmp_path / "runs" / "gbk" / "v1"
     p = largo.load(bundle)

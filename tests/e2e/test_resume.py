@@ -44,23 +44,32 @@ def _config(data: Path, runs: Path, accumulate: int) -> dict:
         "name": "resume",
         "runs_dir": str(runs),
         "data": {"train": str(data), "valid": 0.1, "test": 0.1},
-        "inputs": [{"name": "image", "type": "image", "encoder": "cnn", "augment": {"crop": 1, "rotate": 10}}],
+        "inputs": [
+            {"name": "image", "type": "image", "encoder": "cnn", "augment": {"crop": 1, "rotate": 10}}
+        ],
         "outputs": [{"name": "label", "type": "category"}],
         "model": {"hidden": [32], "dropout": 0.3},
         "train": {
-            "epochs": 3, "batch_size": 48, "accumulate": accumulate,
+            "epochs": 3,
+            "batch_size": 48,
+            "accumulate": accumulate,
             "optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
             "schedule": {"name": "cosine", "warmup": 0.1},
             "early_stopping": {"metric": "valid.accuracy", "patience": 5},
-            "clip_grad_norm": 1.0, "checkpoint": {"every_steps": 4, "keep": True},
+            "clip_grad_norm": 1.0,
+            "checkpoint": {"every_steps": 4, "keep": True},
         },
     }
 
 
 def _run(script: Path, cfg: Path, mode: str, kill_at: int | None) -> tuple[int, int]:
     """Run the child; kill it with SIGKILL after `kill_at` micro-batches. Returns (returncode, batches)."""
-    proc = subprocess.Popen([sys.executable, str(script), str(cfg), mode], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(cfg), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     seen = 0
     assert proc.stdout is not None
     for line in proc.stdout:

@@ -167,9 +167,10 @@ class CategoryProcessor:
 
 def _natural_key(v: str) -> tuple[int, float, str]:
     try:
-        return (0, float(v), v)
+        x = float(v)
     except ValueError:
         return (1, 0.0, v)
+    return (1, 0.0, v) if math.isnan(x) else (0, x, v)  # NaN compares false both ways: sort it as text
 
 
 class ImageProcessor:
@@ -189,7 +190,12 @@ class ImageProcessor:
         if isinstance(value, Image.Image):
             return value
         if isinstance(value, bytes | bytearray):
-            return Image.open(io.BytesIO(value))
+            try:
+                return Image.open(io.BytesIO(value))
+            except OSError as exc:
+                raise DataError(
+                    f"image feature {self.config.name!r}: cannot decode image bytes: {exc}"
+                ) from None
         if isinstance(value, np.ndarray):
             return Image.fromarray(value)
         if not isinstance(value, str) or not value:

@@ -66,7 +66,9 @@ def write_run_start(run_dir: Path, config: Config, processors: dict[str, Process
     roles = {f.name: "input" for f in config.inputs} | {f.name: "output" for f in config.outputs}
     state = {
         "format": FORMAT_VERSION,
-        "features": {n: {"role": roles[n], "type": p.config.type, "state": p.state()} for n, p in processors.items()},
+        "features": {
+            n: {"role": roles[n], "type": p.config.type, "state": p.state()} for n, p in processors.items()
+        },
     }
     (run_dir / PREPROCESSORS).write_text(json.dumps(state, indent=1, ensure_ascii=False), encoding="utf-8")
 
@@ -78,7 +80,9 @@ def environment() -> dict[str, str]:
     return {"largo": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
-def write_bundle(run_dir: Path, model: torch.nn.Module, metrics: dict[str, Any], predictions: Any = None) -> Path:
+def write_bundle(
+    run_dir: Path, model: torch.nn.Module, metrics: dict[str, Any], predictions: Any = None
+) -> Path:
     """Write weights, metrics.json and the report; returns report.html's path."""
     save_model(model, str(run_dir / WEIGHTS))
     write_metrics_json(run_dir, metrics)

@@ -41,7 +41,8 @@ class Predictor:
     def labels(self) -> dict[str, list[str]]:
         """Class labels of each category output."""
         return {
-            n: p.vocab for n, p in self.bundle.processors.items()
+            n: p.vocab
+            for n, p in self.bundle.processors.items()
             if isinstance(p, CategoryProcessor) and p.is_output
         }
 
@@ -61,14 +62,18 @@ class Predictor:
             out = {f.name: [] for f in self.config.inputs}
             for i, row in enumerate(rows):
                 if not isinstance(row, Mapping):
-                    raise DataError(f"record {i}: expected a mapping of field → value, got {type(row).__name__}")
+                    raise DataError(
+                        f"record {i}: expected a mapping of field → value, got {type(row).__name__}"
+                    )
                 for f in self.config.inputs:
                     if f.source in row:
                         out[f.name].append(row[f.source])
                     elif f.name in row:
                         out[f.name].append(row[f.name])
                     else:
-                        raise DataError(f"record {i}: missing input {f.source!r} (null is allowed, absence is not)")
+                        raise DataError(
+                            f"record {i}: missing input {f.source!r} (null is allowed, absence is not)"
+                        )
         for f in self.config.inputs:
             proc = self.bundle.processors[f.name]
             if isinstance(proc, ImageProcessor):

@@ -17,7 +17,10 @@ HEADLINE = {
 
 
 def score_outputs(
-    outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], configs: list, processors: dict[str, Processor]
+    outputs: dict[str, torch.Tensor],
+    targets: dict[str, torch.Tensor],
+    configs: list,
+    processors: dict[str, Processor],
 ) -> dict[str, dict[str, Any]]:
     """Full metrics for each output: classification from logits, regression in the raw target units."""
     result: dict[str, dict[str, Any]] = {}

@@ -41,7 +41,9 @@ def pick_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device: 'cuda' was asked for but no CUDA device is available; use auto or cpu")
+        raise ValueError(
+            "train.device: 'cuda' was asked for but no CUDA device is available; use auto or cpu"
+        )
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError("train.device: 'mps' was asked for but MPS is not available; use auto or cpu")
     return torch.device(name)

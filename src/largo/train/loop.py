@@ -27,8 +27,17 @@ from largo.train.distributed import is_main_process, log, pick_device
 from largo.train.losses import LossFn
 from largo.train.optim import build_optimizer, build_schedule, penalized_params
 
-_SHOWN = ("epoch", "train.loss", "valid.loss", "valid.accuracy", "valid.f1_macro", "valid.mae", "valid.r2",
-          "lr", "time_s")
+_SHOWN = (
+    "epoch",
+    "train.loss",
+    "valid.loss",
+    "valid.accuracy",
+    "valid.f1_macro",
+    "valid.mae",
+    "valid.r2",
+    "lr",
+    "time_s",
+)
 ScoreFn = Callable[[dict[str, torch.Tensor]], dict[str, float]]
 
 
@@ -70,7 +79,12 @@ def forward_in_batches(
 
 
 def train_step(
-    model: nn.Module, inputs: Batch, targets: Batch, loss_fn: LossFn, scale: float, amp: Any,
+    model: nn.Module,
+    inputs: Batch,
+    targets: Batch,
+    loss_fn: LossFn,
+    scale: float,
+    amp: Any,
     penalty: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Forward and backward one micro-batch; returns its summed loss (detached, no host sync).
@@ -160,9 +174,20 @@ def fit(
     es = cfg.early_stopping
 
     # 1. the loop's state: everything a resumed run needs to continue exactly
-    st: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best_value": None,
-                          "best_epoch": None, "bad_epochs": 0, "stopped": False, "best_model": None,
-                          "loss_sum": 0.0, "examples": 0, "elapsed": 0.0}
+    st: dict[str, Any] = {
+        "epoch": 0,
+        "batch": 0,
+        "step": 0,
+        "history": [],
+        "best_value": None,
+        "best_epoch": None,
+        "bad_epochs": 0,
+        "stopped": False,
+        "best_model": None,
+        "loss_sum": 0.0,
+        "examples": 0,
+        "elapsed": 0.0,
+    }
     ckpt = load_checkpoint(checkpoint_dir) if resume and checkpoint_dir else None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -171,15 +196,23 @@ def fit(
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         st.update({k: ckpt[k] for k in st})
-        log(f"resumed from {checkpoint_dir} at epoch {st['epoch'] + 1}, batch {st['batch']}, step {st['step']}")
+        where = f"epoch {st['epoch'] + 1}, batch {st['batch']}, step {st['step']}"
+        log(f"resumed from {checkpoint_dir} at {where}")
 
     def checkpoint() -> None:
         if checkpoint_dir is None or not is_main_process():
             return
-        save_checkpoint(checkpoint_dir, {
-            **st, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-        })
+        save_checkpoint(
+            checkpoint_dir,
+            {
+                **st,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rng_state(),
+            },
+        )
 
     t_start = time.perf_counter() - st["elapsed"]
     for epoch in range(st["epoch"], cfg.epochs):
@@ -189,24 +222,39 @@ def fit(
         model.train()
         order = epoch_order(len(train), cfg.seed, epoch)
         group_sizes = [
-            sum(hi - lo for lo, hi in bounds[g : g + cfg.accumulate]) for g in range(0, len(bounds), cfg.accumulate)
+            sum(hi - lo for lo, hi in bounds[g : g + cfg.accumulate])
+            for g in range(0, len(bounds), cfg.accumulate)
         ]
         batch_transform = None
         if transform is not None:
+
             def batch_transform(inputs: Batch, i: int, epoch: int = epoch) -> Batch:
                 g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch * 100_003 + i)
                 return transform(inputs, g)
 
         loss_sum = torch.tensor(st["loss_sum"], device=device, dtype=torch.float64)
-        bar = tqdm(total=len(bounds), initial=st["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=None if cfg.progress and is_main_process() else True, leave=False, unit="batch",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=len(bounds),
+            initial=st["batch"],
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=None if cfg.progress and is_main_process() else True,
+            leave=False,
+            unit="batch",
+            dynamic_ncols=True,
+        )
         t_epoch, seen_this_session = time.perf_counter(), 0
         for i, inputs, targets in iter_batches(train, order, bounds, st["batch"], batch_transform):
             n = bounds[i][1] - bounds[i][0]
             scale = 1.0 / group_sizes[i // cfg.accumulate]
-            loss = train_step(model, inputs, targets, loss_fn, scale * scaler.get_scale() if scaler.is_enabled()
-                              else scale, amp, penalty)
+            loss = train_step(
+                model,
+                inputs,
+                targets,
+                loss_fn,
+                scale * scaler.get_scale() if scaler.is_enabled() else scale,
+                amp,
+                penalty,
+            )
             loss_sum += loss
             st["examples"] += n
             seen_this_session += n
@@ -233,9 +281,12 @@ def fit(
         bar.close()
 
         # 4. validate and log
-        record: dict[str, float] = {"epoch": epoch + 1, "step": st["step"],
-                                    "lr": optimizer.param_groups[0]["lr"],
-                                    "train.loss": float(loss_sum) / max(1, st["examples"])}
+        record: dict[str, float] = {
+            "epoch": epoch + 1,
+            "step": st["step"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "train.loss": float(loss_sum) / max(1, st["examples"]),
+        }
         if valid_inputs is not None:
             outputs = forward_in_batches(model, valid_inputs, cfg.eval_batch_size, cfg.precision)
             with torch.no_grad():
@@ -245,14 +296,23 @@ def fit(
                 record.update({f"valid.{k}": v for k, v in score_fn(outputs).items()})
         record["time_s"] = time.perf_counter() - t_start
         st["history"].append(record)
-        log("  ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
-                      for k in _SHOWN if k in record))
+        log(
+            "  ".join(
+                f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
+                for k in _SHOWN
+                if k in record
+            )
+        )
 
         # 5. early stopping: remember the best weights, stop after `patience` epochs without gain
         if es is not None and es.metric in record:
             if _improved(record[es.metric], st["best_value"], es.minimize, es.min_delta):
-                st.update(best_value=record[es.metric], best_epoch=epoch + 1, bad_epochs=0,
-                          best_model=_clone_state(model))
+                st.update(
+                    best_value=record[es.metric],
+                    best_epoch=epoch + 1,
+                    bad_epochs=0,
+                    best_model=_clone_state(model),
+                )
             else:
                 st["bad_epochs"] += 1
                 st["stopped"] = st["bad_epochs"] >= es.patience
