@@ -216,6 +216,11 @@ class TrainConfig(StrictModel):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train.")
     seed: int = Field(42, description="Seeds Python, NumPy and torch.")
+    deterministic: bool = Field(
+        False,
+        description="Deterministic kernels on GPUs, so reruns and resumes are bitwise equal (slower). "
+        "CPU training is deterministic without it.",
+    )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval_batch_size: int = Field(512, ge=1, description="Batch size for evaluation and prediction.")
     progress: bool = Field(True, description="Show a progress bar.")

@@ -58,6 +58,7 @@ def _config(data: Path, runs: Path, accumulate: int) -> dict:
             "early_stopping": {"metric": "valid.accuracy", "patience": 5},
             "clip_grad_norm": 1.0,
             "checkpoint": {"every_steps": 4, "keep": True},
+            "deterministic": True,  # needed on GPUs (cuDNN, atomics); CPU kernels are deterministic anyway
         },
     }
 

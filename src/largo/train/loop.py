@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,40 @@ def fit(
     """
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
+    with deterministic_kernels(cfg.deterministic and device.type != "cpu"):
+        return _fit(
+            model,
+            train,
+            valid,
+            cfg,
+            loss_fn,
+            device,
+            score_fn,
+            transform,
+            checkpoint_dir,
+            resume,
+            on_epoch_end,
+        )
+
+
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """Use only deterministic GPU kernels inside the block (cuBLAS needs a fixed workspace for that)."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _fit(model, train, valid, cfg, loss_fn, device, score_fn, transform, checkpoint_dir, resume,
+         on_epoch_end) -> FitResult:  # fmt: skip
+    """The body of fit() once the device is chosen."""
     model.to(device)
     train = train.to(device)
     valid_inputs = valid.inputs if valid is not None and len(valid) else None
