@@ -252,3 +252,34 @@ def test_gbk_file_with_chinese_categories(tmp_path: Path) -> None:
     assert p.labels["标签"] == ["低", "高"]
     assert p.predict({"城市": "北京", "价格": 0.1})["标签"] == "高"
     assert p.predict({"城市": "上海", "价格": 0.1})["标签"] == "低"
+
+
+def test_table_of_image_paths_with_separate_valid_and_test_files(digits_folder: Path, tmp_path: Path) -> None:
+    paths = sorted(digits_folder.rglob("*.png"))
+    rng = np.random.default_rng(0)
+    rng.shuffle(paths)
+    parts = {"train": paths[:1200], "valid": paths[1200:1500], "test": paths[1500:]}
+    for split, items in parts.items():  # relative paths, resolved against each table's own folder
+        table = pa.table(
+            {
+                "path": [str(p.relative_to(digits_folder)) for p in items],
+                "digit": [p.parent.name for p in items],
+            }
+        )
+        pacsv.write_csv(table, digits_folder / f"{split}.csv")
+    cfg, inferred = largo.infer_config(digits_folder / "train.csv", "digit")
+    assert inferred.inputs == [{"name": "path", "type": "image"}]
+    data = cfg.model_dump(mode="json")
+    data["data"].update(valid=str(digits_folder / "valid.csv"), test=str(digits_folder / "test.csv"))
+    data["runs_dir"] = str(tmp_path)
+    data["train"].update(epochs=4, progress=False)
+    result = largo.train(data)
+    assert result.metrics["splits"] == {"train": 1200, "valid": 300, "test": 297}
+    assert result.test["digit"]["accuracy"] > 0.9
+    assert set(result.metrics["cleaning"]) == {"train", "valid", "test"}
+
+
+def test_every_verb_has_help() -> None:
+    for verb in ("train", "evaluate", "predict", "info", "config"):
+        res = runner.invoke(app, [verb, "--help"])
+        assert res.exit_code == 0 and "Usage" in res.output, verb
