@@ -61,7 +61,7 @@ class DataConfig(StrictModel):
     @classmethod
     def _fraction_or_path(cls, v: float | str | None) -> float | str | None:
         if isinstance(v, float) and not 0.0 <= v < 1.0:
-            raise ValueError(f"a split fraction must be in [0, 1), got {v}")
+            raise ValueError("a split fraction must be in [0, 1)")
         return v
 
 
@@ -111,7 +111,9 @@ class ImageFeatureConfig(_FeatureBase):
     """An image column (paths, or an image folder): decoded, resized, normalized, augmented on train."""
 
     type: Literal["image"] = "image"
-    size: tuple[int, int] | None = Field(None, description="[height, width]; default: the first image's.")
+    size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="[height, width]; default: the first image's."
+    )
     channels: Literal[1, 3] | None = Field(None, description="1 (grayscale) or 3 (RGB); default: detected.")
     encoder: str = Field("cnn", description="Image encoder from the model zoo.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

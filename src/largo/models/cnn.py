@@ -45,6 +45,11 @@ class ImageCNN(nn.Module):
         c, h, w = shape
         widths, convs, bn = PRESETS[preset]
         widths = list(widths)
+        if min(h, w) < 2 ** len(widths):
+            raise ValueError(
+                f"image encoder {preset!r} pools {len(widths)} times and needs images of at least "
+                f"{2 ** len(widths)}x{2 ** len(widths)} pixels, got {h}x{w}; set the feature's size: [h, w]"
+            )
         if preset != "classic":  # add stages until the map is at most 7x7 (28x28 → 7x7)
             while min(h, w) // 2 ** len(widths) > 7 and len(widths) < 5:
                 widths.append(min(widths[-1] * 2, 256))

@@ -250,6 +250,7 @@ def _fit(model, train, valid, cfg, loss_fn, device, score_fn, transform, checkpo
         )
 
     t_start = time.perf_counter() - st["elapsed"]
+    last_lr = optimizer.param_groups[0]["lr"]
     for epoch in range(st["epoch"], cfg.epochs):
         if st["stopped"]:
             break
@@ -267,7 +268,9 @@ def _fit(model, train, valid, cfg, loss_fn, device, score_fn, transform, checkpo
                 g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch * 100_003 + i)
                 return transform(inputs, g)
 
-        loss_sum = torch.tensor(st["loss_sum"], device=device, dtype=torch.float64)
+        # float64 keeps the epoch's loss sum exact over many batches (MPS has no float64)
+        acc_dtype = torch.float32 if device.type == "mps" else torch.float64
+        loss_sum = torch.tensor(st["loss_sum"], device=device, dtype=acc_dtype)
         bar = tqdm(
             total=len(bounds),
             initial=st["batch"],
@@ -301,6 +304,7 @@ def _fit(model, train, valid, cfg, loss_fn, device, score_fn, transform, checkpo
                     torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
+                last_lr = optimizer.param_groups[0]["lr"]  # the rate this step used, for the log
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 st["step"] += 1
@@ -319,7 +323,7 @@ def _fit(model, train, valid, cfg, loss_fn, device, score_fn, transform, checkpo
         record: dict[str, float] = {
             "epoch": epoch + 1,
             "step": st["step"],
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": last_lr,
             "train.loss": float(loss_sum) / max(1, st["examples"]),
         }
         if valid_inputs is not None:
@@ -351,6 +355,8 @@ def _fit(model, train, valid, cfg, loss_fn, device, score_fn, transform, checkpo
             else:
                 st["bad_epochs"] += 1
                 st["stopped"] = st["bad_epochs"] >= es.patience
+        elif es is not None:
+            log(f"warning: early-stopping metric {es.metric} is undefined this epoch; epoch not counted")
         st.update(epoch=epoch + 1, batch=0, loss_sum=0.0, examples=0, elapsed=time.perf_counter() - t_start)
         checkpoint()
         if on_epoch_end is not None:

@@ -11,22 +11,26 @@ from torch import nn
 from largo.config import OptimizerConfig, ScheduleConfig
 
 
-def _is_decayed(name: str, p: torch.Tensor) -> bool:
-    # weights of Linear/Conv decay; biases, norm scales and embeddings do not
-    return p.ndim >= 2 and "embed" not in name
+def _decay_split(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    # weights of Linear/Conv decay; biases, norm scales and embeddings do not. Embeddings are found by
+    # module type, not by name: parameter names contain user feature names ("embedded_photo").
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay: list[torch.Tensor] = []
+    no_decay: list[torch.Tensor] = []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return decay, no_decay
 
 
 def penalized_params(model: nn.Module) -> list[torch.Tensor]:
     """The weights that weight decay and L1/L2 penalties apply to."""
-    return [p for n, p in model.named_parameters() if p.requires_grad and _is_decayed(n, p)]
+    return _decay_split(model)[0]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
     """The configured optimizer, with weight decay only on weights, fused kernels where available."""
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if _is_decayed(n, p) else no_decay).append(p)
+    decay, no_decay = _decay_split(model)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
