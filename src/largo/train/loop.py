@@ -87,17 +87,22 @@ def train_step(
     scale: float,
     amp: Any,
     penalty: Callable[[], torch.Tensor] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> torch.Tensor:
     """Forward and backward one micro-batch; returns its summed loss (detached, no host sync).
 
     `scale` is 1 / examples in the whole optimizer step, so accumulated gradients equal one big batch.
+    `scaler` (fp16) multiplies the loss so small gradients do not underflow.
     """
     with amp:
         loss_sum = loss_fn(model(inputs), targets)
     total = loss_sum
     if penalty is not None:  # the penalty counts once per step: b/N of it per micro-batch
         total = total + penalty() * len(next(iter(targets.values())))
-    (total * scale).backward()
+    loss = total * scale
+    if scaler is not None and scaler.is_enabled():
+        loss = scaler.scale(loss)
+    loss.backward()
     return loss_sum.detach()
 
 
@@ -289,9 +294,10 @@ def _fit(model, train, valid, cfg, loss_fn, device, score_fn, transform, checkpo
                 inputs,
                 targets,
                 loss_fn,
-                scale * scaler.get_scale() if scaler.is_enabled() else scale,
+                scale,
                 amp,
                 penalty,
+                scaler,
             )
             loss_sum += loss
             st["examples"] += n
