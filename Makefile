@@ -31,7 +31,7 @@ bench-data:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y dataset-fashion-mnist; \
 	  else sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist; fi; fi
 
-bench: $(STAMP)
+bench: $(STAMP) bench-data
 	$(BIN)/python bench/train_overhead.py
 	$(BIN)/python bench/image_quality.py
 

@@ -38,18 +38,29 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `key.path=value` overrides (value parsed as YAML) to a config dict."""
+    """Apply `key.path=value` overrides (value parsed as YAML); list items by index: inputs.0.size=[28,28]."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
-        node = data
         parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)}")
+                index: int | str = int(part)
+            elif isinstance(node, dict):
+                index = part
+                if not last:
+                    node.setdefault(part, {})
+            else:
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:depth])!r} is not a section")
+            if last:
+                node[index] = yaml.safe_load(raw)
+            else:
+                node = node[index]
     return data
 
 

@@ -35,6 +35,8 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if cfg.weight_decay == 0:  # one group: a fused optimizer then runs one kernel per step, not two
+        groups = [{"params": decay + no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if cfg.name == "sgd":
         cls, kwargs = torch.optim.SGD, {"momentum": cfg.momentum, "nesterov": cfg.nesterov}
@@ -43,7 +45,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device
     else:
         cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
         kwargs = {"betas": tuple(cfg.betas), "eps": cfg.eps}
-    try:  # one fused kernel for all parameters: the fastest path on CPU and CUDA
+    try:  # fused kernels: the fastest path on CPU and CUDA
         return cls(groups, lr=cfg.lr, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
         return cls(groups, lr=cfg.lr, foreach=device.type != "cpu" or None, **kwargs)
