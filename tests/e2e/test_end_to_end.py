@@ -268,7 +268,8 @@ def test_table_of_image_paths_with_separate_valid_and_test_files(digits_folder: 
         )
         pacsv.write_csv(table, digits_folder / f"{split}.csv")
     cfg, inferred = largo.infer_config(digits_folder / "train.csv", "digit")
-    assert inferred.inputs == [{"name": "path", "type": "image"}]
+    # an image column; shifts of 1 px (8x8 images / 14) read from the first image, found via the table folder
+    assert inferred.inputs == [{"name": "path", "type": "image", "augment": {"crop": 1}}]
     data = cfg.model_dump(mode="json")
     data["data"].update(valid=str(digits_folder / "valid.csv"), test=str(digits_folder / "test.csv"))
     data["runs_dir"] = str(tmp_path)
