@@ -12,27 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-from sklearn.datasets import load_digits
-
-
-def write_digits(folder: Path) -> Path:
-    """Write scikit-learn's digits as PNGs under folder/<digit>/<index>.png (0..16 scaled to 0..255)."""
-    if folder.exists() and sum(1 for _ in folder.rglob("*.png")) == 1797:
-        return folder
-    digits = load_digits()
-    for i, (img, label) in enumerate(zip(digits.images, digits.target, strict=True)):
-        path = folder / str(label) / f"{i:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.round(img * 255 / 16).astype(np.uint8), mode="L").save(path)
-    return folder
+from largo.data.samples import write_digits_folder
 
 
 def main() -> int:
     import largo
 
-    data = write_digits(Path("runs/data/digits"))
+    data = write_digits_folder(Path("runs/data/digits"))
     print(f"digits written to {data}/ (one folder per class)")
     # the CLI with no config: infers an image input and a category target, trains the default CNN
     cmd = [sys.executable, "-m", "largo.cli", "train", str(data), "--name", "digits"]

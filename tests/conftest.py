@@ -4,25 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
-from PIL import Image
+
+from largo.data.samples import write_digits_folder
 
 
 @pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """scikit-learn's 1,797 8×8 digits as an image folder: <root>/<digit>/<index>.png."""
-    from sklearn.datasets import load_digits
-
-    root = tmp_path_factory.mktemp("digits") / "images"
-    d = load_digits()
-    for i, (img, label) in enumerate(zip(d.images, d.target, strict=True)):
-        path = root / str(label) / f"{i:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.round(img * 255 / 16).astype(np.uint8), mode="L").save(path)
-    return root
+    return write_digits_folder(tmp_path_factory.mktemp("digits") / "images")
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from largo.data.clean import clean_table
 from largo.data.features import CategoryProcessor, Processor, encode_inputs, make_processor
 from largo.data.infer import Inferred, default_config, infer_features
 from largo.data.loader import Batch, EncodedSplit
-from largo.data.readers import DataError, read_table, table_source
+from largo.data.readers import DataError, read_table, source_dir
 from largo.data.split import split_indices, take_split
 from largo.deploy.bundle import (
     environment,
@@ -110,8 +110,7 @@ def load_splits(cfg: Config) -> tuple[dict[str, pa.Table], dict[str, Any]]:
 
 def encode_split(table: pa.Table, cfg: Config, processors: dict[str, Processor]) -> EncodedSplit:
     """A cleaned table → tensors (inputs through their processors, targets encoded)."""
-    source = table_source(table)
-    base_dir = str(Path(source).parent) if source and not Path(source).is_dir() else source
+    base_dir = source_dir(table)
     for f in cfg.inputs:
         if f.type == "image":
             processors[f.name].base_dir = base_dir
@@ -122,8 +121,7 @@ def encode_split(table: pa.Table, cfg: Config, processors: dict[str, Processor])
 
 def fit_processors(table: pa.Table, cfg: Config) -> dict[str, Processor]:
     """Fit every feature's preprocessing on the train split only."""
-    source = table_source(table)
-    base_dir = str(Path(source).parent) if source and not Path(source).is_dir() else source
+    base_dir = source_dir(table)
     processors: dict[str, Processor] = {}
     for role, features in (("input", cfg.inputs), ("output", cfg.outputs)):
         for f in features:
@@ -278,8 +276,7 @@ def load(path: str | Path, **kwargs: Any) -> Predictor:
 def _records(data: Records | str | Path) -> tuple[Records, str | None]:
     if isinstance(data, str | Path):
         table = read_table(data)
-        source = table_source(table)
-        return table, (str(Path(source).parent) if source and not Path(source).is_dir() else source)
+        return table, source_dir(table)
     return data, None
 
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from largo.data.readers import table_source
+from largo.data.readers import source_dir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_CATEGORY_UNIQUE = 1000  # more distinct strings than this looks like free text or an id
@@ -40,9 +40,9 @@ def _default_augment(table: pa.Table, col: pa.ChunkedArray) -> dict[str, Any]:
     """
     first = pc.drop_null(col)[0].as_py()
     path = Path(first)
-    source = table_source(table)
-    if not path.is_absolute() and source:
-        path = (Path(source) if Path(source).is_dir() else Path(source).parent) / path
+    base = source_dir(table)
+    if not path.is_absolute() and base:
+        path = Path(base) / path
     try:
         with Image.open(path) as img:
             side = min(img.size)

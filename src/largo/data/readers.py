@@ -57,6 +57,15 @@ def table_source(table: pa.Table) -> str | None:
     return None if value is None else value.decode("utf-8")
 
 
+def source_dir(table: pa.Table) -> str | None:
+    """The folder that relative paths in a table (image columns) resolve against: the file's folder,
+    or the image folder itself."""
+    source = table_source(table)
+    if source is None:
+        return None
+    return source if Path(source).is_dir() else str(Path(source).parent)
+
+
 def with_source(table: pa.Table, path: str | os.PathLike[str]) -> pa.Table:
     """The table with `largo.source` set to the absolute form of `path`, other metadata kept."""
     metadata = dict(table.schema.metadata or {})
