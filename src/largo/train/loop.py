@@ -196,9 +196,20 @@ def deterministic_kernels(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(previous)
 
 
-def _fit(model, train, valid, cfg, loss_fn, device, score_fn, transform, checkpoint_dir, resume,
-         on_epoch_end) -> FitResult:  # fmt: skip
-    """The body of fit() once the device is chosen."""
+def _fit(
+    model: nn.Module,
+    train: EncodedSplit,
+    valid: EncodedSplit | None,
+    cfg: TrainConfig,
+    loss_fn: LossFn,
+    device: torch.device,
+    score_fn: ScoreFn | None,
+    transform: Callable[[Batch, torch.Generator], Batch] | None,
+    checkpoint_dir: str | Path | None,
+    resume: bool,
+    on_epoch_end: Callable[[dict[str, float]], None] | None,
+) -> FitResult:
+    """The body of fit() once the device is chosen (fit() wraps it in the determinism setting)."""
     model.to(device)
     train = train.to(device)
     valid_inputs = valid.inputs if valid is not None and len(valid) else None
