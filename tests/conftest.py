@@ -7,8 +7,21 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
+import torch
 
 from largo.data.samples import write_digits_folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not crawl when other processes share the cores).
+
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`; the thread count is restored after.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

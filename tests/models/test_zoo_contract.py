@@ -31,13 +31,7 @@ N = 12  # examples in the fixed batch
 CLASSES = ["a", "b", "c"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not crawl when other processes share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def image_case(encoder: str, shape: tuple[int, int, int]) -> dict[str, Any]:

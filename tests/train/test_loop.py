@@ -19,14 +19,7 @@ from largo.models.build import build_model
 from largo.train.loop import fit, forward_in_batches, train_step
 from largo.train.losses import make_loss_fn
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not crawl when other processes share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_config(**kwargs) -> TrainConfig:
