@@ -19,7 +19,7 @@ import torch
 from largo.config import Config, ConfigError, load_config, validate_config
 from largo.data.augment import augment_images, is_active
 from largo.data.clean import clean_table
-from largo.data.features import CategoryProcessor, Processor, encode_inputs, make_processor
+from largo.data.features import Processor, encode_inputs, make_processor
 from largo.data.infer import Inferred, default_config, infer_features
 from largo.data.loader import Batch, EncodedSplit
 from largo.data.readers import DataError, read_table, source_dir
@@ -28,7 +28,6 @@ from largo.deploy.bundle import (
     environment,
     find_resumable,
     new_run_dir,
-    read_bundle,
     read_processors,
     write_bundle,
     write_run_start,
@@ -110,11 +109,7 @@ def load_splits(cfg: Config) -> tuple[dict[str, pa.Table], dict[str, Any]]:
 
 def encode_split(table: pa.Table, cfg: Config, processors: dict[str, Processor]) -> EncodedSplit:
     """A cleaned table → tensors (inputs through their processors, targets encoded)."""
-    base_dir = source_dir(table)
-    for f in cfg.inputs:
-        if f.type == "image":
-            processors[f.name].base_dir = base_dir
-    inputs = encode_inputs(_by_feature(table, cfg.inputs), cfg.inputs, processors)
+    inputs = encode_inputs(_by_feature(table, cfg.inputs), cfg.inputs, processors, source_dir(table))
     targets = {f.name: processors[f.name].encode(table.column(f.source)) for f in cfg.outputs}
     return EncodedSplit(inputs, targets)
 
@@ -322,8 +317,8 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, report_dir: str |
 
 def info(bundle: str | Path) -> dict[str, Any]:
     """What a bundle holds: features, label sets, parameter count, headline metrics, versions."""
-    b = read_bundle(bundle)
-    labels = {n: p.vocab for n, p in b.processors.items() if isinstance(p, CategoryProcessor) and p.is_output}
+    predictor = load(bundle)
+    b, labels = predictor.bundle, predictor.labels
     test = b.metrics.get("test") or {}
     return {
         "path": str(b.path),

@@ -186,7 +186,7 @@ class ImageProcessor:
         """(channels, height, width) after preprocessing."""
         return (self.stats["channels"], *self.stats["size"])
 
-    def _open(self, value: Any) -> Image.Image:
+    def _open(self, value: Any, base_dir: str | None = None) -> Image.Image:
         if isinstance(value, Image.Image):
             return value
         if isinstance(value, bytes | bytearray):
@@ -201,8 +201,9 @@ class ImageProcessor:
         if not isinstance(value, str) or not value:
             raise DataError(f"image feature {self.config.name!r}: expected a path or bytes, got {value!r}")
         path = Path(value)
-        if not path.is_absolute() and self.base_dir:
-            path = Path(self.base_dir) / path
+        base_dir = base_dir or self.base_dir
+        if not path.is_absolute() and base_dir:
+            path = Path(base_dir) / path
         try:
             return Image.open(path)
         except FileNotFoundError:
@@ -210,9 +211,12 @@ class ImageProcessor:
         except OSError as exc:
             raise DataError(f"{path}: cannot decode image: {exc}") from None
 
-    def load(self, value: Any) -> np.ndarray:
-        """One raw image (path, bytes, PIL image or array) → uint8 array [c, h, w]."""
-        img = self._open(value)
+    def load(self, value: Any, base_dir: str | None = None) -> np.ndarray:
+        """One raw image (path, bytes, PIL image or array) → uint8 array [c, h, w].
+
+        Relative paths resolve against `base_dir`, else the folder given at construction.
+        """
+        img = self._open(value, base_dir)
         mode = "L" if self.stats["channels"] == 1 else "RGB"
         img = img.convert(mode)
         h, w = self.stats["size"]
@@ -233,13 +237,13 @@ class ImageProcessor:
         self.stats["mean"] = sample.mean(dim=(0, 2, 3)).tolist()
         self.stats["std"] = [max(s, 1e-3) for s in sample.std(dim=(0, 2, 3)).tolist()]
 
-    def encode(self, column: pa.ChunkedArray | Sequence[Any]) -> torch.Tensor:
+    def encode(self, column: pa.ChunkedArray | Sequence[Any], base_dir: str | None = None) -> torch.Tensor:
         """Column of images → uint8 tensor [n, c, h, w] (decoded on a few threads)."""
         values = _values(column)
         c, h, w = self.shape
         out = np.empty((len(values), c, h, w), dtype=np.uint8)
         with ThreadPoolExecutor(max_workers=4) as pool:
-            for i, arr in enumerate(pool.map(self.load, values, chunksize=64)):
+            for i, arr in enumerate(pool.map(lambda v: self.load(v, base_dir), values, chunksize=64)):
                 out[i] = arr
         return torch.from_numpy(out)
 
@@ -270,14 +274,20 @@ def processor_from_state(config: Any, is_output: bool, state: dict[str, Any]) ->
 
 
 def encode_inputs(
-    columns: dict[str, Any], configs: list[Any], processors: dict[str, Processor]
+    columns: dict[str, Any], configs: list[Any], processors: dict[str, Processor], base_dir: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """Raw input columns (by feature name) → the model's input batch; numbers stacked as NUMBERS."""
+    """Raw input columns (by feature name) → the model's input batch; numbers stacked as NUMBERS.
+
+    `base_dir` is the folder relative image paths resolve against (the data file's folder).
+    """
     batch: dict[str, torch.Tensor] = {}
     numbers = [processors[c.name].encode(columns[c.name]) for c in configs if c.type == "number"]
     if numbers:
         batch[NUMBERS] = torch.stack(numbers, dim=1)
     for c in configs:
-        if c.type != "number":
-            batch[c.name] = processors[c.name].encode(columns[c.name])
+        proc = processors[c.name]
+        if isinstance(proc, ImageProcessor):
+            batch[c.name] = proc.encode(columns[c.name], base_dir)
+        elif c.type != "number":
+            batch[c.name] = proc.encode(columns[c.name])
     return batch

@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from largo.data.features import CategoryProcessor, ImageProcessor, NumberProcessor, encode_inputs
+from largo.data.features import CategoryProcessor, NumberProcessor, encode_inputs
 from largo.data.readers import DataError
 from largo.deploy.bundle import Bundle, read_bundle
 from largo.train.loop import forward_in_batches
@@ -46,7 +46,7 @@ class Predictor:
             if isinstance(p, CategoryProcessor) and p.is_output
         }
 
-    def columns(self, records: Records, base_dir: str | None = None) -> dict[str, list[Any]]:
+    def columns(self, records: Records) -> dict[str, list[Any]]:
         """Pick each input's raw values out of the records, by column name or feature name."""
         if isinstance(records, pa.Table):
             table = records
@@ -74,15 +74,11 @@ class Predictor:
                         raise DataError(
                             f"record {i}: missing input {f.source!r} (null is allowed, absence is not)"
                         )
-        for f in self.config.inputs:
-            proc = self.bundle.processors[f.name]
-            if isinstance(proc, ImageProcessor):
-                proc.base_dir = base_dir
         return out
 
     def encode(self, records: Records, base_dir: str | None = None) -> dict[str, torch.Tensor]:
         """Records → the model's input tensors (same preprocessing as training)."""
-        return encode_inputs(self.columns(records, base_dir), self.config.inputs, self.bundle.processors)
+        return encode_inputs(self.columns(records), self.config.inputs, self.bundle.processors, base_dir)
 
     def raw_outputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Encoded inputs → logits / scaled values per output (float32, CPU)."""
