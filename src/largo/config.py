@@ -128,8 +128,149 @@ class ImageFeatureConfig(_FeatureBase):
         return v
 
 
+class NormalizeConfig(StrictModel):
+    """Text normalization, applied the same way at train and predict time (before tokenizing)."""
+
+    nfkc: bool = Field(True, description="Unicode NFKC: full-width letters, digits and punctuation → half-width.")
+    lowercase: bool = Field(True, description="Lowercase the text.")
+    collapse_whitespace: bool = Field(True, description="Trim and collapse runs of whitespace to one space.")
+    remove_punctuation: bool = Field(False, description="Replace punctuation and symbols with spaces.")
+    stopwords: Literal["none", "english", "chinese", "both"] | list[str] = Field(
+        "none", description="Remove stop words: a built-in list (english, chinese, both) or your own words."
+    )
+
+
+class TokenizerConfig(StrictModel):
+    """How text becomes token ids; fit on the train split only and saved in the bundle."""
+
+    kind: Literal["bpe", "wordpiece", "char", "jieba", "pretrained"] = Field(
+        "bpe",
+        description="bpe / wordpiece (HF tokenizers), char (good for Chinese), jieba (Chinese words), "
+        "pretrained (the tokenizer of a Hugging Face model folder).",
+    )
+    vocab_size: int = Field(8000, ge=16, description="Largest vocabulary (bpe, wordpiece, char, jieba).")
+    min_frequency: int = Field(2, ge=1, description="Tokens seen fewer times in train become <unk>.")
+    max_length: int = Field(256, ge=2, description="Longest sequence in tokens; longer texts are truncated.")
+    truncation: Literal["right", "left"] = Field("right", description="Which end of a long text is cut.")
+    path: str | None = Field(None, description="Model folder for kind 'pretrained' (default: the encoder's).")
+
+
+class BagEncoderConfig(StrictModel):
+    """Embedding + pooling over tokens (fastText-style, optional hashed n-grams): fast and strong on small data."""
+
+    kind: Literal["bag"] = "bag"
+    dim: int = Field(128, ge=1, description="Embedding width.")
+    pooling: Literal["mean", "max", "mean_max"] = Field("mean", description="Pooling over tokens.")
+    ngrams: int = Field(1, ge=1, le=3, description="Also embed hashed n-grams up to this length.")
+    ngram_buckets: int = Field(200_000, ge=1, description="Hash buckets for the n-gram embeddings.")
+
+
+class CnnTextEncoderConfig(StrictModel):
+    """TextCNN (Kim 2014): convolutions of several widths over embeddings, max over time."""
+
+    kind: Literal["cnn"] = "cnn"
+    dim: int = Field(128, ge=1, description="Embedding width.")
+    filters: int = Field(128, ge=1, description="Filters per kernel width.")
+    kernel_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [2, 3, 4, 5], min_length=1, description="Kernel widths in tokens."
+    )
+
+
+class RnnEncoderConfig(StrictModel):
+    """LSTM or GRU over embeddings; variable lengths are packed so padding never enters the state."""
+
+    kind: Literal["rnn"] = "rnn"
+    cell: Literal["lstm", "gru"] = Field("lstm", description="Recurrent cell.")
+    dim: int = Field(128, ge=1, description="Embedding width.")
+    hidden: int = Field(128, ge=1, description="Hidden size per direction.")
+    layers: int = Field(1, ge=1, description="Stacked recurrent layers.")
+    bidirectional: bool = Field(True, description="Read the text both ways.")
+    pooling: Literal["last", "mean", "max"] = Field("max", description="Final states, or pool over time.")
+
+
+class TransformerEncoderConfig(StrictModel):
+    """A pre-norm Transformer encoder (scaled_dot_product_attention, padding mask, learned positions)."""
+
+    kind: Literal["transformer"] = "transformer"
+    dim: int = Field(256, ge=8, description="Model width (d_model).")
+    layers: int = Field(4, ge=1, description="Encoder blocks.")
+    heads: int = Field(4, ge=1, description="Attention heads; dim must be divisible by heads.")
+    ff_mult: int = Field(4, ge=1, description="Feed-forward width as a multiple of dim.")
+    pooling: Literal["cls", "mean"] = Field("mean", description="A [CLS] token's state or the mean of tokens.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TransformerEncoderConfig:
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class PretrainedEncoderConfig(StrictModel):
+    """A local Hugging Face model folder (loaded with transformers, offline), fine-tuned end to end."""
+
+    kind: Literal["pretrained"] = "pretrained"
+    path: str = Field(..., min_length=1, description="Folder with config.json, weights and tokenizer files.")
+    pooling: Literal["cls", "mean"] = Field("mean", description="[CLS] state or the masked mean of tokens.")
+    freeze: bool = Field(False, description="Keep the pretrained weights fixed; train only the rest.")
+
+
+TextEncoderConfig = Annotated[
+    BagEncoderConfig
+    | CnnTextEncoderConfig
+    | RnnEncoderConfig
+    | TransformerEncoderConfig
+    | PretrainedEncoderConfig,
+    Field(discriminator="kind"),
+]
+
+
+class TextFeatureConfig(_FeatureBase):
+    """A free-text column (Chinese or English): normalized, tokenized, encoded by a sequence model."""
+
+    type: Literal["text"] = "text"
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    encoder: TextEncoderConfig = Field(
+        default_factory=CnnTextEncoderConfig,
+        description="bag, cnn, rnn, transformer or pretrained; a name alone takes that encoder's defaults.",
+    )
+    pretrained: str | None = Field(
+        None, description="Shorthand for encoder {kind: pretrained, path: …} with that folder's tokenizer."
+    )
+
+    @field_validator("encoder", mode="before")
+    @classmethod
+    def _encoder_by_name(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pretrained_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("pretrained"):
+            data = dict(data)
+            encoder = data.get("encoder")
+            encoder = {"kind": encoder} if isinstance(encoder, str) else dict(encoder or {})
+            if encoder.get("kind", "pretrained") != "pretrained":
+                raise ValueError("pretrained: PATH needs encoder kind 'pretrained' (or no encoder key)")
+            data["encoder"] = {**encoder, "kind": "pretrained", "path": data["pretrained"]}
+        return data
+
+    @model_validator(mode="after")
+    def _pretrained_tokenizer(self) -> TextFeatureConfig:
+        tok = self.tokenizer
+        if isinstance(self.encoder, PretrainedEncoderConfig):
+            if tok.kind != "pretrained":
+                object.__setattr__(tok, "kind", "pretrained")  # a pretrained model reads its own tokens
+            if tok.path is None:
+                object.__setattr__(tok, "path", self.encoder.path)
+        if tok.kind == "pretrained" and tok.path is None:
+            raise ValueError("tokenizer.path: required for tokenizer kind 'pretrained'")
+        return self
+
+
 InputFeature = Annotated[
-    NumberFeatureConfig | CategoryFeatureConfig | ImageFeatureConfig, Field(discriminator="type")
+    NumberFeatureConfig | CategoryFeatureConfig | ImageFeatureConfig | TextFeatureConfig,
+    Field(discriminator="type"),
 ]
 OutputFeature = Annotated[NumberFeatureConfig | CategoryFeatureConfig, Field(discriminator="type")]
 
@@ -291,13 +432,17 @@ def format_validation_error(exc: ValidationError, source: str = "config") -> str
     """Turn a pydantic error into lines of `key.path: message (got value); allowed: ...`."""
     lines = [f"invalid {source}:"]
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+        loc = ".".join(str(p) for i, p in enumerate(err["loc"]) if not _is_union_tag(err["loc"], i))
         got = err.get("input")
         kind = err["type"]
         if kind == "extra_forbidden":
             msg = "unknown key"
         elif kind == "missing":
             msg = "required key is missing"
+        elif kind == "union_tag_invalid":
+            ctx = err.get("ctx") or {}
+            err = {**err, "ctx": {"expected": ctx.get("expected_tags")}}
+            msg, got = f"unknown {ctx.get('discriminator', 'kind').strip(chr(39))}", ctx.get("tag")
         else:
             msg = err["msg"].removeprefix("Value error, ")
         got_s = "" if kind == "missing" or isinstance(got, dict) else f" (got {got!r})"
@@ -305,7 +450,18 @@ def format_validation_error(exc: ValidationError, source: str = "config") -> str
     return "\n".join(lines)
 
 
-_UNION_TAGS = {"number", "category", "image"}
+_FEATURE_TAGS = {"number", "category", "image", "text"}
+_ENCODER_TAGS = {"bag", "cnn", "rnn", "transformer", "pretrained"}
+
+
+def _is_union_tag(loc: tuple, i: int) -> bool:
+    """pydantic puts the chosen member of a tagged union into the path (inputs.0.text.encoder.cnn…)."""
+    if i == 0 or not isinstance(loc[i], str):
+        return False
+    before = loc[i - 1]
+    return (isinstance(before, int) and loc[i] in _FEATURE_TAGS) or (
+        before == "encoder" and loc[i] in _ENCODER_TAGS
+    )
 
 
 def validate_config(data: dict[str, Any], source: str = "config") -> Config:
@@ -332,7 +488,21 @@ def load_config(path: str | Path) -> Config:
                 candidate = path.parent / value
                 if candidate.exists() or not Path(value).exists():
                     data["data"][key] = str(candidate)
+    for feature in data.get("inputs") or [] if isinstance(data, dict) else []:
+        _resolve_model_paths(feature, path.parent)
     return validate_config(data, source=str(path))
+
+
+def _resolve_model_paths(feature: Any, folder: Path) -> None:
+    """Relative pretrained-model folders in a YAML file are relative to the file, like data paths."""
+    if not isinstance(feature, dict):
+        return
+    holders = [(feature, "pretrained")]
+    holders += [(feature[k], "path") for k in ("encoder", "tokenizer") if isinstance(feature.get(k), dict)]
+    for holder, key in holders:
+        value = holder.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and (folder / value).exists():
+            holder[key] = str(folder / value)
 
 
 def dump_config(config: Config) -> str:
