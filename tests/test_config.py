@@ -60,9 +60,9 @@ def test_bad_literal_names_path_value_and_allowed():
 
 def test_bad_feature_type_lists_allowed_tags():
     data = minimal()
-    data["inputs"].append({"name": "t", "type": "text"})
+    data["inputs"].append({"name": "t", "type": "audio"})
     message = error_of(data)
-    assert "inputs.1" in message and "text" in message
+    assert "inputs.1" in message and "text" in message and "audio" in message
     for tag in ("number", "category", "image"):
         assert tag in message
     data = minimal()

@@ -19,7 +19,7 @@ import torch
 from largo.config import Config, ConfigError, load_config, validate_config
 from largo.data.augment import augment_images, is_active
 from largo.data.clean import clean_table
-from largo.data.features import Processor, encode_inputs, make_processor
+from largo.data.features import Processor, encode_inputs, make_processor, sequence_pads
 from largo.data.infer import Inferred, default_config, infer_features
 from largo.data.loader import Batch, EncodedSplit
 from largo.data.readers import DataError, read_table, source_dir
@@ -107,11 +107,25 @@ def load_splits(cfg: Config) -> tuple[dict[str, pa.Table], dict[str, Any]]:
     return tables, cleaning
 
 
-def encode_split(table: pa.Table, cfg: Config, processors: dict[str, Processor]) -> EncodedSplit:
-    """A cleaned table → tensors (inputs through their processors, targets encoded)."""
+def encode_split(
+    table: pa.Table, cfg: Config, processors: dict[str, Processor], label: str = "data"
+) -> EncodedSplit:
+    """A cleaned table → tensors (inputs through their processors, targets encoded).
+
+    Empty texts and texts cut at max_length are counted and reported, never dropped silently.
+    """
     inputs = encode_inputs(_by_feature(table, cfg.inputs), cfg.inputs, processors, source_dir(table))
     targets = {f.name: processors[f.name].encode(table.column(f.source)) for f in cfg.outputs}
-    return EncodedSplit(inputs, targets)
+    split = EncodedSplit(inputs, targets, sequence_pads(cfg.inputs, processors))
+    for name, lengths in split.lengths.items():
+        limit = processors[name].max_length
+        empty, cut = int((lengths == 0).sum()), int((lengths >= limit).sum())
+        if empty or cut:
+            log(
+                f"{label}: text {name!r}: {empty} of {len(lengths)} texts are empty or missing (kept as "
+                f"empty), {cut} reach max_length {limit} and are truncated"
+            )
+    return split
 
 
 def fit_processors(table: pa.Table, cfg: Config) -> dict[str, Processor]:
@@ -180,7 +194,7 @@ def train(config: Config | dict | str | Path, *, resume: bool | str | Path = Fal
     else:
         processors = fit_processors(tables["train"], cfg)
         write_run_start(run_dir, cfg, processors)
-    splits = {name: encode_split(t, cfg, processors) for name, t in tables.items()}
+    splits = {name: encode_split(t, cfg, processors, name) for name, t in tables.items()}
     sizes = {name: len(s) if s.inputs else 0 for name, s in splits.items()}
     log("split sizes: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
 
@@ -225,7 +239,9 @@ def train(config: Config | dict | str | Path, *, resume: bool | str | Path = Fal
     predictions = {}
     for split in ("valid", "test"):
         if sizes[split]:
-            outputs = forward_in_batches(model, splits[split].inputs, cfg.train.eval_batch_size)
+            outputs = forward_in_batches(
+                model, splits[split].inputs, cfg.train.eval_batch_size, pad=splits[split].pad
+            )
             metrics[split] = score_outputs(outputs, splits[split].targets, cfg.outputs, processors)
             predictions = _regression_pairs(cfg, outputs, splits[split].targets, processors)
     report = write_bundle(run_dir, model, metrics, predictions)
@@ -268,18 +284,25 @@ def load(path: str | Path, **kwargs: Any) -> Predictor:
     return Predictor.load(path, **kwargs)
 
 
-def _records(data: Records | str | Path) -> tuple[Records, str | None]:
-    if isinstance(data, str | Path):
+def _records(data: Records | str | Path | list[str]) -> tuple[Records, str | None]:
+    if isinstance(data, Path) or (isinstance(data, str) and Path(data).exists()):
         table = read_table(data)
         return table, source_dir(table)
     return data, None
 
 
 def predict(
-    bundle: str | Path | Predictor, data: Records | str | Path
+    bundle: str | Path | Predictor, data: Records | str | Path | list[str]
 ) -> list[dict[str, Any]] | dict[str, Any]:
-    """Predict from a file (csv/tsv/jsonl/parquet/image folder) or from records."""
+    """Predict from a file (csv/tsv/jsonl/parquet/image folder), from records, or from texts.
+
+    A string that is not an existing file is a text to classify (for a model with one text input).
+    """
     predictor = bundle if isinstance(bundle, Predictor) else load(bundle)
+    inputs = predictor.config.inputs
+    one_text = len(inputs) == 1 and inputs[0].type == "text"
+    if isinstance(data, str) and not one_text and not Path(data).exists():
+        raise DataError(f"{data}: no such file or folder")
     records, base_dir = _records(data)
     return predictor.predict(records, base_dir=base_dir)
 
@@ -295,7 +318,7 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, report_dir: str |
     table, counts = _read_clean(str(data), cfg)
     if table.num_rows == 0:
         raise DataError(f"{data}: no labelled rows to evaluate")
-    split = encode_split(table, cfg, processors)
+    split = encode_split(table, cfg, processors, str(data))
     outputs = predictor.raw_outputs(split.inputs)
     scores = score_outputs(outputs, split.targets, cfg.outputs, processors)
     out_dir = Path(report_dir) if report_dir else predictor.path / "evaluations" / Path(data).stem

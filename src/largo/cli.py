@@ -155,14 +155,19 @@ def predict(
         str | None, typer.Option("--output", "-o", help="Write .csv or .jsonl (default: stdout jsonl).")
     ] = None,
     record: Annotated[str | None, typer.Option("--json", help="One record as JSON: '{\"age\": 3}'.")] = None,
+    text: Annotated[
+        list[str] | None, typer.Option("--text", help="A text to classify (repeatable); one-text models.")
+    ] = None,
 ) -> None:
-    """Predict with class probabilities for every row of a file, or for one JSON record."""
-    if record is not None:
+    """Predict with class probabilities for every row of a file, one JSON record, or --text strings."""
+    if text:
+        results = api.predict(bundle, list(text))
+    elif record is not None:
         results = [api.predict(bundle, json.loads(record))]
     elif data is not None:
         results = api.predict(bundle, data)
     else:
-        raise ConfigError("give a data file or --json RECORD")
+        raise ConfigError("give a data file, --json RECORD or --text TEXT")
     if output and output.endswith(".csv"):
         rows = [_flat(r) for r in results]
         with open(output, "w", newline="", encoding="utf-8") as f:

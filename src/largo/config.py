@@ -131,7 +131,9 @@ class ImageFeatureConfig(_FeatureBase):
 class NormalizeConfig(StrictModel):
     """Text normalization, applied the same way at train and predict time (before tokenizing)."""
 
-    nfkc: bool = Field(True, description="Unicode NFKC: full-width letters, digits and punctuation → half-width.")
+    nfkc: bool = Field(
+        True, description="Unicode NFKC: full-width letters, digits and punctuation → half-width."
+    )
     lowercase: bool = Field(True, description="Lowercase the text.")
     collapse_whitespace: bool = Field(True, description="Trim and collapse runs of whitespace to one space.")
     remove_punctuation: bool = Field(False, description="Replace punctuation and symbols with spaces.")
@@ -156,7 +158,7 @@ class TokenizerConfig(StrictModel):
 
 
 class BagEncoderConfig(StrictModel):
-    """Embedding + pooling over tokens (fastText-style, optional hashed n-grams): fast and strong on small data."""
+    """Embedding + pooling over tokens, fastText-style with optional hashed n-grams: fast on small data."""
 
     kind: Literal["bag"] = "bag"
     dim: int = Field(128, ge=1, description="Embedding width.")
@@ -196,7 +198,9 @@ class TransformerEncoderConfig(StrictModel):
     layers: int = Field(4, ge=1, description="Encoder blocks.")
     heads: int = Field(4, ge=1, description="Attention heads; dim must be divisible by heads.")
     ff_mult: int = Field(4, ge=1, description="Feed-forward width as a multiple of dim.")
-    pooling: Literal["cls", "mean"] = Field("mean", description="A [CLS] token's state or the mean of tokens.")
+    pooling: Literal["cls", "mean"] = Field(
+        "mean", description="A [CLS] token's state or the mean of tokens."
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TransformerEncoderConfig:
@@ -366,6 +370,9 @@ class TrainConfig(StrictModel):
     )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval_batch_size: int = Field(512, ge=1, description="Batch size for evaluation and prediction.")
+    length_buckets: bool = Field(
+        True, description="Batch texts of similar length together (less padding); no effect without text."
+    )
     progress: bool = Field(True, description="Show a progress bar.")
 
 

@@ -3,7 +3,8 @@
 Each processor has `fit(column)`, `encode(column) -> Tensor`, `state() -> dict` and `from_state()`.
 Number inputs are stacked into one float matrix (`NUMBERS`) so a table of 64 pixel columns is one
 tensor, not 64; category inputs become int64 ids (0 is the unknown bucket); images become uint8
-[n, c, h, w] tensors that the model normalizes itself, so an exported model takes raw pixels.
+[n, c, h, w] tensors that the model normalizes itself, so an exported model takes raw pixels; texts
+become right-padded int32 token ids (`data/text.py`), trimmed per batch to the longest row.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from PIL import Image
 
 from largo.config import CategoryFeatureConfig, ImageFeatureConfig, NumberFeatureConfig
 from largo.data.readers import DataError
+from largo.data.text import TextProcessor
 
 NUMBERS = "__numbers__"  # batch key of the stacked number inputs
 UNKNOWN = "<unk>"
@@ -252,7 +254,7 @@ class ImageProcessor:
         return {"stats": self.stats}
 
 
-Processor = NumberProcessor | CategoryProcessor | ImageProcessor
+Processor = NumberProcessor | CategoryProcessor | ImageProcessor | TextProcessor
 
 
 def make_processor(config: Any, is_output: bool, base_dir: str | None = None) -> Processor:
@@ -261,6 +263,8 @@ def make_processor(config: Any, is_output: bool, base_dir: str | None = None) ->
         return NumberProcessor(config)
     if config.type == "category":
         return CategoryProcessor(config, is_output)
+    if config.type == "text":
+        return TextProcessor(config)
     return ImageProcessor(config, base_dir)
 
 
@@ -270,6 +274,8 @@ def processor_from_state(config: Any, is_output: bool, state: dict[str, Any]) ->
         return NumberProcessor(config, state["stats"])
     if config.type == "category":
         return CategoryProcessor(config, is_output, state["vocab"])
+    if config.type == "text":
+        return TextProcessor(config, state)
     return ImageProcessor(config, None, state["stats"])
 
 
@@ -291,3 +297,10 @@ def encode_inputs(
         elif c.type != "number":
             batch[c.name] = proc.encode(columns[c.name])
     return batch
+
+
+def sequence_pads(configs: list[Any], processors: dict[str, Processor]) -> dict[str, int]:
+    """Batch key → padding id for every sequence input (what dynamic padding trims)."""
+    return {
+        c.name: processors[c.name].pad_id for c in configs if isinstance(processors[c.name], TextProcessor)
+    }

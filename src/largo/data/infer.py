@@ -1,11 +1,21 @@
-"""Guess feature types from a table, so `largo train data.csv --target label` needs no config."""
+"""Guess feature types from a table, so `largo train data.csv --target label` needs no config.
+
+A string column is text when its values read like sentences: three or more words on average, or
+mostly Chinese characters. Text gets a character tokenizer when it is mostly Chinese (no word
+boundaries to learn; characters carry meaning) and BPE otherwise, a max length that covers 95% of the
+texts, and an encoder by data size: a TextCNN below `LARGE_TEXT_ROWS` rows (fast and strong on small
+data), a Transformer above it.
+"""
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
@@ -14,6 +24,8 @@ from largo.data.readers import source_dir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_CATEGORY_UNIQUE = 1000  # more distinct strings than this looks like free text or an id
+LARGE_TEXT_ROWS = 50_000  # from here on the default text encoder is a Transformer
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
 
 @dataclass
@@ -51,6 +63,51 @@ def _default_augment(table: pa.Table, col: pa.ChunkedArray) -> dict[str, Any]:
     return {"crop": max(1, round(side / 14))}
 
 
+@dataclass
+class TextProfile:
+    """What a sample of a string column looks like."""
+
+    words: float  # mean whitespace-separated words per value
+    chars_p95: float  # 95th percentile of characters per value
+    words_p95: float
+    cjk: float  # share of characters that are Chinese
+
+    @property
+    def is_text(self) -> bool:
+        """Sentences rather than labels or ids."""
+        return self.words >= 3 or (self.cjk >= 0.3 and self.chars_p95 >= 6)
+
+
+def text_profile(col: pa.ChunkedArray, sample: int = 2000) -> TextProfile:
+    """Word counts, lengths and the Chinese share of up to `sample` values."""
+    values = [v for v in pc.drop_null(col).to_pylist()[:sample] if isinstance(v, str)]
+    if not values:
+        return TextProfile(0.0, 0.0, 0.0, 0.0)
+    words = np.array([len(v.split()) for v in values], dtype=float)
+    chars = np.array([len(v) for v in values], dtype=float)
+    cjk = sum(len(_CJK.findall(v)) for v in values) / max(1.0, chars.sum())
+    return TextProfile(
+        float(words.mean()), float(np.percentile(chars, 95)), float(np.percentile(words, 95)), cjk
+    )
+
+
+def default_text_feature(name: str, profile: TextProfile, rows: int) -> dict[str, Any]:
+    """Tokenizer, max length and encoder for a text column of `rows` rows."""
+    chinese = profile.cjk >= 0.3
+    estimate = profile.chars_p95 * 1.1 if chinese else profile.words_p95 * 1.5 + 2  # tokens per text
+    max_length = int(min(512, max(32, 16 * math.ceil(estimate / 16))))
+    tokenizer = {"kind": "char", "vocab_size": 8000} if chinese else {"kind": "bpe", "vocab_size": 16000}
+    encoder: dict[str, Any] = {"kind": "cnn"}
+    if rows >= LARGE_TEXT_ROWS:
+        encoder = {"kind": "transformer", "dim": 256, "layers": 4, "heads": 4}
+    return {
+        "name": name,
+        "type": "text",
+        "tokenizer": {**tokenizer, "max_length": max_length},
+        "encoder": encoder,
+    }
+
+
 def infer_target_type(col: pa.ChunkedArray) -> str:
     """'category' for strings, booleans and integers with few values; 'number' otherwise."""
     t = col.type
@@ -85,7 +142,10 @@ def infer_features(table: pa.Table, targets: list[str]) -> Inferred:
                 result.inputs.append({"name": name, "type": "image", "augment": _default_augment(table, col)})
                 continue
             unique = pc.count_distinct(col).as_py()
-            if unique > MAX_CATEGORY_UNIQUE or (unique > 50 and unique > 0.5 * n):
+            profile = text_profile(col)
+            if unique > 20 and profile.is_text:
+                result.inputs.append(default_text_feature(name, profile, table.num_rows))
+            elif unique > MAX_CATEGORY_UNIQUE or (unique > 50 and unique > 0.5 * n):
                 result.skipped[name] = f"{unique} distinct values in {n} rows: an id or free text"
             else:
                 result.inputs.append({"name": name, "type": "category"})
@@ -97,6 +157,24 @@ def infer_features(table: pa.Table, targets: list[str]) -> Inferred:
 def default_config(data: str, inferred: Inferred, name: str) -> dict[str, Any]:
     """A sensible starting config for the inferred features (a CNN for images, an MLP otherwise)."""
     has_image = any(f["type"] == "image" for f in inferred.inputs)
+    text = [f for f in inferred.inputs if f["type"] == "text"]
+    if text and not has_image:
+        transformer = any(f["encoder"]["kind"] == "transformer" for f in text)
+        return {
+            "name": name,
+            "data": {"train": data, "valid": 0.1, "test": 0.1},
+            "inputs": inferred.inputs,
+            "outputs": inferred.outputs,
+            "model": {"hidden": [128], "dropout": 0.3},
+            "train": {
+                "epochs": 10,
+                "batch_size": 64,
+                "optimizer": {"name": "adamw", "lr": 5e-4 if transformer else 1e-3, "weight_decay": 0.01},
+                "schedule": {"name": "cosine", "warmup": 0.05},
+                "clip_grad_norm": 1.0,
+                "early_stopping": {"metric": "valid.loss", "patience": 3},
+            },
+        }
     return {
         "name": name,
         "data": {"train": data, "valid": 0.1, "test": 0.1},

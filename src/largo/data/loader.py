@@ -4,12 +4,18 @@ A split is encoded once into tensors (`EncodedSplit`); a batch is a gather with 
 there is no per-sample Python work, no collate, and no worker processes to start. The order of an
 epoch is a pure function of (seed, epoch), which is what lets a killed run resume mid-epoch without
 replaying or skipping a batch.
+
+Sequences (token ids) are stored right-padded to the split's longest row and trimmed per batch to
+the batch's longest row (dynamic padding). With `length_buckets`, an epoch's shuffled order is cut
+into pools of 50 batches and sorted by length inside each pool, then the batches are shuffled: similar
+lengths share a batch, so little compute goes into padding, while every batch still comes from a
+random part of the data.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,29 +28,73 @@ class EncodedSplit:
 
     inputs: Batch
     targets: Batch
+    pad: dict[str, int] = field(default_factory=dict)  # sequence input key → padding id
+    lengths: dict[str, torch.Tensor] = field(default_factory=dict)  # key → tokens per row (CPU)
+
+    def __post_init__(self) -> None:
+        for k, pad_id in self.pad.items():
+            if k not in self.lengths:
+                self.lengths[k] = (self.inputs[k] != pad_id).sum(dim=1).cpu()
 
     def __len__(self) -> int:
         first = next(iter(self.inputs.values()))
         return int(first.shape[0])
 
     def to(self, device: torch.device | str) -> EncodedSplit:
-        """The same split on another device."""
+        """The same split on another device (lengths stay on the CPU)."""
         return EncodedSplit(
             {k: v.to(device) for k, v in self.inputs.items()},
             {k: v.to(device) for k, v in self.targets.items()},
+            self.pad,
+            self.lengths,
         )
 
-    def take(self, index: torch.Tensor) -> tuple[Batch, Batch]:
-        """Gather the examples at `index` (a 1-d int64 tensor on the split's device)."""
-        return ({k: v[index] for k, v in self.inputs.items()}, {k: v[index] for k, v in self.targets.items()})
+    def longest(self, index: torch.Tensor) -> dict[str, int]:
+        """Longest row of each sequence input among the examples at `index` (a CPU index tensor)."""
+        return {
+            k: max(1, int(lengths[index].max())) if len(index) else 1 for k, lengths in self.lengths.items()
+        }
+
+    def take(self, index: torch.Tensor, longest: dict[str, int] | None = None) -> tuple[Batch, Batch]:
+        """Gather the examples at `index` (on the split's device); sequences are cut to `longest`."""
+        longest = longest or {}
+        inputs = {k: (v[:, : longest[k]] if k in longest else v)[index] for k, v in self.inputs.items()}
+        return inputs, {k: v[index] for k, v in self.targets.items()}
+
+    def sort_key(self) -> torch.Tensor | None:
+        """Per-example length used for bucketing: the longest of its sequence inputs (None: no text)."""
+        if not self.lengths:
+            return None
+        return torch.stack(list(self.lengths.values())).amax(dim=0)
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
-    """The example order of one epoch: a permutation that depends only on (seed, epoch)."""
+def epoch_order(
+    n: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    lengths: torch.Tensor | None = None,
+    batch_size: int = 1,
+    pool_batches: int = 50,
+) -> torch.Tensor:
+    """The example order of one epoch: a permutation that depends only on (seed, epoch).
+
+    With `lengths`, examples of similar length are grouped into the same batches (see the module
+    docstring); full batches are shuffled and a last partial batch stays last, so batch boundaries
+    are the same as without bucketing.
+    """
     if not shuffle:
         return torch.arange(n)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
+    order = torch.randperm(n, generator=g)
+    if lengths is None or batch_size <= 1:
+        return order
+    pool = batch_size * pool_batches
+    pools = [p[torch.argsort(lengths[p], stable=True)] for p in order.split(pool)]
+    order = torch.cat(pools)
+    full = n // batch_size
+    batches = order[: full * batch_size].view(full, batch_size)[torch.randperm(full, generator=g)]
+    return torch.cat([batches.reshape(-1), order[full * batch_size :]])
 
 
 def batch_bounds(n: int, batch_size: int, drop_singleton: bool = False) -> list[tuple[int, int]]:
@@ -67,10 +117,10 @@ def iter_batches(
     `transform(inputs, batch_index)` runs on each batch (augmentation); it gets the batch index so
     its randomness can be derived from it rather than from hidden state.
     """
-    order = order.to(next(iter(split.inputs.values())).device)
+    on_device = order.to(next(iter(split.inputs.values())).device)
     for i in range(start, len(bounds)):
         lo, hi = bounds[i]
-        inputs, targets = split.take(order[lo:hi])
+        inputs, targets = split.take(on_device[lo:hi], split.longest(order[lo:hi]))
         if transform is not None:
             inputs = transform(inputs, i)
         yield i, inputs, targets

@@ -64,13 +64,21 @@ def write_run_start(run_dir: Path, config: Config, processors: dict[str, Process
     """Write the resolved config and the fitted preprocessors before training starts."""
     (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
     roles = {f.name: "input" for f in config.inputs} | {f.name: "output" for f in config.outputs}
-    state = {
-        "format": FORMAT_VERSION,
-        "features": {
-            n: {"role": roles[n], "type": p.config.type, "state": p.state()} for n, p in processors.items()
-        },
-    }
+    features = {}
+    for n, p in processors.items():
+        st = p.state()
+        if "tokenizer" in st:  # a standard tokenizer.json beside the weights, loadable by any HF tool
+            file = tokenizer_file(n)
+            (run_dir / file).write_text(st.pop("tokenizer"), encoding="utf-8")
+            st["tokenizer_file"] = file
+        features[n] = {"role": roles[n], "type": p.config.type, "state": st}
+    state = {"format": FORMAT_VERSION, "features": features}
     (run_dir / PREPROCESSORS).write_text(json.dumps(state, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+def tokenizer_file(feature: str) -> str:
+    """File name of a text input's tokenizer in the bundle: tokenizer-<input>.json."""
+    return f"tokenizer-{re.sub(r'[^A-Za-z0-9_.-]', '_', feature)}.json"
 
 
 def environment() -> dict[str, str]:
@@ -107,7 +115,10 @@ def read_processors(path: Path, config: Config) -> dict[str, Processor]:
     procs: dict[str, Processor] = {}
     for role, configs in (("input", config.inputs), ("output", config.outputs)):
         for f in configs:
-            procs[f.name] = processor_from_state(f, role == "output", features[f.name]["state"])
+            st = features[f.name]["state"]
+            if "tokenizer_file" in st:
+                st = {**st, "tokenizer": (path / st["tokenizer_file"]).read_text(encoding="utf-8")}
+            procs[f.name] = processor_from_state(f, role == "output", st)
     return procs
 
 
@@ -120,7 +131,7 @@ def read_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{path}: not a complete bundle, missing {', '.join(missing)}{hint}")
     config = validate_config(yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")), str(path))
     processors = read_processors(path, config)
-    model = build_model(config, processors)
+    model = build_model(config, processors, load_pretrained=False)
     load_model(model, str(path / WEIGHTS))
     model.eval()
     metrics_path = path / "metrics.json"

@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from largo.data.features import CategoryProcessor, NumberProcessor, encode_inputs
+from largo.data.features import CategoryProcessor, NumberProcessor, encode_inputs, sequence_pads
 from largo.data.readers import DataError
 from largo.deploy.bundle import Bundle, read_bundle
 from largo.train.loop import forward_in_batches
@@ -76,13 +76,25 @@ class Predictor:
                         )
         return out
 
+    def from_texts(self, records: Records | str | Sequence[str]) -> Records:
+        """A string or a list of strings → records, for a model whose only input is a text."""
+        texts = [records] if isinstance(records, str) else records
+        if isinstance(texts, pa.Table | Mapping) or not texts or not all(isinstance(t, str) for t in texts):
+            return records  # type: ignore[return-value]
+        inputs = self.config.inputs
+        if len(inputs) != 1 or inputs[0].type != "text":
+            names = ", ".join(f"{f.name} ({f.type})" for f in inputs)
+            raise DataError(f"plain strings need a model with one text input; this one takes {names}")
+        return [{inputs[0].source: t} for t in texts]
+
     def encode(self, records: Records, base_dir: str | None = None) -> dict[str, torch.Tensor]:
         """Records → the model's input tensors (same preprocessing as training)."""
         return encode_inputs(self.columns(records), self.config.inputs, self.bundle.processors, base_dir)
 
     def raw_outputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Encoded inputs → logits / scaled values per output (float32, CPU)."""
-        return forward_in_batches(self.model, inputs, self.batch_size, self.precision)
+        pad = sequence_pads(self.config.inputs, self.bundle.processors)
+        return forward_in_batches(self.model, inputs, self.batch_size, self.precision, pad)
 
     def format(self, outputs: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         """Model outputs → one dict per record: label, its probability and all class probabilities."""
@@ -108,12 +120,14 @@ class Predictor:
         """Predict outputs for raw records; a single mapping gives a single result.
 
         Args:
-            records: a dict, a list of dicts, or a pyarrow Table with the input columns.
+            records: a dict, a list of dicts, or a pyarrow Table with the input columns; for a model
+                whose only input is a text, also a string or a list of strings.
             base_dir: folder that relative image paths are resolved against.
 
         Returns:
             For each record {output: label or value, output_probability, output_probabilities}.
         """
-        single = isinstance(records, Mapping)
+        single = isinstance(records, Mapping | str)
+        records = self.from_texts(records)
         results = self.format(self.raw_outputs(self.encode(records, base_dir)))
         return results[0] if single else results

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from largo.config import Config
-from largo.data.features import NUMBERS, CategoryProcessor, ImageProcessor, Processor
+from largo.config import Config, TextFeatureConfig
+from largo.data.features import NUMBERS, CategoryProcessor, ImageProcessor, Processor, TextProcessor
 from largo.models.heads import ClassificationHead, RegressionHead
 from largo.models.layers import init_weights
 from largo.models.mlp import CategoryEncoder, Combiner, NumberEncoder
-from largo.models.zoo import IMAGE_ENCODERS
+from largo.models.zoo import IMAGE_ENCODERS, TEXT_ENCODERS
 
 
 def embedding_dim(vocab_size: int) -> int:
@@ -33,8 +33,27 @@ class FeatureModel(nn.Module):
         return {name: head(h) for name, head in self.heads.items()}
 
 
-def build_model(config: Config, processors: dict[str, Processor]) -> FeatureModel:
-    """Build and initialize the model described by the config and the fitted processors."""
+def text_encoder(
+    f: TextFeatureConfig, proc: TextProcessor, dropout: float, load_pretrained: bool
+) -> nn.Module:
+    """The encoder of one text input (a pretrained one reads its folder only when `load_pretrained`)."""
+    enc = f.encoder
+    if enc.kind == "pretrained":
+        from largo.models.pretrained import PretrainedTextEncoder  # imports transformers
+
+        hf_config = None if load_pretrained else proc.model_config
+        return PretrainedTextEncoder(enc, proc.pad_id, dropout, hf_config=hf_config)
+    return TEXT_ENCODERS[enc.kind](proc.vocab_size, proc.pad_id, enc, dropout, proc.max_length)
+
+
+def build_model(
+    config: Config, processors: dict[str, Processor], load_pretrained: bool = True
+) -> FeatureModel:
+    """Build and initialize the model described by the config and the fitted processors.
+
+    `load_pretrained=False` builds pretrained encoders from their saved architecture with random
+    weights, for a bundle whose own weights are loaded next (the model folder is not needed then).
+    """
     m = config.model
     encoders: dict[str, nn.Module] = {}
     num_numbers = sum(1 for f in config.inputs if f.type == "number")
@@ -52,6 +71,9 @@ def build_model(config: Config, processors: dict[str, Processor]) -> FeatureMode
             encoders[f.name] = IMAGE_ENCODERS[f.encoder](
                 proc.shape, mean=st["mean"], std=st["std"], dropout=m.dropout
             )
+        elif f.type == "text":
+            assert isinstance(proc, TextProcessor)
+            encoders[f.name] = text_encoder(f, proc, m.dropout, load_pretrained)
     in_dim = sum(e.out_dim for e in encoders.values())
     combiner = Combiner(in_dim, list(m.hidden), m.activation, m.dropout, m.norm)
     heads: dict[str, nn.Module] = {}
@@ -62,5 +84,12 @@ def build_model(config: Config, processors: dict[str, Processor]) -> FeatureMode
         else:
             heads[f.name] = RegressionHead(combiner.out_dim)
     model = FeatureModel(encoders, combiner, heads)
-    init_weights(model, m.init, m.init_std, m.activation)
+    # a scheme re-initializes what is trained from scratch, never pretrained weights
+    for name, part in [*encoders.items(), ("combiner", combiner), *heads.items()]:
+        if not _is_pretrained(config, name):
+            init_weights(part, m.init, m.init_std, m.activation)
     return model
+
+
+def _is_pretrained(config: Config, name: str) -> bool:
+    return any(f.name == name and f.type == "text" and f.encoder.kind == "pretrained" for f in config.inputs)

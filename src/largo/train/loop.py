@@ -63,20 +63,38 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 @torch.no_grad()
 def forward_in_batches(
-    model: nn.Module, inputs: Batch, batch_size: int, precision: str = "fp32"
+    model: nn.Module,
+    inputs: Batch,
+    batch_size: int,
+    precision: str = "fp32",
+    pad: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run the model in eval mode over all examples; outputs float32 on the CPU."""
+    """Run the model in eval mode over all examples; outputs float32 on the CPU, in input order.
+
+    `pad` names the sequence inputs and their padding ids: examples then run sorted by length and
+    each batch is cut to its longest row, so short texts do not pay for long ones.
+    """
     model.eval()
     device = next(model.parameters()).device
     n = int(next(iter(inputs.values())).shape[0])
+    split = EncodedSplit(inputs, {}, pad or {})
+    key = split.sort_key()
+    order = torch.argsort(key, descending=True, stable=True) if key is not None else torch.arange(n)
     chunks: dict[str, list[torch.Tensor]] = {}
     for lo in range(0, n, batch_size):
-        batch = {k: v[lo : lo + batch_size].to(device, non_blocking=True) for k, v in inputs.items()}
+        index = order[lo : lo + batch_size]
+        batch, _ = split.take(index, split.longest(index))
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast(device, precision):
             out = model(batch)
         for k, v in out.items():
             chunks.setdefault(k, []).append(v.float().cpu())
-    return {k: torch.cat(v) for k, v in chunks.items()}
+    outputs = {k: torch.cat(v) for k, v in chunks.items()}
+    if key is None:
+        return outputs
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n)
+    return {k: v[inverse] for k, v in outputs.items()}
 
 
 def train_step(
@@ -272,7 +290,8 @@ def _fit(
             break
         # 2. train: the epoch's order depends only on (seed, epoch), so a resume continues it
         model.train()
-        order = epoch_order(len(train), cfg.seed, epoch)
+        lengths = train.sort_key() if cfg.length_buckets else None
+        order = epoch_order(len(train), cfg.seed, epoch, lengths=lengths, batch_size=cfg.batch_size)
         group_sizes = [
             sum(hi - lo for lo, hi in bounds[g : g + cfg.accumulate])
             for g in range(0, len(bounds), cfg.accumulate)
@@ -344,7 +363,7 @@ def _fit(
             "train.loss": float(loss_sum) / max(1, st["examples"]),
         }
         if valid_inputs is not None:
-            outputs = forward_in_batches(model, valid_inputs, cfg.eval_batch_size, cfg.precision)
+            outputs = forward_in_batches(model, valid_inputs, cfg.eval_batch_size, cfg.precision, valid.pad)
             with torch.no_grad():
                 vloss = loss_fn(outputs, {k: v.cpu() for k, v in valid.targets.items()})
             record["valid.loss"] = float(vloss) / len(valid)

@@ -1,0 +1,297 @@
+"""Text features: normalization, tokenizers fit on the train split, and texts → padded id tensors.
+
+Every tokenizer is a Hugging Face `tokenizers.Tokenizer`, so normalization and tokenization run in
+Rust and the fitted tokenizer is saved as a standard `tokenizer.json`:
+
+- bpe / wordpiece: trained subword vocabularies (Chinese characters are merged into words by bpe and
+  isolated one per token by wordpiece, as BERT does);
+- char: one token per character, the usual strong default for Chinese;
+- jieba: Chinese word segmentation (jieba, in Python) in front of a word-level vocabulary;
+- pretrained: the tokenizer.json of a Hugging Face model folder, with largo's normalization in front.
+
+Normalization (NFKC, lowercase, punctuation, stop words, whitespace) is the tokenizer's normalizer,
+so train and predict time cannot drift apart. Ids are right-padded with `pad_id`; batches are trimmed
+to their longest row later (dynamic padding), so a short request never pays for a long one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+from largo.config import NormalizeConfig, TextFeatureConfig
+from largo.data.readers import DataError
+from largo.data.stopwords import stopword_set, substring_safe
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4 in every trained vocabulary
+_HAN = r"\p{Han}"
+
+
+# ------------------------------------------------------------------------------------ normalization
+
+
+def _stopword_pattern(words: frozenset[str], ignore_case: bool) -> str | None:
+    if not words:
+        return None
+    latin = sorted((w for w in words if w.isascii()), key=lambda w: (-len(w), w))
+    other = sorted((w for w in words if not w.isascii()), key=lambda w: (-len(w), w))
+    parts = []
+    if latin:
+        parts.append(r"\b(?:" + "|".join(re.escape(w) for w in latin) + r")\b")
+    if other:
+        parts.append("(?:" + "|".join(re.escape(w) for w in other) + ")")
+    return ("(?i)" if ignore_case else "") + "|".join(parts)
+
+
+def build_normalizer(cfg: NormalizeConfig, kind: str) -> normalizers.Normalizer | None:
+    """The normalization steps as one HF normalizer (None when every step is off).
+
+    With the jieba tokenizer, stop words are removed after segmentation instead (whole words only);
+    otherwise single-character Chinese stop words that are often part of words are kept.
+    """
+    steps: list[normalizers.Normalizer] = []
+    if cfg.nfkc:
+        steps.append(normalizers.NFKC())
+    if cfg.lowercase and kind != "pretrained":  # a pretrained tokenizer knows whether its model is cased
+        steps.append(normalizers.Lowercase())
+    if cfg.remove_punctuation:
+        steps.append(normalizers.Replace(Regex(r"[\p{P}\p{S}]"), " "))
+    if kind != "jieba":
+        words = stopword_set(cfg.stopwords)
+        words = words if isinstance(cfg.stopwords, list) else substring_safe(words)
+        pattern = _stopword_pattern(words, ignore_case=not cfg.lowercase)
+        if pattern:
+            steps.append(normalizers.Replace(Regex(pattern), " "))
+    if cfg.collapse_whitespace:
+        steps += [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
+    return normalizers.Sequence(steps) if steps else None
+
+
+# ------------------------------------------------------------------------------------------- jieba
+
+
+def _jieba() -> Any:
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)  # it announces building its dictionary on stderr otherwise
+    return jieba
+
+
+def segment(
+    texts: Sequence[str], normalizer: normalizers.Normalizer | None, stopwords: frozenset[str]
+) -> list[str]:
+    """Normalize, cut into words with jieba and join with spaces (the word-level vocabulary's input)."""
+    jieba = _jieba()
+    out = []
+    for text in texts:
+        text = normalizer.normalize_str(text) if normalizer is not None else text
+        out.append(" ".join(w for w in jieba.lcut(text) if w.strip() and w not in stopwords))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def _new_tokenizer(cfg: TextFeatureConfig) -> tuple[Tokenizer, trainers.Trainer]:
+    """An untrained tokenizer of the configured kind and the trainer that fits its vocabulary."""
+    t = cfg.tokenizer
+    common = {"vocab_size": t.vocab_size, "min_frequency": t.min_frequency, "special_tokens": SPECIAL_TOKENS}
+    if t.kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(True)]
+        )
+        trainer: trainers.Trainer = trainers.BpeTrainer(show_progress=False, **common)
+    elif t.kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(_HAN), behavior="isolated"), pre_tokenizers.BertPreTokenizer()]
+        )
+        trainer = trainers.WordPieceTrainer(show_progress=False, **common)
+    elif t.kind == "char":
+        tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        trainer = trainers.WordLevelTrainer(show_progress=False, **common)
+    elif t.kind == "jieba":
+        tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # jieba's words, joined by spaces
+        trainer = trainers.WordLevelTrainer(show_progress=False, **common)
+    else:
+        raise ValueError(f"tokenizer kind {t.kind!r} is not trained")
+    tok.normalizer = build_normalizer(cfg.normalize, t.kind)
+    return tok, trainer
+
+
+def load_pretrained_tokenizer(cfg: TextFeatureConfig) -> Tokenizer:
+    """The tokenizer of a Hugging Face model folder, with largo's normalization in front of its own."""
+    folder = Path(cfg.tokenizer.path or "")
+    if not folder.is_dir():
+        raise DataError(f"text feature {cfg.name!r}: pretrained model folder not found: {folder}")
+    file = folder / "tokenizer.json"
+    if file.exists():
+        tok = Tokenizer.from_file(str(file))
+    else:  # only vocab.txt / sentencepiece files: let transformers build the fast tokenizer
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise DataError(
+                f"{folder} has no tokenizer.json; install largo[pretrained] to convert it"
+            ) from None
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True).backend_tokenizer
+    ours = build_normalizer(cfg.normalize, "pretrained")
+    if ours is not None:
+        tok.normalizer = normalizers.Sequence([ours, tok.normalizer] if tok.normalizer else [ours])
+    return tok
+
+
+def _pad_id(tok: Tokenizer) -> int:
+    if tok.padding is not None:
+        return int(tok.padding["pad_id"])
+    for token in ("[PAD]", "<pad>", "<|padding|>"):
+        if (i := tok.token_to_id(token)) is not None:
+            return i
+    return 0
+
+
+# ------------------------------------------------------------------------------------ the processor
+
+
+class TextProcessor:
+    """Fits a tokenizer on the train split and turns texts into right-padded int32 id tensors."""
+
+    def __init__(self, config: TextFeatureConfig, state: dict[str, Any] | None = None):
+        self.config = config
+        self.tokenizer: Tokenizer | None = None
+        self.pad_id = 0
+        self.stats: dict[str, Any] = {}
+        self.model_config: dict[str, Any] | None = None  # a pretrained model's config.json
+        if state is not None:
+            self.tokenizer = Tokenizer.from_str(state["tokenizer"])
+            self.pad_id = int(state["pad_id"])
+            self.stats = state.get("stats", {})
+            self.model_config = state.get("model_config")
+        self._stopwords = (
+            stopword_set(config.normalize.stopwords) if config.tokenizer.kind == "jieba" else None
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (the embedding table's rows)."""
+        assert self.tokenizer is not None, "fit() first"
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def max_length(self) -> int:
+        """Longest sequence in tokens; longer texts are truncated."""
+        return self.config.tokenizer.max_length
+
+    def texts(self, column: pa.ChunkedArray | pa.Array | Sequence[Any]) -> list[str]:
+        """Raw values → strings: missing becomes '' (an empty text); numbers are written out; other
+        types (lists, dicts, bytes) are an error naming the row."""
+        values = column.to_pylist() if isinstance(column, pa.ChunkedArray | pa.Array) else list(column)
+        out = []
+        for i, v in enumerate(values):
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                out.append("")
+            elif isinstance(v, str):
+                out.append(v)
+            elif isinstance(v, int | float | bool):
+                out.append(str(v))
+            else:
+                raise DataError(
+                    f"text feature {self.config.name!r}: row {i + 1} holds a {type(v).__name__}, not a string"
+                )
+        return out
+
+    def _prepare(self, texts: list[str]) -> list[str]:
+        if self.config.tokenizer.kind != "jieba":
+            return texts
+        return segment(
+            texts, build_normalizer(self.config.normalize, "jieba"), self._stopwords or frozenset()
+        )
+
+    def fit(self, column: pa.ChunkedArray | Sequence[Any]) -> None:
+        """Train the tokenizer on the train split (or load a pretrained one); record length stats."""
+        texts = self.texts(column)
+        t = self.config.tokenizer
+        if t.kind == "pretrained":
+            tok = load_pretrained_tokenizer(self.config)
+            config_file = Path(t.path or "") / "config.json"
+            if config_file.exists():
+                self.model_config = json.loads(config_file.read_text(encoding="utf-8"))
+        else:
+            tok, trainer = _new_tokenizer(self.config)
+            tok.train_from_iterator(_batches(self._prepare(texts)), trainer=trainer, length=len(texts))
+        tok.no_padding()
+        tok.no_truncation()
+        self.tokenizer = tok
+        self.pad_id = _pad_id(tok)
+        self._configure()
+        ids = self.encode(texts)
+        lengths = (ids != self.pad_id).sum(dim=1).numpy()
+        unk = tok.token_to_id("[UNK]")
+        self.stats = {
+            "texts": len(texts),
+            "empty": int((lengths == 0).sum()),
+            "truncated": int((lengths >= t.max_length).sum()),
+            "mean_length": float(lengths.mean()) if len(lengths) else 0.0,
+            "p95_length": float(np.percentile(lengths, 95)) if len(lengths) else 0.0,
+            "unk_rate": float((ids == unk).sum() / max(1, lengths.sum())) if unk is not None else 0.0,
+        }
+
+    def _configure(self) -> None:
+        """Truncate to max_length from the configured side; pad each encoded batch to its longest row."""
+        assert self.tokenizer is not None
+        t = self.config.tokenizer
+        pad_token = self.tokenizer.id_to_token(self.pad_id) or "[PAD]"
+        self.tokenizer.enable_truncation(t.max_length, direction=t.truncation)
+        self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=pad_token)
+
+    def encode(self, column: pa.ChunkedArray | Sequence[Any]) -> torch.Tensor:
+        """Texts → int32 ids [n, longest row], right-padded with pad_id, truncated to max_length."""
+        if self.tokenizer is None:
+            raise RuntimeError("TextProcessor.encode before fit")
+        if self.tokenizer.truncation is None:
+            self._configure()
+        texts = self._prepare(self.texts(column))
+        if not texts:
+            return torch.zeros((0, 1), dtype=torch.int32)
+        encodings = self.tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in encodings], dtype=np.int32)
+        if ids.shape[1] == 0:  # every text empty: keep one (padding) column so shapes stay 2-d
+            ids = np.full((len(texts), 1), self.pad_id, dtype=np.int32)
+        return torch.from_numpy(ids)
+
+    def state(self) -> dict[str, Any]:
+        """JSON-serializable fitted state (the tokenizer as its tokenizer.json text)."""
+        assert self.tokenizer is not None
+        state: dict[str, Any] = {
+            "kind": self.config.tokenizer.kind,
+            "tokenizer": self.tokenizer.to_str(),
+            "pad_id": self.pad_id,
+            "vocab_size": self.vocab_size,
+            "stats": self.stats,
+        }
+        if self.model_config is not None:
+            state["model_config"] = self.model_config
+        return state
+
+
+def _batches(texts: list[str], size: int = 1000) -> Iterator[list[str]]:
+    for lo in range(0, len(texts), size):
+        yield texts[lo : lo + size]
+
+
+def text_lengths(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Tokens per row of a right-padded id tensor."""
+    return (ids != pad_id).sum(dim=1)
