@@ -1,11 +1,17 @@
-"""The image CNN family: the classic conv32-pool-conv64-pool stack and a deeper BatchNorm variant."""
+"""The CNN family: image CNNs and TextCNN.
+
+ImageCNN is the classic conv32-pool-conv64-pool stack or a deeper BatchNorm variant; TextCNN runs
+convolutions of several widths over token embeddings.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from largo.models.layers import PixelNorm
+from largo.config import CnnTextEncoderConfig
+from largo.models.layers import PixelNorm, masked_max
 
 
 def _block(c_in: int, c_out: int, convs: int, batch_norm: bool) -> list[nn.Module]:
@@ -72,3 +78,40 @@ class ImageCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)  # [b, c, h, w] standardized
         return self.drop(self.pool(self.features(x)).flatten(1))
+
+
+class TextCNN(nn.Module):
+    """TextCNN (Kim 2014): convolutions of several widths over token embeddings, max over time.
+
+    Input: ids [b, t], right-padded with pad_id; output [b, filters * len(kernel_sizes)]. A window
+    counts in the max only when it starts on a real token; an empty text gives zeros.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        pad_id: int,
+        config: CnnTextEncoderConfig,
+        dropout: float = 0.0,
+        max_length: int = 512,  # unused: convolutions need no positions; kept for the common signature
+    ):
+        super().__init__()
+        self.pad_id = pad_id
+        self.max_kernel = max(config.kernel_sizes)
+        self.embed = nn.Embedding(vocab_size, config.dim)
+        self.convs = nn.ModuleList(nn.Conv1d(config.dim, config.filters, k) for k in config.kernel_sizes)
+        self.drop = nn.Dropout(dropout)
+        self.out_dim = config.filters * len(config.kernel_sizes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # trailing padding never changes the output, so always append max_kernel pad steps: a text
+        # shorter than the widest kernel (even t = 0) then has a window, with no branch on the shape
+        ids = F.pad(ids, (0, self.max_kernel), value=self.pad_id)
+        mask = ids != self.pad_id  # [b, t]
+        # zero the padding so a window reaching past the text sees the same zeros however long the batch is
+        x = self.embed(ids).masked_fill(~mask.unsqueeze(-1), 0.0).transpose(1, 2)  # [b, dim, t]
+        pooled = []
+        for conv in self.convs:
+            h = torch.relu(conv(x)).transpose(1, 2)  # [b, t - k + 1, filters]; window j covers j..j+k-1
+            pooled.append(masked_max(h, mask[:, : h.size(1)]))  # right padding: starts on a token → valid
+        return self.drop(torch.cat(pooled, dim=-1))

@@ -1,4 +1,4 @@
-"""The only pieces model families share: activations, an MLP stack, and weight init."""
+"""The only pieces model families share: activations, an MLP stack, weight init, masked pooling."""
 
 from __future__ import annotations
 
@@ -61,3 +61,36 @@ class PixelNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.mean) / self.std
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x [b, t, c] over the time steps where mask [b, t] is True → [b, c].
+
+    A row with no True step gives zeros (not NaN), so an empty text still has a finite vector.
+    """
+    m = mask.unsqueeze(-1)  # [b, t, 1]
+    count = m.sum(1).clamp(min=1).to(x.dtype)  # [b, 1]
+    return x.masked_fill(~m, 0.0).sum(1) / count
+
+
+def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Maximum of x [b, t, c] over the time steps where mask [b, t] is True → [b, c].
+
+    A row with no True step gives zeros. The dtype's lowest finite value stands in for -inf, so no
+    inf ever appears (fp16 and exported graphs stay finite).
+    """
+    m = mask.unsqueeze(-1)  # [b, t, 1]
+    lowest = torch.finfo(x.dtype).min
+    out = x.masked_fill(~m, lowest).amax(1)  # [b, c]
+    return torch.where(m.any(1), out, torch.zeros_like(out))
+
+
+def masked_pool(x: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool x [b, t, c] over valid steps: 'mean' or 'max' → [b, c]; 'mean_max' → both side by side [b, 2c]."""
+    if pooling == "mean":
+        return masked_mean(x, mask)
+    if pooling == "max":
+        return masked_max(x, mask)
+    if pooling == "mean_max":
+        return torch.cat([masked_mean(x, mask), masked_max(x, mask)], dim=-1)
+    raise ValueError(f"unknown pooling {pooling!r}; allowed: mean, max, mean_max")

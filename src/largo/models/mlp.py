@@ -1,11 +1,13 @@
-"""The MLP family: the encoder of stacked number inputs and the combiner of all encoders."""
+"""The MLP family: number, category and bag-of-tokens text encoders, an image MLP, and the combiner."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from largo.models.layers import PixelNorm, mlp_stack
+from largo.config import BagEncoderConfig
+from largo.models.layers import PixelNorm, masked_pool, mlp_stack
 
 
 class NumberEncoder(nn.Module):
@@ -64,3 +66,62 @@ class Combiner(nn.Module):
     def forward(self, parts: list[torch.Tensor]) -> torch.Tensor:
         x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return self.net(x)
+
+
+# n-gram hash: a polynomial in the token ids modulo a Mersenne prime, then modulo the bucket count.
+# Every intermediate stays below 2**31 * 2**20, far inside int64, whatever the vocabulary or buckets.
+_HASH_MODULUS = 2**31 - 1
+_HASH_BASE = 1_000_003
+
+
+def hash_ngrams(ids: torch.Tensor, n: int, buckets: int) -> torch.Tensor:
+    """Hash every window of n consecutive ids [b, t] into [0, buckets) → int64 [b, t - n + 1].
+
+    Deterministic (no Python `hash`), so the same text always lands in the same buckets across runs,
+    processes and exported graphs. The hash is seeded with n, so a bigram and a trigram differ.
+    """
+    ids = ids.long()
+    windows = ids.size(1) - n + 1
+    h = torch.full_like(ids[:, :windows], n)
+    for k in range(n):
+        h = (h * _HASH_BASE + ids[:, k : k + windows] + 1) % _HASH_MODULUS
+    return h % buckets
+
+
+class BagTextEncoder(nn.Module):
+    """fastText-style bag of tokens: embed the tokens (and hashed n-grams) and pool them over the text.
+
+    Input: ids [b, t], right-padded with pad_id; output [b, out_dim] (dim, or 2 * dim for mean_max).
+    N-grams of length 2..config.ngrams that lie wholly inside the text get a second embedding table of
+    config.ngram_buckets rows and are pooled together with the tokens. An empty text gives zeros.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        pad_id: int,
+        config: BagEncoderConfig,
+        dropout: float = 0.0,
+        max_length: int = 512,  # unused: a bag has no positions; kept for the common signature
+    ):
+        super().__init__()
+        self.pad_id = pad_id
+        self.ngrams = config.ngrams
+        self.buckets = config.ngram_buckets
+        self.pooling = config.pooling
+        self.embed = nn.Embedding(vocab_size, config.dim)
+        self.ngram_embed = nn.Embedding(config.ngram_buckets, config.dim) if config.ngrams > 1 else None
+        self.drop = nn.Dropout(dropout)
+        self.out_dim = config.dim * (2 if config.pooling == "mean_max" else 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # trailing padding never changes the output, so always append enough for one window of every
+        # n-gram length (and a step when t = 0) instead of branching on the shape
+        ids = F.pad(ids, (0, self.ngrams), value=self.pad_id)
+        mask = ids != self.pad_id  # [b, t]
+        parts, masks = [self.embed(ids)], [mask]
+        for n in range(2, self.ngrams + 1):  # ngram_embed exists whenever this loop runs
+            parts.append(self.ngram_embed(hash_ngrams(ids, n, self.buckets)))  # [b, t - n + 1, dim]
+            masks.append(mask[:, n - 1 :])  # right padding: a window is inside the text iff its last token is
+        x = torch.cat(parts, dim=1)  # tokens and n-grams side by side along time
+        return self.drop(masked_pool(x, torch.cat(masks, dim=1), self.pooling))
