@@ -24,6 +24,7 @@ from largo.data.infer import Inferred, default_config, infer_features
 from largo.data.loader import Batch, EncodedSplit
 from largo.data.readers import DataError, read_table, source_dir
 from largo.data.split import split_indices, take_split
+from largo.data.text import check_text_column
 from largo.deploy.bundle import (
     environment,
     find_resumable,
@@ -69,6 +70,9 @@ def _as_config(config: Config | dict | str | Path) -> Config:
 
 def _read_clean(path: str, cfg: Config) -> tuple[pa.Table, dict[str, int]]:
     table = read_table(path, format=cfg.data.format, encoding=cfg.data.encoding)
+    for f in cfg.inputs:
+        if f.type == "text" and f.source in table.column_names:
+            check_text_column(table.column(f.source), f.name, path)
     return clean_table(
         table,
         inputs=[f.source for f in cfg.inputs],

@@ -216,6 +216,13 @@ class PretrainedEncoderConfig(StrictModel):
     path: str = Field(..., min_length=1, description="Folder with config.json, weights and tokenizer files.")
     pooling: Literal["cls", "mean"] = Field("mean", description="[CLS] state or the masked mean of tokens.")
     freeze: bool = Field(False, description="Keep the pretrained weights fixed; train only the rest.")
+    lr_scale: float = Field(
+        0.05,
+        gt=0.0,
+        le=1.0,
+        description="The pretrained weights learn at this fraction of train.optimizer.lr (the layers on "
+        "top use the full rate): 0.05 × 1e-3 = 5e-5, the usual fine-tuning rate.",
+    )
 
 
 TextEncoderConfig = Annotated[

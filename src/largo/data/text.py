@@ -227,8 +227,9 @@ class TextProcessor:
         if t.kind == "pretrained":
             tok = load_pretrained_tokenizer(self.config)
             config_file = Path(t.path or "") / "config.json"
-            if config_file.exists():
-                self.model_config = json.loads(config_file.read_text(encoding="utf-8"))
+            if config_file.exists():  # the architecture, so a bundle rebuilds it without the folder
+                model_config = json.loads(config_file.read_text(encoding="utf-8"))
+                self.model_config = {k: v for k, v in model_config.items() if k != "_name_or_path"}
         else:
             tok, trainer = _new_tokenizer(self.config)
             tok.train_from_iterator(_batches(self._prepare(texts)), trainer=trainer, length=len(texts))
@@ -285,6 +286,17 @@ class TextProcessor:
         if self.model_config is not None:
             state["model_config"] = self.model_config
         return state
+
+
+def check_text_column(column: pa.ChunkedArray, feature: str, path: str | None) -> None:
+    """A text column must hold strings (numbers and nulls pass): name the first row that does not."""
+    t = column.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t):
+        return
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+        return
+    first = next((i for i, v in enumerate(column.to_pylist()) if v is not None), 0)
+    raise DataError(f"text feature {feature!r}: data row {first + 1} holds {t} values, not text", path=path)
 
 
 def _batches(texts: list[str], size: int = 1000) -> Iterator[list[str]]:

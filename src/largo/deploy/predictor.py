@@ -128,6 +128,21 @@ class Predictor:
             For each record {output: label or value, output_probability, output_probabilities}.
         """
         single = isinstance(records, Mapping | str)
-        records = self.from_texts(records)
-        results = self.format(self.raw_outputs(self.encode(records, base_dir)))
+        inputs = self.encode(self.from_texts(records), base_dir)
+        results = self.format(self.raw_outputs(inputs))
+        for i, notes in self.text_warnings(inputs).items():
+            results[i]["warnings"] = notes
         return results[0] if single else results
+
+    def text_warnings(self, inputs: dict[str, torch.Tensor]) -> dict[int, list[str]]:
+        """Row → notes on its texts: empty, or cut at max_length (the prediction is still made)."""
+        notes: dict[int, list[str]] = {}
+        for name, pad_id in sequence_pads(self.config.inputs, self.bundle.processors).items():
+            lengths = (inputs[name] != pad_id).sum(dim=1).tolist()
+            limit = self.bundle.processors[name].max_length
+            for i, n in enumerate(lengths):
+                if n == 0:
+                    notes.setdefault(i, []).append(f"text {name!r} is empty after normalization")
+                elif n >= limit:
+                    notes.setdefault(i, []).append(f"text {name!r} was cut to max_length {limit} tokens")
+        return notes

