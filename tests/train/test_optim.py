@@ -161,3 +161,21 @@ def test_sgd_nesterov_needs_momentum():
 def test_optimizer_without_decay_params():
     opt = build_optimizer(nn.LayerNorm(3), OptimizerConfig(name="adam", weight_decay=0.1), CPU)
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 0.0
+
+
+def test_modules_with_lr_scale_get_their_own_rate_through_the_schedule():
+    body = nn.Linear(4, 4)
+    body.lr_scale = 0.05  # what a pretrained encoder sets: fine-tune its weights at a fraction of lr
+    model = nn.Sequential(body, nn.Linear(4, 2))
+    opt = build_optimizer(
+        model, OptimizerConfig(name="adamw", lr=1e-3, weight_decay=0.01), torch.device("cpu")
+    )
+    rates = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert rates[id(body.weight)] == pytest.approx(5e-5) and rates[id(body.bias)] == pytest.approx(5e-5)
+    assert rates[id(model[1].weight)] == pytest.approx(1e-3)
+    sched = build_schedule(opt, ScheduleConfig(name="cosine"), total_steps=10, steps_per_epoch=5)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    ratio = {round(g["lr"] / g["initial_lr"], 9) for g in opt.param_groups}
+    assert len(ratio) == 1  # every group follows the same schedule shape

@@ -28,16 +28,27 @@ def penalized_params(model: nn.Module) -> list[torch.Tensor]:
     return _decay_split(model)[0]
 
 
+def _lr_scales(model: nn.Module) -> dict[int, float]:
+    """Parameter id → learning-rate multiplier, from modules that set `lr_scale` (a pretrained body
+    fine-tunes at a small fraction of the rate of the freshly initialized layers on top of it)."""
+    scales: dict[int, float] = {}
+    for m in model.modules():
+        if getattr(m, "lr_scale", 1.0) != 1.0:
+            scales.update({id(p): float(m.lr_scale) for p in m.parameters()})
+    return scales
+
+
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
     """The configured optimizer, with weight decay only on weights, fused kernels where available."""
     decay, no_decay = _decay_split(model)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
     if cfg.weight_decay == 0:  # one group: a fused optimizer then runs one kernel per step, not two
-        groups = [{"params": decay + no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+        decay, no_decay = decay + no_decay, []
+    scales = _lr_scales(model)
+    groups = []
+    for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)):
+        for scale in sorted({scales.get(id(p), 1.0) for p in params}, reverse=True):
+            chosen = [p for p in params if scales.get(id(p), 1.0) == scale]
+            groups.append({"params": chosen, "weight_decay": wd, "lr": cfg.lr * scale})
     if cfg.name == "sgd":
         cls, kwargs = torch.optim.SGD, {"momentum": cfg.momentum, "nesterov": cfg.nesterov}
         if cfg.nesterov and cfg.momentum == 0:
