@@ -143,3 +143,27 @@ def test_missing_pretrained_folder_is_a_clear_error(tmp_path):
     proc = TextProcessor(feature(pretrained=str(tmp_path / "nope")))
     with pytest.raises(DataError, match="pretrained model folder not found"):
         proc.fit(["x"])
+
+
+def test_inference_finds_text_columns_and_picks_tokenizer_and_encoder_by_language_and_size():
+    import pyarrow as pa
+
+    from largo.data.infer import LARGE_TEXT_ROWS, default_text_feature, infer_features, text_profile
+
+    n = 200
+    table = pa.table(
+        {
+            "zh": [f"这是第{i}篇关于科技和经济的新闻文章" for i in range(n)],
+            "en": [f"review number {i} says the film was fine" for i in range(n)],
+            "code": [f"A{i:05d}" for i in range(n)],  # ids: many distinct, no words
+            "label": ["a", "b"] * (n // 2),
+        }
+    )
+    inputs = {f["name"]: f for f in infer_features(table, ["label"]).inputs}
+    assert set(inputs) == {"zh", "en"}
+    assert inputs["zh"]["tokenizer"]["kind"] == "char" and inputs["en"]["tokenizer"]["kind"] == "bpe"
+    assert inputs["zh"]["encoder"]["kind"] == "cnn"
+    assert 16 <= inputs["zh"]["tokenizer"]["max_length"] <= 64  # covers ~18 characters with room
+    big = default_text_feature("en", text_profile(table.column("en")), LARGE_TEXT_ROWS)
+    assert big["encoder"]["kind"] == "transformer"
+    assert TextFeatureConfig(**big).encoder.kind == "transformer"

@@ -159,9 +159,7 @@ def test_text_combines_with_number_and_category_inputs(tmp_path: Path) -> None:
     assert [f.type for f in cfg.inputs] == ["text", "number", "category"]
     data = cfg.model_dump()
     data["runs_dir"] = str(tmp_path / "runs")
-    data["train"].update(epochs=15, progress=False, early_stopping=None)
-    data["train"]["optimizer"]["lr"] = 1e-2
-    data["inputs"][0]["encoder"] = {"kind": "bag", "dim": 32}
+    data["train"].update(epochs=10, progress=False)
     result = largo.train(data)
     assert result.test["label"]["accuracy"] > 0.88
     predictor = largo.load(result.path)

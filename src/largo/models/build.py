@@ -58,7 +58,8 @@ def build_model(
     encoders: dict[str, nn.Module] = {}
     num_numbers = sum(1 for f in config.inputs if f.type == "number")
     if num_numbers:
-        encoders[NUMBERS] = NumberEncoder(num_numbers)
+        wide = any(f.type in ("text", "image") for f in config.inputs)  # see NumberEncoder
+        encoders[NUMBERS] = NumberEncoder(num_numbers, max(64, num_numbers) if wide else None)
     for f in config.inputs:
         proc = processors[f.name]
         if f.type == "category":

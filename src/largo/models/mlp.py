@@ -11,14 +11,21 @@ from largo.models.layers import PixelNorm, masked_pool, mlp_stack
 
 
 class NumberEncoder(nn.Module):
-    """Stacked number inputs [b, k] pass through unchanged (they are already scaled)."""
+    """Stacked number inputs [b, k], already scaled: passed through, or projected to `width` features.
 
-    def __init__(self, num_features: int):
+    Beside a text or image encoder with hundreds of output features, a few raw numbers reach the
+    combiner through a handful of weights that Adam moves by ~lr per step, so the big encoder's features
+    win before the numbers count; a learned projection gives them as many weights as they need.
+    """
+
+    def __init__(self, num_features: int, width: int | None = None):
         super().__init__()
-        self.out_dim = num_features
+        self.project = nn.Sequential(nn.Linear(num_features, width), nn.GELU()) if width else None
+        self.out_dim = width or num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float()
+        x = x.float()
+        return x if self.project is None else self.project(x)
 
 
 class CategoryEncoder(nn.Module):
