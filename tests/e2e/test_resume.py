@@ -14,6 +14,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from largo.data.samples import write_news_csv
+
 # The child wraps train_step (test-side only) to print a line per micro-batch and slow down a little,
 # so the parent can kill it at a chosen micro-batch; the wrapper does not change any result.
 CHILD = textwrap.dedent(
@@ -39,14 +41,22 @@ CHILD = textwrap.dedent(
 )
 
 
-def _config(data: Path, runs: Path, accumulate: int) -> dict:
+IMAGE = {"name": "image", "type": "image", "encoder": "cnn", "augment": {"crop": 1, "rotate": 10}}
+# a text input: the tokenizer is read back from the bundle and batches come in length buckets
+TEXT = {
+    "name": "text",
+    "type": "text",
+    "tokenizer": {"kind": "bpe", "vocab_size": 2000},
+    "encoder": {"kind": "rnn", "cell": "lstm", "dim": 32, "hidden": 32},
+}
+
+
+def _config(data: Path, runs: Path, accumulate: int, feature: dict = IMAGE) -> dict:
     return {
         "name": "resume",
         "runs_dir": str(runs),
         "data": {"train": str(data), "valid": 0.1, "test": 0.1},
-        "inputs": [
-            {"name": "image", "type": "image", "encoder": "cnn", "augment": {"crop": 1, "rotate": 10}}
-        ],
+        "inputs": [feature],
         "outputs": [{"name": "label", "type": "category"}],
         "model": {"hidden": [32], "dropout": 0.3},
         "train": {
@@ -89,22 +99,27 @@ def _checkpoint_position(run: Path) -> tuple[int, int, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_sigkill_resume_gives_identical_weights(digits_folder: Path, tmp_path: Path, accumulate: int) -> None:
+@pytest.mark.parametrize(("kind", "accumulate"), [("image", 1), ("image", 2), ("text", 1)])
+def test_sigkill_resume_gives_identical_weights(
+    digits_folder: Path, tmp_path: Path, kind: str, accumulate: int
+) -> None:
     rng = random.Random(accumulate * 1009)
     script = tmp_path / "child.py"
     script.write_text(CHILD)
+    data, feature = digits_folder, IMAGE
+    if kind == "text":
+        data, feature = write_news_csv(tmp_path / "news.csv", n=1500), TEXT
 
     # reference: one uninterrupted run
     ref_cfg = tmp_path / "ref.yaml"
-    ref_cfg.write_text(yaml.safe_dump(_config(digits_folder, tmp_path / "ref", accumulate)))
+    ref_cfg.write_text(yaml.safe_dump(_config(data, tmp_path / "ref", accumulate, feature)))
     code, total = _run(script, ref_cfg, "new", None)
     assert code == 0
     ref = tmp_path / "ref" / "resume" / "v1"
 
     # the same run, killed twice at random micro-batches and resumed each time
     cfg = tmp_path / "killed.yaml"
-    cfg.write_text(yaml.safe_dump(_config(digits_folder, tmp_path / "killed", accumulate)))
+    cfg.write_text(yaml.safe_dump(_config(data, tmp_path / "killed", accumulate, feature)))
     run = tmp_path / "killed" / "resume" / "v1"
     first = rng.randrange(10, total // 2)
     code, _ = _run(script, cfg, "new", first)
