@@ -342,6 +342,19 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, report_dir: str |
     return {"test": scores, "rows": table.num_rows, "cleaning": counts, "report": str(report)}
 
 
+def _input_info(feature: Any, proc: Processor) -> dict[str, Any]:
+    out = {"name": feature.name, "type": feature.type}
+    if feature.type == "text":
+        out |= {
+            "tokenizer": feature.tokenizer.kind,
+            "vocab_size": proc.vocab_size,
+            "max_length": proc.max_length,
+            "encoder": feature.encoder.kind,
+            "train_texts": proc.stats,
+        }
+    return out
+
+
 def info(bundle: str | Path) -> dict[str, Any]:
     """What a bundle holds: features, label sets, parameter count, headline metrics, versions."""
     predictor = load(bundle)
@@ -350,7 +363,7 @@ def info(bundle: str | Path) -> dict[str, Any]:
     return {
         "path": str(b.path),
         "name": b.config.name,
-        "inputs": [{"name": f.name, "type": f.type} for f in b.config.inputs],
+        "inputs": [_input_info(f, b.processors[f.name]) for f in b.config.inputs],
         "outputs": [
             {"name": f.name, "type": f.type, **({"labels": labels[f.name]} if f.name in labels else {})}
             for f in b.config.outputs

@@ -69,6 +69,9 @@ def test_cli_detects_the_text_column_and_picks_chinese_defaults(cli_run: Path) -
     assert (cli_run / "tokenizer-text.json").exists()
     metrics = json.loads((cli_run / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["test"]["label"]["accuracy"] > 0.8  # 4 classes: chance is 0.25
+    info = json.loads(runner.invoke(app, ["info", str(cli_run)]).stdout)["inputs"][0]
+    assert info["tokenizer"] == "char" and info["encoder"] == "cnn" and info["vocab_size"] > 50
+    assert info["train_texts"]["texts"] == 800 and info["train_texts"]["empty"] == 0
 
 
 def test_cli_predicts_raw_chinese_and_english_strings(cli_run: Path) -> None:
