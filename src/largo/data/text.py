@@ -34,6 +34,7 @@ from largo.data.readers import DataError
 from largo.data.stopwords import stopword_set, substring_safe
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4 in every trained vocabulary
+STATS_SAMPLE = 50_000  # train-split length statistics are measured on at most about this many texts
 _HAN = r"\p{Han}"
 
 
@@ -224,6 +225,7 @@ class TextProcessor:
         """Train the tokenizer on the train split (or load a pretrained one); record length stats."""
         texts = self.texts(column)
         t = self.config.tokenizer
+        prepared = self._prepare(texts)  # jieba segments once, here, for training and the stats
         if t.kind == "pretrained":
             tok = load_pretrained_tokenizer(self.config)
             config_file = Path(t.path or "") / "config.json"
@@ -232,19 +234,21 @@ class TextProcessor:
                 self.model_config = {k: v for k, v in model_config.items() if k != "_name_or_path"}
         else:
             tok, trainer = _new_tokenizer(self.config)
-            tok.train_from_iterator(_batches(self._prepare(texts)), trainer=trainer, length=len(texts))
+            tok.train_from_iterator(_batches(prepared), trainer=trainer, length=len(prepared))
         tok.no_padding()
         tok.no_truncation()
         self.tokenizer = tok
         self.pad_id = _pad_id(tok)
         self._configure()
-        ids = self.encode(texts)
+        sample = prepared[:: max(1, len(prepared) // STATS_SAMPLE)]
+        ids = self._encode_prepared(sample)
         lengths = (ids != self.pad_id).sum(dim=1).numpy()
         unk = tok.token_to_id("[UNK]")
+        share = len(texts) / max(1, len(sample))
         self.stats = {
             "texts": len(texts),
-            "empty": int((lengths == 0).sum()),
-            "truncated": int((lengths >= t.max_length).sum()),
+            "empty": round(float((lengths == 0).sum()) * share),
+            "truncated": round(float((lengths >= t.max_length).sum()) * share),
             "mean_length": float(lengths.mean()) if len(lengths) else 0.0,
             "p95_length": float(np.percentile(lengths, 95)) if len(lengths) else 0.0,
             "unk_rate": float((ids == unk).sum() / max(1, lengths.sum())) if unk is not None else 0.0,
@@ -264,7 +268,10 @@ class TextProcessor:
             raise RuntimeError("TextProcessor.encode before fit")
         if self.tokenizer.truncation is None:
             self._configure()
-        texts = self._prepare(self.texts(column))
+        return self._encode_prepared(self._prepare(self.texts(column)))
+
+    def _encode_prepared(self, texts: list[str]) -> torch.Tensor:
+        assert self.tokenizer is not None
         if not texts:
             return torch.zeros((0, 1), dtype=torch.int32)
         encodings = self.tokenizer.encode_batch(texts)
