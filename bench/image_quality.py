@@ -30,7 +30,6 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -160,26 +159,11 @@ def logistic_baseline(train_path: Path, max_iter: int) -> dict[str, float]:
     }
 
 
-def _set_path(d: dict, item: str) -> None:
-    """Apply one `dotted.path=yaml-value` override, e.g. `inputs.0.augment.crop=2`."""
-    import yaml
-
-    key, _, raw = item.partition("=")
-    *parents, last = key.split(".")
-    node: Any = d
-    for part in parents:
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    value = yaml.safe_load(raw)
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
 def largo_run(train_path: Path, test_path: Path, args: argparse.Namespace) -> dict:
     """Train largo's inferred default config; returns test metrics, minutes and the resolved config."""
     import largo
     from largo.api import infer_config
+    from largo.config import apply_overrides
 
     cfg, inferred = infer_config(train_path, "label", name="fashion-mnist")
     d = cfg.model_dump(mode="json")
@@ -189,8 +173,7 @@ def largo_run(train_path: Path, test_path: Path, args: argparse.Namespace) -> di
         d["train"]["epochs"] = args.epochs
     if args.precision is not None:
         d["train"]["precision"] = args.precision
-    for item in args.set:
-        _set_path(d, item)
+    apply_overrides(d, args.set)
     cfg = largo.validate_config(d)
     shown = {k: d[k] for k in ("inputs", "model", "train")}
     overrides = f", overrides: {' '.join(args.set)}" if args.set else ""

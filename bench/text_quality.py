@@ -199,25 +199,10 @@ def tfidf_baseline(name: str, paths: dict[str, Path]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------- largo
 
 
-def _set_path(d: dict, item: str) -> None:
-    """Apply one `dotted.path=yaml-value` override, e.g. `inputs.0.tokenizer.kind=jieba`."""
-    import yaml
-
-    key, _, raw = item.partition("=")
-    *parents, last = key.split(".")
-    node: Any = d
-    for part in parents:
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    value = yaml.safe_load(raw)
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
 def largo_config(name: str, paths: dict[str, Path], encoder: str, args: argparse.Namespace) -> dict:
     """The inferred default config on the fixed split; for an explicit encoder only the encoder changes."""
     from largo.api import infer_config
+    from largo.config import apply_overrides
 
     cfg, _ = infer_config(paths["train"], "label", name=f"text-{name}-{encoder}")
     d = cfg.model_dump(mode="json")
@@ -233,8 +218,7 @@ def largo_config(name: str, paths: dict[str, Path], encoder: str, args: argparse
             d["train"]["optimizer"]["lr"] = ENCODER_LR[encoder]
     if args.epochs is not None:
         d["train"]["epochs"] = args.epochs
-    for item in args.set:
-        _set_path(d, item)
+    apply_overrides(d, args.set)
     return d
 
 

@@ -202,3 +202,16 @@ def test_dump_config_round_trip():
     assert again == cfg
     assert again.inputs[1].size == (28, 28)
     assert dump_config(again) == text
+
+
+def test_apply_overrides_sets_nested_keys_and_list_items_and_names_bad_paths():
+    from largo.config import apply_overrides
+
+    data = {"train": {"epochs": 3}, "inputs": [{"name": "t", "tokenizer": {"kind": "bpe"}}]}
+    apply_overrides(data, ["train.epochs=7", "inputs.0.tokenizer.kind=jieba", "train.optimizer.lr=0.0001"])
+    assert data["train"] == {"epochs": 7, "optimizer": {"lr": 1e-4}}
+    assert data["inputs"][0]["tokenizer"]["kind"] == "jieba"
+    with pytest.raises(ConfigError, match="not an index of a list of 1"):
+        apply_overrides(data, ["inputs.3.name=x"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        apply_overrides(data, ["train.epochs"])

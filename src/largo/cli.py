@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
 from largo import api
-from largo.config import ConfigError, dump_config, load_config, validate_config
+from largo.config import ConfigError, apply_overrides, dump_config, load_config, validate_config
 from largo.data.readers import DataError
 from largo.deploy.bundle import BundleError
 
@@ -35,33 +34,6 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(2) from None
 
     return wrapper
-
-
-def _apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `key.path=value` overrides (value parsed as YAML); list items by index: inputs.0.size=[28,28]."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key.path=value")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node: Any = data
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)}")
-                index: int | str = int(part)
-            elif isinstance(node, dict):
-                index = part
-                if not last:
-                    node.setdefault(part, {})
-            else:
-                raise ConfigError(f"--set {key}: {'.'.join(parts[:depth])!r} is not a section")
-            if last:
-                node[index] = yaml.safe_load(raw)
-            else:
-                node = node[index]
-    return data
 
 
 @app.command()
@@ -106,7 +78,7 @@ def train(
     if runs_dir:
         data["runs_dir"] = runs_dir
     data.setdefault("train", {})["progress"] = progress and data.get("train", {}).get("progress", True)
-    cfg = validate_config(_apply_overrides(data, set_ or []), source=str(path))
+    cfg = validate_config(apply_overrides(data, set_ or []), source=str(path))
     result = api.train(cfg, resume=resume_from or resume)
     resolved = result.path / "config.yaml"
     typer.echo(f"config:  {resolved}  (edit it and run: largo train {resolved})")

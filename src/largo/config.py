@@ -519,6 +519,33 @@ def _resolve_model_paths(feature: Any, folder: Path) -> None:
             holder[key] = str(folder / value)
 
 
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key.path=value` overrides (value parsed as YAML); list items by index: inputs.0.size=[28,28]."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)}")
+                index: int | str = int(part)
+            elif isinstance(node, dict):
+                index = part
+                if not last:
+                    node.setdefault(part, {})
+            else:
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:depth])!r} is not a section")
+            if last:
+                node[index] = yaml.safe_load(raw)
+            else:
+                node = node[index]
+    return data
+
+
 def dump_config(config: Config) -> str:
     """The resolved config as YAML, every default written out."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
