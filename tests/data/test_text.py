@@ -161,7 +161,7 @@ def test_inference_finds_text_columns_and_picks_tokenizer_and_encoder_by_languag
     )
     inputs = {f["name"]: f for f in infer_features(table, ["label"]).inputs}
     assert set(inputs) == {"zh", "en"}
-    assert inputs["zh"]["tokenizer"]["kind"] == "char" and inputs["en"]["tokenizer"]["kind"] == "bpe"
+    assert inputs["zh"]["tokenizer"]["kind"] == "char" and inputs["en"]["tokenizer"]["kind"] == "wordpiece"
     assert inputs["zh"]["encoder"]["kind"] == "cnn" and inputs["en"]["encoder"]["kind"] == "bag"
     assert 16 <= inputs["zh"]["tokenizer"]["max_length"] <= 64  # covers ~18 characters with room
     big = default_text_feature("en", text_profile(table.column("en")), LARGE_TEXT_ROWS)

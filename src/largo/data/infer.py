@@ -2,7 +2,7 @@
 
 A string column is text when its values read like sentences: three or more words on average, or
 mostly Chinese characters. Text gets a character tokenizer when it is mostly Chinese (no word
-boundaries to learn; characters carry meaning) and BPE otherwise, a max length that covers 95% of the
+boundaries to learn; characters carry meaning) and WordPiece otherwise, a max length that covers 95% of the
 texts, and an encoder by data size: below `LARGE_TEXT_ROWS` rows a fast one (a TextCNN over Chinese
 characters, a bag of subword embeddings for other text), a Transformer above it.
 """
@@ -96,7 +96,9 @@ def default_text_feature(name: str, profile: TextProfile, rows: int) -> dict[str
     chinese = profile.cjk >= 0.3
     estimate = profile.chars_p95 * 1.1 if chinese else profile.words_p95 * 1.5 + 2  # tokens per text
     max_length = int(min(512, max(32, 16 * math.ceil(estimate / 16))))
-    tokenizer = {"kind": "char", "vocab_size": 8000} if chinese else {"kind": "bpe", "vocab_size": 16000}
+    tokenizer: dict[str, Any] = {"kind": "char", "vocab_size": 8000}
+    if not chinese:  # whole words where the vocabulary allows (WordPiece splits only rare ones)
+        tokenizer = {"kind": "wordpiece", "vocab_size": 16000, "min_frequency": 1}
     # characters mean little alone, so Chinese text gets a CNN over character n-grams; subword tokens
     # are close to words, and a bag of them beat the CNN on small English data (bench/text_quality.py)
     encoder: dict[str, Any] = (
