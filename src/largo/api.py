@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 
 from largo.config import Config, ConfigError, load_config, validate_config
-from largo.data.augment import augment_images, is_active
+from largo.data.augment import augment_images, drop_tokens, is_active
 from largo.data.clean import clean_table
 from largo.data.features import Processor, encode_inputs, make_processor, sequence_pads
 from largo.data.infer import Inferred, default_config, infer_features
@@ -144,13 +144,25 @@ def fit_processors(table: pa.Table, cfg: Config) -> dict[str, Processor]:
     return processors
 
 
-def _augmenter(cfg: Config) -> Callable[[Batch, torch.Generator], Batch] | None:
-    active = {f.name: f.augment for f in cfg.inputs if f.type == "image" and is_active(f.augment)}
-    if not active:
+def _augmenter(
+    cfg: Config, processors: dict[str, Processor]
+) -> Callable[[Batch, torch.Generator], Batch] | None:
+    images = {f.name: f.augment for f in cfg.inputs if f.type == "image" and is_active(f.augment)}
+    texts = {
+        f.name: (processors[f.name].unk_id, processors[f.name].pad_id, f.token_dropout)
+        for f in cfg.inputs
+        if f.type == "text" and f.token_dropout > 0 and processors[f.name].unk_id is not None
+    }
+    if not images and not texts:
         return None
 
     def transform(inputs: Batch, generator: torch.Generator) -> Batch:
-        return {k: augment_images(v, active[k], generator) if k in active else v for k, v in inputs.items()}
+        out = dict(inputs)
+        for k, aug in images.items():
+            out[k] = augment_images(out[k], aug, generator)
+        for k, (unk, pad, rate) in texts.items():
+            out[k] = drop_tokens(out[k], unk, pad, rate, generator)
+        return out
 
     return transform
 
@@ -219,7 +231,7 @@ def train(config: Config | dict | str | Path, *, resume: bool | str | Path = Fal
         cfg.train,
         loss_fn,
         score_fn=score_fn,
-        transform=_augmenter(cfg),
+        transform=_augmenter(cfg, processors),
         checkpoint_dir=run_dir / "checkpoints",
         resume=bool(resume),
     )

@@ -248,6 +248,13 @@ class TextFeatureConfig(_FeatureBase):
     pretrained: str | None = Field(
         None, description="Shorthand for encoder {kind: pretrained, path: …} with that folder's tokenizer."
     )
+    token_dropout: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="In training, replace this share of tokens with [UNK] (word dropout): regularizes and "
+        "teaches the model what an unseen word is.",
+    )
 
     @field_validator("encoder", mode="before")
     @classmethod

@@ -70,3 +70,15 @@ def test_forward_in_batches_sorts_by_length_and_returns_input_order():
     split = ragged_split(300)
     out = forward_in_batches(SumOfTokens(), split.inputs, 16, pad=split.pad)["y"][:, 0]
     assert torch.allclose(out, split.inputs["text"].float().sum(1))
+
+
+def test_word_dropout_replaces_only_real_tokens_at_the_rate_and_repeats_with_the_seed():
+    from largo.data.augment import drop_tokens
+
+    split = ragged_split(500)
+    ids = split.inputs["text"]
+    out = drop_tokens(ids, 1, 0, 0.2, torch.Generator().manual_seed(3))
+    changed = out != ids
+    assert (out[changed] == 1).all() and not changed[ids == 0].any()
+    assert abs(changed.sum() / (ids != 0).sum() - 0.2) < 0.02
+    assert torch.equal(out, drop_tokens(ids, 1, 0, 0.2, torch.Generator().manual_seed(3)))

@@ -161,9 +161,11 @@ def test_inference_finds_text_columns_and_picks_tokenizer_and_encoder_by_languag
     )
     inputs = {f["name"]: f for f in infer_features(table, ["label"]).inputs}
     assert set(inputs) == {"zh", "en"}
-    assert inputs["zh"]["tokenizer"]["kind"] == "char" and inputs["en"]["tokenizer"]["kind"] == "wordpiece"
-    assert inputs["zh"]["encoder"]["kind"] == "cnn" and inputs["en"]["encoder"]["kind"] == "bag"
+    assert inputs["zh"]["tokenizer"]["kind"] == "jieba" and inputs["en"]["tokenizer"]["kind"] == "wordpiece"
+    assert inputs["zh"]["encoder"]["kind"] == "bag" and inputs["en"]["encoder"]["kind"] == "bag"
     assert 16 <= inputs["zh"]["tokenizer"]["max_length"] <= 64  # covers ~18 characters with room
     big = default_text_feature("en", text_profile(table.column("en")), LARGE_TEXT_ROWS)
     assert big["encoder"]["kind"] == "transformer"
+    big_zh = default_text_feature("zh", text_profile(table.column("zh")), LARGE_TEXT_ROWS)
+    assert big_zh["encoder"]["kind"] == "transformer" and big_zh["tokenizer"]["kind"] == "char"
     assert TextFeatureConfig(**big).encoder.kind == "transformer"

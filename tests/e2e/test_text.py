@@ -51,27 +51,27 @@ def text_config(train: Path, runs: Path, encoder: dict, tokenizer: dict | None =
 
 @pytest.fixture(scope="module")
 def news_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_news_csv(tmp_path_factory.mktemp("news") / "news.csv", n=1000, seed=1)
+    return write_news_csv(tmp_path_factory.mktemp("news") / "news.csv", n=1600, seed=1)
 
 
 @pytest.fixture(scope="module")
 def cli_run(news_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     runs = tmp_path_factory.mktemp("runs")
     args = ["train", str(news_csv), "--target", "label", "--runs-dir", str(runs), "--no-progress"]
-    result = runner.invoke(app, [*args, "--set", "train.epochs=5"])
+    result = runner.invoke(app, args)  # the inferred defaults, as a user gets them
     assert result.exit_code == 0, result.output
     return runs / "news" / "v1"
 
 
 def test_cli_detects_the_text_column_and_picks_chinese_defaults(cli_run: Path) -> None:
     config = (cli_run / "config.yaml").read_text(encoding="utf-8")
-    assert "type: text" in config and "kind: char" in config and "kind: cnn" in config
+    assert "type: text" in config and "kind: jieba" in config and "kind: bag" in config
     assert (cli_run / "tokenizer-text.json").exists()
     metrics = json.loads((cli_run / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["test"]["label"]["accuracy"] > 0.8  # 4 classes: chance is 0.25
     info = json.loads(runner.invoke(app, ["info", str(cli_run)]).stdout)["inputs"][0]
-    assert info["tokenizer"] == "char" and info["encoder"] == "cnn" and info["vocab_size"] > 50
-    assert info["train_texts"]["texts"] == 800 and info["train_texts"]["empty"] == 0
+    assert info["tokenizer"] == "jieba" and info["encoder"] == "bag" and info["vocab_size"] > 50
+    assert info["train_texts"]["texts"] == 1280 and info["train_texts"]["empty"] == 0
 
 
 def test_cli_predicts_raw_chinese_and_english_strings(cli_run: Path) -> None:
@@ -97,7 +97,7 @@ def test_api_predicts_from_records_and_strings_and_flags_empty_text(cli_run: Pat
     predictor = largo.load(cli_run)
     from_record = predictor.predict([{"text": "新的芯片和人工智能算法"}])[0]
     assert from_record["label"] == "科技" and from_record["label_probability"] > 0.5
-    assert predictor.predict("明星的演唱会和电影票房")["label"] == "娱乐"
+    assert predictor.predict("记者报道明星的演唱会和电影票房")["label"] == "娱乐"
     empty = predictor.predict({"text": None})
     assert empty["warnings"] == ["text 'text' is empty after normalization"] and empty["label"] in LABELS
 

@@ -1,4 +1,4 @@
-"""Image augmentation for the train split: random flip, shift (pad-and-crop) and rotation.
+"""Augmentation for the train split: images (random flip, shift, rotation) and texts (word dropout).
 
 All three are one random affine transform per image applied with a single `grid_sample` over the
 batch, so augmentation costs one kernel per batch rather than a Python loop over images. Randomness
@@ -45,3 +45,15 @@ def augment_images(x: torch.Tensor, config: AugmentConfig, generator: torch.Gene
     xf = x.float()
     grid = F.affine_grid(theta, list(xf.shape), align_corners=False)
     return F.grid_sample(xf, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def drop_tokens(
+    ids: torch.Tensor, unk_id: int, pad_id: int, rate: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Word dropout: replace a random `rate` of the real tokens with [UNK] (Iyyer et al., 2015).
+
+    It regularizes, and it trains the [UNK] embedding, which a vocabulary fit on the same texts
+    otherwise rarely sees, so unknown words at predict time land on a learned vector.
+    """
+    drop = torch.rand(ids.shape, generator=generator).to(ids.device) < rate
+    return torch.where(drop & (ids != pad_id), torch.full_like(ids, unk_id), ids)

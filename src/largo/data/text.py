@@ -192,6 +192,15 @@ class TextProcessor:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     @property
+    def unk_id(self) -> int | None:
+        """Id of the unknown token ([UNK] or the pretrained tokenizer's own), if there is one."""
+        assert self.tokenizer is not None, "fit() first"
+        for token in ("[UNK]", "<unk>"):
+            if (i := self.tokenizer.token_to_id(token)) is not None:
+                return i
+        return None
+
+    @property
     def max_length(self) -> int:
         """Longest sequence in tokens; longer texts are truncated."""
         return self.config.tokenizer.max_length
