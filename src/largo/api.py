@@ -149,7 +149,7 @@ def _augmenter(
 ) -> Callable[[Batch, torch.Generator], Batch] | None:
     images = {f.name: f.augment for f in cfg.inputs if f.type == "image" and is_active(f.augment)}
     texts = {
-        f.name: (processors[f.name].unk_id, processors[f.name].pad_id, f.token_dropout)
+        f.name: (processors[f.name].unk_id, processors[f.name].special_ids, f.token_dropout)
         for f in cfg.inputs
         if f.type == "text" and f.token_dropout > 0 and processors[f.name].unk_id is not None
     }
@@ -160,8 +160,8 @@ def _augmenter(
         out = dict(inputs)
         for k, aug in images.items():
             out[k] = augment_images(out[k], aug, generator)
-        for k, (unk, pad, rate) in texts.items():
-            out[k] = drop_tokens(out[k], unk, pad, rate, generator)
+        for k, (unk, special, rate) in texts.items():
+            out[k] = drop_tokens(out[k], unk, special, rate, generator)
         return out
 
     return transform
@@ -300,8 +300,18 @@ def load(path: str | Path, **kwargs: Any) -> Predictor:
     return Predictor.load(path, **kwargs)
 
 
+def _is_path(data: Any) -> bool:
+    """A Path, or a string naming an existing file or folder (a long text is not a file name)."""
+    if isinstance(data, Path):
+        return True
+    try:
+        return isinstance(data, str) and Path(data).exists()
+    except (OSError, ValueError):  # too long for a file name, or a NUL byte
+        return False
+
+
 def _records(data: Records | str | Path | list[str]) -> tuple[Records, str | None]:
-    if isinstance(data, Path) or (isinstance(data, str) and Path(data).exists()):
+    if _is_path(data):
         table = read_table(data)
         return table, source_dir(table)
     return data, None
@@ -317,7 +327,7 @@ def predict(
     predictor = bundle if isinstance(bundle, Predictor) else load(bundle)
     inputs = predictor.config.inputs
     one_text = len(inputs) == 1 and inputs[0].type == "text"
-    if isinstance(data, str) and not one_text and not Path(data).exists():
+    if isinstance(data, str) and not one_text and not _is_path(data):
         raise DataError(f"{data}: no such file or folder")
     records, base_dir = _records(data)
     return predictor.predict(records, base_dir=base_dir)

@@ -137,7 +137,7 @@ def predict(
     elif record is not None:
         results = [api.predict(bundle, json.loads(record))]
     elif data is not None:
-        results = api.predict(bundle, data)
+        results = api.predict(bundle, Path(data))  # a file: texts come with --text
     else:
         raise ConfigError("give a data file, --json RECORD or --text TEXT")
     if output and output.endswith(".csv"):

@@ -77,8 +77,11 @@ def test_word_dropout_replaces_only_real_tokens_at_the_rate_and_repeats_with_the
 
     split = ragged_split(500)
     ids = split.inputs["text"]
-    out = drop_tokens(ids, 1, 0, 0.2, torch.Generator().manual_seed(3))
+    special = torch.tensor([0, 2])
+    ids[:, 0] = torch.where(ids[:, 0] != 0, 2, 0)  # a [CLS]-like special token first
+    out = drop_tokens(ids, 1, special, 0.2, torch.Generator().manual_seed(3))
     changed = out != ids
-    assert (out[changed] == 1).all() and not changed[ids == 0].any()
-    assert abs(changed.sum() / (ids != 0).sum() - 0.2) < 0.02
-    assert torch.equal(out, drop_tokens(ids, 1, 0, 0.2, torch.Generator().manual_seed(3)))
+    assert (out[changed] == 1).all() and not changed[ids == 0].any() and not changed[ids == 2].any()
+    ordinary = (ids != 0) & (ids != 2)
+    assert abs(changed.sum() / ordinary.sum() - 0.2) < 0.02
+    assert torch.equal(out, drop_tokens(ids, 1, special, 0.2, torch.Generator().manual_seed(3)))

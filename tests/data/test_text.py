@@ -169,3 +169,23 @@ def test_inference_finds_text_columns_and_picks_tokenizer_and_encoder_by_languag
     big_zh = default_text_feature("zh", text_profile(table.column("zh")), LARGE_TEXT_ROWS)
     assert big_zh["encoder"]["kind"] == "transformer" and big_zh["tokenizer"]["kind"] == "char"
     assert TextFeatureConfig(**big).encoder.kind == "transformer"
+
+
+def test_lengths_end_at_the_last_real_token_even_with_a_literal_pad_inside():
+    from largo.data.text import text_lengths
+
+    proc = fitted("wordpiece")
+    ids = proc.encode(["markets [PAD] banks", "cat"])
+    assert (ids[0] == proc.pad_id).sum() >= 1  # the literal [PAD] is the padding id
+    assert text_lengths(ids, proc.pad_id).tolist() == [3, 1]
+
+
+def test_dictionary_encoded_text_columns_are_text():
+    import pyarrow as pa
+
+    from largo.data.text import check_text_column
+
+    column = pa.chunked_array([pa.array(["a b c", "d e", "a b c"]).dictionary_encode()])
+    check_text_column(column, "text", "x.parquet")  # no error
+    with pytest.raises(DataError, match="x.parquet: text feature 'text': data row 1 holds list"):
+        check_text_column(pa.chunked_array([[["a"], ["b"]]]), "text", "x.parquet")

@@ -187,6 +187,14 @@ def test_non_text_values_in_a_text_column_name_the_file(tmp_path: Path) -> None:
         largo.train(text_config(path, tmp_path / "runs", {"kind": "bag"}))
 
 
+def test_long_texts_are_texts_and_missing_files_are_errors(cli_run: Path, tmp_path: Path) -> None:
+    long_text = "股市和银行的利率" * 60  # far longer than any file name may be
+    out = largo.predict(cli_run, long_text)
+    assert out["label"] == "经济" and "cut to max_length" in out["warnings"][0]
+    result = runner.invoke(app, ["predict", str(cli_run), str(tmp_path / "missing.csv")])
+    assert result.exit_code == 2 and "missing.csv" in result.output
+
+
 def test_predict_rejects_non_string_records(cli_run: Path) -> None:
     with pytest.raises(DataError, match="row 1 holds a dict"):
         largo.load(cli_run).predict([{"text": {"nested": 1}}])

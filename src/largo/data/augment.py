@@ -48,12 +48,14 @@ def augment_images(x: torch.Tensor, config: AugmentConfig, generator: torch.Gene
 
 
 def drop_tokens(
-    ids: torch.Tensor, unk_id: int, pad_id: int, rate: float, generator: torch.Generator
+    ids: torch.Tensor, unk_id: int, special: torch.Tensor, rate: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """Word dropout: replace a random `rate` of the real tokens with [UNK] (Iyyer et al., 2015).
+    """Word dropout: replace a random `rate` of the ordinary tokens with [UNK] (Iyyer et al., 2015).
 
     It regularizes, and it trains the [UNK] embedding, which a vocabulary fit on the same texts
-    otherwise rarely sees, so unknown words at predict time land on a learned vector.
+    otherwise rarely sees, so unknown words at predict time land on a learned vector. Special tokens
+    (`special`: padding, [CLS], [SEP] …) are never replaced.
     """
     drop = torch.rand(ids.shape, generator=generator).to(ids.device) < rate
-    return torch.where(drop & (ids != pad_id), torch.full_like(ids, unk_id), ids)
+    keep = torch.isin(ids, special.to(ids.device))
+    return torch.where(drop & ~keep, torch.full_like(ids, unk_id), ids)

@@ -79,7 +79,7 @@ class TextProfile:
 
 def text_profile(col: pa.ChunkedArray, sample: int = 2000) -> TextProfile:
     """Word counts, lengths and the Chinese share of up to `sample` values."""
-    values = [v for v in pc.drop_null(col).to_pylist()[:sample] if isinstance(v, str)]
+    values = [v for v in pc.drop_null(col).slice(0, sample).to_pylist() if isinstance(v, str)]
     if not values:
         return TextProfile(0.0, 0.0, 0.0, 0.0)
     words = np.array([len(v.split()) for v in values], dtype=float)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from largo.data.text import text_lengths
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -34,7 +36,7 @@ class EncodedSplit:
     def __post_init__(self) -> None:
         for k, pad_id in self.pad.items():
             if k not in self.lengths:
-                self.lengths[k] = (self.inputs[k] != pad_id).sum(dim=1).cpu()
+                self.lengths[k] = text_lengths(self.inputs[k], pad_id).cpu()
 
     def __len__(self) -> int:
         first = next(iter(self.inputs.values()))

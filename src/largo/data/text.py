@@ -70,7 +70,7 @@ def build_normalizer(cfg: NormalizeConfig, kind: str) -> normalizers.Normalizer 
     if kind != "jieba":
         words = stopword_set(cfg.stopwords)
         words = words if isinstance(cfg.stopwords, list) else substring_safe(words)
-        pattern = _stopword_pattern(words, ignore_case=not cfg.lowercase)
+        pattern = _stopword_pattern(words, ignore_case=not cfg.lowercase or kind == "pretrained")
         if pattern:
             steps.append(normalizers.Replace(Regex(pattern), " "))
     if cfg.collapse_whitespace:
@@ -155,13 +155,18 @@ def load_pretrained_tokenizer(cfg: TextFeatureConfig) -> Tokenizer:
     return tok
 
 
-def _pad_id(tok: Tokenizer) -> int:
+def _pad_id(tok: Tokenizer, model_config: dict[str, Any] | None, feature: str) -> int:
     if tok.padding is not None:
         return int(tok.padding["pad_id"])
     for token in ("[PAD]", "<pad>", "<|padding|>"):
         if (i := tok.token_to_id(token)) is not None:
             return i
-    return 0
+    if model_config and model_config.get("pad_token_id") is not None:
+        return int(model_config["pad_token_id"])
+    raise DataError(
+        f"text feature {feature!r}: the tokenizer has no padding token ([PAD], <pad>) and the model "
+        "config no pad_token_id; a real token cannot double as padding"
+    )
 
 
 # ------------------------------------------------------------------------------------ the processor
@@ -201,6 +206,14 @@ class TextProcessor:
         return None
 
     @property
+    def special_ids(self) -> torch.Tensor:
+        """Ids of the special tokens (padding, [CLS], [SEP], [MASK] …) as an int tensor."""
+        assert self.tokenizer is not None, "fit() first"
+        decoder = self.tokenizer.get_added_tokens_decoder()
+        ids = {i for i, t in decoder.items() if t.special} | {self.pad_id}
+        return torch.tensor(sorted(ids), dtype=torch.int32)
+
+    @property
     def max_length(self) -> int:
         """Longest sequence in tokens; longer texts are truncated."""
         return self.config.tokenizer.max_length
@@ -237,7 +250,10 @@ class TextProcessor:
         prepared = self._prepare(texts)  # jieba segments once, here, for training and the stats
         if t.kind == "pretrained":
             tok = load_pretrained_tokenizer(self.config)
-            config_file = Path(t.path or "") / "config.json"
+            encoder_path = getattr(
+                self.config.encoder, "path", None
+            )  # the model may differ from the tokenizer
+            config_file = Path(encoder_path or t.path or "") / "config.json"
             if config_file.exists():  # the architecture, so a bundle rebuilds it without the folder
                 model_config = json.loads(config_file.read_text(encoding="utf-8"))
                 self.model_config = {k: v for k, v in model_config.items() if k != "_name_or_path"}
@@ -247,11 +263,11 @@ class TextProcessor:
         tok.no_padding()
         tok.no_truncation()
         self.tokenizer = tok
-        self.pad_id = _pad_id(tok)
+        self.pad_id = _pad_id(tok, self.model_config, self.config.name)
         self._configure()
         sample = prepared[:: max(1, len(prepared) // STATS_SAMPLE)]
         ids = self._encode_prepared(sample)
-        lengths = (ids != self.pad_id).sum(dim=1).numpy()
+        lengths = text_lengths(ids, self.pad_id).numpy()
         unk = tok.token_to_id("[UNK]")
         share = len(texts) / max(1, len(sample))
         self.stats = {
@@ -307,6 +323,8 @@ class TextProcessor:
 def check_text_column(column: pa.ChunkedArray, feature: str, path: str | None) -> None:
     """A text column must hold strings (numbers and nulls pass): name the first row that does not."""
     t = column.type
+    if pa.types.is_dictionary(t):  # pandas categoricals in parquet files
+        t = t.value_type
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t):
         return
     if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
@@ -321,5 +339,10 @@ def _batches(texts: list[str], size: int = 1000) -> Iterator[list[str]]:
 
 
 def text_lengths(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Tokens per row of a right-padded id tensor."""
-    return (ids != pad_id).sum(dim=1)
+    """Length of each row of a right-padded id tensor: the last non-padding position + 1.
+
+    Not a count of non-padding ids: a text that itself contains the padding token ("[PAD]") must not
+    lose its last tokens when a batch is cut to its longest row.
+    """
+    positions = torch.arange(1, ids.shape[1] + 1, device=ids.device)
+    return torch.where(ids != pad_id, positions, 0).amax(dim=1) if ids.shape[1] else ids.new_zeros(len(ids))

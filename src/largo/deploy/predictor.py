@@ -11,6 +11,7 @@ import torch
 
 from largo.data.features import CategoryProcessor, NumberProcessor, encode_inputs, sequence_pads
 from largo.data.readers import DataError
+from largo.data.text import text_lengths
 from largo.deploy.bundle import Bundle, read_bundle
 from largo.train.loop import forward_in_batches
 
@@ -138,7 +139,7 @@ class Predictor:
         """Row → notes on its texts: empty, or cut at max_length (the prediction is still made)."""
         notes: dict[int, list[str]] = {}
         for name, pad_id in sequence_pads(self.config.inputs, self.bundle.processors).items():
-            lengths = (inputs[name] != pad_id).sum(dim=1).tolist()
+            lengths = text_lengths(inputs[name], pad_id).tolist()
             limit = self.bundle.processors[name].max_length
             for i, n in enumerate(lengths):
                 if n == 0:

@@ -58,7 +58,7 @@ def build_model(
     encoders: dict[str, nn.Module] = {}
     num_numbers = sum(1 for f in config.inputs if f.type == "number")
     if num_numbers:
-        wide = any(f.type in ("text", "image") for f in config.inputs)  # see NumberEncoder
+        wide = any(f.type == "text" for f in config.inputs)  # see NumberEncoder
         encoders[NUMBERS] = NumberEncoder(num_numbers, max(64, num_numbers) if wide else None)
     for f in config.inputs:
         proc = processors[f.name]
@@ -85,12 +85,9 @@ def build_model(
         else:
             heads[f.name] = RegressionHead(combiner.out_dim)
     model = FeatureModel(encoders, combiner, heads)
-    # a scheme re-initializes what is trained from scratch, never pretrained weights
-    for name, part in [*encoders.items(), ("combiner", combiner), *heads.items()]:
-        if not _is_pretrained(config, name):
+    # a scheme re-initializes what is trained from scratch, never pretrained weights nor a family's
+    # own careful init (the Transformer's scaled residual projections)
+    for part in [*encoders.values(), combiner, *heads.values()]:
+        if not getattr(part, "own_init", False):
             init_weights(part, m.init, m.init_std, m.activation)
     return model
-
-
-def _is_pretrained(config: Config, name: str) -> bool:
-    return any(f.name == name and f.type == "text" and f.encoder.kind == "pretrained" for f in config.inputs)

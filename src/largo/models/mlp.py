@@ -13,7 +13,7 @@ from largo.models.layers import PixelNorm, masked_pool, mlp_stack
 class NumberEncoder(nn.Module):
     """Stacked number inputs [b, k], already scaled: passed through, or projected to `width` features.
 
-    Beside a text or image encoder with hundreds of output features, a few raw numbers reach the
+    Beside a text encoder with hundreds of output features, a few raw numbers reach the
     combiner through a handful of weights that Adam moves by ~lr per step, so the big encoder's features
     win before the numbers count; a learned projection gives them as many weights as they need.
     """

@@ -116,6 +116,7 @@ class PretrainedTextEncoder(nn.Module):
             # parameters without gradients out of the optimizer and DDP
             self.model.pooler = None
         self.hf_config: dict = self.model.config.to_dict()
+        self.own_init = True  # pretrained weights: build_model never re-initializes them
         self.lr_scale = config.lr_scale  # read by train/optim.py: fine-tune the body at a fraction of lr
         self.out_dim: int = int(self.model.config.hidden_size)
         self.max_len: int | None = getattr(self.model.config, "max_position_embeddings", None)

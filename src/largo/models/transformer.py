@@ -84,6 +84,7 @@ class TransformerTextEncoder(nn.Module):
         )
         self.ln_f = nn.LayerNorm(config.dim)
         self.out_dim = config.dim
+        self.own_init = True  # build_model leaves model.init schemes to the other parts
         self._init(config.layers)
 
     def _init(self, layers: int) -> None:

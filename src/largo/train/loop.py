@@ -83,7 +83,10 @@ def forward_in_batches(
     chunks: dict[str, list[torch.Tensor]] = {}
     for lo in range(0, n, batch_size):
         index = order[lo : lo + batch_size]
-        batch, _ = split.take(index, split.longest(index))
+        if key is None:  # no sequences: slices are views, no gather needed
+            batch = {k: v[lo : lo + batch_size] for k, v in inputs.items()}
+        else:
+            batch, _ = split.take(index, split.longest(index))
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast(device, precision):
             out = model(batch)
@@ -241,6 +244,7 @@ def _fit(
     penalty = _penalty_fn(model, cfg.l1, cfg.l2)
     params = [p for p in model.parameters() if p.requires_grad]
     es = cfg.early_stopping
+    lengths = train.sort_key() if cfg.length_buckets else None  # bucketing by text length
 
     # 1. the loop's state: everything a resumed run needs to continue exactly
     st: dict[str, Any] = {
@@ -290,7 +294,6 @@ def _fit(
             break
         # 2. train: the epoch's order depends only on (seed, epoch), so a resume continues it
         model.train()
-        lengths = train.sort_key() if cfg.length_buckets else None
         order = epoch_order(len(train), cfg.seed, epoch, lengths=lengths, batch_size=cfg.batch_size)
         group_sizes = [
             sum(hi - lo for lo, hi in bounds[g : g + cfg.accumulate])
