@@ -94,8 +94,8 @@ def default_text_feature(name: str, profile: TextProfile, rows: int) -> dict[str
     """Tokenizer, max length and encoder for a text column of `rows` rows.
 
     Small data gets a bag of word embeddings (mean and max pooled): on the review benchmarks
-    (bench/text_quality.py) it came within half a point of TF-IDF + logistic regression in seconds,
-    ahead of the TextCNN, the GRU and the Transformer trained from scratch. Words are jieba's for
+    (bench/text_quality.py) it came within about a point of TF-IDF + logistic regression in seconds,
+    ahead of the TextCNN and the GRU trained from scratch. Words are jieba's for
     Chinese and WordPiece's elsewhere. Large data gets the Transformer, over characters for Chinese.
     Words seen once stay out of the vocabulary (min_frequency 2), so [UNK] is trained on them and new
     words at predict time land on a learned vector rather than a random one.
