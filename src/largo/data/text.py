@@ -114,11 +114,13 @@ def _new_tokenizer(cfg: TextFeatureConfig) -> tuple[Tokenizer, trainers.Trainer]
         )
         trainer: trainers.Trainer = trainers.BpeTrainer(show_progress=False, **common)
     elif t.kind == "wordpiece":
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        # trained as BPE with "##" continuation pieces, then turned into WordPiece (see _as_wordpiece):
+        # HF's WordPieceTrainer picks among tied candidates in hash order, a different vocabulary per fit
+        tok = Tokenizer(models.BPE(unk_token="[UNK]", continuing_subword_prefix="##"))
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(_HAN), behavior="isolated"), pre_tokenizers.BertPreTokenizer()]
         )
-        trainer = trainers.WordPieceTrainer(show_progress=False, **common)
+        trainer = trainers.BpeTrainer(show_progress=False, continuing_subword_prefix="##", **common)
     elif t.kind == "char":
         tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
@@ -131,6 +133,22 @@ def _new_tokenizer(cfg: TextFeatureConfig) -> tuple[Tokenizer, trainers.Trainer]
         raise ValueError(f"tokenizer kind {t.kind!r} is not trained")
     tok.normalizer = build_normalizer(cfg.normalize, t.kind)
     return tok, trainer
+
+
+def _as_wordpiece(bpe: Tokenizer) -> Tokenizer:
+    """A trained "##"-prefixed BPE vocabulary as a WordPiece tokenizer (greedy longest match, as BERT).
+
+    Ids are reassigned in a fixed order (special tokens, then the rest sorted), because the trainer
+    numbers its "##" alphabet in hash order, which differs from one fit to the next.
+    """
+    rest = sorted(t for t in bpe.get_vocab() if t not in SPECIAL_TOKENS)
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *rest])}
+    model = models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##")
+    tok = Tokenizer(model)
+    tok.normalizer = bpe.normalizer
+    tok.pre_tokenizer = bpe.pre_tokenizer
+    tok.add_special_tokens(SPECIAL_TOKENS)  # already in the vocabulary: registers them as special
+    return tok
 
 
 def load_pretrained_tokenizer(cfg: TextFeatureConfig) -> Tokenizer:
@@ -260,6 +278,8 @@ class TextProcessor:
         else:
             tok, trainer = _new_tokenizer(self.config)
             tok.train_from_iterator(_batches(prepared), trainer=trainer, length=len(prepared))
+            if t.kind == "wordpiece":
+                tok = _as_wordpiece(tok)
         tok.no_padding()
         tok.no_truncation()
         self.tokenizer = tok
