@@ -204,9 +204,10 @@ class TextProcessor:
             self.pad_id = int(state["pad_id"])
             self.stats = state.get("stats", {})
             self.model_config = state.get("model_config")
-        self._stopwords = (
-            stopword_set(config.normalize.stopwords) if config.tokenizer.kind == "jieba" else None
-        )
+        # jieba normalizes and drops stop words in Python, before segmenting: built once, not per call
+        self._jieba = config.tokenizer.kind == "jieba"
+        self._jieba_normalizer = build_normalizer(config.normalize, "jieba") if self._jieba else None
+        self._stopwords = stopword_set(config.normalize.stopwords) if self._jieba else frozenset()
 
     @property
     def vocab_size(self) -> int:
@@ -255,11 +256,9 @@ class TextProcessor:
         return out
 
     def _prepare(self, texts: list[str]) -> list[str]:
-        if self.config.tokenizer.kind != "jieba":
+        if not self._jieba:
             return texts
-        return segment(
-            texts, build_normalizer(self.config.normalize, "jieba"), self._stopwords or frozenset()
-        )
+        return segment(texts, self._jieba_normalizer, self._stopwords)
 
     def fit(self, column: pa.ChunkedArray | Sequence[Any]) -> None:
         """Train the tokenizer on the train split (or load a pretrained one); record length stats."""

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from largo.config import PretrainedEncoderConfig
+from largo.models.layers import masked_mean
 
 INSTALL_HINT = 'pip install "largo[pretrained]"'
 
@@ -132,10 +133,5 @@ class PretrainedTextEncoder(nn.Module):
         ids = ids.long()
         mask = ids != self.pad_id  # [b, t]
         h = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # [b, t, c]
-        if self.pooling == "cls":
-            pooled = h[:, 0]
-        else:
-            h = h.masked_fill(~mask.unsqueeze(-1), 0.0)
-            counts = mask.sum(dim=1, keepdim=True).clamp(min=1).to(h.dtype)  # [b, 1]
-            pooled = h.sum(dim=1) / counts
+        pooled = h[:, 0] if self.pooling == "cls" else masked_mean(h, mask)
         return self.drop(pooled)
