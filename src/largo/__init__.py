@@ -4,30 +4,54 @@ import largo
 result = largo.train("examples/digits.yaml")
 predictor = largo.load(result.path)
 predictor.predict([{"image": "digit.png"}])
+
+The names below load on first use (PEP 562), so `import largo.deploy.server` for an ONNX-only
+serving image does not pull in torch through this package's __init__.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from largo.api import TrainResult, evaluate, infer_config, info, load, predict, train  # noqa: E402
-from largo.config import Config, ConfigError, load_config, validate_config  # noqa: E402
-from largo.data.readers import DataError  # noqa: E402
-from largo.deploy.bundle import BundleError  # noqa: E402
-from largo.deploy.predictor import Predictor  # noqa: E402
+# public name → the module that defines it
+_EXPORTS = {
+    "TrainResult": "largo.api",
+    "evaluate": "largo.api",
+    "infer_config": "largo.api",
+    "info": "largo.api",
+    "load": "largo.api",
+    "predict": "largo.api",
+    "train": "largo.api",
+    "Config": "largo.config",
+    "ConfigError": "largo.config",
+    "load_config": "largo.config",
+    "validate_config": "largo.config",
+    "DataError": "largo.data.readers",
+    "BundleError": "largo.deploy.bundle",
+    "Predictor": "largo.deploy.predictor",
+}
 
-__all__ = [
-    "BundleError",
-    "Config",
-    "ConfigError",
-    "DataError",
-    "Predictor",
-    "TrainResult",
-    "__version__",
-    "evaluate",
-    "infer_config",
-    "info",
-    "load",
-    "load_config",
-    "predict",
-    "train",
-    "validate_config",
-]
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
+    from largo.api import TrainResult, evaluate, infer_config, info, load, predict, train
+    from largo.config import Config, ConfigError, load_config, validate_config
+    from largo.data.readers import DataError
+    from largo.deploy.bundle import BundleError
+    from largo.deploy.predictor import Predictor
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'largo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

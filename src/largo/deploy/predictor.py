@@ -147,3 +147,10 @@ class Predictor:
                 elif n >= limit:
                     notes.setdefault(i, []).append(f"text {name!r} was cut to max_length {limit} tokens")
         return notes
+
+
+def load_predictor(path: str | Path, runtime: str = "torch", **kwargs: Any) -> Predictor:
+    """A bundle's predictor on the chosen runtime: 'torch' (eager) or 'onnx' (ONNX Runtime, no torch)."""
+    if runtime == "torch":
+        return Predictor.load(path, **kwargs)
+    raise NotImplementedError(f"runtime {runtime!r} is not built yet")  # 'onnx': issue 4, in progress
