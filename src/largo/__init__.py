@@ -12,6 +12,8 @@ serving image does not pull in torch through this package's __init__.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -55,3 +57,17 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+class _Package(types.ModuleType):
+    """`largo.train` and `largo.evaluate` are functions of the API and also subpackages. Importing a
+    subpackage sets it as an attribute of its parent; here the API function keeps the name instead
+    (the subpackage stays reachable as `import largo.train.loop` / `sys.modules`)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) not in (None, value.__name__):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
