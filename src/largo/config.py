@@ -373,6 +373,14 @@ class TrainConfig(StrictModel):
     clip_grad_norm: float | None = Field(None, gt=0.0, description="Clip the global gradient norm.")
     l1: float = Field(0.0, ge=0.0, description="L1 penalty on weights (not biases or norms).")
     l2: float = Field(0.0, ge=0.0, description="L2 penalty on weights, added to the loss.")
+    ema: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="Keep an exponential moving average of the weights with this decay per optimizer "
+        "step (e.g. 0.99 for short runs, 0.999 for long ones); validation, early stopping and the bundle "
+        "use the averaged weights. null: off.",
+    )
     early_stopping: EarlyStoppingConfig | None = Field(None, description="Early stopping, or null.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train.")

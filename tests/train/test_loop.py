@@ -131,6 +131,24 @@ def test_bf16_runs_and_learns():
     assert result.history[-1]["train.loss"] < 0.5 * result.history[0]["train.loss"]
 
 
+def test_ema_returns_the_moving_average_of_the_steps_weights():
+    # one step per epoch and a constant rate: a run of k epochs stops at the weights W_k of a longer run
+    steps = []
+    for epochs in (1, 2, 3):
+        cfg, model, train, valid, loss_fn, _ = iris(epochs=epochs, batch_size=120)
+        fit(model, train, valid, cfg.train, loss_fn)
+        steps.append(flat(model))
+    cfg, model, train, valid, loss_fn, score_fn = iris(epochs=3, batch_size=120, ema=0.8)
+    result = fit(model, train, valid, cfg.train, loss_fn, score_fn=score_fn)
+    expected = steps[0]  # the average starts at the first step's weights
+    for w in steps[1:]:
+        expected = 0.8 * expected + 0.2 * w
+    assert torch.allclose(flat(model), expected, atol=1e-6)
+    assert not torch.allclose(flat(model), steps[-1], atol=1e-3)  # not the raw last weights
+    # validation judged the averaged weights, the ones the model ends with
+    assert accuracy(model, valid) == pytest.approx(result.history[-1]["valid.accuracy"])
+
+
 def test_early_stopping_restores_the_best_weights():
     # valid labels are shuffled: the better the model fits train, the worse its valid loss gets
     es = {"metric": "valid.loss", "patience": 3}

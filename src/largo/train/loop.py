@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from largo.config import TrainConfig
@@ -243,6 +244,12 @@ def _fit(
     amp = autocast(device, cfg.precision)
     penalty = _penalty_fn(model, cfg.l1, cfg.l2)
     params = [p for p in model.parameters() if p.requires_grad]
+    # the averaged weights (buffers too: norm statistics follow the average) that validation, early
+    # stopping and the result use; the optimizer keeps stepping the raw weights
+    ema = None
+    if cfg.ema is not None:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    judged = ema.module if ema is not None else model
     es = cfg.early_stopping
     lengths = train.sort_key() if cfg.length_buckets else None  # bucketing by text length
 
@@ -267,6 +274,8 @@ def _fit(
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         set_rng_state(ckpt["rng"])
         st.update({k: ckpt[k] for k in st})
         where = f"epoch {st['epoch'] + 1}, batch {st['batch']}, step {st['step']}"
@@ -283,6 +292,7 @@ def _fit(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
                 "rng": rng_state(),
             },
         )
@@ -346,6 +356,8 @@ def _fit(
                 last_lr = optimizer.param_groups[0]["lr"]  # the rate this step used, for the log
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update_parameters(model)
                 st["step"] += 1
                 st["batch"] = i + 1
                 if cfg.checkpoint.every_steps and st["step"] % cfg.checkpoint.every_steps == 0:
@@ -366,7 +378,7 @@ def _fit(
             "train.loss": float(loss_sum) / max(1, st["examples"]),
         }
         if valid_inputs is not None:
-            outputs = forward_in_batches(model, valid_inputs, cfg.eval_batch_size, cfg.precision, valid.pad)
+            outputs = forward_in_batches(judged, valid_inputs, cfg.eval_batch_size, cfg.precision, valid.pad)
             with torch.no_grad():
                 vloss = loss_fn(outputs, {k: v.cpu() for k, v in valid.targets.items()})
             record["valid.loss"] = float(vloss) / len(valid)
@@ -389,7 +401,7 @@ def _fit(
                     best_value=record[es.metric],
                     best_epoch=epoch + 1,
                     bad_epochs=0,
-                    best_model=_clone_state(model),
+                    best_model=_clone_state(judged),
                 )
             else:
                 st["bad_epochs"] += 1
@@ -405,4 +417,6 @@ def _fit(
 
     if st["best_model"] is not None:
         model.load_state_dict(st["best_model"])
+    elif ema is not None:
+        model.load_state_dict(ema.module.state_dict())
     return FitResult(st["history"], st["best_epoch"], bool(st["stopped"]), st["step"], st["elapsed"])
