@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from largo.config import BagEncoderConfig
-from largo.models.layers import PixelNorm, masked_pool, mlp_stack
+from largo.models.layers import PixelNorm, masked_pool, mlp_stack, token_embedding
 
 
 class NumberEncoder(nn.Module):
@@ -116,8 +116,8 @@ class BagTextEncoder(nn.Module):
         self.ngrams = config.ngrams
         self.buckets = config.ngram_buckets
         self.pooling = config.pooling
-        self.embed = nn.Embedding(vocab_size, config.dim)
-        self.ngram_embed = nn.Embedding(config.ngram_buckets, config.dim) if config.ngrams > 1 else None
+        self.embed = token_embedding(vocab_size, config.dim)
+        self.ngram_embed = token_embedding(config.ngram_buckets, config.dim) if config.ngrams > 1 else None
         self.drop = nn.Dropout(dropout)
         self.out_dim = config.dim * (2 if config.pooling == "mean_max" else 1)
 
