@@ -171,6 +171,26 @@ def test_inference_finds_text_columns_and_picks_tokenizer_and_encoder_by_languag
     assert TextFeatureConfig(**big).encoder.kind == "transformer"
 
 
+def test_bag_default_trains_about_700_steps_and_averages_the_weights():
+    from largo.config import validate_config
+    from largo.data.infer import Inferred, default_config
+
+    text = {"name": "t", "type": "text", "tokenizer": {"kind": "wordpiece"}, "encoder": {"kind": "bag"}}
+    seen = {}
+    for rows in (1_000, 10_000, 40_000):
+        inferred = Inferred(inputs=[text], outputs=[{"name": "y", "type": "category"}], rows=rows)
+        cfg = validate_config(default_config("x.csv", inferred, "run"))
+        seen[rows] = (cfg.train.epochs, cfg.train.ema)
+        steps = rows * 0.8 / 64
+        assert cfg.train.epochs * steps >= 600 or cfg.train.epochs == 30  # enough steps, within a cap
+        assert cfg.train.epochs >= 5
+        assert 0.9 <= cfg.train.ema < 1 and 1 / (1 - cfg.train.ema) <= max(10, steps) + 1  # ≤ ~1 epoch
+    assert seen[1_000][0] > seen[10_000][0] and seen[1_000][1] < seen[40_000][1]
+    transformer = {**text, "encoder": {"kind": "transformer"}}
+    inferred = Inferred(inputs=[transformer], outputs=[{"name": "y", "type": "category"}], rows=60_000)
+    assert validate_config(default_config("x.csv", inferred, "run")).train.ema is None  # bag only
+
+
 def test_lengths_end_at_the_last_real_token_even_with_a_literal_pad_inside():
     from largo.data.text import text_lengths
 
