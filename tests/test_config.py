@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 import yaml
 
-from largo.config import Config, ConfigError, dump_config, load_config, validate_config
+from largo.config import (
+    IMAGE_ENCODER_NAMES,
+    Config,
+    ConfigError,
+    dump_config,
+    load_config,
+    validate_config,
+)
 from largo.models.zoo import IMAGE_ENCODERS
 
 
@@ -96,6 +103,7 @@ def test_unknown_image_encoder_lists_the_zoo():
     for name in IMAGE_ENCODERS:
         assert name in message
     data["inputs"][1]["encoder"] = next(iter(IMAGE_ENCODERS))
+    assert set(IMAGE_ENCODER_NAMES) == set(IMAGE_ENCODERS)  # config's names are the zoo's, no more
     assert validate_config(data).inputs[1].encoder == next(iter(IMAGE_ENCODERS))
 
 

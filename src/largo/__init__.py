@@ -27,6 +27,9 @@ _EXPORTS = {
     "load": "largo.api",
     "predict": "largo.api",
     "train": "largo.api",
+    "export": "largo.api",
+    "compress": "largo.api",
+    "serve": "largo.api",
     "Config": "largo.config",
     "ConfigError": "largo.config",
     "load_config": "largo.config",
@@ -36,10 +39,40 @@ _EXPORTS = {
     "Predictor": "largo.deploy.predictor",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [  # the names of _EXPORTS (a test keeps the two equal) and the version
+    "BundleError",
+    "Config",
+    "ConfigError",
+    "DataError",
+    "Predictor",
+    "TrainResult",
+    "__version__",
+    "compress",
+    "evaluate",
+    "export",
+    "infer_config",
+    "info",
+    "load",
+    "load_config",
+    "predict",
+    "serve",
+    "train",
+    "validate_config",
+]
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
-    from largo.api import TrainResult, evaluate, infer_config, info, load, predict, train
+    from largo.api import (
+        TrainResult,
+        compress,
+        evaluate,
+        export,
+        infer_config,
+        info,
+        load,
+        predict,
+        serve,
+        train,
+    )
     from largo.config import Config, ConfigError, load_config, validate_config
     from largo.data.readers import DataError
     from largo.deploy.bundle import BundleError

@@ -107,6 +107,9 @@ class CategoryFeatureConfig(_FeatureBase):
     class_weights: Literal["none", "balanced"] = Field("none", description="Loss weights when an output.")
 
 
+IMAGE_ENCODER_NAMES = ("cnn", "cnn-classic", "mlp")  # the keys of models.zoo.IMAGE_ENCODERS (tested)
+
+
 class ImageFeatureConfig(_FeatureBase):
     """An image column (paths, or an image folder): decoded, resized, normalized, augmented on train."""
 
@@ -121,10 +124,9 @@ class ImageFeatureConfig(_FeatureBase):
     @field_validator("encoder")
     @classmethod
     def _known_encoder(cls, v: str) -> str:
-        from largo.models.zoo import IMAGE_ENCODERS  # lazy: the zoo imports torch
-
-        if v not in IMAGE_ENCODERS:
-            raise ValueError(f"unknown image encoder; allowed: {', '.join(IMAGE_ENCODERS)}")
+        # names, not the zoo itself: the zoo imports torch, and an ONNX server reads configs without it
+        if v not in IMAGE_ENCODER_NAMES:
+            raise ValueError(f"unknown image encoder; allowed: {', '.join(IMAGE_ENCODER_NAMES)}")
         return v
 
 

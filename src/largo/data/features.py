@@ -1,6 +1,8 @@
-"""Per-type feature processors: fit on the train split, turn columns into tensors, save as JSON.
+"""Per-type feature processors: fit on the train split, turn columns into arrays, save as JSON.
 
-Each processor has `fit(column)`, `encode(column) -> Tensor`, `state() -> dict` and `from_state()`.
+Each processor has `fit(column)`, `encode_array(column) -> np.ndarray`, `state() -> dict` and
+`from_state()`; `encode(column)` is the same as a torch tensor. Encoding needs numpy only (torch is
+imported inside the tensor wrappers), so the ONNX Runtime serving path runs without torch.
 Number inputs are stacked into one float matrix (`NUMBERS`) so a table of 64 pixel columns is one
 tensor, not 64; category inputs become int64 ids (0 is the unknown bucket); images become uint8
 [n, c, h, w] tensors that the model normalizes itself, so an exported model takes raw pixels; texts
@@ -15,17 +17,19 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from PIL import Image
 
 from largo.config import CategoryFeatureConfig, ImageFeatureConfig, NumberFeatureConfig
 from largo.data.readers import DataError
 from largo.data.text import TextProcessor
+
+if TYPE_CHECKING:
+    import torch
 
 NUMBERS = "__numbers__"  # batch key of the stacked number inputs
 UNKNOWN = "<unk>"
@@ -35,6 +39,13 @@ def _values(column: pa.ChunkedArray | pa.Array | Sequence[Any]) -> list[Any]:
     if isinstance(column, pa.ChunkedArray | pa.Array):
         return column.to_pylist()
     return list(column)
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A numpy array as a torch tensor sharing its memory (torch imported only here)."""
+    import torch
+
+    return torch.from_numpy(a)
 
 
 def _is_numeric(t: pa.DataType) -> bool:
@@ -105,9 +116,13 @@ class NumberProcessor:
             return y * ((self.stats["max"] - self.stats["min"]) or 1.0) + self.stats["min"]
         return y
 
+    def encode_array(self, column: pa.ChunkedArray | Sequence[Any]) -> np.ndarray:
+        """Column → float32 array [n] in model space."""
+        return self.scale(self.to_float(column)).astype(np.float32)
+
     def encode(self, column: pa.ChunkedArray | Sequence[Any]) -> torch.Tensor:
-        """Column → float32 tensor [n] in model space."""
-        return torch.from_numpy(self.scale(self.to_float(column)).astype(np.float32))
+        """`encode_array` as a torch tensor."""
+        return _tensor(self.encode_array(column))
 
     def state(self) -> dict[str, Any]:
         """JSON-serializable fitted state."""
@@ -148,11 +163,11 @@ class CategoryProcessor:
         """Number of ids (classes for an output; values plus the unknown bucket for an input)."""
         return len(self.vocab)
 
-    def encode(self, column: pa.ChunkedArray | Sequence[Any]) -> torch.Tensor:
+    def encode_array(self, column: pa.ChunkedArray | Sequence[Any]) -> np.ndarray:
         """Column → int64 ids [n]."""
         values = [self._as_str(v) for v in _values(column)]
         if not self.is_output:
-            return torch.tensor([self.index.get(v, 0) for v in values], dtype=torch.int64)
+            return np.array([self.index.get(v, 0) for v in values], dtype=np.int64)
         unseen = sorted({str(v) for v in values if v not in self.index})
         if unseen:
             shown = ", ".join(repr(u) for u in unseen[:10])
@@ -160,7 +175,11 @@ class CategoryProcessor:
                 f"output {self.config.name!r}: labels not seen in training: {shown}"
                 f"{' …' if len(unseen) > 10 else ''}; known labels: {', '.join(self.vocab[:20])}"
             )
-        return torch.tensor([self.index[v] for v in values], dtype=torch.int64)
+        return np.array([self.index[v] for v in values], dtype=np.int64)
+
+    def encode(self, column: pa.ChunkedArray | Sequence[Any]) -> torch.Tensor:
+        """`encode_array` as a torch tensor."""
+        return _tensor(self.encode_array(column))
 
     def state(self) -> dict[str, Any]:
         """JSON-serializable fitted state."""
@@ -235,19 +254,29 @@ class ImageProcessor:
         size = list(self.config.size or (first.height, first.width))
         self.stats = {"channels": channels, "size": size}
         step = max(1, len(values) // 2000)
-        sample = self.encode(values[::step]).float() / 255.0
+        sample = self.encode(values[::step]).float() / 255.0  # torch: fit runs at train time only
         self.stats["mean"] = sample.mean(dim=(0, 2, 3)).tolist()
         self.stats["std"] = [max(s, 1e-3) for s in sample.std(dim=(0, 2, 3)).tolist()]
 
-    def encode(self, column: pa.ChunkedArray | Sequence[Any], base_dir: str | None = None) -> torch.Tensor:
-        """Column of images → uint8 tensor [n, c, h, w] (decoded on a few threads)."""
+    def encode_array(
+        self, column: pa.ChunkedArray | Sequence[Any], base_dir: str | None = None
+    ) -> np.ndarray:
+        """Column of images → uint8 array [n, c, h, w] (decoded on a few threads)."""
         values = _values(column)
         c, h, w = self.shape
         out = np.empty((len(values), c, h, w), dtype=np.uint8)
+        if len(values) < 16:  # a served request: starting threads would cost more than decoding
+            for i, v in enumerate(values):
+                out[i] = self.load(v, base_dir)
+            return out
         with ThreadPoolExecutor(max_workers=4) as pool:
             for i, arr in enumerate(pool.map(lambda v: self.load(v, base_dir), values, chunksize=64)):
                 out[i] = arr
-        return torch.from_numpy(out)
+        return out
+
+    def encode(self, column: pa.ChunkedArray | Sequence[Any], base_dir: str | None = None) -> torch.Tensor:
+        """`encode_array` as a torch tensor."""
+        return _tensor(self.encode_array(column, base_dir))
 
     def state(self) -> dict[str, Any]:
         """JSON-serializable fitted state."""
@@ -279,24 +308,32 @@ def processor_from_state(config: Any, is_output: bool, state: dict[str, Any]) ->
     return ImageProcessor(config, None, state["stats"])
 
 
-def encode_inputs(
+def encode_input_arrays(
     columns: dict[str, Any], configs: list[Any], processors: dict[str, Processor], base_dir: str | None = None
-) -> dict[str, torch.Tensor]:
-    """Raw input columns (by feature name) → the model's input batch; numbers stacked as NUMBERS.
+) -> dict[str, np.ndarray]:
+    """Raw input columns (by feature name) → the model's input batch as numpy arrays; numbers are
+    stacked as NUMBERS [n, k] float32.
 
     `base_dir` is the folder relative image paths resolve against (the data file's folder).
     """
-    batch: dict[str, torch.Tensor] = {}
-    numbers = [processors[c.name].encode(columns[c.name]) for c in configs if c.type == "number"]
+    batch: dict[str, np.ndarray] = {}
+    numbers = [processors[c.name].encode_array(columns[c.name]) for c in configs if c.type == "number"]
     if numbers:
-        batch[NUMBERS] = torch.stack(numbers, dim=1)
+        batch[NUMBERS] = np.stack(numbers, axis=1)
     for c in configs:
         proc = processors[c.name]
         if isinstance(proc, ImageProcessor):
-            batch[c.name] = proc.encode(columns[c.name], base_dir)
+            batch[c.name] = proc.encode_array(columns[c.name], base_dir)
         elif c.type != "number":
-            batch[c.name] = proc.encode(columns[c.name])
+            batch[c.name] = proc.encode_array(columns[c.name])
     return batch
+
+
+def encode_inputs(
+    columns: dict[str, Any], configs: list[Any], processors: dict[str, Processor], base_dir: str | None = None
+) -> dict[str, torch.Tensor]:
+    """`encode_input_arrays` as torch tensors (the training and eager-predict path)."""
+    return {k: _tensor(v) for k, v in encode_input_arrays(columns, configs, processors, base_dir).items()}
 
 
 def sequence_pads(configs: list[Any], processors: dict[str, Processor]) -> dict[str, int]:

@@ -10,8 +10,12 @@ Rust and the fitted tokenizer is saved as a standard `tokenizer.json`:
 - pretrained: the tokenizer.json of a Hugging Face model folder, with largo's normalization in front.
 
 Normalization (NFKC, lowercase, punctuation, stop words, whitespace) is the tokenizer's normalizer,
-so train and predict time cannot drift apart. Ids are right-padded with `pad_id`; batches are trimmed
-to their longest row later (dynamic padding), so a short request never pays for a long one.
+so train and predict time cannot drift apart. Encoding is numpy only (`encode_array`); torch is
+imported only by the tensor wrappers (`encode`, `special_ids`, `text_lengths`), so a bundle's text
+preprocessing runs in an ONNX Runtime serving image without torch (or scikit-learn: the stop-word
+lists load only when a normalizer is built, at fit time or for jieba). Ids are right-padded with
+`pad_id`; batches are trimmed to their longest row later (dynamic padding), so a short request never
+pays for a long one.
 """
 
 from __future__ import annotations
@@ -22,16 +26,17 @@ import math
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from largo.config import NormalizeConfig, TextFeatureConfig
 from largo.data.readers import DataError
-from largo.data.stopwords import stopword_set, substring_safe
+
+if TYPE_CHECKING:
+    import torch
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4 in every trained vocabulary
 STATS_SAMPLE = 50_000  # train-split length statistics are measured on at most about this many texts
@@ -39,6 +44,15 @@ _HAN = r"\p{Han}"
 
 
 # ------------------------------------------------------------------------------------ normalization
+
+
+def _stopword_set(choice: str | list[str]) -> frozenset[str]:
+    """The stop words of a setting; the built-in lists (scikit-learn's English) load only when used."""
+    if choice == "none":
+        return frozenset()
+    from largo.data.stopwords import stopword_set
+
+    return stopword_set(choice)
 
 
 def _stopword_pattern(words: frozenset[str], ignore_case: bool) -> str | None:
@@ -68,8 +82,11 @@ def build_normalizer(cfg: NormalizeConfig, kind: str) -> normalizers.Normalizer 
     if cfg.remove_punctuation:
         steps.append(normalizers.Replace(Regex(r"[\p{P}\p{S}]"), " "))
     if kind != "jieba":
-        words = stopword_set(cfg.stopwords)
-        words = words if isinstance(cfg.stopwords, list) else substring_safe(words)
+        words = _stopword_set(cfg.stopwords)
+        if not isinstance(cfg.stopwords, list) and words:
+            from largo.data.stopwords import substring_safe
+
+            words = substring_safe(words)
         pattern = _stopword_pattern(words, ignore_case=not cfg.lowercase or kind == "pretrained")
         if pattern:
             steps.append(normalizers.Replace(Regex(pattern), " "))
@@ -207,7 +224,7 @@ class TextProcessor:
         # jieba normalizes and drops stop words in Python, before segmenting: built once, not per call
         self._jieba = config.tokenizer.kind == "jieba"
         self._jieba_normalizer = build_normalizer(config.normalize, "jieba") if self._jieba else None
-        self._stopwords = stopword_set(config.normalize.stopwords) if self._jieba else frozenset()
+        self._stopwords = _stopword_set(config.normalize.stopwords) if self._jieba else frozenset()
 
     @property
     def vocab_size(self) -> int:
@@ -227,6 +244,8 @@ class TextProcessor:
     @property
     def special_ids(self) -> torch.Tensor:
         """Ids of the special tokens (padding, [CLS], [SEP], [MASK] …) as an int tensor."""
+        import torch
+
         assert self.tokenizer is not None, "fit() first"
         decoder = self.tokenizer.get_added_tokens_decoder()
         ids = {i for i, t in decoder.items() if t.special} | {self.pad_id}
@@ -286,7 +305,7 @@ class TextProcessor:
         self._configure()
         sample = prepared[:: max(1, len(prepared) // STATS_SAMPLE)]
         ids = self._encode_prepared(sample)
-        lengths = text_lengths(ids, self.pad_id).numpy()
+        lengths = array_lengths(ids, self.pad_id)
         unk = tok.token_to_id("[UNK]")
         share = len(texts) / max(1, len(sample))
         self.stats = {
@@ -306,7 +325,7 @@ class TextProcessor:
         self.tokenizer.enable_truncation(t.max_length, direction=t.truncation)
         self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=pad_token)
 
-    def encode(self, column: pa.ChunkedArray | Sequence[Any]) -> torch.Tensor:
+    def encode_array(self, column: pa.ChunkedArray | Sequence[Any]) -> np.ndarray:
         """Texts → int32 ids [n, longest row], right-padded with pad_id, truncated to max_length."""
         if self.tokenizer is None:
             raise RuntimeError("TextProcessor.encode before fit")
@@ -314,15 +333,21 @@ class TextProcessor:
             self._configure()
         return self._encode_prepared(self._prepare(self.texts(column)))
 
-    def _encode_prepared(self, texts: list[str]) -> torch.Tensor:
+    def encode(self, column: pa.ChunkedArray | Sequence[Any]) -> torch.Tensor:
+        """`encode_array` as a torch tensor (shares the memory)."""
+        import torch
+
+        return torch.from_numpy(self.encode_array(column))
+
+    def _encode_prepared(self, texts: list[str]) -> np.ndarray:
         assert self.tokenizer is not None
         if not texts:
-            return torch.zeros((0, 1), dtype=torch.int32)
+            return np.zeros((0, 1), dtype=np.int32)
         encodings = self.tokenizer.encode_batch(texts)
         ids = np.array([e.ids for e in encodings], dtype=np.int32)
         if ids.shape[1] == 0:  # every text empty: keep one (padding) column so shapes stay 2-d
             ids = np.full((len(texts), 1), self.pad_id, dtype=np.int32)
-        return torch.from_numpy(ids)
+        return ids
 
     def state(self) -> dict[str, Any]:
         """JSON-serializable fitted state (the tokenizer as its tokenizer.json text)."""
@@ -363,5 +388,15 @@ def text_lengths(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     Not a count of non-padding ids: a text that itself contains the padding token ("[PAD]") must not
     lose its last tokens when a batch is cut to its longest row.
     """
+    import torch
+
     positions = torch.arange(1, ids.shape[1] + 1, device=ids.device)
     return torch.where(ids != pad_id, positions, 0).amax(dim=1) if ids.shape[1] else ids.new_zeros(len(ids))
+
+
+def array_lengths(ids: np.ndarray, pad_id: int) -> np.ndarray:
+    """`text_lengths` for a numpy id array [n, t] → int64 [n] (the torch-free serving path)."""
+    if ids.shape[1] == 0:
+        return np.zeros(len(ids), dtype=np.int64)
+    positions = np.arange(1, ids.shape[1] + 1, dtype=np.int64)
+    return np.where(ids != pad_id, positions, 0).max(axis=1)

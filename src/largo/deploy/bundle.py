@@ -2,7 +2,8 @@
 
 runs/<name>/<version>/ holds config.yaml, model.safetensors, preprocessors.json, metrics.json,
 report.html with its plots, and checkpoints/ while a run is unfinished. Weights are safetensors
-only; nothing here unpickles.
+only; nothing here unpickles. Reading the config and preprocessors needs no torch and lives in
+`metadata.py` (re-exported here); this module adds writing bundles and loading the model.
 """
 
 from __future__ import annotations
@@ -15,21 +16,40 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import load_model, save_model
 
-from largo.config import Config, dump_config, validate_config
-from largo.data.features import Processor, processor_from_state
+from largo.config import Config, dump_config
+from largo.data.features import Processor
+from largo.deploy.metadata import (
+    FORMAT_VERSION,
+    PREPROCESSORS,
+    WEIGHTS,
+    BundleError,
+    BundleInfo,
+    read_bundle_info,
+    read_processors,
+    tokenizer_file,
+)
 from largo.evaluate.report import write_metrics_json, write_report
 from largo.models.build import FeatureModel, build_model
 
-WEIGHTS = "model.safetensors"
-PREPROCESSORS = "preprocessors.json"
-FORMAT_VERSION = 1
-
-
-class BundleError(ValueError):
-    """A folder that is not a complete largo bundle."""
+__all__ = [  # the metadata names stay importable from here, where they used to live
+    "FORMAT_VERSION",
+    "PREPROCESSORS",
+    "WEIGHTS",
+    "Bundle",
+    "BundleError",
+    "BundleInfo",
+    "environment",
+    "find_resumable",
+    "load_weights",
+    "new_run_dir",
+    "read_bundle",
+    "read_processors",
+    "tokenizer_file",
+    "write_bundle",
+    "write_run_start",
+]
 
 
 def _versions(run_root: Path) -> list[int]:
@@ -76,11 +96,6 @@ def write_run_start(run_dir: Path, config: Config, processors: dict[str, Process
     (run_dir / PREPROCESSORS).write_text(json.dumps(state, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
-def tokenizer_file(feature: str) -> str:
-    """File name of a text input's tokenizer in the bundle: tokenizer-<input>.json."""
-    return f"tokenizer-{re.sub(r'[^A-Za-z0-9_.-]', '_', feature)}.json"
-
-
 def environment() -> dict[str, str]:
     """Versions recorded in metrics.json."""
     from largo import __version__
@@ -108,32 +123,14 @@ class Bundle:
     model: FeatureModel
 
 
-def read_processors(path: Path, config: Config) -> dict[str, Processor]:
-    """Fitted processors from preprocessors.json."""
-    state = json.loads((path / PREPROCESSORS).read_text(encoding="utf-8"))
-    features = state["features"]
-    procs: dict[str, Processor] = {}
-    for role, configs in (("input", config.inputs), ("output", config.outputs)):
-        for f in configs:
-            st = features[f.name]["state"]
-            if "tokenizer_file" in st:
-                st = {**st, "tokenizer": (path / st["tokenizer_file"]).read_text(encoding="utf-8")}
-            procs[f.name] = processor_from_state(f, role == "output", st)
-    return procs
+def load_weights(info: BundleInfo) -> FeatureModel:
+    """Build the bundle's model and load its safetensors weights (never pickle), in eval mode."""
+    model = build_model(info.config, info.processors, load_pretrained=False)
+    load_model(model, str(info.path / WEIGHTS))
+    return model.eval()
 
 
 def read_bundle(path: str | Path) -> Bundle:
     """Load a bundle folder (weights from safetensors, never pickle) with the model in eval mode."""
-    path = Path(path)
-    missing = [n for n in ("config.yaml", PREPROCESSORS, WEIGHTS) if not (path / n).exists()]
-    if missing:
-        hint = " (an unfinished run? resume it with --resume)" if (path / "checkpoints").exists() else ""
-        raise BundleError(f"{path}: not a complete bundle, missing {', '.join(missing)}{hint}")
-    config = validate_config(yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")), str(path))
-    processors = read_processors(path, config)
-    model = build_model(config, processors, load_pretrained=False)
-    load_model(model, str(path / WEIGHTS))
-    model.eval()
-    metrics_path = path / "metrics.json"
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
-    return Bundle(path, config, processors, metrics, model)
+    info = read_bundle_info(path)
+    return Bundle(info.path, info.config, info.processors, info.metrics, load_weights(info))

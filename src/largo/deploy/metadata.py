@@ -1,0 +1,89 @@
+"""Read a bundle's config, fitted preprocessors and JSON records without torch.
+
+What an ONNX Runtime serving image needs from a bundle: `bundle.py` adds the torch side (writing
+bundles, loading the weights into a model) on top of this module, which imports neither torch nor
+the model code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from largo.config import Config, validate_config
+from largo.data.features import Processor, processor_from_state
+
+WEIGHTS = "model.safetensors"
+PREPROCESSORS = "preprocessors.json"
+EXPORT_RECORD = "export.json"  # what `largo export` wrote, its parity checks and runtime timings
+FORMAT_VERSION = 1
+
+
+class BundleError(ValueError):
+    """A folder that is not a complete largo bundle."""
+
+
+class ParityError(Exception):
+    """An exported or compressed model whose outputs do not match the eager model closely enough."""
+
+
+def tokenizer_file(feature: str) -> str:
+    """File name of a text input's tokenizer in the bundle: tokenizer-<input>.json."""
+    return f"tokenizer-{re.sub(r'[^A-Za-z0-9_.-]', '_', feature)}.json"
+
+
+def check_files(path: Path, names: tuple[str, ...]) -> None:
+    """Raise BundleError naming the files of `names` the folder lacks."""
+    if not path.is_dir():
+        raise BundleError(f"{path}: no such bundle folder")
+    missing = [n for n in names if not (path / n).exists()]
+    if missing:
+        hint = " (an unfinished run? resume it with --resume)" if (path / "checkpoints").exists() else ""
+        raise BundleError(f"{path}: not a complete bundle, missing {', '.join(missing)}{hint}")
+
+
+def read_config(path: Path) -> Config:
+    """The bundle's resolved config.yaml."""
+    return validate_config(yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")), str(path))
+
+
+def read_processors(path: Path, config: Config) -> dict[str, Processor]:
+    """Fitted processors from preprocessors.json."""
+    state = json.loads((path / PREPROCESSORS).read_text(encoding="utf-8"))
+    features = state["features"]
+    procs: dict[str, Processor] = {}
+    for role, configs in (("input", config.inputs), ("output", config.outputs)):
+        for f in configs:
+            st = features[f.name]["state"]
+            if "tokenizer_file" in st:
+                st = {**st, "tokenizer": (path / st["tokenizer_file"]).read_text(encoding="utf-8")}
+            procs[f.name] = processor_from_state(f, role == "output", st)
+    return procs
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file of the bundle as a dict; {} when it does not exist."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+@dataclass
+class BundleInfo:
+    """A bundle without its model: config, fitted processors and metrics (what serving reads)."""
+
+    path: Path
+    config: Config
+    processors: dict[str, Processor]
+    metrics: dict[str, Any]
+
+
+def read_bundle_info(path: str | Path, required: tuple[str, ...] = (WEIGHTS,)) -> BundleInfo:
+    """Config, processors and metrics of a bundle; `required` names the model files it must hold."""
+    path = Path(path)
+    check_files(path, ("config.yaml", PREPROCESSORS, *required))
+    config = read_config(path)
+    return BundleInfo(path, config, read_processors(path, config), read_json(path / "metrics.json"))
