@@ -395,3 +395,121 @@ def info(bundle: str | Path) -> dict[str, Any]:
         "splits": b.metrics.get("splits"),
         "versions": b.metrics.get("versions"),
     }
+
+
+def serve(
+    bundle: str | Path,
+    *,
+    runtime: str = "auto",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 32,
+    max_wait_ms: float = 5.0,
+    **options: Any,
+) -> None:
+    """Serve a bundle over HTTP (FastAPI + uvicorn) until interrupted.
+
+    Args:
+        bundle: a bundle folder.
+        runtime: 'torch', 'onnx' (ONNX Runtime, no torch needed) or 'auto' (onnx when exported).
+        host: interface to bind; the default 127.0.0.1 is reachable from this machine only.
+        port: TCP port.
+        api_key: when set, /predict, /feedback and /metrics need `Authorization: Bearer <api_key>`.
+        max_batch: most records per forward pass (dynamic batching).
+        max_wait_ms: longest a request waits for its batch to fill.
+        options: more `largo.deploy.server.create_app()` options (queue_size, max_body_bytes, ...).
+    """
+    from largo.deploy.server import serve_bundle  # lazy: the server's dependencies are an extra
+
+    serve_bundle(
+        bundle,
+        runtime=runtime,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        **options,
+    )
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def held_out_rows(bundle: Any, data: str | Path | None) -> tuple[Any, Any]:
+    """Encoded (held-out rows, calibration rows or None) for checking and quantizing an export.
+
+    The held-out rows are `data` if given, else the run's test split (its valid split without one).
+    Calibration rows (for static int8 of image models) are up to 512 rows of the run's train split.
+    """
+    from largo.deploy.export import held_out
+
+    cfg = bundle.config
+    images = any(f.type == "image" for f in cfg.inputs)
+    tables: dict[str, pa.Table] = {}
+    try:
+        tables = load_splits(cfg)[0] if data is None or images else {}
+    except (FileNotFoundError, DataError) as exc:
+        if data is None:
+            raise DataError(f"cannot re-create the run's test split ({exc}); pass --data FILE") from None
+    calibration = None
+    if tables and images:
+        calibration = held_out(bundle, tables["train"].slice(0, 512), "train split")
+    if data is not None:
+        table, _ = _read_clean(str(data), cfg)
+        if table.num_rows == 0:
+            raise DataError(f"{data}: no labelled rows to check the export on")
+        return held_out(bundle, table, str(data)), calibration
+    split = "test" if tables["test"].num_rows else "valid"
+    if tables[split].num_rows == 0:
+        raise DataError("the run has no test or valid split to check the export on; pass --data FILE")
+    return held_out(bundle, tables[split], f"{split} split"), calibration
+
+
+def export(
+    bundle: str | Path,
+    format: str = "onnx",
+    quantize: str = "none",
+    data: str | Path | None = None,
+    *,
+    exporter: str = "auto",
+    max_abs_diff: float = 1e-3,
+    benchmark: bool = False,
+    compile: bool = False,
+) -> dict[str, Any]:
+    """Export a bundle (ONNX and/or TorchScript, optionally int8) and check it against eager fp32.
+
+    Args:
+        bundle: a bundle folder; the files (model.onnx, model.int8.onnx, model.ts) go into it.
+        format: 'onnx', 'torchscript' or 'all'.
+        quantize: 'none' or 'int8' (ONNX Runtime quantization of model.onnx).
+        data: labelled rows for the parity check; default: the run's test split.
+        exporter: 'auto' (dynamo, falling back to the TorchScript-based exporter), 'dynamo', 'torchscript'.
+        max_abs_diff: the largest output difference a faithful (fp32) export may show.
+        benchmark: also time every runtime at batch 32 (what `load_predictor(path, 'auto')` reads).
+        compile: include torch.compile in the benchmark (slow to warm up).
+
+    Returns:
+        The bundle's export record (export.json). Raises ParityError when a check fails.
+    """
+    from largo.deploy.bundle import read_bundle
+    from largo.deploy.export import export_bundle
+
+    b = read_bundle(bundle)
+    rows, calibration = held_out_rows(b, data)
+    return export_bundle(b, rows, format, quantize, calibration, exporter, max_abs_diff, benchmark, compile)
+
+
+def compress(bundle: str | Path, prune: float = 0.5, data: str | Path | None = None) -> tuple[Path, dict]:
+    """Magnitude-prune a bundle's weights into the run's next version, checked on held-out rows.
+
+    Returns:
+        (the new bundle's path, its compress.json record). Raises ParityError when accuracy drops by
+        more than a point (the pruned bundle is still written, with the failed check in its record).
+    """
+    from largo.deploy.bundle import read_bundle
+    from largo.deploy.compress import compress_bundle
+
+    rows, _ = held_out_rows(read_bundle(bundle), data)
+    return compress_bundle(bundle, rows, prune)

@@ -1,9 +1,11 @@
-"""The command line: `largo train|evaluate|predict|info`. Each verb calls the API function of its name."""
+"""The command line: `largo train|evaluate|predict|info|export|compress|…`. Each verb calls the API
+function of its name; the API is imported on first use, so importing this module needs no torch."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -12,10 +14,22 @@ from typing import Annotated, Any
 
 import typer
 
-from largo import api
 from largo.config import ConfigError, apply_overrides, dump_config, load_config, validate_config
 from largo.data.readers import DataError
-from largo.deploy.bundle import BundleError
+from largo.deploy.metadata import BundleError, ParityError
+
+
+class _LazyApi:
+    """`largo.api`, imported on first use: it imports torch, which a command serving an ONNX model
+    from a torch-free image must not need just to start."""
+
+    def __getattr__(self, name: str) -> Any:
+        from largo import api as module
+
+        return getattr(module, name)
+
+
+api = _LazyApi()
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="largo: data → model → bundle → predictions."
@@ -161,6 +175,124 @@ def predict(
 def info(bundle: Annotated[str, typer.Argument(help="A bundle folder.")]) -> None:
     """Show what a bundle holds: features, labels, parameters, test metrics."""
     typer.echo(json.dumps(api.info(bundle), indent=2, ensure_ascii=False))
+
+
+@app.command()
+@_friendly
+def serve(
+    bundle: Annotated[str, typer.Argument(help="A bundle folder.")],
+    runtime: Annotated[
+        str,
+        typer.Option(help="torch | onnx | auto (also torch-bf16, torch-compile, onnx-int8)."),
+    ] = "auto",
+    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes it to the network.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option("--api-key-env", help="Environment variable holding the API key clients must send."),
+    ] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most records per forward pass.")] = 32,
+    max_wait_ms: Annotated[
+        float, typer.Option("--max-wait-ms", help="Longest wait for a batch to fill, in ms.")
+    ] = 5.0,
+) -> None:
+    """Serve a bundle over HTTP: POST /predict, POST /feedback, GET /metrics, and a page at /."""
+    api_key = None
+    if api_key_env:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise ConfigError(f"--api-key-env {api_key_env}: that environment variable is not set or empty")
+    # what api.serve() calls, called directly: largo.api imports torch, and an ONNX-only serving image
+    # has none (the one verb that cannot go through the API module)
+    from largo.deploy.server import serve_bundle
+
+    serve_bundle(
+        bundle,
+        runtime=runtime,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+    )
+
+
+def _print_checks(sections: dict[str, Any]) -> None:
+    """One line per checked file: verdict, largest output difference, label agreement, accuracy."""
+    for name, section in sections.items():
+        check = section["parity"]
+        for output, m in check["outputs"].items():
+            agree = f"  agreement={m['label_agreement']:.4f}" if "label_agreement" in m else ""
+            verdict = "ok" if m["passed"] else "FAILED"
+            typer.echo(
+                f"{name:<12} {verdict:<7} {output}: max_abs_diff={m['max_abs_diff']:.2e}{agree}  "
+                f"{m['metric']} {m['before']:.4f} → {m['after']:.4f}  ({check['rows']} rows)"
+            )
+
+
+@app.command()
+@_friendly
+def export(
+    bundle: Annotated[str, typer.Argument(help="A bundle folder; the exported files go into it.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx | torchscript | all.")] = "onnx",
+    quantize: Annotated[str, typer.Option(help="none | int8 (ONNX Runtime int8 of model.onnx).")] = "none",
+    data: Annotated[
+        str | None,
+        typer.Option("--data", "-d", help="Labelled rows for the parity check (default: test split)."),
+    ] = None,
+    exporter: Annotated[
+        str, typer.Option(help="auto (dynamo, else TorchScript-based) | dynamo | torchscript.")
+    ] = "auto",
+    max_diff: Annotated[
+        float, typer.Option("--max-diff", help="Largest output difference an fp32 export may show.")
+    ] = 1e-3,
+    benchmark: Annotated[
+        bool, typer.Option("--benchmark", help="Time every runtime at batch 32 (what --runtime auto reads).")
+    ] = False,
+) -> None:
+    """Export to ONNX / TorchScript (optionally int8) and check it against the eager model.
+
+    Exits 1 when a parity check fails; the checks are in the bundle's export.json either way.
+    """
+    try:
+        record = api.export(bundle, format, quantize, data, exporter=exporter, max_abs_diff=max_diff,
+                            benchmark=benchmark)  # fmt: skip
+    except ParityError as exc:
+        from largo.deploy.metadata import EXPORT_RECORD, read_json
+
+        _print_checks(read_json(Path(bundle) / EXPORT_RECORD).get("formats", {}))
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    _print_checks(record["formats"])
+    if benchmark:
+        bench = record["benchmark"]
+        for name, m in bench["runtimes"].items():
+            typer.echo(
+                f"{name:<14} {m['rows_per_s']:>10,.0f} rows/s  {m['ratio']:.2f}x  acc {m['accuracy']:.4f}"
+            )
+        typer.echo(f"runtime auto → {bench['choice']}")
+
+
+@app.command()
+@_friendly
+def compress(
+    bundle: Annotated[str, typer.Argument(help="A bundle folder.")],
+    prune: Annotated[float, typer.Option(help="Fraction of each weight matrix to zero (0..1).")] = 0.5,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", "-d", help="Labelled rows for the accuracy check (default: test split)."),
+    ] = None,
+) -> None:
+    """Magnitude-prune the weights into the run's next version; exits 1 if accuracy drops > 1 point."""
+    try:
+        path, record = api.compress(bundle, prune, data)
+    except ParityError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    _print_checks({"pruned": record})
+    typer.echo(f"zero weights: {record['zero_fraction']:.1%}  bundle: {path}")
 
 
 @app.command("config")

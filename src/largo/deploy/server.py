@@ -1,0 +1,418 @@
+"""Serve a bundle over HTTP: `create_app()` (FastAPI, dynamic batching, auth) and `serve_bundle()` (uvicorn).
+
+Endpoints: POST /predict (one record or a list, JSON or multipart), POST /feedback, GET /health,
+GET /metrics (Prometheus text), GET / (a page to try the model), /openapi.json (with a request model
+built from the bundle's input features).
+
+This module never imports torch: the predictor is any object with `predict(records)`, `config`,
+`labels` and `path` (the eager torch `Predictor` or the ONNX Runtime one), and `serve_bundle()` loads
+it through `largo.deploy.predictor.load_predictor` only when called. Nothing here imports lifecycle/:
+predictions and feedback go to a sink (`deploy.sink.JsonlSink` by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+
+from largo.data.readers import DataError
+from largo.deploy.batcher import Batcher, QueueFullError
+from largo.deploy.metrics import ServerMetrics
+from largo.deploy.middleware import BodyLimit, NumpyJSONResponse, RequestMetrics
+from largo.deploy.page import render_page
+from largo.deploy.schema import InputError, RecordParser, loggable
+from largo.deploy.sink import JsonlSink, Sink
+
+log = logging.getLogger("largo.server")
+MiB = 1 << 20
+RECENT_IDS = 100_000  # prediction ids remembered for /feedback validation
+
+
+class Feedback(BaseModel):
+    """The right answer for a served prediction."""
+
+    prediction_id: uuid.UUID = Field(..., description="The `id` of a prediction from POST /predict.")
+    label: str | int | float = Field(..., description="The right class label (a value for a number output).")
+    output: str | None = Field(None, description="Which output; default: the first category output.")
+
+
+class ModelError(RuntimeError):
+    """A forward pass failed; answered 500 with the error id that the server log also shows."""
+
+    def __init__(self, message: str, error_id: str):
+        super().__init__(message)
+        self.error_id = error_id
+
+
+# ------------------------------------------------------------------------------------------ app
+
+
+def _output_info(predictor: Any) -> list[dict[str, Any]]:
+    labels = predictor.labels
+    return [
+        {"name": f.name, "type": f.type, **({"labels": list(labels[f.name])} if f.name in labels else {})}
+        for f in predictor.config.outputs
+    ]
+
+
+def _prediction_schema(outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    props: dict[str, Any] = {"id": {"type": "string", "format": "uuid", "description": "For POST /feedback."}}
+    for o in outputs:
+        if "labels" in o:
+            props[o["name"]] = {"type": "string", "enum": o["labels"]}
+            props[f"{o['name']}_probability"] = {"type": "number"}
+            props[f"{o['name']}_probabilities"] = {
+                "type": "object",
+                "additionalProperties": {"type": "number"},
+            }
+        else:
+            props[o["name"]] = {"type": "number"}
+    props["warnings"] = {"type": "array", "items": {"type": "string"}}
+    return {"title": "Prediction", "type": "object", "properties": props, "required": list(props)[:2]}
+
+
+def _openapi(app: FastAPI, parser: RecordParser, outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """FastAPI's schema plus the bundle's Record and Prediction models on POST /predict."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    comps["Record"] = parser.model.model_json_schema()
+    comps["Prediction"] = _prediction_schema(outputs)
+    record, pred = {"$ref": "#/components/schemas/Record"}, {"$ref": "#/components/schemas/Prediction"}
+    form = json.loads(json.dumps(comps["Record"]))
+    for f in parser.inputs:
+        if f.type == "image":
+            form["properties"][f.source] = {"type": "string", "format": "binary"}
+    op = schema["paths"]["/predict"]["post"]
+    op["requestBody"] = {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"anyOf": [record, {"type": "array", "items": record}]}},
+            "multipart/form-data": {"schema": form},
+        },
+    }
+    op["responses"]["200"]["content"] = {
+        "application/json": {"schema": {"anyOf": [pred, {"type": "array", "items": pred}]}}
+    }
+    app.openapi_schema = schema
+    return schema
+
+
+class Service:
+    """What the routes do: parse, queue, answer, remember ids, log; owns the batcher and the metrics."""
+
+    def __init__(
+        self,
+        predictor: Any,
+        sink: Sink,
+        *,
+        max_batch: int,
+        max_wait_ms: float,
+        queue_size: int,
+        max_records: int,
+        group_by_length: bool | None,
+    ):
+        self.predictor, self.sink = predictor, sink
+        self.inputs, self.outputs = list(predictor.config.inputs), _output_info(predictor)
+        self.name = getattr(predictor.config, "name", None) or Path(predictor.path).name
+        self.parser = RecordParser(self.inputs, max_records)
+        self.texts = any(f.type == "text" for f in self.inputs)
+        self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # prediction id → its outputs
+        self.metrics = ServerMetrics(lambda: self.batcher.depth)
+        self.batcher = Batcher(
+            self.run_batch,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            queue_size=queue_size,
+            group_by_length=self.texts if group_by_length is None else group_by_length,
+            on_batch=self.metrics.observe_batch,
+        )
+
+    def run_batch(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """In the worker thread: one forward pass, a prediction id per record, the batch's log rows."""
+        results = [{"id": str(uuid.uuid4()), **r} for r in self.predictor.predict(records)]
+        now = time.time()
+        rows = [
+            {
+                "id": r["id"],
+                "time": now,
+                "inputs": loggable(x),
+                "outputs": {k: v for k, v in r.items() if k != "id"},
+            }
+            for x, r in zip(records, results, strict=True)
+        ]
+        try:
+            self.sink.log_predictions(rows)
+        except Exception:  # noqa: BLE001 - a full disk must not stop predictions
+            log.exception("the sink failed to log %d predictions", len(rows))
+        return results
+
+    async def predict(self, request: Request) -> Any:
+        """Predict; the body is a record, a list of records, or a multipart form (one record, image files)."""
+        records, single = await _parse(request, self.parser)
+        lengths = [self.parser.length(r) for r in records] if self.texts else None
+        try:
+            futures = self.batcher.submit(records, lengths)
+        except QueueFullError as exc:
+            raise HTTPException(503, f"{exc}; retry shortly", headers={"Retry-After": "1"}) from None
+        answers = await asyncio.gather(*futures, return_exceptions=True)
+        results = [_answer(a, i, single) for i, a in enumerate(answers)]
+        for r in results:
+            self.recent[r["id"]] = {o["name"]: r.get(o["name"]) for o in self.outputs}
+        while len(self.recent) > RECENT_IDS:
+            self.recent.popitem(last=False)
+        return results[0] if single else results
+
+    async def feedback(self, body: Feedback) -> dict[str, Any]:
+        """Store the right label for a served prediction (appended through the sink)."""
+        out = _feedback_output(body, self.outputs)
+        label = _feedback_label(body.label, out)
+        pid = str(body.prediction_id)
+        if pid not in self.recent:
+            raise HTTPException(404, f"unknown prediction id {pid} (not served by this server recently)")
+        predicted = self.recent[pid].get(out["name"])
+        row = {
+            "prediction_id": pid,
+            "output": out["name"],
+            "label": label,
+            "predicted": predicted,
+            "time": time.time(),
+        }
+        await asyncio.to_thread(self.sink.log_feedback, row)
+        return {"status": "stored", **row}
+
+    async def health(self) -> dict[str, Any]:
+        """Liveness and queue depth (no API key needed)."""
+        return {
+            "status": "ok",
+            "model": self.name,
+            "bundle": str(self.predictor.path),
+            "queue_depth": self.batcher.depth,
+        }
+
+    async def prometheus(self) -> PlainTextResponse:
+        """Requests, errors by code, latency and batch-size histograms, queue depth (Prometheus text)."""
+        text = self.metrics.render()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _key_check(api_key: str | None) -> Any:
+    """A FastAPI dependency: 401 unless `Authorization: Bearer <api_key>` (constant-time compare)."""
+
+    def require_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
+
+    return Depends(require_key)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """422/413 for bad input, 500 with an error id for a model error or anything unexpected."""
+
+    @app.exception_handler(InputError)
+    async def _invalid(request: Request, exc: InputError) -> JSONResponse:
+        return NumpyJSONResponse({"detail": exc.errors}, status_code=exc.status_code)
+
+    @app.exception_handler(ModelError)
+    async def _model_failed(request: Request, exc: ModelError) -> JSONResponse:
+        return NumpyJSONResponse({"detail": str(exc), "error_id": exc.error_id}, status_code=500)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        error_id = str(uuid.uuid4())
+        log.error("error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
+        return NumpyJSONResponse({"detail": "internal error", "error_id": error_id}, status_code=500)
+
+
+def create_app(
+    predictor: Any,
+    *,
+    sink: Sink | None = None,
+    max_batch: int = 32,
+    max_wait_ms: float = 5.0,
+    queue_size: int = 1024,
+    max_body_bytes: int = 16 * MiB,
+    max_records: int | None = None,
+    api_key: str | None = None,
+    group_by_length: bool | None = None,
+) -> FastAPI:
+    """A FastAPI app serving one predictor with dynamic batching.
+
+    Args:
+        predictor: has `predict(list_of_records) -> list[dict]`, `config` (inputs, outputs), `labels`, `path`.
+        sink: gets `log_predictions(rows)` and `log_feedback(row)`; default `JsonlSink(<bundle>/serving)`.
+        max_batch: most records per forward pass.
+        max_wait_ms: longest the oldest waiting record waits for a batch to fill.
+        queue_size: most records waiting; more are answered 503 with Retry-After.
+        max_body_bytes: larger request bodies are answered 413.
+        max_records: most records in one request (default: queue_size); more are answered 413.
+        api_key: when set, /predict, /feedback and /metrics need `Authorization: Bearer <key>`.
+        group_by_length: batch texts of similar length together (default: on when an input is a text).
+    """
+    sink = sink if sink is not None else JsonlSink(Path(predictor.path) / "serving")
+    service = Service(
+        predictor,
+        sink,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        queue_size=queue_size,
+        max_records=max_records or queue_size,
+        group_by_length=group_by_length,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        await service.batcher.start()
+        log.info("serving %s (max_batch=%d, max_wait_ms=%g)", predictor.path, max_batch, max_wait_ms)
+        yield
+        await service.batcher.stop()  # uvicorn stopped accepting and let in-flight requests finish first
+
+    app = FastAPI(
+        title=f"largo: {service.name}",
+        version="1",
+        lifespan=lifespan,
+        default_response_class=NumpyJSONResponse,
+    )
+    app.state.service = service
+    endpoints = {"/", "/predict", "/feedback", "/health", "/metrics", "/openapi.json"}
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=service.metrics, endpoints=endpoints)
+    _add_error_handlers(app)
+    key = [_key_check(api_key)]
+    app.post("/predict", dependencies=key, summary="Predict one record or a list")(service.predict)
+    app.post("/feedback", dependencies=key, summary="The right label for a prediction")(service.feedback)
+    app.get("/health", summary="Liveness and queue depth")(service.health)
+    app.get("/metrics", dependencies=key, response_class=PlainTextResponse)(service.prometheus)
+    inputs = [{"name": f.name, "source": f.source, "type": f.type} for f in service.inputs]
+    page = render_page(service.name, inputs, service.outputs, auth=api_key is not None)
+    app.get("/", response_class=HTMLResponse, include_in_schema=False)(lambda: HTMLResponse(page))
+    app.openapi = lambda: _openapi(app, service.parser, service.outputs)  # type: ignore[method-assign]
+    return app
+
+
+async def _parse(request: Request, parser: RecordParser) -> tuple[list[dict[str, Any]], bool]:
+    """The request body → validated records; multipart/urlencoded forms carry one record."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        async with request.form() as form:
+            return parser.from_form(form)
+    return parser.from_json(await request.body())
+
+
+def _answer(answer: Any, index: int, single: bool) -> dict[str, Any]:
+    """A record's result, or the HTTP error its exception maps to (422 bad input, 500 model error)."""
+    if not isinstance(answer, BaseException):
+        return answer
+    where = "" if single else f"record {index}: "
+    if isinstance(answer, DataError):
+        loc = ["body"] + ([] if single else [index])
+        raise InputError([{"loc": loc, "msg": f"{where}{answer}", "type": "data_error"}])
+    error_id = str(uuid.uuid4())
+    log.error("model error %s (%s)", error_id, where.rstrip(": ") or "one record", exc_info=answer)
+    raise ModelError(
+        f"{where}the model failed on this input; the server log has error id {error_id}", error_id
+    )
+
+
+def _feedback_output(body: Feedback, outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The output a feedback row is about: the named one, or the first category output."""
+    if body.output is None:
+        return next((o for o in outputs if "labels" in o), outputs[0])
+    for o in outputs:
+        if o["name"] == body.output:
+            return o
+    raise HTTPException(422, f"unknown output {body.output!r}; outputs: {[o['name'] for o in outputs]}")
+
+
+def _feedback_label(label: str | int | float, out: dict[str, Any]) -> str | float:
+    """A known class label for a category output, a number for a number output; else 422."""
+    if "labels" in out:
+        if str(label) not in out["labels"]:
+            raise HTTPException(
+                422, f"label {str(label)!r} is not a class of {out['name']!r}: {out['labels']}"
+            )
+        return str(label)
+    try:
+        return float(label)
+    except ValueError:
+        raise HTTPException(422, f"output {out['name']!r} is a number; got {label!r}") from None
+
+
+# ------------------------------------------------------------------------------------ running it
+
+
+def serve_bundle(
+    path: str | Path,
+    *,
+    runtime: str = "auto",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    graceful_timeout_s: float = 30.0,
+    **app_options: Any,
+) -> None:
+    """Load a bundle's predictor and serve it with uvicorn until interrupted (Ctrl-C / SIGTERM).
+
+    On shutdown uvicorn stops accepting connections, lets in-flight requests finish (at most
+    `graceful_timeout_s`), then the lifespan drains the batcher. `app_options` go to `create_app()`.
+    """
+    import uvicorn
+
+    from largo.deploy.predictor import load_predictor  # here, not at import: torch stays optional
+
+    predictor = load_predictor(path, runtime)
+    app = create_app(predictor, **app_options)
+    print(
+        f"largo: serving {path} with {type(predictor).__name__} (runtime {runtime}) on http://{host}:{port}"
+    )
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s)
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+) -> Iterator[str]:
+    """Run `app` under uvicorn in a background thread on a free port; yields its base URL.
+
+    For tests, benchmarks and notebooks; stops the server (gracefully) on exit.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
