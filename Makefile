@@ -45,6 +45,8 @@ bench: $(STAMP) bench-data
 	$(BIN)/python bench/image_quality.py
 	$(BIN)/python bench/tokenize_speed.py
 	$(BIN)/python bench/text_quality.py
+	$(BIN)/python bench/export.py
+	$(BIN)/python bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
