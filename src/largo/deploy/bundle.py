@@ -113,13 +113,9 @@ def write_bundle(
 
 
 @dataclass
-class Bundle:
+class Bundle(BundleInfo):
     """A bundle read from disk: config, fitted processors, metrics and the loaded model."""
 
-    path: Path
-    config: Config
-    processors: dict[str, Processor]
-    metrics: dict[str, Any]
     model: FeatureModel
 
 
