@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test lint bench bench-data browser clean
+.PHONY: install quickstart test lint bench bench-data browser postgres clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
-test: $(STAMP) browser
+test: $(STAMP) browser postgres
 	$(BIN)/python -m pytest -q
 
 # headless Chromium (Debian package) for tests/deploy/test_browser.py, which loads the server's page
@@ -27,6 +27,13 @@ browser:
 	@if ! command -v chromium >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium; \
 	  else sudo apt-get update && sudo apt-get install -y chromium; fi; fi
+
+# PostgreSQL server binaries (Debian package) for tests/lifecycle: the store tests start a throw-away
+# server on loopback and run against it as well as SQLite
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y postgresql; \
+	  else sudo apt-get update && sudo apt-get install -y postgresql; fi; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples

@@ -306,5 +306,109 @@ def show_config(
     typer.echo(dump_config(cfg))
 
 
+# ------------------------------------------------------------------ registry and feedback (lifecycle)
+
+registry_app = typer.Typer(no_args_is_help=True, help="Registered models: versions, aliases, promotion.")
+feedback_app = typer.Typer(no_args_is_help=True, help="Corrections and new labelled rows for a model.")
+app.add_typer(registry_app, name="registry")
+app.add_typer(feedback_app, name="feedback")
+
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", help="Store URL or SQLite file (default: $LARGO_DB_URL, else runs/largo.db)."),
+]
+
+
+def _lifecycle() -> Any:
+    from largo.lifecycle import api as module  # torch-free, but SQLAlchemy loads only when needed
+
+    return module
+
+
+@registry_app.command("list")
+@_friendly
+def registry_list(db: DbOption = None) -> None:
+    """Every registered model with its version count, latest version and aliases."""
+    rows = _lifecycle().registry_list(db)
+    if not rows:
+        typer.echo("no registered models (largo registry add NAME BUNDLE)")
+    for r in rows:
+        aliases = "  ".join(f"{a}={v}" for a, v in r["aliases"].items())
+        typer.echo(f"{r['name']:<24} versions={r['versions']:<4} latest={r['latest']:<4} {aliases}")
+
+
+@registry_app.command("show")
+@_friendly
+def registry_show(
+    name: Annotated[str, typer.Argument(help="A registered model name.")], db: DbOption = None
+) -> None:
+    """A model's versions (bundle, hash, metrics, lineage, aliases) and alias history, as JSON."""
+    typer.echo(json.dumps(_lifecycle().registry_show(name, db), indent=2, ensure_ascii=False))
+
+
+@registry_app.command("add")
+@_friendly
+def registry_add(
+    name: Annotated[str, typer.Argument(help="Model name (created on first use).")],
+    bundle: Annotated[str, typer.Argument(help="A finished bundle folder.")],
+    parent: Annotated[int | None, typer.Option(help="The version this bundle was trained from.")] = None,
+    db: DbOption = None,
+) -> None:
+    """Register a bundle as the next version of NAME (its files are hashed: it must not change after)."""
+    v = _lifecycle().registry_add(name, bundle, db, parent=parent)
+    typer.echo(f"registered {v.ref}: {v.path}  (sha256 {v.files_hash[:12]})")
+
+
+@registry_app.command("promote")
+@_friendly
+def registry_promote(
+    name: Annotated[str, typer.Argument(help="A registered model name.")],
+    version: Annotated[int, typer.Argument(help="The version to serve as production.")],
+    db: DbOption = None,
+) -> None:
+    """Point NAME's production alias at VERSION (rollback returns to the previous one)."""
+    v = _lifecycle().promote(name, version, db)
+    typer.echo(f"{name}@production → {v.version}  ({v.path})")
+
+
+@registry_app.command("rollback")
+@_friendly
+def registry_rollback(
+    name: Annotated[str, typer.Argument(help="A registered model name.")],
+    alias: Annotated[str, typer.Option(help="The alias to roll back.")] = "production",
+    db: DbOption = None,
+) -> None:
+    """Return NAME's production alias (or --alias) to the version it had before its latest change."""
+    v = _lifecycle().rollback(name, db, alias)
+    typer.echo(f"{name}@{alias} → {v.version}  ({v.path})")
+
+
+@registry_app.command("alias")
+@_friendly
+def registry_alias(
+    name: Annotated[str, typer.Argument(help="A registered model name.")],
+    alias: Annotated[str, typer.Argument(help="Any alias name, e.g. candidate.")],
+    version: Annotated[int, typer.Argument(help="The version it points at.")],
+    db: DbOption = None,
+) -> None:
+    """Point an alias of NAME at VERSION."""
+    v = _lifecycle().set_alias(name, alias, version, db)
+    typer.echo(f"{name}@{alias} → {v.version}  ({v.path})")
+
+
+@feedback_app.command("import")
+@_friendly
+def feedback_import(
+    name: Annotated[str, typer.Argument(help="A registered model: NAME, NAME@VERSION or NAME@ALIAS.")],
+    data: Annotated[
+        str, typer.Argument(help="csv/tsv/jsonl/parquet: prediction_id,label or inputs + label.")
+    ],
+    db: DbOption = None,
+) -> None:
+    """Store corrections of predictions (prediction_id,label) and new labelled rows (inputs, label)."""
+    r = _lifecycle().feedback_import(name, data, db)
+    typer.echo(f"imported {r.corrections} corrections and {r.new_rows} new labelled rows for {name}")
+
+
 if __name__ == "__main__":
     app()

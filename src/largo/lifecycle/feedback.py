@@ -1,0 +1,140 @@
+"""`largo feedback import`: corrections from a file into the store, all rows or none.
+
+The file (csv, tsv, jsonl or parquet; encodings as `largo train` reads them) has a `label` column
+(or the output's own column, e.g. `progression`) and, per row, either
+- a `prediction_id` of a prediction the store logged for this model: the row corrects that
+  prediction (like POST /feedback), or
+- no prediction id (no such column, or an empty cell) and the model's raw input columns: the row
+  is a new labelled example for the update step (relative image paths are made absolute against
+  the file's folder).
+An optional `output` column names the output a row is about (default: the first category output).
+Labels are checked against the model's classes; any bad row stops the import before anything is
+written, with its line number. Importing the same file twice stores its rows twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from largo.data.features import CategoryProcessor
+from largo.data.readers import DataError, read_table
+from largo.deploy.metadata import BundleInfo, read_bundle_info
+from largo.lifecycle.registry import Registry, Version
+
+SHOWN = 5  # bad rows named in one error
+
+
+@dataclass
+class ImportResult:
+    """What an import stored: corrections of logged predictions and new labelled rows."""
+
+    corrections: int
+    new_rows: int
+    version: int
+
+
+def _labels(info: BundleInfo) -> dict[str, list[str] | None]:
+    """output name → its class labels (None for a number output)."""
+    out: dict[str, list[str] | None] = {}
+    for f in info.config.outputs:
+        proc = info.processors[f.name]
+        out[f.name] = list(proc.vocab) if isinstance(proc, CategoryProcessor) else None
+    return out
+
+
+def _default_output(labels: dict[str, list[str] | None]) -> str:
+    return next((n for n, v in labels.items() if v is not None), next(iter(labels)))
+
+
+def _label(value: Any, output: str, classes: list[str] | None) -> str | float:
+    """A class name for a category output, a number for a number output; ValueError otherwise."""
+    if value is None or value == "":
+        raise ValueError("no label")
+    if classes is None:
+        return float(value)
+    text = str(value)
+    if text.endswith(".0") and text[:-2] in classes and text not in classes:  # 3.0 read from a float column
+        text = text[:-2]
+    if text not in classes:
+        raise ValueError(f"label {text!r} is not a class of {output!r}: {classes[:20]}")
+    return text
+
+
+def _raw_input(row: dict[str, Any], info: BundleInfo, base: Path) -> dict[str, Any]:
+    """The model's input columns of a row; image paths made absolute against the file's folder."""
+    record = {}
+    for f in info.config.inputs:
+        value = row.get(f.source)
+        if f.type == "image" and isinstance(value, str) and value and not Path(value).is_absolute():
+            value = str((base / value).resolve())
+        record[f.source] = value
+    return record
+
+
+def _version_for(registry: Registry, ref: str) -> Version:
+    """The version whose classes and inputs check the file: `ref`, or the latest when nothing is promoted."""
+    if "@" not in ref and "production" not in registry.aliases(ref):
+        return registry.versions(ref)[-1]
+    return registry.lookup(ref)
+
+
+def build_rows(registry: Registry, ref: str, path: str | Path) -> tuple[list[dict[str, Any]], Version]:
+    """Read and check a corrections file; returns the feedback rows to store and the version used."""
+    version = _version_for(registry, ref)
+    info = read_bundle_info(version.path)
+    labels = _labels(info)
+    table = read_table(path)
+    columns = set(table.column_names)
+    default = _default_output(labels)
+    rows, errors = [], []
+    pending: list[tuple[int, str, dict[str, Any]]] = []  # (line, prediction id, row) to check in the store
+    missing = [f.source for f in info.config.inputs if f.source not in columns]
+    for i, row in enumerate(table.to_pylist()):
+        line = i + 2  # the header is line 1
+        output = row.get("output") or default
+        if output not in labels:
+            errors.append(f"line {line}: unknown output {output!r}; outputs: {list(labels)}")
+            continue
+        source = next((f.source for f in info.config.outputs if f.name == output), output)
+        raw = row.get("label") if "label" in columns else row.get(source)
+        try:
+            label = _label(raw, output, labels[output])
+        except ValueError as exc:
+            errors.append(f"line {line}: {exc}")
+            continue
+        item = {
+            "model": version.name,
+            "output": output,
+            "label": label,
+            "time": time.time(),
+            "source": "import",
+        }
+        pid = row.get("prediction_id")
+        if pid:
+            pending.append((line, str(pid), {**item, "prediction_id": str(pid)}))
+        elif missing:
+            errors.append(f"line {line}: no prediction_id, and the input columns {missing} are missing")
+        else:
+            rows.append({**item, "prediction_id": None, "input": _raw_input(row, info, Path(path).parent)})
+    found = registry.store.predictions_by_id([pid for _, pid, _ in pending])
+    for line, pid, item in pending:
+        logged = found.get(pid)
+        if logged is None or logged["model"] != version.name:
+            errors.append(f"line {line}: no prediction {pid} of model {version.name!r} in the store")
+        else:
+            rows.append({**item, "predicted": (logged["output"] or {}).get(item["output"]), "input": None})
+    if errors:
+        more = f" (and {len(errors) - SHOWN} more)" if len(errors) > SHOWN else ""
+        raise DataError(f"{path}: nothing imported; {'; '.join(errors[:SHOWN])}{more}")
+    return rows, version
+
+
+def import_feedback(registry: Registry, ref: str, path: str | Path) -> ImportResult:
+    """Check a corrections file and store its rows in one transaction (source 'import')."""
+    rows, version = build_rows(registry, ref, path)
+    registry.store.add_feedback(rows)
+    corrections = sum(r["prediction_id"] is not None for r in rows)
+    return ImportResult(corrections, len(rows) - corrections, version.version)
