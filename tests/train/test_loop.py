@@ -183,6 +183,22 @@ def test_early_stopping_on_a_max_metric_without_a_stop():
     assert restored != pytest.approx(f1[-1])
 
 
+def test_early_stopping_ties_go_to_the_lower_valid_loss():
+    # 30 valid rows: accuracy moves in steps of 1/30 and repeats; among the epochs at the best
+    # accuracy, the one with the lowest valid loss is kept (not the first to get there)
+    es = {"metric": "valid.accuracy", "patience": 50}
+    cfg, model, train, valid, loss_fn, score_fn = iris(epochs=25, batch_size=16, early_stopping=es)
+    result = fit(model, train, valid, cfg.train, loss_fn, score_fn=score_fn)
+    acc = [r["valid.accuracy"] for r in result.history]
+    loss = [r["valid.loss"] for r in result.history]
+    tied = [i for i, a in enumerate(acc) if a == max(acc)]
+    assert len(tied) > 1  # the case under test happens
+    best = min(tied, key=lambda i: loss[i])
+    assert best != tied[0] and result.best_epoch == best + 1
+    outputs = forward_in_batches(model, valid.inputs, 256)
+    assert float(loss_fn(outputs, valid.targets)) / len(valid) == pytest.approx(loss[best], rel=1e-5)
+
+
 # ------------------------------------------------------------------------------ exact small models
 
 

@@ -260,6 +260,7 @@ def _fit(
         "step": 0,
         "history": [],
         "best_value": None,
+        "best_loss": None,  # valid.loss of the best epoch: breaks ties of the early-stopping metric
         "best_epoch": None,
         "bad_epochs": 0,
         "stopped": False,
@@ -277,7 +278,7 @@ def _fit(
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
         set_rng_state(ckpt["rng"])
-        st.update({k: ckpt[k] for k in st})
+        st.update({k: ckpt[k] for k in st if k in ckpt})  # (checkpoints before best_loss lack it)
         where = f"epoch {st['epoch'] + 1}, batch {st['batch']}, step {st['step']}"
         log(f"resumed from {checkpoint_dir} at {where}")
 
@@ -394,11 +395,18 @@ def _fit(
             )
         )
 
-        # 5. early stopping: remember the best weights, stop after `patience` epochs without gain
+        # 5. early stopping: remember the best weights, stop after `patience` epochs without gain. A tie
+        # of a counted metric (F1, accuracy: a saturated 1.0 or the same count of right answers) goes to
+        # the lower valid loss, so training does not stop on the first, least confident, epoch to reach it
         if es is not None and es.metric in record:
-            if _improved(record[es.metric], st["best_value"], es.minimize, es.min_delta):
+            tie = record[es.metric] == st["best_value"] and es.metric != "valid.loss"
+            lower_loss = st["best_loss"] is not None and record.get("valid.loss", math.inf) < st["best_loss"]
+            if _improved(record[es.metric], st["best_value"], es.minimize, es.min_delta) or (
+                tie and lower_loss
+            ):
                 st.update(
                     best_value=record[es.metric],
+                    best_loss=record.get("valid.loss"),
                     best_epoch=epoch + 1,
                     bad_epochs=0,
                     best_model=_clone_state(judged),
