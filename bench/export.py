@@ -8,6 +8,7 @@ Two models, trained here from data that needs no download, exported with `largo 
     text-tf       generated Chinese/English news (largo.data.samples.news_rows, 4 classes, 3,000 rows),
                   char tokenizer (max_length 128), Transformer dim 128, 2 layers, 4 heads, 4 epochs;
                   int8 is dynamic (int8 weights, activations quantized on the fly)
+    text-tf-256   the same with the default large-data Transformer (dim 256, 4 layers, 4 heads)
 
 Every runtime predicts the SAME held-out rows (the run's test split) through its predictor's
 `raw_outputs` at batch 32 (texts sorted by length and cut per batch, as in serving):
@@ -51,7 +52,7 @@ from largo.deploy.export import export_bundle, outputs_of, runtime_predictors
 OUT = Path(__file__).resolve().parent / "out" / "export"
 GOAL = 3.0
 MAX_DROP = 0.01
-PARTS = ("digits-cnn", "text-tf")
+PARTS = ("digits-cnn", "text-tf", "text-tf-256")
 
 
 def _config(name: str, quick: bool) -> dict:
@@ -71,11 +72,13 @@ def _config(name: str, quick: bool) -> dict:
             "train": {**train, "epochs": 2 if quick else 10},
         }
     csv = write_news_csv(OUT / "data" / "news.csv", n=600 if quick else 3000, seed=5)
+    # text-tf-256: the Transformer that `largo train` picks for a large text set (data/infer.py)
+    size = {"dim": 256, "layers": 4} if name == "text-tf-256" else {"dim": 128, "layers": 2}
     text = {
         "name": "text",
         "type": "text",
         "tokenizer": {"kind": "char", "max_length": 128},
-        "encoder": {"kind": "transformer", "dim": 128, "layers": 2, "heads": 4},
+        "encoder": {"kind": "transformer", **size, "heads": 4},
     }
     return {
         "name": name,
