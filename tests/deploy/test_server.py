@@ -286,6 +286,31 @@ def test_in_flight_requests_finish_on_shutdown(fake: FakePredictor) -> None:
     assert results == [200]
 
 
+def test_swap_serves_the_new_model_from_the_next_batch(fake: FakePredictor, tmp_path: Path) -> None:
+    fake.delay = 0.4
+    new = FakePredictor(tmp_path / "v2")
+    app = create_app(fake, name="fake", version=1)
+    answers: list[int] = []
+    with serve_in_thread(app) as url:
+        worker = threading.Thread(
+            target=lambda: answers.append(httpx.post(f"{url}/predict", json=record()).status_code)
+        )
+        worker.start()
+        time.sleep(0.15)  # that request is in the old model's forward pass now
+        app.state.service.swap(new, 2)
+        assert httpx.get(f"{url}/health").json()["version"] == 2
+        assert httpx.post(f"{url}/predict", json=record()).status_code == 200
+        worker.join(10)
+        with pytest.raises(ValueError, match="inputs or outputs"):
+            app.state.service.swap(FakePredictor(tmp_path, image=True), 3)
+    assert answers == [200] and fake.batches == [1] and new.batches == [1]
+    rows = [
+        json.loads(line) for line in (tmp_path / "serving" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert [r["version"] for r in rows] == [1, 2]
+    assert rows[0]["latency_ms"] >= 400 and all(r["latency_ms"] > 0 for r in rows)
+
+
 def test_length_buckets_group_similar_texts() -> None:
     async def pick() -> list[int]:
         b = Batcher(lambda r: r, max_batch=2, group_by_length=True)

@@ -10,6 +10,9 @@ With `group_by_length` (texts), short texts do not pay for padding to a long one
 up to `pool` x max_batch records and picks the `max_batch` whose lengths are closest to the oldest one's
 (the oldest is always in the next batch, so nothing starves), and a batch that still mixes lengths runs
 as one forward pass per length group, shortest first.
+
+`swap(run_batch)` changes what runs the batches (the server's hot model swap): a batch captures
+`run_batch` when it starts, so every batch, its length groups and retries included, runs on one model.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from typing import Any
 
 log = logging.getLogger("largo.server")
 
-RunBatch = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+# (records, seconds each record waited in the queue before its forward pass) → one result per record
+RunBatch = Callable[[list[dict[str, Any]], list[float]], list[dict[str, Any]]]
 
 
 def length_groups(batch: list[Job], slack: int = 16) -> list[list[Job]]:
@@ -112,6 +116,10 @@ class Batcher:
                 job.future.set_exception(RuntimeError("the server stopped before this record was predicted"))
         if self._executor:
             self._executor.shutdown(wait=True)
+
+    def swap(self, run_batch: RunBatch) -> None:
+        """Run batches with `run_batch` from the next batch on; the batch running now ends on the old one."""
+        self.run_batch = run_batch
 
     def submit(self, records: list[dict[str, Any]], lengths: list[int] | None = None) -> list[asyncio.Future]:
         """Queue records (all or none); returns one future per record. Raises QueueFullError."""
@@ -206,9 +214,10 @@ class Batcher:
 
     async def _run(self, batch: list[Job]) -> None:
         """Forward passes in the worker thread (one per length group), answering every job."""
+        run = self.run_batch  # one model for the whole batch, even if swap() is called meanwhile
         try:
             for group in length_groups(batch) if self.group_by_length else [batch]:
-                await self._forward(group)
+                await self._forward(group, run)
         except Exception as exc:  # noqa: BLE001 - a bug here must not stop serving
             log.exception("batcher: unexpected error")
             for job in batch:
@@ -217,15 +226,16 @@ class Batcher:
         finally:
             self._running = 0
 
-    async def _forward(self, batch: list[Job]) -> None:
+    async def _forward(self, batch: list[Job], run: RunBatch) -> None:
         """Run the batch; a failing batch is retried record by record."""
         loop = asyncio.get_running_loop()
         records = [j.record for j in batch]
         t = time.perf_counter()
+        waited = [t - j.arrived for j in batch]
         try:
-            results = await loop.run_in_executor(self._executor, self.run_batch, records)
+            results = await loop.run_in_executor(self._executor, run, records, waited)
         except Exception as exc:  # noqa: BLE001 - the error goes to the request(s) it belongs to
-            results = await self._one_by_one(records) if len(records) > 1 else [exc]
+            results = await self._one_by_one(records, waited, run) if len(records) > 1 else [exc]
         if self.on_batch:
             self.on_batch(len(batch), time.perf_counter() - t)
         for job, result in zip(batch, results, strict=True):
@@ -236,13 +246,15 @@ class Batcher:
             else:
                 job.future.set_result(result)
 
-    async def _one_by_one(self, records: list[dict[str, Any]]) -> list[Any]:
+    async def _one_by_one(
+        self, records: list[dict[str, Any]], waited: list[float], run: RunBatch
+    ) -> list[Any]:
         """Run each record alone, so one bad record fails only its own request."""
         loop = asyncio.get_running_loop()
         out: list[Any] = []
-        for record in records:
+        for record, w in zip(records, waited, strict=True):
             try:
-                out.extend(await loop.run_in_executor(self._executor, self.run_batch, [record]))
+                out.extend(await loop.run_in_executor(self._executor, run, [record], [w]))
             except Exception as exc:  # noqa: BLE001
                 out.append(exc)
         return out

@@ -8,6 +8,9 @@ This module never imports torch: the predictor is any object with `predict(recor
 `labels` and `path` (the eager torch `Predictor` or the ONNX Runtime one), and `serve_bundle()` loads
 it through `largo.deploy.predictor.load_predictor` only when called. Nothing here imports lifecycle/:
 predictions and feedback go to a sink (`deploy.sink.JsonlSink` by default).
+
+Hot swap: `app.state.service.swap(predictor, version)` serves another model with the same inputs and
+outputs from the next batch on, without a restart (lifecycle/serving.py calls it on promote/rollback).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -129,16 +133,19 @@ class Service:
         queue_size: int,
         max_records: int,
         group_by_length: bool | None,
+        name: str | None = None,
+        version: int | None = None,
     ):
-        self.predictor, self.sink = predictor, sink
+        self.predictor, self.version, self.sink = predictor, version, sink
         self.inputs, self.outputs = list(predictor.config.inputs), _output_info(predictor)
-        self.name = getattr(predictor.config, "name", None) or Path(predictor.path).name
+        self.name = name or getattr(predictor.config, "name", None) or Path(predictor.path).name
+        self._swap_lock = threading.Lock()
         self.parser = RecordParser(self.inputs, max_records)
         self.texts = any(f.type == "text" for f in self.inputs)
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # prediction id → its outputs
         self.metrics = ServerMetrics(lambda: self.batcher.depth)
         self.batcher = Batcher(
-            self.run_batch,
+            partial(self.run_batch, predictor=predictor, version=version),
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
             queue_size=queue_size,
@@ -146,24 +153,55 @@ class Service:
             on_batch=self.metrics.observe_batch,
         )
 
-    def run_batch(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """In the worker thread: one forward pass, a prediction id per record, the batch's log rows."""
-        results = [{"id": str(uuid.uuid4()), **r} for r in self.predictor.predict(records)]
-        now = time.time()
+    def run_batch(
+        self, records: list[dict[str, Any]], waited: list[float], *, predictor: Any, version: int | None
+    ) -> list[dict[str, Any]]:
+        """In the worker thread: one forward pass, a prediction id per record, the batch's log rows.
+
+        A row's `latency_ms` is the record's time in the queue plus the forward pass; `version` (when
+        serving a registered version) is the version that answered.
+        """
+        t = time.perf_counter()
+        results = [{"id": str(uuid.uuid4()), **r} for r in predictor.predict(records)]
+        now, forward = time.time(), time.perf_counter() - t
+        tag = {} if version is None else {"version": version}
         rows = [
             {
                 "id": r["id"],
                 "time": now,
+                **tag,
                 "inputs": loggable(x),
                 "outputs": {k: v for k, v in r.items() if k != "id"},
+                "latency_ms": round((w + forward) * 1000, 3),
             }
-            for x, r in zip(records, results, strict=True)
+            for x, r, w in zip(records, results, waited, strict=True)
         ]
         try:
             self.sink.log_predictions(rows)
         except Exception:  # noqa: BLE001 - a full disk must not stop predictions
             log.exception("the sink failed to log %d predictions", len(rows))
         return results
+
+    def swap(self, predictor: Any, version: int | None = None) -> None:
+        """Serve `predictor` (already loaded) from the next batch on, without dropping a request.
+
+        The batch in the forward pass now finishes on the old model; every later batch runs on the
+        new one. Safe to call from any thread. The new model must have the same inputs and outputs
+        (names, types, classes): the request schema, the page and the feedback checks stay as they are.
+        """
+        inputs = [(f.name, f.source, f.type) for f in predictor.config.inputs]
+        if (
+            inputs != [(f.name, f.source, f.type) for f in self.inputs]
+            or _output_info(predictor) != self.outputs
+        ):
+            raise ValueError(
+                f"cannot swap in {predictor.path}: its inputs or outputs (or classes) differ from the served "
+                f"model's ({self.predictor.path}); restart the server to serve it"
+            )
+        with self._swap_lock:
+            self.batcher.swap(partial(self.run_batch, predictor=predictor, version=version))
+            self.predictor, self.version = predictor, version
+        log.info("now serving %s version %s from %s", self.name, version, predictor.path)
 
     async def predict(self, request: Request) -> Any:
         """Predict; the body is a record, a list of records, or a multipart form (one record, image files)."""
@@ -200,10 +238,11 @@ class Service:
         return {"status": "stored", **row}
 
     async def health(self) -> dict[str, Any]:
-        """Liveness and queue depth (no API key needed)."""
+        """Liveness, the served model (name, registered version, bundle), queue depth (no API key needed)."""
         return {
             "status": "ok",
             "model": self.name,
+            "version": self.version,
             "bundle": str(self.predictor.path),
             "queue_depth": self.batcher.depth,
         }
@@ -256,6 +295,8 @@ def create_app(
     max_records: int | None = None,
     api_key: str | None = None,
     group_by_length: bool | None = None,
+    name: str | None = None,
+    version: int | None = None,
 ) -> FastAPI:
     """A FastAPI app serving one predictor with dynamic batching.
 
@@ -269,6 +310,8 @@ def create_app(
         max_records: most records in one request (default: queue_size); more are answered 413.
         api_key: when set, /predict, /feedback and /metrics need `Authorization: Bearer <key>`.
         group_by_length: batch texts of similar length together (default: on when an input is a text).
+        name: the served name in /health and the page (default: the config's name).
+        version: the registered version served, in /health and in every logged prediction row.
     """
     sink = sink if sink is not None else JsonlSink(Path(predictor.path) / "serving")
     service = Service(
@@ -279,6 +322,8 @@ def create_app(
         queue_size=queue_size,
         max_records=max_records or queue_size,
         group_by_length=group_by_length,
+        name=name,
+        version=version,
     )
 
     @asynccontextmanager

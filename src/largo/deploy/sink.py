@@ -16,7 +16,7 @@ class Sink(Protocol):
     """What `create_app()` needs from a sink. Both methods may be called from a worker thread."""
 
     def log_predictions(self, rows: list[dict[str, Any]]) -> None:
-        """Store one row per served prediction (id, time, inputs, outputs)."""
+        """Store one row per served prediction (id, time, inputs, outputs, latency_ms, version if any)."""
 
     def log_feedback(self, row: dict[str, Any]) -> None:
         """Store one feedback row (prediction_id, output, label, time)."""
