@@ -180,7 +180,9 @@ def info(bundle: Annotated[str, typer.Argument(help="A bundle folder.")]) -> Non
 @app.command()
 @_friendly
 def serve(
-    bundle: Annotated[str, typer.Argument(help="A bundle folder.")],
+    bundle: Annotated[
+        str, typer.Argument(help="A bundle folder, or a registered model: NAME, NAME@VERSION or NAME@ALIAS.")
+    ],
     runtime: Annotated[
         str,
         typer.Option(help="torch | onnx | auto (also torch-bf16, torch-compile, onnx-int8)."),
@@ -197,26 +199,49 @@ def serve(
     max_wait_ms: Annotated[
         float, typer.Option("--max-wait-ms", help="Longest wait for a batch to fill, in ms.")
     ] = 5.0,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            help="Registered model: store URL or SQLite file (default: $LARGO_DB_URL, else runs/largo.db).",
+        ),
+    ] = None,
+    poll_s: Annotated[
+        float,
+        typer.Option(
+            "--poll-s", help="Registered model: seconds between looks at its alias (0: never swaps)."
+        ),
+    ] = 1.0,
 ) -> None:
-    """Serve a bundle over HTTP: POST /predict, POST /feedback, GET /metrics, and a page at /."""
+    """Serve a bundle over HTTP: POST /predict, POST /feedback, GET /metrics, and a page at /.
+
+    Given a registered NAME (or NAME@ALIAS) instead of a folder, it serves that version, logs
+    predictions and feedback to the store, and swaps in the new version when the alias is promoted
+    or rolled back, without a restart.
+    """
     api_key = None
     if api_key_env:
         api_key = os.environ.get(api_key_env)
         if not api_key:
             raise ConfigError(f"--api-key-env {api_key_env}: that environment variable is not set or empty")
+    options: dict[str, Any] = {
+        "runtime": runtime,
+        "host": host,
+        "port": port,
+        "api_key": api_key,
+        "max_batch": max_batch,
+        "max_wait_ms": max_wait_ms,
+    }
     # what api.serve() calls, called directly: largo.api imports torch, and an ONNX-only serving image
-    # has none (the one verb that cannot go through the API module)
-    from largo.deploy.server import serve_bundle
+    # has none (the one verb that cannot go through the API module). A path is a bundle; else a name.
+    if Path(bundle).is_dir() or "/" in bundle or os.sep in bundle:
+        from largo.deploy.server import serve_bundle
 
-    serve_bundle(
-        bundle,
-        runtime=runtime,
-        host=host,
-        port=port,
-        api_key=api_key,
-        max_batch=max_batch,
-        max_wait_ms=max_wait_ms,
-    )
+        serve_bundle(bundle, **options)
+    else:
+        from largo.lifecycle.serving import serve_registered
+
+        serve_registered(bundle, db=db, poll_s=poll_s, **options)
 
 
 def _print_checks(sections: dict[str, Any]) -> None:
@@ -408,6 +433,48 @@ def feedback_import(
     """Store corrections of predictions (prediction_id,label) and new labelled rows (inputs, label)."""
     r = _lifecycle().feedback_import(name, data, db)
     typer.echo(f"imported {r.corrections} corrections and {r.new_rows} new labelled rows for {name}")
+
+
+@app.command()
+@_friendly
+def update(
+    name: Annotated[
+        str, typer.Argument(help="A registered model: NAME (its production version) or NAME@VERSION.")
+    ],
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="update.yaml: update: {mode, epochs, lr, gate, ...}.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key: --set update.mode=retrain")
+    ] = None,
+    db: DbOption = None,
+) -> None:
+    """Fine-tune or retrain on the original data plus feedback; promote only if the gate passes.
+
+    Prints old vs new on the frozen test split and the held-out feedback. Exits 0 whether or not the
+    new version was promoted.
+    """
+    result = _lifecycle().update(name, config, set_ or [], db)
+    typer.echo(result.table())
+    typer.echo(f"bundle:  {result.path}")
+
+
+@app.command()
+@_friendly
+def monitor(
+    name: Annotated[str, typer.Argument(help="A registered model: NAME, NAME@VERSION or NAME@ALIAS.")],
+    since: Annotated[
+        str | None, typer.Option(help="Only rows since: 7d, 24h, 30m, 2026-11-20 or an ISO time.")
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="HTML report (default: runs/<name>/monitor.html).")
+    ] = None,
+    db: DbOption = None,
+) -> None:
+    """Input drift against the training data, predictions, confidence, feedback accuracy and latency."""
+    report = _lifecycle().monitor(name, since, out, db)
+    typer.echo(report.table())
+    typer.echo(f"report:  {report.html}")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,15 @@ Torch-free. Every function takes `db`: a SQLAlchemy URL or a SQLite file path; N
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from largo.lifecycle.feedback import ImportResult, import_feedback
 from largo.lifecycle.registry import Registry, Version
 from largo.lifecycle.store import Store, default_url
+
+if TYPE_CHECKING:
+    from largo.lifecycle.monitor import MonitorReport
+    from largo.lifecycle.update import UpdateConfig, UpdateResult
 
 
 def open_registry(db: str | None = None) -> Registry:
@@ -90,3 +94,43 @@ def resolve(ref: str, db: str | None = None) -> Path:
 def feedback_import(ref: str, path: str | Path, db: str | None = None) -> ImportResult:
     """Import corrections (prediction_id,label) or new labelled rows (inputs + label) for a model."""
     return import_feedback(open_registry(db), ref, path)
+
+
+def update(
+    name: str,
+    config: str | Path | dict | UpdateConfig | None = None,
+    overrides: list[str] | None = None,
+    db: str | None = None,
+) -> UpdateResult:
+    """Fine-tune or retrain NAME's production version on its data plus feedback; promote it if it is better.
+
+    Args:
+        name: `NAME` (its production version is updated), or `NAME@VERSION` / `NAME@ALIAS`.
+        config: an update YAML file (`update: {mode, epochs, lr, feedback_weight, holdout, gate}`),
+            the same as a dict, or None for the defaults.
+        overrides: `--set` items such as `update.mode=retrain`.
+        db: the store (default: `LARGO_DB_URL`, else runs/largo.db).
+    Returns:
+        UpdateResult: the new version, old-vs-new scores, the gate's verdict; `table()` prints them.
+    """
+    from largo.lifecycle.update import load_update_config
+    from largo.lifecycle.update import update as run_update  # imports torch
+
+    return run_update(open_registry(db), name, load_update_config(config, overrides))
+
+
+def monitor(
+    name: str, since: str | float | None = None, out: str | Path | None = None, db: str | None = None
+) -> MonitorReport:
+    """Drift of served inputs and predictions against the training data, as a report (HTML written to out).
+
+    Args:
+        name: `NAME` (its production version), `NAME@VERSION` or `NAME@ALIAS`: its training data is
+            the reference.
+        since: only predictions and feedback from then: `7d`, `24h`, `30m`, an ISO date/time, a Unix time.
+        out: the HTML file (default: `<runs>/<run name>/monitor.html`, beside the bundles).
+        db: the store.
+    """
+    from largo.lifecycle.monitor import monitor as run_monitor
+
+    return run_monitor(open_registry(db), name, since, out)
