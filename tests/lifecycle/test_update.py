@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -178,3 +179,55 @@ def test_a_gate_metric_must_fit_the_output(tmp_path: Path, digits: dict) -> None
         update(registry, "digits", upd)
     with pytest.raises(UpdateError, match="no feedback rows to train on"):
         update(registry, "digits", load_update_config())
+
+
+def test_full_cycle_while_serving(tmp_path: Path, digits: dict) -> None:
+    # the issue's cycle end to end over HTTP: serve v1, correct the 3s it gets wrong through
+    # POST /feedback, update, and watch the running server move to v2, then back to v1 on rollback
+    import httpx
+
+    from largo.deploy.server import serve_in_thread
+    from largo.lifecycle.serving import registered_app
+
+    url = f"sqlite:///{tmp_path / 'largo.db'}"
+    registry = Registry(Store(url))
+    registry.promote("digits", registry.register("digits", digits["bundle"]).version)
+    app, watcher = registered_app("digits", db=url, runtime="torch", poll_s=0.1)
+    assert watcher is not None
+
+    def served(base: str, client: httpx.Client) -> tuple[int, list[dict]]:
+        answers = client.post(f"{base}/predict", json=digits["traffic"]).json()
+        return client.get(f"{base}/health").json()["version"], answers
+
+    def wait_for_version(base: str, client: httpx.Client, version: int) -> None:
+        for _ in range(300):
+            if client.get(f"{base}/health").json()["version"] == version:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"the server never served v{version}")
+
+    with serve_in_thread(app) as base, httpx.Client(timeout=60) as client:
+        watcher.start()
+        try:
+            version, answers = served(base, client)
+            assert version == 1
+            wrong = [a for a in answers if a["label"] != "3"]
+            assert len(wrong) > len(answers) // 2  # v1 gets most 3s wrong
+            for a in wrong:
+                r = client.post(f"{base}/feedback", json={"prediction_id": a["id"], "label": "3"})
+                assert r.status_code == 200, r.text
+            upd = load_update_config(
+                {"update": {"feedback_weight": 3, "lr": 0.001, "epochs": 6, "gate": {"max_regression": 0.05}}}
+            )
+            result = update(registry, "digits", upd)
+            assert result.promoted and result.version == 2
+            wait_for_version(base, client, 2)  # hot-swapped, no restart
+            _, after = served(base, client)
+            threes = sum(a["label"] == "3" for a in after)
+            assert threes > sum(a["label"] == "3" for a in answers) + len(after) // 4
+            registry.rollback("digits")
+            wait_for_version(base, client, 1)
+            _, back = served(base, client)
+            assert [a["label"] for a in back] == [a["label"] for a in answers]  # v1's answers again
+        finally:
+            watcher.stop()
