@@ -36,6 +36,24 @@ def test_the_server_logs_to_the_store(store: Store, bundle: Path) -> None:
     assert (fb["prediction_id"], fb["label"], fb["source"]) == (answers[0]["id"], "virginica", "api")
 
 
+def test_feedback_after_a_restart_is_found_in_the_store(store: Store, bundle: Path) -> None:
+    version = Registry(store).register("iris", bundle)
+    predictor = load_predictor(version.path, "torch")
+    with TestClient(create_app(predictor, sink=StoreSink(store, "iris", version.version))) as client:
+        answer = client.post("/predict", json=RECORD).json()
+    # a new server process (nothing in memory) on the same store, and one serving another model
+    with TestClient(create_app(predictor, sink=StoreSink(store, "iris", version.version))) as client:
+        ok = client.post("/feedback", json={"prediction_id": answer["id"], "label": "virginica"})
+        unknown = client.post("/feedback", json={"prediction_id": str(uuid.uuid4()), "label": "setosa"})
+    with TestClient(create_app(predictor, sink=StoreSink(store, "other", 1))) as client:
+        foreign = client.post("/feedback", json={"prediction_id": answer["id"], "label": "setosa"})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["predicted"] == answer["species"]
+    assert unknown.status_code == 404 and foreign.status_code == 404
+    [fb] = store.feedback_rows("iris")
+    assert (fb["prediction_id"], fb["label"]) == (answer["id"], "virginica")
+
+
 def _log(store: Store, n: int) -> list[str]:
     ids = [str(uuid.uuid4()) for _ in range(n)]
     StoreSink(store, "iris", 1).log_predictions(

@@ -224,9 +224,14 @@ class Service:
         out = _feedback_output(body, self.outputs)
         label = _feedback_label(body.label, out)
         pid = str(body.prediction_id)
-        if pid not in self.recent:
-            raise HTTPException(404, f"unknown prediction id {pid} (not served by this server recently)")
-        predicted = self.recent[pid].get(out["name"])
+        served = self.recent.get(pid)
+        find = getattr(self.sink, "find_prediction", None)  # a store-backed sink remembers older ones
+        if served is None and find is not None:
+            served = await asyncio.to_thread(find, pid)
+        if served is None:
+            where = "by this model" if find is not None else "by this server recently"
+            raise HTTPException(404, f"unknown prediction id {pid} (not served {where})")
+        predicted = served.get(out["name"])
         row = {
             "prediction_id": pid,
             "output": out["name"],

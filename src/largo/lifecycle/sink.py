@@ -37,6 +37,14 @@ class StoreSink:
             ]
         )
 
+    def find_prediction(self, prediction_id: str) -> dict[str, Any] | None:
+        """The outputs of a prediction this model served (any version, before any restart), or None.
+
+        The server asks when an id is not among the predictions it answered since it started, so
+        feedback on yesterday's prediction, or on another replica's, is accepted."""
+        row = self.store.predictions_by_id([prediction_id]).get(prediction_id)
+        return row["output"] if row is not None and row["model"] == self.model else None
+
     def log_feedback(self, row: dict[str, Any]) -> None:
         """Store one feedback row from POST /feedback (source 'api')."""
         self.store.add_feedback(
