@@ -7,24 +7,18 @@ the CLI calls these and nothing else.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import torch
 
 from largo.config import Config, ConfigError, load_config, validate_config
-from largo.data.augment import augment_images, drop_tokens, is_active
-from largo.data.clean import clean_table
-from largo.data.features import Processor, encode_inputs, make_processor, sequence_pads
+from largo.data.features import Processor
 from largo.data.infer import Inferred, default_config, infer_features
-from largo.data.loader import Batch, EncodedSplit
+from largo.data.loader import Batch
 from largo.data.readers import DataError, read_table, source_dir
-from largo.data.split import split_indices, take_split
-from largo.data.text import check_text_column
 from largo.deploy.bundle import (
     environment,
     find_resumable,
@@ -41,6 +35,14 @@ from largo.train.checkpoint import seed_everything
 from largo.train.distributed import log
 from largo.train.loop import fit, forward_in_batches
 from largo.train.losses import make_loss_fn
+from largo.train.prepare import (  # load_splits, encode_split, fit_processors: also part of this API
+    augmenter,
+    class_weights,
+    encode_split,
+    fit_processors,
+    load_splits,
+    read_clean,
+)
 
 
 @dataclass
@@ -63,120 +65,6 @@ def _as_config(config: Config | dict | str | Path) -> Config:
     if isinstance(config, dict):
         return validate_config(config)
     return load_config(config)
-
-
-# ------------------------------------------------------------------------------------------- data
-
-
-def _read_clean(path: str, cfg: Config) -> tuple[pa.Table, dict[str, int]]:
-    table = read_table(path, format=cfg.data.format, encoding=cfg.data.encoding)
-    for f in cfg.inputs:
-        if f.type == "text" and f.source in table.column_names:
-            check_text_column(table.column(f.source), f.name, path)
-    return clean_table(
-        table,
-        inputs=[f.source for f in cfg.inputs],
-        targets=[f.source for f in cfg.outputs],
-        config=cfg.data.clean,
-    )
-
-
-def _by_feature(table: pa.Table, features: list) -> dict[str, pa.ChunkedArray]:
-    return {f.name: table.column(f.source) for f in features}
-
-
-def load_splits(cfg: Config) -> tuple[dict[str, pa.Table], dict[str, Any]]:
-    """Read, clean and split the data: {'train', 'valid', 'test'} tables and the cleaning counts."""
-    d = cfg.data
-    train, counts = _read_clean(d.train, cfg)
-    cleaning: dict[str, Any] = {"train": counts}
-    tables: dict[str, pa.Table] = {}
-    for split in ("valid", "test"):
-        value = getattr(d, split)
-        if isinstance(value, str):
-            tables[split], cleaning[split] = _read_clean(value, cfg)
-    fractions = {s: (v if isinstance(v, float) else 0.0) for s, v in (("valid", d.valid), ("test", d.test))}
-    strat = next((f for f in cfg.outputs if f.type == "category"), None)
-    labels = None
-    if d.stratify and strat is not None:
-        labels = np.array([str(v) for v in train.column(strat.source).to_pylist()])
-    idx = split_indices(
-        train.num_rows, valid=fractions["valid"], test=fractions["test"], seed=d.split_seed, stratify=labels
-    )
-    for split in ("train", "valid", "test"):
-        if split == "train" or split not in tables:
-            tables[split] = take_split(train, idx[split])
-    if tables["train"].num_rows == 0:
-        raise DataError(f"{d.train}: no rows left for training after cleaning and splitting")
-    return tables, cleaning
-
-
-def encode_split(
-    table: pa.Table, cfg: Config, processors: dict[str, Processor], label: str = "data"
-) -> EncodedSplit:
-    """A cleaned table → tensors (inputs through their processors, targets encoded).
-
-    Empty texts and texts cut at max_length are counted and reported, never dropped silently.
-    """
-    inputs = encode_inputs(_by_feature(table, cfg.inputs), cfg.inputs, processors, source_dir(table))
-    targets = {f.name: processors[f.name].encode(table.column(f.source)) for f in cfg.outputs}
-    split = EncodedSplit(inputs, targets, sequence_pads(cfg.inputs, processors))
-    for name, lengths in split.lengths.items():
-        limit = processors[name].max_length
-        empty, cut = int((lengths == 0).sum()), int((lengths >= limit).sum())
-        if empty or cut:
-            log(
-                f"{label}: text {name!r}: {empty} of {len(lengths)} texts are empty or missing (kept as "
-                f"empty), {cut} reach max_length {limit} and are truncated"
-            )
-    return split
-
-
-def fit_processors(table: pa.Table, cfg: Config) -> dict[str, Processor]:
-    """Fit every feature's preprocessing on the train split only."""
-    base_dir = source_dir(table)
-    processors: dict[str, Processor] = {}
-    for role, features in (("input", cfg.inputs), ("output", cfg.outputs)):
-        for f in features:
-            proc = make_processor(f, role == "output", base_dir)
-            proc.fit(table.column(f.source))
-            processors[f.name] = proc
-    return processors
-
-
-def _augmenter(
-    cfg: Config, processors: dict[str, Processor]
-) -> Callable[[Batch, torch.Generator], Batch] | None:
-    images = {f.name: f.augment for f in cfg.inputs if f.type == "image" and is_active(f.augment)}
-    texts = {
-        f.name: (processors[f.name].unk_id, processors[f.name].special_ids, f.token_dropout)
-        for f in cfg.inputs
-        if f.type == "text" and f.token_dropout > 0 and processors[f.name].unk_id is not None
-    }
-    if not images and not texts:
-        return None
-
-    def transform(inputs: Batch, generator: torch.Generator) -> Batch:
-        out = dict(inputs)
-        for k, aug in images.items():
-            out[k] = augment_images(out[k], aug, generator)
-        for k, (unk, special, rate) in texts.items():
-            out[k] = drop_tokens(out[k], unk, special, rate, generator)
-        return out
-
-    return transform
-
-
-def _class_weights(
-    cfg: Config, split: EncodedSplit, processors: dict[str, Processor]
-) -> dict[str, torch.Tensor]:
-    weights = {}
-    for f in cfg.outputs:
-        if f.type == "category" and f.class_weights == "balanced":
-            k = processors[f.name].size
-            counts = torch.bincount(split.targets[f.name], minlength=k).double().clamp(min=1)
-            weights[f.name] = (counts.sum() / (k * counts)).float()
-    return weights
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -217,7 +105,7 @@ def train(config: Config | dict | str | Path, *, resume: bool | str | Path = Fal
     # 3. model and objective (seeded first: the same config gives the same initial weights)
     seed_everything(cfg.train.seed)
     model = build_model(cfg, processors)
-    loss_fn = make_loss_fn(cfg.outputs, _class_weights(cfg, splits["train"], processors))
+    loss_fn = make_loss_fn(cfg.outputs, class_weights(cfg, splits["train"], processors))
     valid = splits["valid"] if sizes["valid"] else None
 
     def score_fn(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -231,7 +119,7 @@ def train(config: Config | dict | str | Path, *, resume: bool | str | Path = Fal
         cfg.train,
         loss_fn,
         score_fn=score_fn,
-        transform=_augmenter(cfg, processors),
+        transform=augmenter(cfg, processors),
         checkpoint_dir=run_dir / "checkpoints",
         resume=bool(resume),
     )
@@ -341,7 +229,7 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, report_dir: str |
     """
     predictor = bundle if isinstance(bundle, Predictor) else load(bundle)
     cfg, processors = predictor.config, predictor.bundle.processors
-    table, counts = _read_clean(str(data), cfg)
+    table, counts = read_clean(str(data), cfg)
     if table.num_rows == 0:
         raise DataError(f"{data}: no labelled rows to evaluate")
     split = encode_split(table, cfg, processors, str(data))
@@ -457,7 +345,7 @@ def held_out_rows(bundle: Any, data: str | Path | None) -> tuple[Any, Any]:
     if tables and images:
         calibration = held_out(bundle, tables["train"].slice(0, 512), "train split")
     if data is not None:
-        table, _ = _read_clean(str(data), cfg)
+        table, _ = read_clean(str(data), cfg)
         if table.num_rows == 0:
             raise DataError(f"{data}: no labelled rows to check the export on")
         return held_out(bundle, table, str(data)), calibration

@@ -30,7 +30,6 @@ import yaml
 from pydantic import Field, ValidationError
 
 # the run's data steps, shared with `largo train` (they live in api.py, above this stage)
-from largo.api import _augmenter, _class_weights, encode_split, fit_processors, load_splits
 from largo.config import (
     Config,
     ConfigError,
@@ -56,6 +55,7 @@ from largo.models.build import build_model
 from largo.train.checkpoint import seed_everything
 from largo.train.loop import fit, forward_in_batches
 from largo.train.losses import make_loss_fn
+from largo.train.prepare import augmenter, class_weights, encode_split, fit_processors, load_splits
 
 CANDIDATE = "candidate"
 RECORD = "update.json"
@@ -306,9 +306,9 @@ def train_version(
     def score_fn(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
         return headline(score_outputs(outputs, valid.targets, cfg.outputs, processors))
 
-    loss_fn = make_loss_fn(cfg.outputs, _class_weights(cfg, train, processors))
+    loss_fn = make_loss_fn(cfg.outputs, class_weights(cfg, train, processors))
     result = fit(model, train, valid, cfg.train, loss_fn, score_fn=score_fn,
-                 transform=_augmenter(cfg, processors))  # fmt: skip
+                 transform=augmenter(cfg, processors))  # fmt: skip
     return model.cpu().eval(), processors, result
 
 
