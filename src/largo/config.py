@@ -167,6 +167,20 @@ class BagEncoderConfig(StrictModel):
     pooling: Literal["mean", "max", "mean_max"] = Field("mean", description="Pooling over tokens.")
     ngrams: int = Field(1, ge=1, le=3, description="Also embed hashed n-grams up to this length.")
     ngram_buckets: int = Field(200_000, ge=1, description="Hash buckets for the n-gram embeddings.")
+    ngram_min_count: int = Field(
+        1,
+        ge=1,
+        description="Leave out n-grams whose hash bucket occurs fewer times than this in the train split "
+        "(TF-IDF's min_df): n-grams seen once only memorize their text. 1 keeps every bucket.",
+    )
+    ngram_scale: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Multiplier on the n-gram embeddings before pooling. Adam moves a rare n-gram's "
+        "vector by many times the learning rate on each of its few appearances, so a full-size table "
+        "memorizes the train set; at 0.2 the n-grams learn at a fifth of the rate, as a regularizer.",
+    )
 
 
 class CnnTextEncoderConfig(StrictModel):

@@ -163,6 +163,9 @@ def test_inference_finds_text_columns_and_picks_tokenizer_and_encoder_by_languag
     assert set(inputs) == {"zh", "en"}
     assert inputs["zh"]["tokenizer"]["kind"] == "jieba" and inputs["en"]["tokenizer"]["kind"] == "wordpiece"
     assert inputs["zh"]["encoder"]["kind"] == "bag" and inputs["en"]["encoder"]["kind"] == "bag"
+    for f in inputs.values():  # bigrams seen twice in train, learning at a fifth of the words' rate
+        bag = TextFeatureConfig(**f).encoder
+        assert (bag.ngrams, bag.ngram_min_count, bag.ngram_scale) == (2, 2, 0.2)
     assert 16 <= inputs["zh"]["tokenizer"]["max_length"] <= 64  # covers ~18 characters with room
     big = default_text_feature("en", text_profile(table.column("en")), LARGE_TEXT_ROWS)
     assert big["encoder"]["kind"] == "transformer"
@@ -189,6 +192,37 @@ def test_bag_default_trains_about_700_steps_and_averages_the_weights():
     transformer = {**text, "encoder": {"kind": "transformer"}}
     inferred = Inferred(inputs=[transformer], outputs=[{"name": "y", "type": "category"}], rows=60_000)
     assert validate_config(default_config("x.csv", inferred, "run")).train.ema is None  # bag only
+
+
+def test_ngram_counts_cover_windows_inside_the_texts_only():
+    import numpy as np
+
+    from largo.data.text import count_ngrams, hash_ngrams_array
+
+    ids = np.array([[5, 6, 7], [5, 6, 0], [5, 0, 0]], dtype=np.int32)  # right-padded with 0
+    counts = count_ngrams(ids, 0, 3, 97)
+    assert counts.sum() == 4  # "5 6" twice, "6 7", "5 6 7"; no window with padding
+    assert counts[hash_ngrams_array(ids[:1, :2], 2, 97)[0, 0]] >= 2
+    assert count_ngrams(ids[:, :1], 0, 2, 97).sum() == 0  # one column: no bigram at all
+
+
+def test_bag_processor_keeps_the_ngram_buckets_seen_min_count_times_in_train():
+    from largo.data.text import hash_ngrams_array
+
+    texts = ["a b c", "a b d", "c a b", "e f"]  # "a b" three times, every other bigram once
+    bag = {"kind": "bag", "ngrams": 2, "ngram_buckets": 1 << 20}
+    tok = {"kind": "wordpiece", "vocab_size": 100, "min_frequency": 1}
+    proc = TextProcessor(feature(tokenizer=tok, encoder={**bag, "ngram_min_count": 2}))
+    proc.fit(texts)
+    ab = hash_ngrams_array(proc.encode_array(["a b"]), 2, 1 << 20)[0, 0]
+    assert proc.ngram_kept == [int(ab)] and proc.stats["ngram_buckets_kept"] == 1
+    assert TextProcessor(proc.config, proc.state()).ngram_kept == [int(ab)]  # saved in the bundle
+    three = TextProcessor(feature(tokenizer=tok, encoder={**bag, "ngram_min_count": 4}))
+    three.fit(texts)
+    assert three.ngram_kept == []
+    plain = TextProcessor(feature(tokenizer=tok, encoder=bag))  # min count 1: every bucket, no list
+    plain.fit(texts)
+    assert plain.ngram_kept is None and "ngram_kept" not in plain.state()
 
 
 def test_lengths_end_at_the_last_real_token_even_with_a_literal_pad_inside():

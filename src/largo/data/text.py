@@ -39,6 +39,15 @@ if TYPE_CHECKING:
     import torch
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4 in every trained vocabulary
+# n-gram hash of the bag encoder: a polynomial in the token ids modulo a Mersenne prime, then modulo the
+# bucket count (`hash_ngrams_array` here, `largo.models.mlp.hash_ngrams` in torch: the same numbers).
+# Every intermediate stays below 2**31 * 2**31, inside int64, whatever the vocabulary or buckets.
+# The base must be large and unrelated to round bucket counts: the former base 1_000_003 is 3 modulo
+# 200_000 (and 100_000), so with an 8000-word vocabulary a bigram's bucket was nearly 3 * a + b, and
+# 240k distinct bigrams shared 52k of 200k buckets (~140k with this base, as a random hash gives).
+NGRAM_HASH_MODULUS = 2**31 - 1
+NGRAM_HASH_BASE = 1_103_515_245
+NGRAM_COUNT_CHUNK = 10_000  # texts encoded at a time when counting the train split's n-grams
 STATS_SAMPLE = 50_000  # train-split length statistics are measured on at most about this many texts
 _HAN = r"\p{Han}"
 
@@ -207,8 +216,34 @@ def _pad_id(tok: Tokenizer, model_config: dict[str, Any] | None, feature: str) -
 # ------------------------------------------------------------------------------------ the processor
 
 
+def hash_ngrams_array(ids: np.ndarray, n: int, buckets: int) -> np.ndarray:
+    """Hash every window of n consecutive ids [b, t] into [0, buckets) → int64 [b, t - n + 1]."""
+    ids = ids.astype(np.int64)
+    windows = ids.shape[1] - n + 1
+    h = np.full((ids.shape[0], max(0, windows)), n, dtype=np.int64)
+    for k in range(n):
+        h = (h * NGRAM_HASH_BASE + ids[:, k : k + windows] + 1) % NGRAM_HASH_MODULUS
+    return h % buckets
+
+
+def count_ngrams(ids: np.ndarray, pad_id: int, ngrams: int, buckets: int) -> np.ndarray:
+    """How many times each n-gram bucket occurs in right-padded ids [b, t] (n = 2..ngrams, windows wholly
+    inside a text only) → int64 [buckets]."""
+    counts = np.zeros(buckets, dtype=np.int64)
+    inside = ids != pad_id
+    for n in range(2, ngrams + 1):
+        if ids.shape[1] >= n:  # right padding: a window is inside the text iff its last token is
+            h = hash_ngrams_array(ids, n, buckets)[inside[:, n - 1 :]]
+            counts += np.bincount(h, minlength=buckets)
+    return counts
+
+
 class TextProcessor:
-    """Fits a tokenizer on the train split and turns texts into right-padded int32 id tensors."""
+    """Fits a tokenizer on the train split and turns texts into right-padded int32 id tensors.
+
+    For a bag encoder with `ngram_min_count` > 1 it also records which n-gram hash buckets occur that
+    often in the train split (`ngram_kept`, sorted); the encoder leaves the other n-grams out.
+    """
 
     def __init__(self, config: TextFeatureConfig, state: dict[str, Any] | None = None):
         self.config = config
@@ -216,11 +251,13 @@ class TextProcessor:
         self.pad_id = 0
         self.stats: dict[str, Any] = {}
         self.model_config: dict[str, Any] | None = None  # a pretrained model's config.json
+        self.ngram_kept: list[int] | None = None  # n-gram buckets seen ngram_min_count times in train
         if state is not None:
             self.tokenizer = Tokenizer.from_str(state["tokenizer"])
             self.pad_id = int(state["pad_id"])
             self.stats = state.get("stats", {})
             self.model_config = state.get("model_config")
+            self.ngram_kept = state.get("ngram_kept")
         # jieba normalizes and drops stop words in Python, before segmenting: built once, not per call
         self._jieba = config.tokenizer.kind == "jieba"
         self._jieba_normalizer = build_normalizer(config.normalize, "jieba") if self._jieba else None
@@ -316,6 +353,14 @@ class TextProcessor:
             "p95_length": float(np.percentile(lengths, 95)) if len(lengths) else 0.0,
             "unk_rate": float((ids == unk).sum() / max(1, lengths.sum())) if unk is not None else 0.0,
         }
+        enc = self.config.encoder
+        if enc.kind == "bag" and enc.ngrams > 1 and enc.ngram_min_count > 1:
+            counts = np.zeros(enc.ngram_buckets, dtype=np.int64)
+            for start in range(0, len(prepared), NGRAM_COUNT_CHUNK):
+                chunk = self._encode_prepared(prepared[start : start + NGRAM_COUNT_CHUNK])
+                counts += count_ngrams(chunk, self.pad_id, enc.ngrams, enc.ngram_buckets)
+            self.ngram_kept = np.flatnonzero(counts >= enc.ngram_min_count).tolist()
+            self.stats["ngram_buckets_kept"] = len(self.ngram_kept)
 
     def _configure(self) -> None:
         """Truncate to max_length from the configured side; pad each encoded batch to its longest row."""
@@ -361,6 +406,8 @@ class TextProcessor:
         }
         if self.model_config is not None:
             state["model_config"] = self.model_config
+        if self.ngram_kept is not None:
+            state["ngram_kept"] = self.ngram_kept
         return state
 
 

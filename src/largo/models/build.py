@@ -43,6 +43,10 @@ def text_encoder(
 
         hf_config = None if load_pretrained else proc.model_config
         return PretrainedTextEncoder(enc, proc.pad_id, dropout, hf_config=hf_config)
+    if enc.kind == "bag":  # the n-gram buckets the processor kept on the train split, if it pruned
+        return TEXT_ENCODERS["bag"](
+            proc.vocab_size, proc.pad_id, enc, dropout, proc.max_length, ngram_kept=proc.ngram_kept
+        )
     return TEXT_ENCODERS[enc.kind](proc.vocab_size, proc.pad_id, enc, dropout, proc.max_length)
 
 

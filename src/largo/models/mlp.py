@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from largo.config import BagEncoderConfig
+from largo.data.text import NGRAM_HASH_BASE, NGRAM_HASH_MODULUS
 from largo.models.layers import PixelNorm, masked_pool, mlp_stack, token_embedding
 
 
@@ -75,23 +78,18 @@ class Combiner(nn.Module):
         return self.net(x)
 
 
-# n-gram hash: a polynomial in the token ids modulo a Mersenne prime, then modulo the bucket count.
-# Every intermediate stays below 2**31 * 2**20, far inside int64, whatever the vocabulary or buckets.
-_HASH_MODULUS = 2**31 - 1
-_HASH_BASE = 1_000_003
-
-
 def hash_ngrams(ids: torch.Tensor, n: int, buckets: int) -> torch.Tensor:
     """Hash every window of n consecutive ids [b, t] into [0, buckets) → int64 [b, t - n + 1].
 
     Deterministic (no Python `hash`), so the same text always lands in the same buckets across runs,
     processes and exported graphs. The hash is seeded with n, so a bigram and a trigram differ.
+    `largo.data.text.hash_ngrams_array` computes the same numbers in numpy (see the constants there).
     """
     ids = ids.long()
     windows = ids.size(1) - n + 1
     h = torch.full_like(ids[:, :windows], n)
     for k in range(n):
-        h = (h * _HASH_BASE + ids[:, k : k + windows] + 1) % _HASH_MODULUS
+        h = (h * NGRAM_HASH_BASE + ids[:, k : k + windows] + 1) % NGRAM_HASH_MODULUS
     return h % buckets
 
 
@@ -100,7 +98,10 @@ class BagTextEncoder(nn.Module):
 
     Input: ids [b, t], right-padded with pad_id; output [b, out_dim] (dim, or 2 * dim for mean_max).
     N-grams of length 2..config.ngrams that lie wholly inside the text get a second embedding table of
-    config.ngram_buckets rows and are pooled together with the tokens. An empty text gives zeros.
+    config.ngram_buckets rows, multiplied by config.ngram_scale, and are pooled together with the
+    tokens. With config.ngram_min_count > 1 only the buckets in `ngram_kept` (those seen that often in
+    the train split, from `TextProcessor.fit`) count: the table has a row per kept bucket, and the other
+    n-grams are left out of the pooling as if absent. An empty text gives zeros.
     """
 
     def __init__(
@@ -110,14 +111,33 @@ class BagTextEncoder(nn.Module):
         config: BagEncoderConfig,
         dropout: float = 0.0,
         max_length: int = 512,  # unused: a bag has no positions; kept for the common signature
+        ngram_kept: Sequence[int] | None = None,
     ):
         super().__init__()
         self.pad_id = pad_id
         self.ngrams = config.ngrams
         self.buckets = config.ngram_buckets
+        self.ngram_scale = config.ngram_scale
         self.pooling = config.pooling
         self.embed = token_embedding(vocab_size, config.dim)
-        self.ngram_embed = token_embedding(config.ngram_buckets, config.dim) if config.ngrams > 1 else None
+        self.ngram_embed = None
+        row = None  # bucket → row of ngram_embed, 0 for a left-out one (a buffer, rebuilt from the state)
+        if config.ngrams > 1 and config.ngram_min_count > 1:
+            if ngram_kept is None:
+                raise ValueError(
+                    "bag encoder: ngram_min_count > 1 needs the n-gram buckets kept on the train split "
+                    "(TextProcessor.fit records them)"
+                )
+            kept = torch.as_tensor(list(ngram_kept), dtype=torch.long)
+            if kept.numel() and (kept.min() < 0 or kept.max() >= config.ngram_buckets):
+                raise ValueError(f"bag encoder: ngram_kept holds buckets outside [0, {config.ngram_buckets})")
+            row = torch.zeros(config.ngram_buckets, dtype=torch.long)
+            row[kept] = torch.arange(1, kept.numel() + 1)
+            self.ngram_embed = token_embedding(kept.numel() + 1, config.dim)  # row 0 is never pooled
+        elif config.ngrams > 1:
+            self.ngram_embed = token_embedding(config.ngram_buckets, config.dim)
+        self.ngram_row: torch.Tensor | None
+        self.register_buffer("ngram_row", row, persistent=False)
         self.drop = nn.Dropout(dropout)
         self.out_dim = config.dim * (2 if config.pooling == "mean_max" else 1)
 
@@ -128,7 +148,12 @@ class BagTextEncoder(nn.Module):
         mask = ids != self.pad_id  # [b, t]
         parts, masks = [self.embed(ids)], [mask]
         for n in range(2, self.ngrams + 1):  # ngram_embed exists whenever this loop runs
-            parts.append(self.ngram_embed(hash_ngrams(ids, n, self.buckets)))  # [b, t - n + 1, dim]
-            masks.append(mask[:, n - 1 :])  # right padding: a window is inside the text iff its last token is
+            h = hash_ngrams(ids, n, self.buckets)  # [b, t - n + 1]
+            inside = mask[:, n - 1 :]  # right padding: a window is inside the text iff its last token is
+            if self.ngram_row is not None:
+                h = self.ngram_row[h]
+                inside = inside & (h > 0)
+            parts.append(self.ngram_embed(h) * self.ngram_scale)
+            masks.append(inside)
         x = torch.cat(parts, dim=1)  # tokens and n-grams side by side along time
         return self.drop(masked_pool(x, torch.cat(masks, dim=1), self.pooling))
