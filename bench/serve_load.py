@@ -47,7 +47,6 @@ import base64
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -61,6 +60,7 @@ import torch
 
 import largo
 from largo.data.samples import news_rows, write_digits_folder
+from largo.deploy.server import free_port, wait_until_serving
 
 OUT = Path(__file__).parent / "out" / "serve"
 CLIENTS = (1, 8, 64)
@@ -133,12 +133,6 @@ def transformer_bundle() -> tuple[Path, list[dict[str, Any]]]:
 # ------------------------------------------------------------------------------------ measuring
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(bundle: Path, options: dict, threads: int) -> tuple[subprocess.Popen, str]:
     """A server subprocess with `threads` torch threads; returns it once /health answers."""
     port = free_port()
@@ -146,14 +140,12 @@ def start_server(bundle: Path, options: dict, threads: int) -> tuple[subprocess.
     args = [sys.executable, "-c", SERVER, str(bundle), str(port), json.dumps(options)]
     proc = subprocess.Popen(args, env=env)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"the server for {bundle} did not start")
+    try:
+        wait_until_serving(url, proc, timeout=120)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc, url
 
 
 def batch_totals(url: str) -> tuple[float, float]:

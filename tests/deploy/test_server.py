@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +31,7 @@ import largo
 from largo.data.readers import DataError
 from largo.data.samples import news_rows
 from largo.deploy.batcher import Batcher, Job
-from largo.deploy.server import create_app, serve_in_thread
+from largo.deploy.server import create_app, free_port, serve_in_thread, wait_until_serving
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LARGO = str(Path(sys.executable).with_name("largo"))
@@ -427,12 +426,6 @@ def test_an_image_bundle_served_by_base64_and_multipart(digits_bundle: Path, dig
 # ------------------------------------------------------------------------------- `largo serve` CLI
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(command: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """Start a server command (`--port` is appended) and wait until /health answers → (process, URL)."""
     port = free_port()
@@ -444,17 +437,12 @@ def start_server(command: list[str], env: dict[str, str] | None = None) -> tuple
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{command[:2]} exited {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"{command[:2]} did not start in 60 s")
+    try:
+        wait_until_serving(url, proc, timeout=60, output=lambda: proc.stdout.read())
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc, url
 
 
 def start_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from largo.deploy.server import free_port
 from largo.lifecycle.store import Store
 
 PG_ROOT = Path("/usr/lib/postgresql")
@@ -29,12 +29,6 @@ def _pg_bindir() -> Path | None:
     """The newest installed PostgreSQL's bin folder, if any."""
     found = [p.parent for p in PG_ROOT.glob("*/bin/pg_ctl")]
     return max(found, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0) if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_user(root: Path) -> list[str]:
@@ -56,7 +50,7 @@ def postgres_url() -> Iterator[str]:
     if bindir is None:
         pytest.skip(f"no PostgreSQL binaries under {PG_ROOT} (install them: make postgres)")
     root = Path(tempfile.mkdtemp(prefix="largo-pg-"))
-    prefix, data, port = _as_user(root), root / "data", _free_port()
+    prefix, data, port = _as_user(root), root / "data", free_port()
 
     def run(*args: str) -> None:
         done = subprocess.run([*prefix, *args], cwd=root, capture_output=True, text=True, timeout=120)

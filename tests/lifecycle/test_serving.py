@@ -10,7 +10,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import pytest
 import sqlalchemy as sa
 
 import largo
+from largo.deploy.server import free_port, wait_until_serving
 from largo.lifecycle.registry import BundleChangedError, Registry
 from largo.lifecycle.serving import AliasWatcher, registered_app
 from largo.lifecycle.store import Store, feedback, predictions
@@ -57,36 +57,25 @@ def _registered(db: str, v1: Path, v2: Path | None = None) -> Registry:
 # ---------------------------------------------------------------------------------- a live server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_serve(ref: str, db: str, log: Path, *options: str) -> tuple[subprocess.Popen, str]:
     """`largo serve REF --db DB` in a process of its own, answering /health → (process, URL).
 
     Its output goes to the file `log` (appended): a pipe nobody reads would fill with access-log lines
     and stall the server.
     """
-    port = _free_port()
+    port = free_port()
     command = [LARGO, "serve", ref, "--db", db, "--runtime", "torch", "--port", str(port), *options]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with log.open("a") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     proc.log = log  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"largo serve exited {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("largo serve did not start in 90 s")
+    try:
+        wait_until_serving(url, proc, timeout=90, output=log.read_text)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc, url
 
 
 def stop_serve(proc: subprocess.Popen) -> str:

@@ -23,9 +23,10 @@ import logging
 import socket
 import threading
 import time
+import urllib.request
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -437,6 +438,34 @@ def serve_bundle(
         f"largo: serving {path} with {type(predictor).__name__} (runtime {runtime}) on http://{host}:{port}"
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` now (for tests, benchmarks and scripts that start servers)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_until_serving(
+    url: str,
+    proc: Any = None,
+    timeout: float = 60.0,
+    output: Callable[[], str] | None = None,
+) -> None:
+    """Poll `url`/health until it answers 200. Raises RuntimeError when `proc` (a Popen) exits first
+    or `timeout` seconds pass; `output()` (e.g. the server's log) is added to the message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server at {url} exited {proc.returncode}:\n{output() if output else ''}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # refused, reset, timed out (URLError is an OSError)
+            time.sleep(0.1)
+    raise RuntimeError(f"the server at {url} did not answer /health in {timeout:.0f} s")
 
 
 @contextlib.contextmanager
