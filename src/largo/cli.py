@@ -320,6 +320,75 @@ def compress(
     typer.echo(f"zero weights: {record['zero_fraction']:.1%}  bundle: {path}")
 
 
+@app.command()
+@_friendly
+def pretrain(
+    corpus: Annotated[
+        list[str] | None,
+        typer.Argument(help="Corpus files (.txt, .jsonl, .parquet) or folders; override data.paths."),
+    ] = None,
+    config: Annotated[str | None, typer.Option("--config", "-c", help="An LM config YAML.")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name (runs/<name>/<version>).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Override train.steps.")] = None,
+    runs_dir: Annotated[str | None, typer.Option("--runs-dir", help="Override runs_dir.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override any key: --set model.preset=gpt-14m")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the newest unfinished run of this name.")
+    ] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Pretrain a GPT-style language model on raw text; prints held-out perplexity and the bundle."""
+    from largo.config_lm import read_lm_yaml, validate_lm_config
+
+    data: dict[str, Any] = read_lm_yaml(config) if config else {}
+    if corpus:
+        data.setdefault("data", {})["paths"] = list(corpus)
+    if not (data.get("data") or {}).get("paths"):
+        raise ConfigError("give corpus files or folders, or a --config whose data.paths names them")
+    for key, value in (("name", name), ("runs_dir", runs_dir)):
+        if value:
+            data[key] = value
+    if steps:
+        data.setdefault("train", {})["steps"] = steps
+    if not progress:
+        data.setdefault("train", {})["progress"] = False
+    cfg = validate_lm_config(apply_overrides(data, set_ or []), source=config or "command line")
+    result = api.pretrain(cfg, resume=resume)
+    lm = (result.metrics.get("valid") or {}).get("lm")
+    if lm:
+        typer.echo(f"valid: loss={lm['loss']:.4f}  perplexity={lm['perplexity']:.2f}  bpc={lm['bpc']:.4f}")
+    typer.echo(f"tokens/s: {result.metrics['tokens_per_s']:,.0f}  ({result.metrics['tokens']:,} tokens)")
+    typer.echo(f"bundle:  {result.path}")
+    typer.echo(f"report:  {result.report}")
+
+
+@app.command()
+@_friendly
+def generate(
+    bundle: Annotated[str, typer.Argument(help="A language-model bundle folder.")],
+    prompt: Annotated[str, typer.Argument(help="The text to continue.")] = "",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most new tokens.")] = 100,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Sample among the k likeliest tokens.")] = 50,
+    top_p: Annotated[
+        float | None, typer.Option("--top-p", help="Sample within this probability mass (nucleus).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed: the same seed gives the same text.")] = 0,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they come.")] = True,
+) -> None:
+    """Continue a prompt with a language-model bundle (KV-cached sampling)."""
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    if stream:
+        for piece in api.generate(bundle, prompt, max_new_tokens, stream=True, **sampling):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        typer.echo(api.generate(bundle, prompt, max_new_tokens, **sampling))
+
+
 @app.command("config")
 @_friendly
 def show_config(

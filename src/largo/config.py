@@ -378,6 +378,25 @@ class CheckpointConfig(StrictModel):
     keep: bool = Field(False, description="Keep checkpoints/ in the bundle after a finished run.")
 
 
+class LoraConfig(StrictModel):
+    """LoRA: train low-rank adapters beside frozen Linear weights (peft), instead of the weights."""
+
+    rank: int = Field(8, ge=1, description="Rank of the adapter matrices.")
+    alpha: float = Field(16.0, gt=0.0, description="Scale: the update is alpha / rank · B·A.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
+    targets: list[str] = Field(
+        default_factory=lambda: ["qkv", "proj"],
+        min_length=1,
+        description="Names (last part) of the Linear modules that get adapters, e.g. qkv, proj, w1, w2, w3 "
+        "in a largo GPT; query, key, value in a BERT-like Hugging Face encoder.",
+    )
+    save: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="merged: the bundle holds full weights with the adapters folded in; adapter: only the "
+        "adapter weights, with the base bundle named (and hash-checked) in the bundle.",
+    )
+
+
 class TrainConfig(StrictModel):
     """The training loop."""
 
@@ -398,6 +417,9 @@ class TrainConfig(StrictModel):
         "use the averaged weights. null: off.",
     )
     early_stopping: EarlyStoppingConfig | None = Field(None, description="Early stopping, or null.")
+    lora: LoraConfig | None = Field(
+        None, description="Fine-tune pretrained text encoders through LoRA adapters only, or null."
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train.")
     seed: int = Field(42, description="Seeds Python, NumPy and torch.")

@@ -164,7 +164,8 @@ def _history_plots(out: Path, history: list[dict]) -> list[tuple[str, str]]:
     keys: list[str] = []
     for row in history:
         keys += [k for k, v in row.items() if k not in keys and _is_number(v)]
-    epochs = _series(history, "epoch")
+    x_key = "epoch" if "epoch" in keys or "step" not in keys else "step"  # LM runs log by step
+    epochs = _series(history, x_key)
     if np.isnan(epochs).any():
         epochs = np.arange(1, len(history) + 1, dtype=float)
 
@@ -179,16 +180,19 @@ def _history_plots(out: Path, history: list[dict]) -> list[tuple[str, str]]:
     written = []
     for file, title, series_keys, log_scale in plots:
         if series_keys:
-            _plot_lines(out / file, title, epochs, {k: _series(history, k) for k in series_keys}, log_scale)
+            series = {k: _series(history, k) for k in series_keys}
+            _plot_lines(out / file, title, epochs, series, log_scale, x_key)
             written.append((file, title))
     return written
 
 
-def _plot_lines(path: Path, title: str, x: np.ndarray, series: dict[str, np.ndarray], log_y: bool) -> None:
+def _plot_lines(
+    path: Path, title: str, x: np.ndarray, series: dict[str, np.ndarray], log_y: bool, x_label: str = "epoch"
+) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, y in series.items():
         ax.plot(x, y, marker="o", markersize=3.5, linewidth=1.6, label=label)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(x_label)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     if log_y and np.nanmin(np.concatenate(list(series.values())), initial=np.inf) > 0:

@@ -1,0 +1,308 @@
+"""Raw text for language models: corpus files → byte-level BPE → a memory-mapped token file → windows.
+
+A corpus is .txt / .jsonl (a text field) / .parquet files, of any size: they are read as a stream of
+pieces (~16k characters of a .txt file, or one record), never whole. The tokenizer is trained on a
+sample spread over the files; the corpus is then tokenized once (HF `tokenizers` encodes each batch
+of pieces on all cores) into flat uint16/uint32 token files, one for training and one for the
+held-out pieces. Both are cached under a key of the files (path, size, mtime) and the tokenizer, so
+later runs on the same corpus reuse them. Training reads random windows straight from the memory map,
+so a corpus larger than RAM works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from largo.config_lm import LMConfig
+from largo.data.readers import DataError, _resolve_encoding
+
+EOT = "<|endoftext|>"  # ends every document; generation stops on it
+PAD = "<pad>"  # pads fine-tuning batches (never a training target)
+LM_SPECIAL_TOKENS = [EOT, PAD]
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+CORPUS_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
+PIECE_CHARS = 16_000
+ENCODE_BATCH = 256  # pieces per encode_batch call
+
+
+# ------------------------------------------------------------------------------------------- files
+
+
+def corpus_files(paths: list[str]) -> list[Path]:
+    """The corpus files named by `paths` (files, or folders searched recursively), in a stable order."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in CORPUS_SUFFIXES)
+            if not found:
+                raise DataError(f"{p}: no {', '.join(CORPUS_SUFFIXES)} files in this folder")
+            files += found
+        elif p.is_file():
+            if p.suffix.lower() not in CORPUS_SUFFIXES:
+                raise DataError(f"{p}: not a corpus file; allowed suffixes: {', '.join(CORPUS_SUFFIXES)}")
+            files.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return files
+
+
+def fingerprint(files: list[Path]) -> str:
+    """A hash of the files' paths, sizes and modification times (what makes a cache entry stale)."""
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def iter_pieces(path: Path, text_field: str = "text", encoding: str = "auto") -> Iterator[tuple[str, bool]]:
+    """(text, ends a document) pieces of one file, streamed: ~PIECE_CHARS of whole lines of a .txt file
+    (the file is one document), or one record's text of a .jsonl / .parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        pf = pq.ParquetFile(path)
+        if text_field not in pf.schema_arrow.names:
+            raise DataError(f"no column {text_field!r}; columns: {pf.schema_arrow.names}", path=path)
+        for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                if isinstance(value, str) and value:
+                    yield value, True
+        return
+    enc = _resolve_encoding(path, encoding)
+    with open(path, encoding=enc, newline="") as f:
+        if suffix == ".jsonl":
+            yield from _jsonl_pieces(f, path, text_field)
+            return
+        buf: list[str] = []
+        size = 0
+        for line in f:
+            buf.append(line)
+            size += len(line)
+            if size >= PIECE_CHARS:
+                yield "".join(buf), False
+                buf, size = [], 0
+        yield "".join(buf), True
+
+
+def _jsonl_pieces(f: Any, path: Path, text_field: str) -> Iterator[tuple[str, bool]]:
+    for number, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"not valid JSON: {exc.msg}", path=path, line=number) from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str | type(None)):
+            raise DataError(f"expected an object with a string {text_field!r} field", path=path, line=number)
+        if record.get(text_field):
+            yield record[text_field], True
+
+
+# --------------------------------------------------------------------------------------- tokenizer
+
+
+def new_byte_bpe() -> Tokenizer:
+    """An untrained byte-level BPE (GPT-2's scheme: any text round-trips exactly, no unknown token)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _sample(files: list[Path], budget_chars: int, text_field: str, encoding: str) -> Iterator[str]:
+    """Up to budget_chars of text, an equal share from the start of each file."""
+    share = max(1, budget_chars // len(files))
+    for path in files:
+        taken = 0
+        for text, _ in iter_pieces(path, text_field, encoding):
+            yield text
+            taken += len(text)
+            if taken >= share:
+                break
+
+
+def train_byte_bpe(
+    files: list[Path], vocab_size: int, sample_mb: float, min_frequency: int, text_field: str, encoding: str
+) -> Tokenizer:
+    """A byte-level BPE trained on a sample of the corpus, with EOT and PAD as its first ids."""
+    tok = new_byte_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=LM_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_sample(files, int(sample_mb * 1e6), text_field, encoding), trainer)
+    return tok
+
+
+def special_id(tok: Tokenizer, token: str) -> int:
+    """The id of a special token the LM tokenizer must have."""
+    i = tok.token_to_id(token)
+    if i is None:
+        raise DataError(f"the tokenizer has no {token} token; an LM tokenizer needs {LM_SPECIAL_TOKENS}")
+    return i
+
+
+# -------------------------------------------------------------------------------------- token file
+
+
+@dataclass
+class TokenData:
+    """The tokenized corpus: memory-mapped train and valid token streams and what they were made of."""
+
+    train: np.ndarray
+    valid: np.ndarray
+    meta: dict[str, Any]
+
+    @property
+    def chars_per_token(self) -> float:
+        """Characters of held-out text per held-out token (for bits per character)."""
+        return self.meta["valid_chars"] / max(1, self.meta["valid_tokens"])
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def _is_valid_piece(index: int, fraction: float) -> bool:
+    # a fixed multiplicative hash of the piece's index: the same pieces are held out on every run
+    return fraction > 0 and ((index * 2_654_435_761) % 2**32) / 2**32 < fraction
+
+
+def tokenize_corpus(
+    files: list[Path], tok: Tokenizer, out_dir: Path, valid: float, text_field: str, encoding: str
+) -> dict[str, Any]:
+    """Tokenize every file into out_dir/{train,valid}.bin (EOT after each document); returns meta.json.
+
+    Written to a temporary folder renamed into place at the end, so an interrupted run leaves no
+    half-written cache entry.
+    """
+    dtype = token_dtype(tok.get_vocab_size())
+    eot = special_id(tok, EOT)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tokens-", dir=out_dir.parent))
+    counts = {"train_tokens": 0, "valid_tokens": 0, "train_chars": 0, "valid_chars": 0}
+    try:
+        with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "valid.bin", "wb") as fvalid:
+            index = 0
+            batch: list[tuple[str, bool, bool]] = []
+
+            def flush() -> None:
+                encodings = tok.encode_batch([text for text, _, _ in batch], add_special_tokens=False)
+                for (text, ends, held_out), e in zip(batch, encodings, strict=True):
+                    ids = e.ids + [eot] if ends else e.ids
+                    split = "valid" if held_out else "train"
+                    (fvalid if held_out else ftrain).write(np.asarray(ids, dtype=dtype).tobytes())
+                    counts[f"{split}_tokens"] += len(ids)
+                    counts[f"{split}_chars"] += len(text)
+                batch.clear()
+
+            for path in files:
+                for text, ends in iter_pieces(path, text_field, encoding):
+                    batch.append((text, ends, _is_valid_piece(index, valid)))
+                    index += 1
+                    if len(batch) >= ENCODE_BATCH:
+                        flush()
+            flush()
+        meta = {"dtype": dtype.name, "vocab_size": tok.get_vocab_size(), "pieces": index, **counts}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        if out_dir.exists():  # another process finished the same entry first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
+
+
+def open_tokens(folder: Path) -> TokenData:
+    """Memory-map a tokenized corpus folder."""
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    dtype = np.dtype(meta["dtype"])
+
+    def mapped(name: str) -> np.ndarray:
+        path = folder / name
+        if path.stat().st_size == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r")
+
+    return TokenData(mapped("train.bin"), mapped("valid.bin"), meta)
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+def prepare_corpus(
+    cfg: LMConfig, tokenizer: Tokenizer | None = None, log: Any = None
+) -> tuple[Tokenizer, TokenData]:
+    """The run's tokenizer (given, read from tokenizer.path, cached, or trained) and token files
+    (cached, or made now) for the config's corpus."""
+    say = log or (lambda _msg: None)
+    d = cfg.data
+    files = corpus_files(d.paths)
+    fp = fingerprint(files)
+    if tokenizer is None and cfg.tokenizer.path:
+        tokenizer = Tokenizer.from_file(cfg.tokenizer.path)
+    if tokenizer is None:
+        t = cfg.tokenizer
+        tdir = cfg.cache_dir / "tokenizers" / _key(fp, t.model_dump_json(), d.text_field, d.encoding)
+        if (tdir / "tokenizer.json").exists():
+            tokenizer = Tokenizer.from_file(str(tdir / "tokenizer.json"))
+            say(f"tokenizer: reused {tdir / 'tokenizer.json'}")
+        else:
+            say(f"tokenizer: training a byte-level BPE of {t.vocab_size} on up to {t.sample_mb:g} MB")
+            tokenizer = train_byte_bpe(
+                files, t.vocab_size, t.sample_mb, t.min_frequency, d.text_field, d.encoding
+            )
+            tdir.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(str(tdir / "tokenizer.json"))
+    for token in LM_SPECIAL_TOKENS:
+        special_id(tokenizer, token)
+    tok_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+    folder = cfg.cache_dir / "tokens" / _key(fp, tok_hash, d.text_field, d.encoding, repr(d.valid))
+    if (folder / "meta.json").exists():
+        say(f"token files: reused {folder}")
+    else:
+        say(f"token files: tokenizing {len(files)} file(s) into {folder}")
+        tokenize_corpus(files, tokenizer, folder, d.valid, d.text_field, d.encoding)
+    data = open_tokens(folder)
+    if len(data.train) <= cfg.model.context:
+        raise DataError(
+            f"the corpus has {len(data.train)} training tokens, fewer than one window of model.context "
+            f"= {cfg.model.context}; give more text or a shorter context"
+        )
+    return tokenizer, data
+
+
+# ----------------------------------------------------------------------------------------- windows
+
+
+def window_starts(n_tokens: int, count: int, context: int, seed: int) -> np.ndarray:
+    """`count` random start offsets of (context + 1)-token windows in a stream of n_tokens."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, n_tokens - context, size=count)
+
+
+def windows(tokens: np.ndarray, starts: np.ndarray, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets, int64 [len(starts), context] each, read from the token stream."""
+    rows = np.stack([np.asarray(tokens[s : s + context + 1], dtype=np.int64) for s in starts])
+    t = torch.from_numpy(rows)
+    return t[:, :-1], t[:, 1:]

@@ -1,0 +1,195 @@
+"""Language-model bundles: write and read them, and `TextGenerator` (prompt → text, or a token stream).
+
+runs/<name>/v<N>/ of an LM holds config.yaml (an LMConfig, `task: lm`), model.safetensors,
+tokenizer.json (a standard HF tokenizers file), metrics.json (per-evaluation history, perplexity, bits
+per character, throughput) and report.html. Weights are safetensors only; nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_model, save_model
+from tokenizers import Tokenizer
+
+from largo.config_lm import LMConfig, dump_lm_config, validate_lm_config
+from largo.data.corpus import EOT, special_id
+from largo.deploy.metadata import WEIGHTS, BundleError, check_files, read_json
+from largo.evaluate.report import write_metrics_json, write_report
+from largo.models.gpt import GPT, generate_ids
+from largo.train.loop import autocast
+
+TOKENIZER = "tokenizer.json"
+
+
+def is_lm_bundle(path: str | Path) -> bool:
+    """Whether a folder's config.yaml is a language model's (`task: lm`)."""
+    file = Path(path) / "config.yaml"
+    if not file.exists():
+        return False
+    data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    return isinstance(data, dict) and data.get("task") == "lm"
+
+
+def write_lm_start(run_dir: Path, config: LMConfig, tokenizer: Tokenizer) -> None:
+    """The resolved config and the tokenizer, written before training starts (what resume reads)."""
+    (run_dir / "config.yaml").write_text(dump_lm_config(config), encoding="utf-8")
+    tokenizer.save(str(run_dir / TOKENIZER))
+
+
+def write_lm_bundle(run_dir: Path, model: GPT, metrics: dict[str, Any]) -> Path:
+    """Weights (tied embedding stored once), metrics.json and report.html; returns the report's path."""
+    save_model(model, str(run_dir / WEIGHTS))
+    write_metrics_json(run_dir, metrics)
+    return write_report(run_dir, metrics)
+
+
+@dataclass
+class LMBundle:
+    """An LM bundle read from disk."""
+
+    path: Path
+    config: LMConfig
+    tokenizer: Tokenizer
+    model: GPT
+    metrics: dict[str, Any]
+
+
+def read_lm_config(path: str | Path) -> LMConfig:
+    """The LM bundle's resolved config."""
+    path = Path(path)
+    check_files(path, ("config.yaml",))
+    data = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or data.get("task") != "lm":
+        raise BundleError(f"{path}: not a language-model bundle (config.yaml has no 'task: lm')")
+    return validate_lm_config(data, str(path / "config.yaml"))
+
+
+def read_lm_bundle(path: str | Path) -> LMBundle:
+    """Load an LM bundle (weights from safetensors, never pickle) with the model in eval mode."""
+    path = Path(path)
+    check_files(path, ("config.yaml", TOKENIZER, WEIGHTS))
+    config = read_lm_config(path)
+    tokenizer = Tokenizer.from_file(str(path / TOKENIZER))
+    model = GPT(config.model)
+    load_model(model, str(path / WEIGHTS))
+    return LMBundle(path, config, tokenizer, model.eval(), read_json(path / "metrics.json"))
+
+
+class TextGenerator:
+    """A loaded LM bundle that continues prompts: `generate()` returns text, `stream()` yields pieces.
+
+    Sampling is seeded per call, so the same prompt, settings and seed give the same text.
+    """
+
+    def __init__(self, bundle: LMBundle, precision: str = "fp32", device: str = "cpu"):
+        self.bundle = bundle
+        self.config = bundle.config
+        self.path = bundle.path
+        self.tokenizer = bundle.tokenizer
+        self.device = torch.device(device)
+        self.model = bundle.model.to(self.device)
+        self.precision = precision
+        self.eot = special_id(self.tokenizer, EOT)
+
+    @classmethod
+    def load(cls, path: str | Path, **kwargs: Any) -> TextGenerator:
+        """Read an LM bundle folder."""
+        return cls(read_lm_bundle(path), **kwargs)
+
+    @property
+    def context(self) -> int:
+        """The longest sequence the model attends over, in tokens."""
+        return self.config.model.context
+
+    def encode(self, prompt: str) -> list[int]:
+        """A prompt's token ids (an empty prompt starts from the end-of-text token)."""
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        return ids or [self.eot]
+
+    def stream_ids(
+        self,
+        prompt: str,
+        max_new_tokens: int = 100,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        top_p: float | None = None,
+        seed: int | None = 0,
+        use_cache: bool = True,
+        stop_at_eot: bool = True,
+    ) -> Iterator[int]:
+        """Yield generated token ids one at a time (see `stream` for the arguments)."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: must be ≥ 0 (got {max_new_tokens})")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k: must be ≥ 1 (got {top_k})")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p: must be in (0, 1] (got {top_p})")
+        prompt_ids = torch.tensor([self.encode(prompt)], device=self.device)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(0 if seed is None else seed)
+        with autocast(self.device, self.precision):
+            for nxt in generate_ids(
+                self.model,
+                prompt_ids,
+                max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+                use_cache=use_cache,
+                stop_id=self.eot if stop_at_eot else None,
+            ):
+                token = int(nxt[0])
+                if stop_at_eot and token == self.eot:
+                    return
+                yield token
+
+    def stream(self, prompt: str, max_new_tokens: int = 100, **sampling: Any) -> Iterator[str]:
+        """Yield the generated text piece by piece as tokens arrive.
+
+        Args:
+            prompt: the text to continue.
+            max_new_tokens: most tokens to generate.
+            sampling: temperature (0 = greedy; default 0.8), top_k (50), top_p (None), seed (0),
+                use_cache (True), stop_at_eot (True).
+
+        A byte-level token can end inside a multi-byte character (a Chinese character is 3 bytes), so
+        a piece is yielded only once the text decoded so far ends on a whole character.
+        """
+        ids: list[int] = []
+        shown = ""
+        for token in self.stream_ids(prompt, max_new_tokens, **sampling):
+            ids.append(token)
+            text = self.tokenizer.decode(ids, skip_special_tokens=False)
+            if text.endswith("\ufffd"):
+                continue  # an unfinished character: wait for its next byte
+            if len(text) > len(shown):
+                yield text[len(shown) :]
+                shown = text
+        final = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if len(final) > len(shown):
+            yield final[len(shown) :]
+
+    def generate(self, prompt: str, max_new_tokens: int = 100, **sampling: Any) -> str:
+        """The generated continuation of `prompt` (without the prompt); arguments as `stream`."""
+        return "".join(self.stream(prompt, max_new_tokens, **sampling))
+
+    def info(self) -> dict[str, Any]:
+        """What the bundle holds: sizes, parameter count, held-out perplexity."""
+        history = self.bundle.metrics.get("history") or []
+        return {
+            "path": str(self.path),
+            "name": self.config.name,
+            "task": "lm",
+            "model": self.config.model.model_dump(mode="json"),
+            "parameters": self.model.num_parameters(),
+            "vocab_size": self.tokenizer.get_vocab_size(),
+            "valid": self.bundle.metrics.get("valid"),
+            "steps": history[-1]["step"] if history else None,
+        }

@@ -1,0 +1,251 @@
+"""A decoder-only Transformer (GPT) in one sitting: embedding, RoPE, RMSNorm, SwiGLU, causal attention.
+
+tokens [b, t] → embedding (tied with the output layer) → L × (x + attn(norm(x)), x + mlp(norm(x)))
+→ norm → logits [b, t, vocab]. Attention is `scaled_dot_product_attention` with the causal flag (flash
+/ memory-efficient kernels where the device has them). A `KVCache` keeps each layer's keys and values
+so generation costs one token's work per step; `sample_next` and `generate_ids` are the sampler.
+Residual projections start at 0.02 / sqrt(2·layers) (GPT-2), everything else at N(0, 0.02).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from largo.config_lm import GPTConfig
+
+IGNORE = -100  # target id that does not count in the loss (padding of fine-tuning batches)
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE's rotation angles → two [length, head_dim / 2] tables."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (first half, second half) of x [b, h, t, d] by the angles of its positions."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # [b, h, t, d/2] each
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated to `length`."""
+
+    def __init__(self, layers: int, batch: int, heads: int, length: int, head_dim: int, like: torch.Tensor):
+        shape = (batch, heads, length, head_dim)
+        self.k = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(layers)]
+        self.length = length
+        self.pos = 0  # positions filled
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [b, h, t_new, d] at the next positions; return all keys and values so far."""
+        t = k.shape[2]
+        self.k[layer][:, :, self.pos : self.pos + t] = k
+        self.v[layer][:, :, self.pos : self.pos + t] = v
+        end = self.pos + t
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.dim // cfg.heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        b, t, c = x.shape  # batch, time, channels
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [b, h, t, d]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(layer, k, v)
+        if start == 0:  # the whole prefix at once: the causal flag picks the fused kernels
+            mask, causal = None, True
+        elif t == 1:  # one new token attends to every cached position
+            mask, causal = None, False
+        else:  # a chunk after a cached prefix: query i sees keys up to start + i
+            rows = torch.arange(start, start + t, device=x.device)[:, None]
+            mask, causal = torch.arange(k.shape[2], device=x.device)[None, :] <= rows, False
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.dim, eps=1e-5)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = nn.RMSNorm(cfg.dim, eps=1e-5)
+        self.mlp = SwiGLU(cfg.dim, cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, i: int):
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, i))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class GPT(nn.Module):
+    """forward(ids) → logits [b, t, vocab]; forward(ids, targets) → (summed loss, counted tokens).
+
+    The loss is a sum over the tokens whose target is not IGNORE, so a training step can divide by the
+    token count of all its micro-batches together (see train/lm.py).
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size: not set (it comes from the tokenizer)")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=1e-5)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head.weight = self.embed.weight  # tied input and output embeddings
+        cos, sin = rope_tables(cfg.dim // cfg.heads, cfg.context, cfg.rope_theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.own_init = True
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2's init: N(0, 0.02), residual projections scaled down by sqrt(2·layers)."""
+        for name, p in self.named_parameters():
+            if p.ndim < 2:
+                continue  # norm scales stay 1
+            std = (
+                0.02 / math.sqrt(2 * self.cfg.layers) if name.endswith(("proj.weight", "w2.weight")) else 0.02
+            )
+            nn.init.normal_(p, 0.0, std)
+
+    def num_parameters(self) -> int:
+        """Trainable parameter count (the tied embedding once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final normed hidden states [b, t, dim] of ids [b, t] (after `cache.pos` cached tokens)."""
+        t = ids.shape[1]
+        start = cache.pos if cache is not None else 0
+        if start + t > self.cfg.context:
+            raise ValueError(f"{start + t} tokens exceed the model's context of {self.cfg.context}")
+        cos, sin = self.cos[start : start + t], self.sin[start : start + t]
+        x = self.embed(ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.pos += t
+        return self.norm(x)
+
+    def forward(
+        self, ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        h = self.hidden(ids, cache)
+        if targets is None:
+            return self.head(h)
+        logits = self.head(h).float()
+        loss = F.cross_entropy(
+            logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
+        return loss, (targets != IGNORE).sum()
+
+    def new_cache(self, batch: int, length: int | None = None, like: torch.Tensor | None = None) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `length` tokens (default: the context)."""
+        like = like if like is not None else self.embed.weight
+        c = self.cfg
+        return KVCache(c.layers, batch, c.heads, length or c.context, c.dim // c.heads, like)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids [b] from last-position logits [b, vocab]: greedy at temperature 0, else sampled
+    from the temperature-scaled distribution cut to the top k tokens and to the top-p probability mass."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # the mass before a token already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+        logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(
+    model: GPT,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    stop_id: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token ids [b] one step at a time after prompt [b, t] (streaming).
+
+    With the cache each step runs one token through the model; without it, the whole sequence again
+    (for checking the cache, and the benchmark). A prompt longer than the context keeps its end.
+    Stops after `max_new_tokens`, at the context's end with the cache, or when every row produced
+    `stop_id`.
+    """
+    model.eval()
+    context = model.cfg.context
+    ids = prompt[:, -(context - 1) :] if prompt.shape[1] >= context else prompt
+    cache = model.new_cache(ids.shape[0]) if use_cache else None
+    logits = model(ids, cache=cache)[:, -1]
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        yield nxt
+        if stop_id is not None:
+            done |= nxt == stop_id
+            if bool(done.all()):
+                return
+        if cache is not None:
+            if cache.pos >= context:
+                return
+            logits = model(nxt[:, None], cache=cache)[:, -1]
+        else:
+            ids = torch.cat([ids, nxt[:, None]], dim=1)[:, -context:]
+            logits = model(ids)[:, -1]
