@@ -27,6 +27,10 @@ _EXPORTS = {
     "load": "largo.api",
     "predict": "largo.api",
     "train": "largo.api",
+    "pretrain": "largo.api",
+    "generate": "largo.api",
+    "TextGenerator": "largo.deploy.generator",
+    "LMConfig": "largo.config_lm",
     "export": "largo.api",
     "compress": "largo.api",
     "serve": "largo.api",
@@ -44,17 +48,21 @@ __all__ = [  # the names of _EXPORTS (a test keeps the two equal) and the versio
     "Config",
     "ConfigError",
     "DataError",
+    "LMConfig",
     "Predictor",
+    "TextGenerator",
     "TrainResult",
     "__version__",
     "compress",
     "evaluate",
     "export",
+    "generate",
     "infer_config",
     "info",
     "load",
     "load_config",
     "predict",
+    "pretrain",
     "serve",
     "train",
     "validate_config",
@@ -66,16 +74,20 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
         compress,
         evaluate,
         export,
+        generate,
         infer_config,
         info,
         load,
         predict,
+        pretrain,
         serve,
         train,
     )
     from largo.config import Config, ConfigError, load_config, validate_config
+    from largo.config_lm import LMConfig
     from largo.data.readers import DataError
     from largo.deploy.bundle import BundleError
+    from largo.deploy.generator import TextGenerator
     from largo.deploy.predictor import Predictor
 
 

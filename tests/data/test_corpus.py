@@ -1,0 +1,139 @@
+"""The LM corpus pipeline: files, byte-level BPE, token files (round trip, cache), windows."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from largo.config_lm import validate_lm_config
+from largo.data.corpus import (
+    EOT,
+    PAD,
+    corpus_files,
+    iter_pieces,
+    prepare_corpus,
+    tokenize_corpus,
+    train_byte_bpe,
+    windows,
+)
+from largo.data.readers import DataError
+from tests.lm_corpus import write_corpus
+
+
+def test_corpus_files_expand_folders_in_order_and_reject_others(tmp_path):
+    (tmp_path / "b").mkdir()
+    for name in ("b/2.txt", "a.jsonl", "b/1.txt", "notes.csv"):
+        (tmp_path / name).write_text("x\n", encoding="utf-8")
+    files = corpus_files([str(tmp_path)])
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == ["a.jsonl", "b/1.txt", "b/2.txt"]
+    with pytest.raises(DataError, match="not a corpus file"):
+        corpus_files([str(tmp_path / "notes.csv")])
+    with pytest.raises(DataError, match="no such file"):
+        corpus_files([str(tmp_path / "missing.txt")])
+
+
+def test_pieces_of_txt_jsonl_parquet_and_gbk(tmp_path):
+    txt = tmp_path / "zh.txt"
+    txt.write_text("第一行中文\n第二行\n", encoding="gbk")
+    assert "".join(t for t, _ in iter_pieces(txt)) == "第一行中文\n第二行\n"  # GBK detected
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n', encoding="utf-8")
+    assert list(iter_pieces(jsonl)) == [("one", True), ("two", True)]
+    pq.write_table(pa.table({"body": ["alpha", None, "beta"]}), tmp_path / "t.parquet")
+    assert [t for t, _ in iter_pieces(tmp_path / "t.parquet", "body")] == ["alpha", "beta"]
+    with pytest.raises(DataError, match="no column 'text'"):
+        list(iter_pieces(tmp_path / "t.parquet"))
+
+
+def test_malformed_jsonl_row_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "broken"\n', encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        list(iter_pieces(bad))
+    assert "bad.jsonl:2: not valid JSON" in str(err.value)  # file:line, as the table readers say
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"text": 3}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="string 'text' field"):
+        list(iter_pieces(wrong))
+
+
+def test_byte_bpe_round_trips_any_text(tmp_path):
+    corpus = write_corpus(tmp_path, lines=400)
+    tok = train_byte_bpe([corpus], 400, 1.0, 2, "text", "auto")
+    assert tok.token_to_id(EOT) == 0 and tok.token_to_id(PAD) == 1
+    assert tok.get_vocab_size() == 400
+    for text in ("the cat sat on the mat.", "经济发展需要科技创新。", "unseen ñ 😀 Ωmega\n\ttabs"):
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert tok.decode(ids) == text  # byte level: nothing is unknown, nothing is lost
+    # merges learned: common words become single tokens, far shorter than bytes
+    assert len(tok.encode("the cat sat on the mat").ids) < len(b"the cat sat on the mat") / 2
+
+
+def test_token_files_round_trip_the_corpus(tmp_path):
+    corpus = write_corpus(tmp_path, lines=1500)
+    tok = train_byte_bpe([corpus], 300, 1.0, 2, "text", "auto")
+    meta = tokenize_corpus([corpus], tok, tmp_path / "tokens", 0.2, "text", "auto")
+    train = np.fromfile(tmp_path / "tokens" / "train.bin", dtype=np.uint16)
+    valid = np.fromfile(tmp_path / "tokens" / "valid.bin", dtype=np.uint16)
+    assert meta["dtype"] == "uint16"
+    assert (meta["train_tokens"], meta["valid_tokens"]) == (len(train), len(valid))
+    assert len(valid) > 0 and 0.05 < len(valid) / (len(train) + len(valid)) < 0.5
+    assert meta["train_chars"] + meta["valid_chars"] == len(corpus.read_text(encoding="utf-8"))
+    # every piece went to exactly one side: the decoded streams hold every line of the file once
+    text = tok.decode(train.tolist()) + tok.decode(valid.tolist())
+    lines = corpus.read_text(encoding="utf-8").splitlines()
+    assert sorted(text.replace(EOT, "").splitlines()) == sorted(lines)
+    assert (train == 0).sum() + (valid == 0).sum() == 1  # one document: one end-of-text token
+
+
+def _config(corpus, runs):
+    return validate_lm_config(
+        {
+            "runs_dir": str(runs),
+            "data": {"paths": [str(corpus)], "valid": 0.1},
+            "tokenizer": {"vocab_size": 300},
+            "model": {"dim": 32, "layers": 1, "heads": 2, "context": 32},
+        }  # fmt: skip
+    )
+
+
+def test_prepare_corpus_caches_tokenizer_and_tokens_until_the_files_change(tmp_path):
+    corpus = write_corpus(tmp_path / "c", lines=800)
+    cfg = _config(corpus, tmp_path / "runs")
+    said: list[str] = []
+    tok1, data1 = prepare_corpus(cfg, log=said.append)
+    assert any("training a byte-level BPE" in s for s in said) and any("tokenizing" in s for s in said)
+    said.clear()
+    tok2, data2 = prepare_corpus(cfg, log=said.append)
+    assert any("tokenizer: reused" in s for s in said) and any("token files: reused" in s for s in said)
+    assert tok1.to_str() == tok2.to_str()
+    assert np.array_equal(np.asarray(data1.train), np.asarray(data2.train))
+    assert isinstance(data2.train, np.memmap)  # read from disk, not held in memory
+    with open(corpus, "a", encoding="utf-8") as f:
+        f.write("a new line changes the corpus.\n")
+    said.clear()
+    prepare_corpus(cfg, log=said.append)
+    assert any("training" in s for s in said) and any("tokenizing" in s for s in said)
+    assert len(list((cfg.cache_dir / "tokens").iterdir())) == 2
+    meta = json.loads(next((cfg.cache_dir / "tokens").iterdir()).joinpath("meta.json").read_text())
+    assert meta["vocab_size"] == 300
+
+
+def test_too_small_corpus_is_a_clear_error(tmp_path):
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("just a few words\n", encoding="utf-8")
+    cfg = _config(tiny, tmp_path / "runs")
+    with pytest.raises(DataError, match="fewer than one window"):
+        prepare_corpus(cfg)
+
+
+def test_windows_are_inputs_and_next_token_targets():
+    tokens = np.arange(100, dtype=np.uint16)
+    x, y = windows(tokens, np.array([0, 10, 89]), 10)
+    assert x.shape == y.shape == (3, 10) and x.dtype.is_floating_point is False
+    assert x[1].tolist() == list(range(10, 20)) and y[1].tolist() == list(range(11, 21))
+    assert y[2, -1] == 99
