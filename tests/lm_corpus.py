@@ -6,8 +6,29 @@ import random
 from pathlib import Path
 
 EN_WORDS = (
-    "the cat sat on a mat and the dog ran to the park while birds sang songs of joy under old trees"
-).split()
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "and",
+    "the",
+    "dog",
+    "ran",
+    "to",
+    "the",
+    "park",
+    "while",
+    "birds",
+    "sang",
+    "songs",
+    "of",
+    "joy",
+    "under",
+    "old",
+    "trees",
+)
 ZH_SENTENCES = [
     "今天天气很好，我们去公园散步。",
     "明天下雨，我们在家看书。",
