@@ -215,6 +215,8 @@ def serve(
 ) -> None:
     """Serve a bundle over HTTP: POST /predict, POST /feedback, GET /metrics, and a page at /.
 
+    A language-model bundle gets POST /generate instead (JSON, or server-sent events as it generates).
+
     Given a registered NAME (or NAME@ALIAS) instead of a folder, it serves that version, logs
     predictions and feedback to the store, and swaps in the new version when the alias is promoted
     or rolled back, without a restart.

@@ -75,6 +75,10 @@ class ServerMetrics:
 
     def render(self) -> str:
         """All metrics in the Prometheus text exposition format."""
+        return "\n".join(self.request_lines() + self.batch_lines()) + "\n"
+
+    def request_lines(self) -> list[str]:
+        """Requests, errors and latency (what every server has; the LM server adds its own after them)."""
         out = ["# HELP largo_requests_total HTTP requests answered, by endpoint and status code."]
         out.append("# TYPE largo_requests_total counter")
         for (endpoint, code), n in sorted(self.requests.items()):
@@ -94,7 +98,11 @@ class ServerMetrics:
         ]
         for endpoint, hist in sorted(self.latency.items()):
             out += hist.lines("largo_request_seconds", {"endpoint": endpoint})
-        out += ["# HELP largo_batch_size Records per forward pass.", "# TYPE largo_batch_size histogram"]
+        return out
+
+    def batch_lines(self) -> list[str]:
+        """Batch sizes, forward passes, predictions and the queue (the dynamic batcher's side)."""
+        out = ["# HELP largo_batch_size Records per forward pass.", "# TYPE largo_batch_size histogram"]
         out += self.batch_size.lines("largo_batch_size", {})
         out += [
             "# HELP largo_forward_seconds Seconds per forward pass.",
@@ -108,4 +116,4 @@ class ServerMetrics:
             "# TYPE largo_queue_depth gauge",
         ]
         out.append(f"largo_queue_depth {self.queue_depth()}")
-        return "\n".join(out) + "\n"
+        return out

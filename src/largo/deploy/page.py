@@ -5,6 +5,9 @@ category fields, a file picker per image). The answer shows each category output
 probabilities as a bar chart, and a person can send the right label to `POST /feedback`. A URL query
 fills the form (`/?text=hello`, keys are the inputs' column names), `&submit=1` sends it on load and
 `&feedback=LABEL` then sends that label as feedback (links to share, and the browser test).
+
+A language model gets its own page (`render_lm_page`): a prompt, max new tokens and temperature, and
+the continuation appearing as POST /generate streams it (server-sent events read from `fetch`).
 """
 
 from __future__ import annotations
@@ -141,3 +144,84 @@ def render_page(title: str, inputs: list[dict[str, Any]], outputs: list[dict[str
     # inside <script> only "</" could end the element early; \\u003c keeps the JSON valid and inert
     spec_json = json.dumps(spec, ensure_ascii=False).replace("<", "\\u003c")
     return _PAGE.replace("__TITLE__", html.escape(title)).replace("__SPEC__", spec_json)
+
+
+_LM_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>__TITLE__ · largo</title>
+<style>
+ body{font:15px/1.45 system-ui,sans-serif;max-width:46rem;margin:2rem auto;padding:0 1rem;color:#222}
+ h1{font-size:1.3rem} label{display:block;margin:.7rem 0 .2rem;font-weight:600}
+ textarea,input{width:100%;box-sizing:border-box;padding:.45rem;font:inherit;border:1px solid #bbb;
+  border-radius:4px} textarea{min-height:6rem} .pair{display:flex;gap:1rem} .pair>div{flex:1}
+ button{margin-top:.9rem;padding:.5rem 1.1rem;font:inherit;cursor:pointer}
+ #error{color:#b00020;white-space:pre-wrap}
+ #out{margin-top:1.4rem;padding:1rem;border:1px solid #ddd;border-radius:6px;white-space:pre-wrap;
+  min-height:3rem}
+ #out b{font-weight:400;color:#777} small{color:#777}
+</style></head><body>
+<h1>__TITLE__</h1>
+<form id="form"><label for="prompt">Prompt</label><textarea id="prompt"></textarea>
+<div class="pair"><div><label for="max">Max new tokens</label>
+<input id="max" type="number" min="0" value="100"></div>
+<div><label for="temp">Temperature</label><input id="temp" type="number" min="0" step="0.1" value="0.8"></div>
+</div><div id="keybox" hidden><label for="apikey">API key</label>
+<input id="apikey" type="password" autocomplete="off"></div>
+<button type="submit" id="send">Generate</button></form>
+<div id="error" role="alert"></div><div id="out" data-state="empty"></div><small id="stats"></small>
+<script id="spec" type="application/json">__SPEC__</script>
+<script>
+"use strict";
+const spec = JSON.parse(document.getElementById("spec").textContent);
+const $ = id => document.getElementById(id), out = $("out"), errorBox = $("error");
+$("max").max = spec.limit;
+if (spec.auth) { $("keybox").hidden = false; $("apikey").value = sessionStorage.getItem("largo-key") || ""; }
+function message(r, data) { let d = data.detail;
+  if (Array.isArray(d)) d = d.map(e => (e.loc || []).join(".") + ": " + e.msg).join("\\n");
+  return r.status + " " + (typeof d === "string" ? d : JSON.stringify(d)); }
+async function generate(ev) {
+  ev.preventDefault(); errorBox.textContent = ""; $("stats").textContent = "";
+  const h = {"Content-Type": "application/json", Accept: "text/event-stream"};
+  if (spec.auth && $("apikey").value) { h.Authorization = "Bearer " + $("apikey").value;
+    sessionStorage.setItem("largo-key", $("apikey").value); }
+  const body = {prompt: $("prompt").value, max_new_tokens: Number($("max").value),
+    temperature: Number($("temp").value), stream: true};
+  out.replaceChildren(Object.assign(document.createElement("b"), {textContent: body.prompt}));
+  out.dataset.state = "waiting"; $("send").disabled = true;
+  try {
+    const r = await fetch("generate", {method: "POST", headers: h, body: JSON.stringify(body)});
+    if (!r.ok) throw new Error(message(r, await r.json().catch(() => ({detail: r.statusText}))));
+    const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buffer += value;
+      let cut;
+      while ((cut = buffer.indexOf("\\n\\n")) >= 0) {
+        const block = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
+        const kind = (block.match(/^event: (.*)$/m) || [])[1], line = (block.match(/^data: (.*)$/m) || [])[1];
+        if (!line) continue;
+        const data = JSON.parse(line);
+        if (kind === "token") { out.append(data.text); out.dataset.state = "streaming"; }
+        else if (kind === "done") { out.dataset.state = "done";
+          const cut = data.prompt_truncated ? " (the prompt kept its last " + data.prompt_tokens + ")" : "";
+          $("stats").textContent = data.tokens + " tokens, " + data.finish_reason
+            + ", seed " + data.seed + cut; }
+        else if (kind === "error") throw new Error(data.detail);
+      }
+    }
+  } catch (e) { errorBox.textContent = e.message; out.dataset.state = "error"; }
+  finally { $("send").disabled = false; }
+}
+$("form").addEventListener("submit", generate);
+</script></body></html>
+"""
+
+
+def render_lm_page(title: str, context: int, limit: int, auth: bool) -> str:
+    """The page for a language model: type a prompt, watch the continuation stream in."""
+    spec = {"context": context, "limit": limit, "auth": auth}
+    spec_json = json.dumps(spec, ensure_ascii=False).replace("<", "\\u003c")
+    return _LM_PAGE.replace("__TITLE__", html.escape(title)).replace("__SPEC__", spec_json)

@@ -2,7 +2,8 @@
 
 Endpoints: POST /predict (one record or a list, JSON or multipart), POST /feedback, GET /health,
 GET /metrics (Prometheus text), GET / (a page to try the model), /openapi.json (with a request model
-built from the bundle's input features).
+built from the bundle's input features). A language-model bundle gets POST /generate instead, with the
+same limits, auth and metrics (deploy/generate_service.py; `serve_bundle()` picks the app).
 
 This module never imports torch: the predictor is any object with `predict(records)`, `config`,
 `labels` and `path` (the eager torch `Predictor` or the ONNX Runtime one), and `serve_bundle()` loads
@@ -259,7 +260,7 @@ class Service:
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def _key_check(api_key: str | None) -> Any:
+def key_check(api_key: str | None) -> Any:
     """A FastAPI dependency: 401 unless `Authorization: Bearer <api_key>` (constant-time compare)."""
 
     def require_key(request: Request) -> None:
@@ -272,7 +273,7 @@ def _key_check(api_key: str | None) -> Any:
     return Depends(require_key)
 
 
-def _add_error_handlers(app: FastAPI) -> None:
+def add_error_handlers(app: FastAPI) -> None:
     """422/413 for bad input, 500 with an error id for a model error or anything unexpected."""
 
     @app.exception_handler(InputError)
@@ -349,8 +350,8 @@ def create_app(
     endpoints = {"/", "/predict", "/feedback", "/health", "/metrics", "/openapi.json"}
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=service.metrics, endpoints=endpoints)
-    _add_error_handlers(app)
-    key = [_key_check(api_key)]
+    add_error_handlers(app)
+    key = [key_check(api_key)]
     app.post("/predict", dependencies=key, summary="Predict one record or a list")(service.predict)
     app.post("/feedback", dependencies=key, summary="The right label for a prediction")(service.feedback)
     app.get("/health", summary="Liveness and queue depth")(service.health)
@@ -427,16 +428,28 @@ def serve_bundle(
 
     On shutdown uvicorn stops accepting connections, lets in-flight requests finish (at most
     `graceful_timeout_s`), then the lifespan drains the batcher. `app_options` go to `create_app()`.
+    A language-model bundle (`task: lm`) is served by `generate_service.create_generate_app()`
+    instead (POST /generate), which takes `app_options` but the batching ones.
     """
     import uvicorn
 
-    from largo.deploy.predictor import load_predictor  # here, not at import: torch stays optional
+    from largo.deploy.generate_service import is_lm_folder
 
-    predictor = load_predictor(path, runtime)
-    app = create_app(predictor, **app_options)
-    print(
-        f"largo: serving {path} with {type(predictor).__name__} (runtime {runtime}) on http://{host}:{port}"
-    )
+    if is_lm_folder(path):
+        from largo.deploy.generate_service import create_generate_app, load_generator
+
+        for batching in ("max_batch", "max_wait_ms"):  # always passed by the CLI; an LM has no batcher
+            app_options.pop(batching, None)
+        served: Any = load_generator(path, runtime)
+        app = create_generate_app(served, **app_options)
+        what = f"TextGenerator on {served.device}"
+    else:
+        from largo.deploy.predictor import load_predictor  # here, not at import: torch stays optional
+
+        served = load_predictor(path, runtime)
+        app = create_app(served, **app_options)
+        what = type(served).__name__
+    print(f"largo: serving {path} with {what} (runtime {runtime}) on http://{host}:{port}")
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s)
 
 

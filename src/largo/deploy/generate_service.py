@@ -1,0 +1,489 @@
+"""Serve a language-model bundle: `create_generate_app()`, POST /generate answered as JSON or streamed.
+
+Protocol. POST /generate takes a JSON body (`GenerateRequest`; every field but `prompt` is optional):
+    {"prompt": "从前", "max_new_tokens": 100, "temperature": 0.8, "top_k": 50, "top_p": null,
+     "seed": null, "stop_at_eot": true, "stream": null}
+- Streamed when `stream` is true, or when it is left out and the request says `Accept: text/event-stream`:
+  a `text/event-stream` answer (server-sent events) with one `token` event per piece of text as it is
+  generated and one `done` event at the end, whose `text` is all the pieces joined:
+      event: token
+      data: {"text": " upon"}
+
+      event: done
+      data: {"id": "…", "text": " upon a time", "tokens": 4, "finish_reason": "length", "prompt_tokens": 2,
+             "prompt_truncated": false, "seed": 1234}
+  A model error before the first piece is a plain 500 with an error id; one after it (the status line
+  is sent) is an `event: error` with `{"detail", "error_id"}`, and the stream ends.
+- Otherwise the `done` event's object, as JSON.
+`finish_reason` is "stop" (the end-of-text token), "length" (max_new_tokens, or the context is full) or
+"cancelled" (the client went away; seen only in /metrics). A prompt longer than the context keeps its
+last `context - 1` tokens, as `TextGenerator` does, and says so (`prompt_truncated`); that is not an
+error. `seed: null` draws a seed per request and answers it: sending it back gives the same text.
+
+Limits, as on /predict: a body over `max_body_bytes` is 413, a missing or wrong API key 401, a bad field
+422 naming it (a `max_new_tokens` over the server's `max_new_tokens_limit` too). At most
+`max_concurrent` generations run, each in a worker thread (torch releases the GIL, so the event loop
+keeps serving; pieces come back through an asyncio queue with `call_soon_threadsafe`), and at most
+`max_queued` wait for a slot; one more, or one that waited `queue_timeout_s`, is 503 with Retry-After.
+A client that disconnects stops its generation at the next token. On shutdown uvicorn lets in-flight
+generations finish (its graceful timeout), then the lifespan stops the worker threads.
+
+Torch-free at import, like server.py: the generator is any object shaped like `TextGenerator`
+(`stream_ids`, `encode`, `eot`, `tokenizer`, `context`, `config.name`, `path`, `info()`), and only
+`load_generator()` imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from largo.deploy.metrics import LATENCY_BUCKETS, Histogram, ServerMetrics
+from largo.deploy.middleware import BodyLimit, NumpyJSONResponse, RequestMetrics
+from largo.deploy.page import render_lm_page
+from largo.deploy.schema import InputError
+from largo.deploy.server import MiB, ModelError, add_error_handlers, key_check
+
+log = logging.getLogger("largo.server")
+TOKEN_RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+LM_RUNTIMES = ("auto", "torch", "torch-bf16")
+
+
+class GenerateRequest(BaseModel):
+    """The body of POST /generate. Strict: "5" is not a number, and an unknown key is an error."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(..., description="The text to continue (may be empty); a too long one keeps its end.")
+    max_new_tokens: int = Field(100, ge=0, description="Most tokens to generate (≤ the server's limit).")
+    temperature: float = Field(0.8, ge=0, description="0 is greedy; higher is more varied.")
+    top_k: int | None = Field(50, ge=1, description="Sample among the k likeliest tokens (null: all).")
+    top_p: float | None = Field(
+        None, gt=0, le=1, description="Sample among the likeliest tokens of this mass."
+    )
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Sampling seed; null: a new one, answered.")
+    stop_at_eot: bool = Field(True, description="Stop at the end-of-text token.")
+    stream: bool | None = Field(None, description="Server-sent events; default: when Accept asks for them.")
+
+
+def is_lm_folder(path: str | Path) -> bool:
+    """Whether a folder holds a language-model bundle (`task: lm`); `generator.is_lm_bundle` without torch."""
+    file = Path(path) / "config.yaml"
+    if not file.is_file():
+        return False
+    data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    return isinstance(data, dict) and data.get("task") == "lm"
+
+
+def load_generator(path: str | Path, runtime: str = "auto", device: str | None = None) -> Any:
+    """An LM bundle's `TextGenerator` to serve: fp32 (bf16 for torch-bf16), on the GPU if there is one."""
+    if runtime not in LM_RUNTIMES:
+        raise ValueError(
+            f"runtime {runtime!r}: a language model serves on torch only ({', '.join(LM_RUNTIMES)})"
+        )
+    import torch
+
+    from largo.deploy.generator import TextGenerator
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return TextGenerator.load(path, precision="bf16" if runtime == "torch-bf16" else "fp32", device=device)
+
+
+# ------------------------------------------------------------------------------------ a generation
+
+
+@dataclass(eq=False)
+class Generation:
+    """One admitted request: its settings, the queue its events come back on, and its tallies.
+
+    The worker thread writes the tallies; the event loop reads them only once the thread is done.
+    """
+
+    settings: GenerateRequest
+    seed: int
+    loop: asyncio.AbstractEventLoop
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # (kind, value): token | done | error
+    cancel: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    ended: float | None = None
+    tokens: int = 0
+    prompt_tokens: int = 0
+    finish_reason: str = "length"
+
+    def push(self, kind: str, value: Any) -> None:
+        """From the worker thread: hand one event to the event loop (a closed loop: stop generating)."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:
+            self.cancel.set()
+
+
+def run_generation(generator: Any, job: Generation) -> None:
+    """In a worker thread: generate, pushing ("token", piece) events, then ("done", summary) or ("error", e).
+
+    Pieces are cut as `TextGenerator.stream` cuts them (never inside a multi-byte character), so the
+    pieces join to `TextGenerator.generate`'s text; the end-of-text token is looked for here rather
+    than inside `stream_ids`, so that a stop and a full length are told apart.
+    """
+    s = job.settings
+
+    def decode(ids: list[int]) -> str:
+        return generator.tokenizer.decode(ids, skip_special_tokens=False)
+
+    try:
+        n = len(generator.encode(s.prompt))
+        job.prompt_tokens = n if n < generator.context else generator.context - 1
+        ids: list[int] = []
+        shown = ""
+        sampling = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": job.seed}
+        with contextlib.closing(
+            generator.stream_ids(s.prompt, s.max_new_tokens, stop_at_eot=False, **sampling)
+        ) as tokens:
+            for token in tokens:
+                if s.stop_at_eot and token == generator.eot:
+                    job.finish_reason = "stop"
+                    break
+                if job.cancel.is_set():  # the client left: no more forward passes
+                    job.finish_reason = "cancelled"
+                    break
+                ids.append(token)
+                job.first_token = job.first_token or time.perf_counter()
+                text = decode(ids)
+                if text.endswith("\ufffd"):
+                    continue  # an unfinished character: wait for its next byte
+                if len(text) > len(shown):
+                    job.push("token", text[len(shown) :])
+                    shown = text
+        text = decode(ids)
+        if len(text) > len(shown):
+            job.push("token", text[len(shown) :])
+        job.tokens = len(ids)
+        job.push(
+            "done",
+            {
+                "id": job.id,
+                "text": text,
+                "tokens": job.tokens,
+                "finish_reason": job.finish_reason,
+                "prompt_tokens": job.prompt_tokens,
+                "prompt_truncated": job.prompt_tokens < n,
+                "seed": job.seed,
+            },
+        )
+    except Exception as exc:  # noqa: BLE001 - answered as a model error; the server keeps serving
+        job.push("error", exc)
+    finally:
+        job.ended = time.perf_counter()
+
+
+def _event(kind: str, data: dict[str, Any]) -> str:
+    """One server-sent event (JSON data is one line: json.dumps escapes newlines)."""
+    return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+# --------------------------------------------------------------------------------------- metrics
+
+
+class GenerationMetrics(ServerMetrics):
+    """The request metrics of every server, plus generated tokens, time to first token, tokens per second
+    and the running and queued generations."""
+
+    def __init__(self, active: Callable[[], int], queued: Callable[[], int]):
+        super().__init__(queued)
+        self.active = active
+        self.tokens = 0
+        self.finished: Counter[str] = Counter()
+        self.first_token = Histogram(LATENCY_BUCKETS)
+        self.token_rate = Histogram(TOKEN_RATE_BUCKETS)
+
+    def observe_generation(self, job: Generation) -> None:
+        """One finished generation (called in the event loop once its thread is done)."""
+        self.tokens += job.tokens
+        self.finished[job.finish_reason] += 1
+        if job.first_token is not None:
+            self.first_token.observe(job.first_token - job.arrived)  # the queue wait and the prompt's pass
+            if job.tokens > 1 and job.ended is not None and job.ended > job.first_token:
+                self.token_rate.observe((job.tokens - 1) / (job.ended - job.first_token))
+
+    def render(self) -> str:
+        """Requests, errors, latency, then the generation metrics (Prometheus text)."""
+        out = self.request_lines()
+        out += [
+            "# HELP largo_generated_tokens_total Tokens generated.",
+            "# TYPE largo_generated_tokens_total counter",
+            f"largo_generated_tokens_total {self.tokens}",
+            "# HELP largo_generations_total Finished generations, by finish reason.",
+            "# TYPE largo_generations_total counter",
+        ]
+        out += [
+            f'largo_generations_total{{finish_reason="{r}"}} {n}' for r, n in sorted(self.finished.items())
+        ]
+        out += [
+            "# HELP largo_time_to_first_token_seconds Request to first token, queue wait included.",
+            "# TYPE largo_time_to_first_token_seconds histogram",
+        ]
+        out += self.first_token.lines("largo_time_to_first_token_seconds", {})
+        out += [
+            "# HELP largo_tokens_per_second Tokens per second after the first, per generation.",
+            "# TYPE largo_tokens_per_second histogram",
+        ]
+        out += self.token_rate.lines("largo_tokens_per_second", {})
+        out += [
+            "# HELP largo_generations_active Generations running now.",
+            "# TYPE largo_generations_active gauge",
+            f"largo_generations_active {self.active()}",
+            "# HELP largo_generations_queued Generations waiting for a slot.",
+            "# TYPE largo_generations_queued gauge",
+            f"largo_generations_queued {self.queue_depth()}",
+        ]
+        return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------- service
+
+
+class GenerateService:
+    """What the LM routes do: admit (bounded slots and queue), run in worker threads, stream, count."""
+
+    def __init__(
+        self,
+        generator: Any,
+        *,
+        max_new_tokens_limit: int,
+        max_concurrent: int,
+        max_queued: int,
+        queue_timeout_s: float,
+        name: str | None = None,
+    ):
+        if max_new_tokens_limit < 1 or max_concurrent < 1 or max_queued < 0 or queue_timeout_s <= 0:
+            raise ValueError(
+                "max_new_tokens_limit and max_concurrent must be >= 1, max_queued >= 0, queue_timeout_s > 0"
+            )
+        self.generator = generator
+        self.name = name or generator.config.name
+        self.parameters = generator.info().get("parameters")
+        self.limit, self.max_concurrent, self.max_queued = max_new_tokens_limit, max_concurrent, max_queued
+        self.queue_timeout_s = queue_timeout_s
+        self.active = self.queued = 0  # touched in the event loop only
+        self.slots = asyncio.Semaphore(max_concurrent)
+        self.pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="largo-generate")
+        self.running: dict[str, Generation] = {}
+        self.metrics = GenerationMetrics(lambda: self.active, lambda: self.queued)
+
+    async def generate(self, body: GenerateRequest, request: Request) -> Any:
+        """Continue a prompt: JSON, or server-sent events as the tokens come (protocol: the module doc)."""
+        if body.max_new_tokens > self.limit:
+            msg = f"Input should be less than or equal to {self.limit} (this server's max_new_tokens_limit)"
+            raise InputError([{"loc": ["body", "max_new_tokens"], "msg": msg, "type": "less_than_equal"}])
+        accept = request.headers.get("accept", "")
+        stream = body.stream if body.stream is not None else "text/event-stream" in accept
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        await self._admit()
+        job = Generation(body, seed, asyncio.get_running_loop())
+        self._start(job)
+        try:
+            first = await job.events.get()  # waited for here, so an error in the prompt's pass is a 500
+        except asyncio.CancelledError:
+            job.cancel.set()
+            raise
+        if first[0] == "error":
+            raise self._model_error(first[1], job)
+        if stream:
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
+            return StreamingResponse(self._sse(job, first), media_type="text/event-stream", headers=headers)
+        return await self._collect(job, first, request)
+
+    async def _admit(self) -> None:
+        """Take a generation slot, waiting in the bounded queue; 503 when it is full or the wait too long."""
+        if self.active + self.queued >= self.max_concurrent + self.max_queued:
+            raise _busy(f"busy: {self.active} generations running and {self.queued} queued")
+        self.queued += 1
+        try:
+            await asyncio.wait_for(self.slots.acquire(), self.queue_timeout_s)
+        except TimeoutError:
+            raise _busy(f"no generation slot came free in {self.queue_timeout_s:g} s") from None
+        finally:
+            self.queued -= 1
+        self.active += 1
+
+    def _start(self, job: Generation) -> None:
+        """Run the job in a worker thread; its slot is given back when the thread is done, not before."""
+        try:
+            future = job.loop.run_in_executor(self.pool, run_generation, self.generator, job)
+        except RuntimeError:  # the pool is shut down: the server is stopping
+            self._release()
+            raise _busy("the server is shutting down") from None
+        self.running[job.id] = job
+        future.add_done_callback(lambda f: self._finished(job, f))
+
+    def _finished(self, job: Generation, future: Future) -> None:
+        self.running.pop(job.id, None)
+        self._release()
+        if not future.cancelled() and future.exception() is None:
+            self.metrics.observe_generation(job)
+
+    def _release(self) -> None:
+        self.active -= 1
+        self.slots.release()
+
+    async def _sse(self, job: Generation, event: tuple[str, Any]) -> AsyncIterator[str]:
+        """The events as server-sent events, starting with the one already taken off the queue."""
+        try:
+            while True:
+                kind, value = event
+                if kind == "token":
+                    yield _event("token", {"text": value})
+                elif kind == "done":
+                    yield _event("done", value)
+                    return
+                else:
+                    error = self._model_error(value, job)
+                    yield _event("error", {"detail": str(error), "error_id": error.error_id})
+                    return
+                event = await job.events.get()
+        finally:
+            job.cancel.set()  # Starlette cancels this generator when the client goes: stop at the next token
+
+    async def _collect(self, job: Generation, event: tuple[str, Any], request: Request) -> dict[str, Any]:
+        """The done event's summary for a JSON answer; a client that goes away meanwhile cancels the job."""
+
+        async def watch() -> None:
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.25)
+            job.cancel.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            while event[0] == "token":
+                event = await job.events.get()
+        finally:
+            watcher.cancel()
+        if event[0] == "error":
+            raise self._model_error(event[1], job)
+        return event[1]
+
+    def _model_error(self, exc: BaseException, job: Generation) -> ModelError:
+        error_id = str(uuid.uuid4())
+        log.error("model error %s (generation %s)", error_id, job.id, exc_info=exc)
+        return ModelError(
+            f"the model failed on this prompt; the server log has error id {error_id}", error_id
+        )
+
+    async def health(self) -> dict[str, Any]:
+        """Liveness, the served model, running and queued generations and the limits (no API key needed)."""
+        return {
+            "status": "ok",
+            "model": self.name,
+            "task": "lm",
+            "bundle": str(self.generator.path),
+            "context": self.generator.context,
+            "parameters": self.parameters,
+            "active": self.active,
+            "queued": self.queued,
+            "max_concurrent": self.max_concurrent,
+            "max_queued": self.max_queued,
+            "max_new_tokens_limit": self.limit,
+        }
+
+    async def prometheus(self) -> PlainTextResponse:
+        """Requests, errors, latency, generated tokens, time to first token, tokens/s (Prometheus text)."""
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def not_here(self, request: Request) -> None:
+        """/predict and /feedback belong to classifier bundles: say where to go instead."""
+        raise HTTPException(
+            404,
+            f"{request.url.path} is not served here: this server serves a language model (task lm); "
+            'use POST /generate with {"prompt": "..."}',
+        )
+
+    def stop(self) -> None:
+        """Stop what still runs (clients uvicorn gave up on at its graceful timeout) and the threads."""
+        for job in list(self.running.values()):
+            job.cancel.set()
+        self.pool.shutdown(wait=True)
+
+
+def _busy(why: str) -> HTTPException:
+    return HTTPException(503, f"{why}; retry shortly", headers={"Retry-After": "1"})
+
+
+def create_generate_app(
+    generator: Any,
+    *,
+    max_new_tokens_limit: int = 512,
+    max_concurrent: int = 4,
+    max_queued: int = 16,
+    queue_timeout_s: float = 60.0,
+    max_body_bytes: int = 1 * MiB,
+    api_key: str | None = None,
+    name: str | None = None,
+) -> FastAPI:
+    """A FastAPI app serving one language model: POST /generate, GET /health, GET /metrics, GET /.
+
+    Args:
+        generator: a `TextGenerator` (or an object shaped like one; see the module doc).
+        max_new_tokens_limit: the most `max_new_tokens` a request may ask for; more is 422.
+        max_concurrent: most generations running at once, each in its own worker thread.
+        max_queued: most requests waiting for a running slot; more are answered 503 with Retry-After.
+        queue_timeout_s: longest a request waits for a slot before it is answered 503.
+        max_body_bytes: larger request bodies are answered 413.
+        api_key: when set, /generate and /metrics need `Authorization: Bearer <key>`.
+        name: the served name in /health and the page (default: the config's name).
+    """
+    service = GenerateService(
+        generator,
+        max_new_tokens_limit=max_new_tokens_limit,
+        max_concurrent=max_concurrent,
+        max_queued=max_queued,
+        queue_timeout_s=queue_timeout_s,
+        name=name,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        log.info("serving the language model %s (max_concurrent=%d)", generator.path, max_concurrent)
+        yield
+        await asyncio.to_thread(service.stop)  # uvicorn stopped accepting and let in-flight requests finish
+
+    app = FastAPI(
+        title=f"largo: {service.name}",
+        version="1",
+        lifespan=lifespan,
+        default_response_class=NumpyJSONResponse,
+    )
+    app.state.service = service
+    endpoints = {"/", "/generate", "/health", "/metrics", "/openapi.json", "/predict", "/feedback"}
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=service.metrics, endpoints=endpoints)
+    add_error_handlers(app)
+    key = [key_check(api_key)]
+    sse = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events"}}
+    app.post("/generate", dependencies=key, summary="Continue a prompt", responses=sse)(service.generate)
+    app.get("/health", summary="Liveness and generations")(service.health)
+    app.get("/metrics", dependencies=key, response_class=PlainTextResponse)(service.prometheus)
+    for path in ("/predict", "/feedback"):
+        app.api_route(path, methods=["GET", "POST"], include_in_schema=False)(service.not_here)
+    page = render_lm_page(service.name, generator.context, max_new_tokens_limit, auth=api_key is not None)
+    app.get("/", response_class=HTMLResponse, include_in_schema=False)(lambda: HTMLResponse(page))
+    return app

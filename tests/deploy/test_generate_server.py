@@ -1,0 +1,367 @@
+"""The language-model server against a live uvicorn on a free loopback port: POST /generate as JSON and as
+server-sent events, agreement with `TextGenerator`, limits (422, 401, 413, 503), errors, disconnects,
+metrics, graceful shutdown, and `largo serve` on an LM bundle. One tiny LM is trained once (~10 s)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import largo
+from largo.deploy.generate_service import create_generate_app
+from largo.deploy.generator import TextGenerator
+from largo.deploy.server import free_port, serve_in_thread, wait_until_serving
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LARGO = str(Path(sys.executable).with_name("largo"))
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "从前有座山，山里有座庙。",
+    "A bird in the hand is worth two in the bush.",
+    "今天天气很好，我们去公园散步吧。",
+]
+
+
+@pytest.fixture(scope="module")
+def lm_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 26k-parameter GPT pretrained for 30 steps on repeated English and Chinese sentences."""
+    tmp = tmp_path_factory.mktemp("lm")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n".join(f"{SENTENCES[i % 4]} {i % 7}" for i in range(2000)), encoding="utf-8")
+    cfg = {
+        "name": "lm",
+        "runs_dir": str(tmp / "runs"),
+        "data": {"paths": [str(corpus)], "valid": 0.1},
+        "tokenizer": {"vocab_size": 300},
+        "model": {"dim": 32, "layers": 1, "heads": 2, "context": 64},
+        "train": {"steps": 30, "micro_batch": 8, "eval_every": 30, "progress": False, "precision": "fp32"},
+    }
+    return Path(largo.pretrain(cfg).path)
+
+
+@pytest.fixture(scope="module")
+def generator(lm_bundle: Path) -> TextGenerator:
+    return TextGenerator.load(lm_bundle)
+
+
+@pytest.fixture(scope="module")
+def live(generator: TextGenerator) -> Iterator[str]:
+    with serve_in_thread(create_generate_app(generator, max_new_tokens_limit=60)) as url:
+        yield url
+
+
+class Gated:
+    """The real generator with test knobs: once a piece of text is out, each further token waits for
+    `gate` (so a test can hold a generation in flight); prompt "boom" fails at once, "boom later" at its
+    third token."""
+
+    def __init__(self, generator: TextGenerator):
+        self.generator = generator
+        self.gate = threading.Event()
+        self.gate.set()
+        self.yielded = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.generator, name)
+
+    def stream_ids(self, prompt: str, *args: Any, **kwargs: Any) -> Iterator[int]:
+        if prompt == "boom":
+            raise RuntimeError("the model exploded")
+        ids: list[int] = []
+        for i, token in enumerate(self.generator.stream_ids(prompt, *args, **kwargs)):
+            text = self.generator.tokenizer.decode(ids, skip_special_tokens=False)
+            if text and not text.endswith("\ufffd") and not self.gate.wait(20):
+                raise TimeoutError("the test never opened the gate")
+            if prompt == "boom later" and i == 2:
+                raise RuntimeError("the model exploded mid-way")
+            ids.append(token)
+            self.yielded += 1
+            yield token
+
+
+@pytest.fixture
+def gated(generator: TextGenerator) -> Iterator[Gated]:
+    g = Gated(generator)
+    yield g
+    g.gate.set()  # never leave a worker thread waiting
+
+
+def events(body: str) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, data) of each server-sent event in a body."""
+    out = []
+    for block in body.split("\n\n"):
+        if block.strip():
+            fields = dict(line.split(": ", 1) for line in block.splitlines())
+            out.append((fields["event"], json.loads(fields["data"])))
+    return out
+
+
+def metric(url: str, name: str, headers: dict | None = None, **labels: str) -> float:
+    """One sample's value from GET /metrics (0 when absent)."""
+    text = httpx.get(f"{url}/metrics", headers=headers).text
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if labels else "") + r" (\S+)"
+    m = re.search(r"^" + pattern + "$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until `check()` is true (the server updates some counters just after it answers)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def health(url: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/health").json()
+
+
+# ------------------------------------------------------------------------------------ the protocol
+
+
+def test_health_says_lm_and_predict_points_to_generate(live: str, generator: TextGenerator) -> None:
+    h = health(live)
+    assert h["task"] == "lm" and h["model"] == "lm" and h["context"] == 64
+    assert h["parameters"] == generator.info()["parameters"] and h["active"] == 0 and h["queued"] == 0
+    r = httpx.post(f"{live}/predict", json={"text": "hi"})
+    assert r.status_code == 404 and "/generate" in r.json()["detail"]
+    page = httpx.get(live)
+    assert page.status_code == 200 and "generate" in page.text and "text/event-stream" in page.text
+
+
+@pytest.mark.parametrize("prompt, stop_at_eot", [("The quick", False), ("从前", True)])
+def test_streamed_json_and_in_process_texts_agree(
+    live: str, generator: TextGenerator, prompt: str, stop_at_eot: bool
+) -> None:
+    body = {"prompt": prompt, "max_new_tokens": 40, "seed": 11, "stop_at_eot": stop_at_eot}
+    streamed = httpx.post(f"{live}/generate", json={**body, "stream": True})
+    assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    evs = events(streamed.text)
+    tokens = [data["text"] for kind, data in evs if kind == "token"]
+    assert [kind for kind, _ in evs] == ["token"] * len(tokens) + ["done"]
+    done = evs[-1][1]
+    plain = httpx.post(f"{live}/generate", json=body)  # no Accept: text/event-stream → JSON
+    assert plain.status_code == 200 and plain.headers["content-type"].startswith("application/json")
+    expected = generator.generate(prompt, 40, seed=11, stop_at_eot=stop_at_eot)
+    assert "".join(tokens) == done["text"] == plain.json()["text"] == expected
+    assert done["tokens"] == plain.json()["tokens"] and done["seed"] == 11
+    if not stop_at_eot:
+        assert len(tokens) >= 2 and done["tokens"] == 40 and done["finish_reason"] == "length"
+    by_accept = httpx.post(f"{live}/generate", json=body, headers={"Accept": "text/event-stream"})
+    assert events(by_accept.text)[-1][1]["text"] == expected
+
+
+def test_no_seed_draws_one_that_repeats_the_text(live: str) -> None:
+    first = httpx.post(f"{live}/generate", json={"prompt": "A bird", "max_new_tokens": 20}).json()
+    again = httpx.post(
+        f"{live}/generate", json={"prompt": "A bird", "max_new_tokens": 20, "seed": first["seed"]}
+    )
+    assert again.json()["text"] == first["text"]
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end(live: str, generator: TextGenerator) -> None:
+    prompt = "The quick brown fox jumps over the lazy dog. " * 20
+    r = httpx.post(f"{live}/generate", json={"prompt": prompt, "max_new_tokens": 10, "seed": 1})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["prompt_truncated"] is True and out["prompt_tokens"] == 63
+    assert out["text"] == generator.generate(prompt, 10, seed=1)
+
+
+def test_events_arrive_as_tokens_are_generated(gated: Gated) -> None:
+    with serve_in_thread(create_generate_app(gated)) as url:
+        gated.gate.clear()
+        body = {"prompt": "The quick", "max_new_tokens": 30, "seed": 5, "stop_at_eot": False, "stream": True}
+        with httpx.stream("POST", f"{url}/generate", json=body, timeout=20) as r:
+            chunks = r.iter_raw()
+            first = next(chunks)  # arrives while the generation waits at the gate
+            assert b"event: token" in first and b"event: done" not in first
+            assert health(url)["active"] == 1 and gated.yielded < 30
+            gated.gate.set()
+            rest = b"".join(chunks)
+        evs = events((first + rest).decode())
+        assert evs[-1][0] == "done" and evs[-1][1]["tokens"] == 30
+        assert "".join(d["text"] for k, d in evs if k == "token") == evs[-1][1]["text"]
+
+
+# --------------------------------------------------------------------------------------- limits
+
+
+def test_bad_fields_are_422_naming_the_field(live: str) -> None:
+    cases = [
+        ({"prompt": "a", "max_new_tokens": -1}, "max_new_tokens"),
+        ({"prompt": "a", "max_new_tokens": 61}, "max_new_tokens"),  # over the server's limit of 60
+        ({"prompt": "a", "max_new_tokens": "5"}, "max_new_tokens"),
+        ({"prompt": "a", "max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"prompt": 5}, "prompt"),
+        ({"max_new_tokens": 5}, "prompt"),
+        ({"prompt": "a", "temperature": -0.5}, "temperature"),
+        ({"prompt": "a", "top_k": 0}, "top_k"),
+        ({"prompt": "a", "top_p": 1.5}, "top_p"),
+        ({"prompt": "a", "seed": -3}, "seed"),
+        ({"prompt": "a", "stream": "yes"}, "stream"),
+        ({"prompt": "a", "max_tokens": 5}, "max_tokens"),  # a typo is not silently ignored
+    ]
+    for body, field in cases:
+        r = httpx.post(f"{live}/generate", json=body)
+        assert r.status_code == 422, (body, r.text)
+        assert any(e["loc"][-1] == field for e in r.json()["detail"]), (body, r.text)
+    for raw in (b"not json", b"[1, 2]", b""):
+        r = httpx.post(f"{live}/generate", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, (raw, r.text)
+    assert httpx.post(f"{live}/generate", json={"prompt": "a", "max_new_tokens": 60}).status_code == 200
+
+
+def test_api_key_and_body_limit(generator: TextGenerator) -> None:
+    app = create_generate_app(generator, api_key="k-123", max_body_bytes=2000)
+    key = {"Authorization": "Bearer k-123"}
+    with serve_in_thread(app) as url:
+        body = {"prompt": "The", "max_new_tokens": 5}
+        assert httpx.post(f"{url}/generate", json=body).status_code == 401
+        wrong = httpx.post(f"{url}/generate", json=body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        assert httpx.post(f"{url}/generate", json=body, headers=key).status_code == 200
+        assert httpx.get(f"{url}/metrics").status_code == 401 and health(url)["task"] == "lm"
+        big = httpx.post(f"{url}/generate", json={"prompt": "x" * 5000}, headers=key)
+        assert big.status_code == 413 and "2,000 bytes" in big.json()["detail"]
+        assert httpx.post(f"{url}/generate", json=body, headers=key).status_code == 200
+
+
+def test_more_than_running_plus_queued_is_503(gated: Gated) -> None:
+    app = create_generate_app(gated, max_concurrent=1, max_queued=1, queue_timeout_s=0.5)
+    body = {"prompt": "The quick", "max_new_tokens": 20, "seed": 2, "stop_at_eot": False}
+    with serve_in_thread(app) as url:
+        answers: dict[str, httpx.Response] = {}
+
+        def post(name: str, stream: bool) -> None:
+            answers[name] = httpx.post(f"{url}/generate", json={**body, "stream": stream}, timeout=20)
+
+        for round_ in ("queue then run", "queue times out"):
+            gated.gate.clear()
+            answers.clear()
+            running = threading.Thread(target=post, args=("running", True))
+            running.start()
+            until(lambda: health(url)["active"] == 1)
+            queued = threading.Thread(target=post, args=("queued", False))
+            queued.start()
+            until(lambda: health(url)["queued"] == 1)
+            busy = httpx.post(f"{url}/generate", json=body)
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "1" and "busy" in busy.text
+            if round_ == "queue times out":
+                queued.join(10)  # waits queue_timeout_s for the slot the running one holds
+                assert answers["queued"].status_code == 503 and "0.5 s" in answers["queued"].text
+            gated.gate.set()
+            running.join(20)
+            queued.join(20)
+            assert events(answers["running"].text)[-1][1]["tokens"] == 20
+            if round_ == "queue then run":
+                assert answers["queued"].status_code == 200 and answers["queued"].json()["tokens"] == 20
+        until(lambda: health(url)["active"] == 0)
+        assert metric(url, "largo_errors_total", code="503") == 3
+
+
+def test_a_model_error_is_500_with_an_id_and_the_server_keeps_serving(gated: Gated) -> None:
+    with serve_in_thread(create_generate_app(gated)) as url:
+        for stream in (True, False):
+            r = httpx.post(f"{url}/generate", json={"prompt": "boom", "stream": stream})
+            assert r.status_code == 500 and r.json()["error_id"] in r.json()["detail"]
+        later = {"prompt": "boom later", "max_new_tokens": 10, "stop_at_eot": False, "stream": True}
+        r = httpx.post(f"{url}/generate", json=later)
+        evs = events(r.text)  # the status line was sent before the error: an error event ends the stream
+        assert r.status_code == 200 and evs[-1][0] == "error" and evs[-1][1]["error_id"]
+        assert httpx.post(f"{url}/generate", json={"prompt": "The", "max_new_tokens": 5}).status_code == 200
+        until(lambda: health(url)["active"] == 0)
+
+
+def test_a_client_that_leaves_stops_its_generation(gated: Gated) -> None:
+    app = create_generate_app(gated)
+    service = app.state.service
+    body = {"prompt": "The quick", "max_new_tokens": 50, "seed": 3, "stop_at_eot": False}
+    with serve_in_thread(app) as url:
+        gated.gate.clear()
+        with httpx.stream("POST", f"{url}/generate", json={**body, "stream": True}, timeout=20) as r:
+            assert b"event: token" in next(r.iter_raw())
+        until(lambda: all(job.cancel.is_set() for job in service.running.values()))
+        gated.gate.set()
+        until(lambda: health(url)["active"] == 0)
+        assert gated.yielded < 10 and metric(url, "largo_generations_total", finish_reason="cancelled") == 1
+        gated.gate.clear()
+        with pytest.raises(httpx.ReadTimeout):  # a JSON client that gives up
+            httpx.post(f"{url}/generate", json={**body, "stream": False}, timeout=0.5)
+        until(lambda: all(job.cancel.is_set() for job in service.running.values()))
+        gated.gate.set()
+        until(lambda: metric(url, "largo_generations_total", finish_reason="cancelled") == 2)
+
+
+def test_metrics_count_requests_and_generated_tokens(live: str) -> None:
+    before = {
+        "requests": metric(live, "largo_requests_total", endpoint="/generate", code="200"),
+        "tokens": metric(live, "largo_generated_tokens_total"),
+        "first": metric(live, "largo_time_to_first_token_seconds_count"),
+    }
+    r = httpx.post(f"{live}/generate", json={"prompt": "The", "max_new_tokens": 12, "stop_at_eot": False})
+    until(
+        lambda: (
+            metric(live, "largo_requests_total", endpoint="/generate", code="200") == before["requests"] + 1
+        )
+    )
+    until(lambda: metric(live, "largo_generated_tokens_total") == before["tokens"] + r.json()["tokens"])
+    assert metric(live, "largo_time_to_first_token_seconds_count") == before["first"] + 1
+    assert metric(live, "largo_tokens_per_second_count") >= 1
+    assert metric(live, "largo_generations_total", finish_reason="length") >= 1
+    text = httpx.get(f"{live}/metrics").text
+    assert "largo_request_seconds_bucket" in text and "largo_generations_active 0" in text
+
+
+# -------------------------------------------------------------------------------- shutting down
+
+
+def test_graceful_shutdown_lets_a_generation_finish(gated: Gated) -> None:
+    body = {"prompt": "The quick", "max_new_tokens": 20, "seed": 4, "stop_at_eot": False, "stream": True}
+    answer: list[httpx.Response] = []
+    with serve_in_thread(create_generate_app(gated)) as url:
+        gated.gate.clear()
+        client = threading.Thread(
+            target=lambda: answer.append(httpx.post(f"{url}/generate", json=body, timeout=20))
+        )
+        client.start()
+        until(lambda: health(url)["active"] == 1)
+        threading.Timer(0.3, gated.gate.set).start()  # opens while the server is shutting down
+    client.join(20)
+    assert events(answer[0].text)[-1][1]["tokens"] == 20
+
+
+def test_largo_serve_serves_an_lm_bundle(lm_bundle: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [LARGO, "serve", str(lm_bundle), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(url, proc, timeout=60, output=lambda: proc.stdout.read())
+        assert health(url)["task"] == "lm"
+        r = httpx.post(
+            f"{url}/generate", json={"prompt": "从前", "max_new_tokens": 8, "seed": 0, "stream": False}
+        )
+        assert r.status_code == 200 and r.json()["tokens"] <= 8
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert "TextGenerator" in out and "Application shutdown complete" in out, out
