@@ -84,6 +84,7 @@ def train(config: Config | dict | str | Path, *, resume: bool | str | Path = Fal
         TrainResult with the bundle path, all metrics and the report path.
     """
     cfg = _as_config(config)
+    _check_lora(cfg)
     # 1. the run folder: a new version, or the unfinished one being resumed (with its own config)
     if resume:
         run_dir = Path(resume) if not isinstance(resume, bool) else find_resumable(cfg.runs_dir, cfg.name)
@@ -108,6 +109,10 @@ def train(config: Config | dict | str | Path, *, resume: bool | str | Path = Fal
     # 3. model and objective (seeded first: the same config gives the same initial weights)
     seed_everything(cfg.train.seed)
     model = build_model(cfg, processors)
+    if cfg.train.lora is not None:  # adapters on the pretrained encoders' bodies, which stay frozen
+        from largo.train.lora import add_lora
+
+        model = add_lora(model, cfg.train.lora)
     loss_fn = make_loss_fn(cfg.outputs, class_weights(cfg, splits["train"], processors))
     valid = splits["valid"] if sizes["valid"] else None
 
@@ -129,6 +134,12 @@ def train(config: Config | dict | str | Path, *, resume: bool | str | Path = Fal
 
     # 5. evaluate the final model on valid and test, then write the bundle
     model.cpu()
+    lora_info = None
+    if cfg.train.lora is not None:  # fold the adapters in: the bundle is an ordinary one
+        from largo.train.lora import lora_summary, merge_lora
+
+        lora_info = lora_summary(model)
+        model = merge_lora(model)
     metrics: dict[str, Any] = {
         "name": cfg.name,
         "version": run_dir.name,
@@ -142,6 +153,7 @@ def train(config: Config | dict | str | Path, *, resume: bool | str | Path = Fal
         "seed": cfg.train.seed,
         "versions": environment(),
         "config": cfg.model_dump(mode="json"),
+        **({"lora": lora_info} if lora_info is not None else {}),
     }
     predictions = {}
     for split in ("valid", "test"):
@@ -155,6 +167,23 @@ def train(config: Config | dict | str | Path, *, resume: bool | str | Path = Fal
     if not cfg.train.checkpoint.keep:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return TrainResult(run_dir, metrics, report)
+
+
+def _check_lora(cfg: Config) -> None:
+    """LoRA needs a pretrained text encoder to adapt, and a classifier bundle holds merged weights."""
+    lora = cfg.train.lora
+    if lora is None:
+        return
+    if lora.save != "merged":
+        raise ConfigError(
+            "train.lora.save: 'adapter' is for language models (largo pretrain); a classifier bundle always "
+            "holds merged weights, so use save: merged"
+        )
+    if not any(f.type == "text" and f.encoder.kind in ("pretrained", "lm") for f in cfg.inputs):
+        raise ConfigError(
+            "train.lora: needs a text input with a pretrained encoder (`pretrained: <Hugging Face folder>` "
+            "or `encoder: {from: <LM bundle>}`); the adapters go on its Linear layers"
+        )
 
 
 def _regression_pairs(cfg: Config, outputs: Batch, targets: Batch, processors: dict[str, Processor]) -> dict:
@@ -504,11 +533,16 @@ def pretrain(config: LMConfig | dict | str | Path, *, resume: bool | str | Path 
         metrics["valid"] = {
             "lm": {k: final[f"valid.{k}"] for k in ("loss", "perplexity", "bpc")},
         }
-    if cfg.train.lora is not None:
-        from largo.train.lora import finish_lora
+    lora = cfg.train.lora
+    if lora is not None:  # the adapters merged into full weights, or kept apart beside a named base
+        from largo.train.lora import lora_summary, merge_lora
 
-        model = finish_lora(model, cfg.train.lora, run_dir, base)
-    report = write_lm_bundle(run_dir, model, metrics)
+        metrics["lora"] = {**lora_summary(model), "save": lora.save}
+        metrics["parameters"] -= metrics["lora"]["adapter_parameters"]  # what the bundle's model holds
+        if lora.save == "merged":
+            model = merge_lora(model)
+    adapter_of = base if lora is not None and lora.save == "adapter" else None
+    report = write_lm_bundle(run_dir, model, metrics, adapter_of=adapter_of)
     if not cfg.train.keep_checkpoint:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return TrainResult(run_dir, metrics, report)

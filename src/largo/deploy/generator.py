@@ -3,10 +3,17 @@
 runs/<name>/v<N>/ of an LM holds config.yaml (an LMConfig, `task: lm`), model.safetensors,
 tokenizer.json (a standard HF tokenizers file), metrics.json (per-evaluation history, perplexity, bits
 per character, throughput) and report.html. Weights are safetensors only; nothing here unpickles.
+
+A LoRA run with `train.lora.save: adapter` writes adapter.safetensors (the adapter weights alone, in
+peft's format) and adapter.json (the base bundle's path and the sha256 of its weights file) instead of
+model.safetensors; reading it builds the base, checks the hash, and merges the adapter in.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +21,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from tokenizers import Tokenizer
 
 from largo.config_lm import LMConfig, dump_lm_config, validate_lm_config
@@ -25,6 +32,8 @@ from largo.models.gpt import GPT, generate_ids
 from largo.train.loop import autocast
 
 TOKENIZER = "tokenizer.json"
+ADAPTER = "adapter.safetensors"  # LoRA adapter weights of an adapter-only bundle
+ADAPTER_RECORD = "adapter.json"  # the base bundle an adapter-only bundle applies to
 
 
 def is_lm_bundle(path: str | Path) -> bool:
@@ -42,11 +51,57 @@ def write_lm_start(run_dir: Path, config: LMConfig, tokenizer: Tokenizer) -> Non
     tokenizer.save(str(run_dir / TOKENIZER))
 
 
-def write_lm_bundle(run_dir: Path, model: GPT, metrics: dict[str, Any]) -> Path:
-    """Weights (tied embedding stored once), metrics.json and report.html; returns the report's path."""
-    save_model(model, str(run_dir / WEIGHTS))
+def write_lm_bundle(
+    run_dir: Path, model: GPT, metrics: dict[str, Any], adapter_of: LMBundle | None = None
+) -> Path:
+    """Weights (tied embedding stored once), metrics.json and report.html; returns the report's path.
+
+    With `adapter_of` (the base bundle of a LoRA run that keeps its adapter apart) the weights are only
+    the model's LoRA adapters, with the base bundle named and hash-checked in adapter.json.
+    """
+    if adapter_of is None:
+        save_model(model, str(run_dir / WEIGHTS))
+    else:
+        write_lm_adapter(run_dir, model, adapter_of)
     write_metrics_json(run_dir, metrics)
     return write_report(run_dir, metrics)
+
+
+def write_lm_adapter(run_dir: Path, model: GPT, base: LMBundle) -> None:
+    """adapter.safetensors (the adapters of a LoRA-adapted GPT) and adapter.json (which base, its hash)."""
+    from largo.train.lora import adapter_state_dict, import_peft
+
+    save_file(adapter_state_dict(model), str(run_dir / ADAPTER))
+    base_path = base.path.resolve()
+    weights = lm_weights_file(base_path)
+    record = {
+        "format": 1,
+        "base": {
+            "path": str(base_path),
+            # the base found again from here when the whole runs folder moved
+            "relative": os.path.relpath(base_path, run_dir.resolve()),
+            "weights": weights.name,
+            "sha256": file_sha256(weights),
+        },
+        "peft": import_peft().__version__,
+    }
+    # written last: its presence marks the adapter bundle complete
+    (run_dir / ADAPTER_RECORD).write_text(json.dumps(record, indent=1), encoding="utf-8")
+
+
+def lm_weights_file(path: Path) -> Path:
+    """The file that holds an LM bundle's own weights: model.safetensors, or an adapter-only bundle's
+    adapter.safetensors (whose base is checked in turn when it is read)."""
+    return path / (ADAPTER if (path / ADAPTER_RECORD).exists() else WEIGHTS)
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -71,14 +126,56 @@ def read_lm_config(path: str | Path) -> LMConfig:
 
 
 def read_lm_bundle(path: str | Path) -> LMBundle:
-    """Load an LM bundle (weights from safetensors, never pickle) with the model in eval mode."""
+    """Load an LM bundle (weights from safetensors, never pickle) with the model in eval mode.
+
+    An adapter-only LoRA bundle loads its base bundle, checks that the base's weights are the ones the
+    adapter was trained on, and returns the base with the adapter merged in (a plain GPT).
+    """
     path = Path(path)
-    check_files(path, ("config.yaml", TOKENIZER, WEIGHTS))
+    adapter_only = (path / ADAPTER_RECORD).exists()
+    check_files(path, ("config.yaml", TOKENIZER, *((ADAPTER,) if adapter_only else (WEIGHTS,))))
     config = read_lm_config(path)
     tokenizer = Tokenizer.from_file(str(path / TOKENIZER))
-    model = GPT(config.model)
-    load_model(model, str(path / WEIGHTS))
+    if adapter_only:
+        model = _adapted_model(path, config)
+    else:
+        model = GPT(config.model)
+        load_model(model, str(path / WEIGHTS))
     return LMBundle(path, config, tokenizer, model.eval(), read_json(path / "metrics.json"))
+
+
+def _adapted_model(path: Path, config: LMConfig) -> GPT:
+    """The base bundle's GPT with this adapter-only bundle's LoRA weights merged in."""
+    from largo.train.lora import load_adapter
+
+    base = read_json(path / ADAPTER_RECORD).get("base") or {}
+    if config.train.lora is None or not {"path", "relative", "weights", "sha256"} <= base.keys():
+        raise BundleError(
+            f"{path}: {ADAPTER_RECORD} does not name a base bundle, or config.yaml has no train.lora"
+        )
+    # the recorded absolute path, else the same place relative to this bundle (a moved runs folder)
+    found = next(
+        (p for p in (Path(base["path"]), path / base["relative"]) if (p / "config.yaml").exists()), None
+    )
+    if found is None:
+        raise BundleError(
+            f"{path}: its base bundle {base['path']} is missing; an adapter-only bundle needs the bundle it "
+            "was trained from (train.lora.save: merged writes a self-contained one)"
+        )
+    weights = found / base["weights"]
+    if not weights.exists() or file_sha256(weights) != base["sha256"]:
+        raise BundleError(
+            f"{path}: its base bundle {found} changed since the adapter was trained ({weights.name} is "
+            f"{'missing' if not weights.exists() else 'different'}; expected sha256 {base['sha256'][:16]}…); "
+            "restore that base or train the adapter again"
+        )
+    base_bundle = read_lm_bundle(found)
+    if base_bundle.config.model != config.model:
+        raise BundleError(f"{path}: the base bundle {found} has another model architecture than the adapter")
+    try:
+        return load_adapter(base_bundle.model, config.train.lora, load_file(str(path / ADAPTER)))
+    except ValueError as e:
+        raise BundleError(f"{path}: {e}") from None
 
 
 class TextGenerator:
