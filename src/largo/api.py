@@ -29,7 +29,8 @@ from largo.deploy.bundle import (
     write_bundle,
     write_run_start,
 )
-from largo.deploy.generator import TextGenerator, is_lm_bundle
+from largo.deploy.generator import TextGenerator
+from largo.deploy.metadata import is_lm_bundle
 from largo.deploy.predictor import Predictor, Records
 from largo.evaluate.report import write_metrics_json, write_report
 from largo.evaluate.scoring import headline, score_outputs

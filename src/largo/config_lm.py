@@ -45,7 +45,10 @@ class CorpusConfig(StrictModel):
         "auto", description="Encoding of .txt/.jsonl files; auto detects UTF-8 (with BOM) or GBK."
     )
     valid: float = Field(
-        0.02, ge=0.0, lt=0.5, description="Share of the corpus (in ~64 KB pieces) held out for perplexity."
+        0.02,
+        ge=0.0,
+        lt=0.5,
+        description="Share of the corpus (every 1/valid-th ~4k-character piece) held out for perplexity.",
     )
     cache_dir: str | None = Field(
         None,

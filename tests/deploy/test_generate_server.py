@@ -276,13 +276,14 @@ def test_more_than_running_plus_queued_is_503(gated: Gated) -> None:
 def test_a_model_error_is_500_with_an_id_and_the_server_keeps_serving(gated: Gated) -> None:
     with serve_in_thread(create_generate_app(gated)) as url:
         for stream in (True, False):
-            r = httpx.post(f"{url}/generate", json={"prompt": "boom", "stream": stream})
+            r = httpx.post(f"{url}/generate", json={"prompt": "boom", "stream": stream}, timeout=30)
             assert r.status_code == 500 and r.json()["error_id"] in r.json()["detail"]
         later = {"prompt": "boom later", "max_new_tokens": 10, "stop_at_eot": False, "stream": True}
-        r = httpx.post(f"{url}/generate", json=later)
+        r = httpx.post(f"{url}/generate", json=later, timeout=30)
         evs = events(r.text)  # the status line was sent before the error: an error event ends the stream
         assert r.status_code == 200 and evs[-1][0] == "error" and evs[-1][1]["error_id"]
-        assert httpx.post(f"{url}/generate", json={"prompt": "The", "max_new_tokens": 5}).status_code == 200
+        ok = httpx.post(f"{url}/generate", json={"prompt": "The", "max_new_tokens": 5}, timeout=30)
+        assert ok.status_code == 200
         until(lambda: health(url)["active"] == 0)
 
 

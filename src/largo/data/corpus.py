@@ -1,7 +1,7 @@
 """Raw text for language models: corpus files → byte-level BPE → a memory-mapped token file → windows.
 
 A corpus is .txt / .jsonl (a text field) / .parquet files, of any size: they are read as a stream of
-pieces (~16k characters of a .txt file, or one record), never whole. The tokenizer is trained on a
+pieces (~4k characters of a .txt file, or one record), never whole. The tokenizer is trained on a
 sample spread over the files; the corpus is then tokenized once (HF `tokenizers` encodes each batch
 of pieces on all cores) into flat uint16/uint32 token files, one for training and one for the
 held-out pieces. Both are cached under a key of the files (path, size, mtime) and the tokenizer, so
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -34,7 +35,7 @@ PAD = "<pad>"  # pads fine-tuning batches (never a training target)
 LM_SPECIAL_TOKENS = [EOT, PAD]
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 CORPUS_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
-PIECE_CHARS = 16_000
+PIECE_CHARS = 4_000
 ENCODE_BATCH = 256  # pieces per encode_batch call
 
 
@@ -181,8 +182,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def _is_valid_piece(index: int, fraction: float) -> bool:
-    # a fixed multiplicative hash of the piece's index: the same pieces are held out on every run
-    return fraction > 0 and ((index * 2_654_435_761) % 2**32) / 2**32 < fraction
+    # every (1/fraction)-th piece, spread evenly over the corpus: the held-out share is exact and the
+    # same pieces are held out on every run (a hash of the index strays far from the share on few pieces)
+    return math.floor((index + 1) * fraction) > math.floor(index * fraction)
 
 
 def tokenize_corpus(

@@ -75,7 +75,8 @@ def find_resumable(runs_dir: str | Path, name: str) -> Path | None:
     root = Path(runs_dir) / name
     for v in reversed(_versions(root)) if root.exists() else []:
         path = root / f"v{v}"
-        if (path / "checkpoints" / "last.pt").exists() and not (path / WEIGHTS).exists():
+        finished = (path / WEIGHTS).exists() or (path / "adapter.json").exists()  # (an LM's LoRA adapter)
+        if (path / "checkpoints" / "last.pt").exists() and not finished:
             return path
     return None
 

@@ -44,14 +44,13 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -82,15 +81,6 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63, description="Sampling seed; null: a new one, answered.")
     stop_at_eot: bool = Field(True, description="Stop at the end-of-text token.")
     stream: bool | None = Field(None, description="Server-sent events; default: when Accept asks for them.")
-
-
-def is_lm_folder(path: str | Path) -> bool:
-    """Whether a folder holds a language-model bundle (`task: lm`); `generator.is_lm_bundle` without torch."""
-    file = Path(path) / "config.yaml"
-    if not file.is_file():
-        return False
-    data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    return isinstance(data, dict) and data.get("task") == "lm"
 
 
 def load_generator(path: str | Path, runtime: str = "auto", device: str | None = None) -> Any:
@@ -141,43 +131,37 @@ class Generation:
 def run_generation(generator: Any, job: Generation) -> None:
     """In a worker thread: generate, pushing ("token", piece) events, then ("done", summary) or ("error", e).
 
-    Pieces are cut as `TextGenerator.stream` cuts them (never inside a multi-byte character), so the
-    pieces join to `TextGenerator.generate`'s text; the end-of-text token is looked for here rather
-    than inside `stream_ids`, so that a stop and a full length are told apart.
+    Pieces are cut by `text_pieces`, as `TextGenerator.stream` cuts them (never inside a multi-byte
+    character), so they join to `TextGenerator.generate`'s text; the end-of-text token is looked for
+    here rather than inside `stream_ids`, so that a stop and a full length are told apart.
     """
-    s = job.settings
+    from largo.deploy.generator import text_pieces  # the worker runs only where torch is
 
-    def decode(ids: list[int]) -> str:
-        return generator.tokenizer.decode(ids, skip_special_tokens=False)
+    s = job.settings
+    sampling = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": job.seed}
+
+    def tokens() -> Iterator[int]:
+        ids = generator.stream_ids(s.prompt, s.max_new_tokens, stop_at_eot=False, **sampling)
+        with contextlib.closing(ids):
+            for token in ids:
+                if s.stop_at_eot and token == generator.eot:
+                    job.finish_reason = "stop"
+                    return
+                if job.cancel.is_set():  # the client left: no more forward passes
+                    job.finish_reason = "cancelled"
+                    return
+                job.tokens += 1
+                job.first_token = job.first_token or time.perf_counter()
+                yield token
 
     try:
         n = len(generator.encode(s.prompt))
         job.prompt_tokens = n if n < generator.context else generator.context - 1
-        ids: list[int] = []
-        shown = ""
-        sampling = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": job.seed}
-        with contextlib.closing(
-            generator.stream_ids(s.prompt, s.max_new_tokens, stop_at_eot=False, **sampling)
-        ) as tokens:
-            for token in tokens:
-                if s.stop_at_eot and token == generator.eot:
-                    job.finish_reason = "stop"
-                    break
-                if job.cancel.is_set():  # the client left: no more forward passes
-                    job.finish_reason = "cancelled"
-                    break
-                ids.append(token)
-                job.first_token = job.first_token or time.perf_counter()
-                text = decode(ids)
-                if text.endswith("\ufffd"):
-                    continue  # an unfinished character: wait for its next byte
-                if len(text) > len(shown):
-                    job.push("token", text[len(shown) :])
-                    shown = text
-        text = decode(ids)
-        if len(text) > len(shown):
-            job.push("token", text[len(shown) :])
-        job.tokens = len(ids)
+        pieces: list[str] = []
+        for piece in text_pieces(tokens(), generator.tokenizer):
+            pieces.append(piece)
+            job.push("token", piece)
+        text = "".join(pieces)
         job.push(
             "done",
             {

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,15 +34,6 @@ from largo.train.loop import autocast
 TOKENIZER = "tokenizer.json"
 ADAPTER = "adapter.safetensors"  # LoRA adapter weights of an adapter-only bundle
 ADAPTER_RECORD = "adapter.json"  # the base bundle an adapter-only bundle applies to
-
-
-def is_lm_bundle(path: str | Path) -> bool:
-    """Whether a folder's config.yaml is a language model's (`task: lm`)."""
-    file = Path(path) / "config.yaml"
-    if not file.exists():
-        return False
-    data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    return isinstance(data, dict) and data.get("task") == "lm"
 
 
 def write_lm_start(run_dir: Path, config: LMConfig, tokenizer: Tokenizer) -> None:
@@ -178,6 +169,28 @@ def _adapted_model(path: Path, config: LMConfig) -> GPT:
         raise BundleError(f"{path}: {e}") from None
 
 
+def text_pieces(tokens: Iterable[int], tokenizer: Tokenizer) -> Iterator[str]:
+    """The text of a stream of token ids, piece by piece as the ids arrive.
+
+    A byte-level token can end inside a multi-byte character (a Chinese character is 3 bytes), so a
+    piece is yielded only once the text decoded so far ends on a whole character; the pieces join to
+    the decoded text of all the ids.
+    """
+    ids: list[int] = []
+    shown = ""
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        if text.endswith("\ufffd"):
+            continue  # an unfinished character: wait for its next byte
+        if len(text) > len(shown):
+            yield text[len(shown) :]
+            shown = text
+    final = tokenizer.decode(ids, skip_special_tokens=False)
+    if len(final) > len(shown):
+        yield final[len(shown) :]
+
+
 class TextGenerator:
     """A loaded LM bundle that continues prompts: `generate()` returns text, `stream()` yields pieces.
 
@@ -256,22 +269,9 @@ class TextGenerator:
             sampling: temperature (0 = greedy; default 0.8), top_k (50), top_p (None), seed (0),
                 use_cache (True), stop_at_eot (True).
 
-        A byte-level token can end inside a multi-byte character (a Chinese character is 3 bytes), so
-        a piece is yielded only once the text decoded so far ends on a whole character.
+        Pieces never end inside a multi-byte character (see `text_pieces`).
         """
-        ids: list[int] = []
-        shown = ""
-        for token in self.stream_ids(prompt, max_new_tokens, **sampling):
-            ids.append(token)
-            text = self.tokenizer.decode(ids, skip_special_tokens=False)
-            if text.endswith("\ufffd"):
-                continue  # an unfinished character: wait for its next byte
-            if len(text) > len(shown):
-                yield text[len(shown) :]
-                shown = text
-        final = self.tokenizer.decode(ids, skip_special_tokens=False)
-        if len(final) > len(shown):
-            yield final[len(shown) :]
+        yield from text_pieces(self.stream_ids(prompt, max_new_tokens, **sampling), self.tokenizer)
 
     def generate(self, prompt: str, max_new_tokens: int = 100, **sampling: Any) -> str:
         """The generated continuation of `prompt` (without the prompt); arguments as `stream`."""

@@ -47,6 +47,15 @@ def check_files(path: Path, names: tuple[str, ...]) -> None:
         raise BundleError(f"{path}: not a complete bundle, missing {', '.join(missing)}{hint}")
 
 
+def is_lm_bundle(path: str | Path) -> bool:
+    """Whether a folder's config.yaml is a language model's (`task: lm`), read without torch."""
+    file = Path(path) / "config.yaml"
+    if not file.is_file():
+        return False
+    data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    return isinstance(data, dict) and data.get("task") == "lm"
+
+
 def read_config(path: Path) -> Config:
     """The bundle's resolved config.yaml."""
     return validate_config(yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")), str(path))

@@ -433,9 +433,9 @@ def serve_bundle(
     """
     import uvicorn
 
-    from largo.deploy.generate_service import is_lm_folder
+    from largo.deploy.metadata import is_lm_bundle
 
-    if is_lm_folder(path):
+    if is_lm_bundle(path):
         from largo.deploy.generate_service import create_generate_app, load_generator
 
         for batching in ("max_batch", "max_wait_ms"):  # always passed by the CLI; an LM has no batcher
