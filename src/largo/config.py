@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class StrictModel(BaseModel):
@@ -230,7 +238,11 @@ class PretrainedEncoderConfig(StrictModel):
 
     kind: Literal["pretrained"] = "pretrained"
     path: str = Field(..., min_length=1, description="Folder with config.json, weights and tokenizer files.")
-    pooling: Literal["cls", "mean"] = Field("mean", description="[CLS] state or the masked mean of tokens.")
+    pooling: Literal["cls", "mean", "last"] = Field(
+        "mean",
+        description="[CLS] state, the masked mean of tokens, or the last real token's state (for causal "
+        "models such as GPT-2, whose first state has seen only the first token).",
+    )
     freeze: bool = Field(False, description="Keep the pretrained weights fixed; train only the rest.")
     lr_scale: float = Field(
         0.05,
@@ -241,12 +253,43 @@ class PretrainedEncoderConfig(StrictModel):
     )
 
 
+class LmEncoderConfig(StrictModel):
+    """A largo language-model bundle (`largo pretrain`) as the text encoder: its GPT body, pooled.
+
+    Written `encoder: {from: runs/lm/v1}` (kind lm is implied by `from`); the text is tokenized with the
+    bundle's own tokenizer, and the classifier's bundle keeps the GPT's sizes, so it loads without the
+    LM folder.
+    """
+
+    kind: Literal["lm"] = "lm"
+    path: str = Field(
+        ...,
+        min_length=1,
+        validation_alias=AliasChoices("from", "path"),
+        description="The LM bundle folder (runs/<name>/<version>); written `from` in a config.",
+    )
+    pooling: Literal["mean", "last"] = Field(
+        "mean",
+        description="The mean of the hidden states over real tokens, or the last real token's state "
+        "(the only one that has read the whole text: the model is causal).",
+    )
+    freeze: bool = Field(False, description="Keep the LM's weights fixed; train only the layers on top.")
+    lr_scale: float = Field(
+        0.1,
+        gt=0.0,
+        le=1.0,
+        description="The LM's weights learn at this fraction of train.optimizer.lr (the layers on top use "
+        "the full rate), so a few labelled examples adjust the body without erasing what it learned.",
+    )
+
+
 TextEncoderConfig = Annotated[
     BagEncoderConfig
     | CnnTextEncoderConfig
     | RnnEncoderConfig
     | TransformerEncoderConfig
-    | PretrainedEncoderConfig,
+    | PretrainedEncoderConfig
+    | LmEncoderConfig,
     Field(discriminator="kind"),
 ]
 
@@ -259,7 +302,8 @@ class TextFeatureConfig(_FeatureBase):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     encoder: TextEncoderConfig = Field(
         default_factory=CnnTextEncoderConfig,
-        description="bag, cnn, rnn, transformer or pretrained; a name alone takes that encoder's defaults.",
+        description="bag, cnn, rnn, transformer, pretrained (a Hugging Face folder) or lm (a largo LM "
+        "bundle: {from: runs/lm/v1}); a name alone takes that encoder's defaults.",
     )
     pretrained: str | None = Field(
         None, description="Shorthand for encoder {kind: pretrained, path: …} with that folder's tokenizer."
@@ -275,6 +319,8 @@ class TextFeatureConfig(_FeatureBase):
     @field_validator("encoder", mode="before")
     @classmethod
     def _encoder_by_name(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "from" in v and "kind" not in v:
+            return {**v, "kind": "lm"}  # {from: runs/lm/v1}: a largo language model
         return {"kind": v} if isinstance(v, str) else v
 
     @model_validator(mode="before")
@@ -292,9 +338,10 @@ class TextFeatureConfig(_FeatureBase):
     @model_validator(mode="after")
     def _pretrained_tokenizer(self) -> TextFeatureConfig:
         tok = self.tokenizer
-        if isinstance(self.encoder, PretrainedEncoderConfig):
+        if isinstance(self.encoder, PretrainedEncoderConfig | LmEncoderConfig):
+            # a pretrained model reads its own tokens: the tokenizer.json of its folder or LM bundle
             if tok.kind != "pretrained":
-                object.__setattr__(tok, "kind", "pretrained")  # a pretrained model reads its own tokens
+                object.__setattr__(tok, "kind", "pretrained")
             if tok.path is None:
                 object.__setattr__(tok, "path", self.encoder.path)
         if tok.kind == "pretrained" and tok.path is None:
@@ -518,7 +565,7 @@ def format_validation_error(exc: ValidationError, source: str = "config") -> str
 
 
 _FEATURE_TAGS = {"number", "category", "image", "text"}
-_ENCODER_TAGS = {"bag", "cnn", "rnn", "transformer", "pretrained"}
+_ENCODER_TAGS = {"bag", "cnn", "rnn", "transformer", "pretrained", "lm"}
 
 
 def _is_union_tag(loc: tuple, i: int) -> bool:
@@ -561,11 +608,14 @@ def load_config(path: str | Path) -> Config:
 
 
 def _resolve_model_paths(feature: Any, folder: Path) -> None:
-    """Relative pretrained-model folders in a YAML file are relative to the file, like data paths."""
+    """Relative pretrained-model and LM-bundle folders in a YAML file are relative to the file, like data
+    paths."""
     if not isinstance(feature, dict):
         return
     holders = [(feature, "pretrained")]
     holders += [(feature[k], "path") for k in ("encoder", "tokenizer") if isinstance(feature.get(k), dict)]
+    if isinstance(feature.get("encoder"), dict):
+        holders.append((feature["encoder"], "from"))
     for holder, key in holders:
         value = holder.get(key)
         if isinstance(value, str) and not Path(value).is_absolute() and (folder / value).exists():

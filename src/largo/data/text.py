@@ -7,7 +7,8 @@ Rust and the fitted tokenizer is saved as a standard `tokenizer.json`:
   isolated one per token by wordpiece, as BERT does);
 - char: one token per character, the usual strong default for Chinese;
 - jieba: Chinese word segmentation (jieba, in Python) in front of a word-level vocabulary;
-- pretrained: the tokenizer.json of a Hugging Face model folder, with largo's normalization in front.
+- pretrained: the tokenizer.json of a Hugging Face model folder, or of a largo language-model bundle
+  (`encoder: {from: runs/lm/v1}`), with largo's normalization in front.
 
 Normalization (NFKC, lowercase, punctuation, stop words, whitespace) is the tokenizer's normalizer,
 so train and predict time cannot drift apart. Encoding is numpy only (`encode_array`); torch is
@@ -30,9 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import yaml
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-from largo.config import NormalizeConfig, TextFeatureConfig
+from largo.config import ConfigError, NormalizeConfig, TextFeatureConfig
+from largo.config_lm import validate_lm_config
 from largo.data.readers import DataError
 
 if TYPE_CHECKING:
@@ -199,6 +202,42 @@ def load_pretrained_tokenizer(cfg: TextFeatureConfig) -> Tokenizer:
     return tok
 
 
+LM_BUNDLE_FILES = ("config.yaml", "tokenizer.json", "model.safetensors")  # deploy/generator.py writes them
+LM_PAD = "<pad>"  # the padding token of every LM tokenizer (data/corpus.py, which imports torch)
+
+
+def read_lm_model_config(path: str, feature: str | None = None) -> dict[str, Any]:
+    """The GPT sizes (vocab_size included) of the LM bundle that `encoder: {from: path}` names.
+
+    Raises DataError naming `encoder.from` (and the feature) when the folder is missing or is not a
+    language-model bundle, with a hint for the usual mix-ups (a run folder, a Hugging Face folder).
+    """
+    folder = Path(path)
+    where = f"text feature {feature!r}: encoder.from" if feature else "encoder.from"
+    if not folder.is_dir():
+        raise DataError(f"{where}: no LM bundle folder at {str(path)!r}")
+    config_file = folder / "config.yaml"
+    data = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
+    if not isinstance(data, dict) or data.get("task") != "lm":
+        if (folder / "config.json").is_file():
+            hint = "; it looks like a Hugging Face model folder: use `pretrained: PATH` for that"
+        elif versions := sorted(p.parent.name for p in folder.glob("v*/config.yaml")):
+            hint = f"; it holds the versions {', '.join(versions)} of a run: name one of them"
+        elif isinstance(data, dict):
+            hint = "; its config.yaml is a classifier's, not a language model's (task: lm)"
+        else:
+            hint = "; an LM bundle is what `largo pretrain` writes (runs/<name>/<version>)"
+        raise DataError(f"{where}: {str(path)!r} is not a language-model bundle{hint}")
+    missing = [name for name in LM_BUNDLE_FILES if not (folder / name).is_file()]
+    if missing:
+        raise DataError(f"{where}: the LM bundle {str(path)!r} lacks {', '.join(missing)} (unfinished run?)")
+    try:
+        lm = validate_lm_config(data, str(config_file))
+    except ConfigError as e:
+        raise DataError(f"{where}: {e}") from None
+    return lm.model.model_dump(mode="json")
+
+
 def _pad_id(tok: Tokenizer, model_config: dict[str, Any] | None, feature: str) -> int:
     if tok.padding is not None:
         return int(tok.padding["pad_id"])
@@ -207,9 +246,15 @@ def _pad_id(tok: Tokenizer, model_config: dict[str, Any] | None, feature: str) -
             return i
     if model_config and model_config.get("pad_token_id") is not None:
         return int(model_config["pad_token_id"])
+    eos = (model_config or {}).get("eos_token_id")
+    if isinstance(eos, int) and tok.id_to_token(eos) is not None:
+        # GPT-2 and other causal models ship without a padding token; their end-of-text token pads
+        # (as `tokenizer.pad_token = tokenizer.eos_token` does with transformers). The attention mask
+        # and the pooling leave every pad position out, so only a text's trailing end-of-text is lost
+        return eos
     raise DataError(
         f"text feature {feature!r}: the tokenizer has no padding token ([PAD], <pad>) and the model "
-        "config no pad_token_id; a real token cannot double as padding"
+        "config no pad_token_id or eos_token_id; a real token cannot double as padding"
     )
 
 
@@ -290,8 +335,11 @@ class TextProcessor:
 
     @property
     def max_length(self) -> int:
-        """Longest sequence in tokens; longer texts are truncated."""
-        return self.config.tokenizer.max_length
+        """Longest sequence in tokens; longer texts are truncated (to an LM encoder's context too)."""
+        limit = self.config.tokenizer.max_length
+        if self.config.encoder.kind == "lm" and self.model_config is not None:
+            limit = min(limit, int(self.model_config["context"]))
+        return limit
 
     def texts(self, column: pa.ChunkedArray | pa.Array | Sequence[Any]) -> list[str]:
         """Raw values → strings: missing becomes '' (an empty text); numbers are written out; other
@@ -321,11 +369,14 @@ class TextProcessor:
         texts = self.texts(column)
         t = self.config.tokenizer
         prepared = self._prepare(texts)  # jieba segments once, here, for training and the stats
-        if t.kind == "pretrained":
+        enc = self.config.encoder
+        if enc.kind == "lm":  # checked first, so a wrong folder is reported as encoder.from
+            self.model_config = read_lm_model_config(enc.path, self.config.name)
             tok = load_pretrained_tokenizer(self.config)
-            encoder_path = getattr(
-                self.config.encoder, "path", None
-            )  # the model may differ from the tokenizer
+            self._check_lm_tokenizer(tok)
+        elif t.kind == "pretrained":
+            tok = load_pretrained_tokenizer(self.config)
+            encoder_path = getattr(enc, "path", None)  # the model may differ from the tokenizer
             config_file = Path(encoder_path or t.path or "") / "config.json"
             if config_file.exists():  # the architecture, so a bundle rebuilds it without the folder
                 model_config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -338,7 +389,10 @@ class TextProcessor:
         tok.no_padding()
         tok.no_truncation()
         self.tokenizer = tok
-        self.pad_id = _pad_id(tok, self.model_config, self.config.name)
+        if enc.kind == "lm":  # the LM learned `<pad>` as padding; a stray [PAD] in its vocabulary is text
+            self.pad_id = int(tok.token_to_id(LM_PAD))
+        else:
+            self.pad_id = _pad_id(tok, self.model_config, self.config.name)
         self._configure()
         sample = prepared[:: max(1, len(prepared) // STATS_SAMPLE)]
         ids = self._encode_prepared(sample)
@@ -348,7 +402,7 @@ class TextProcessor:
         self.stats = {
             "texts": len(texts),
             "empty": round(float((lengths == 0).sum()) * share),
-            "truncated": round(float((lengths >= t.max_length).sum()) * share),
+            "truncated": round(float((lengths >= self.max_length).sum()) * share),
             "mean_length": float(lengths.mean()) if len(lengths) else 0.0,
             "p95_length": float(np.percentile(lengths, 95)) if len(lengths) else 0.0,
             "unk_rate": float((ids == unk).sum() / max(1, lengths.sum())) if unk is not None else 0.0,
@@ -362,12 +416,24 @@ class TextProcessor:
             self.ngram_kept = np.flatnonzero(counts >= enc.ngram_min_count).tolist()
             self.stats["ngram_buckets_kept"] = len(self.ngram_kept)
 
+    def _check_lm_tokenizer(self, tok: Tokenizer) -> None:
+        """An LM encoder's tokenizer must pad with `<pad>` and fit the LM's embedding table."""
+        assert self.model_config is not None
+        name, vocab = self.config.name, int(self.model_config["vocab_size"])
+        if tok.token_to_id(LM_PAD) is None:
+            raise DataError(f"text feature {name!r}: tokenizer.path: the tokenizer has no {LM_PAD} token")
+        if tok.get_vocab_size(with_added_tokens=True) > vocab:
+            raise DataError(
+                f"text feature {name!r}: tokenizer.path: {tok.get_vocab_size()} tokens do not fit the LM's "
+                f"vocabulary of {vocab}; leave tokenizer.path unset to use the LM bundle's own tokenizer"
+            )
+
     def _configure(self) -> None:
         """Truncate to max_length from the configured side; pad each encoded batch to its longest row."""
         assert self.tokenizer is not None
         t = self.config.tokenizer
         pad_token = self.tokenizer.id_to_token(self.pad_id) or "[PAD]"
-        self.tokenizer.enable_truncation(t.max_length, direction=t.truncation)
+        self.tokenizer.enable_truncation(self.max_length, direction=t.truncation)
         self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=pad_token)
 
     def encode_array(self, column: pa.ChunkedArray | Sequence[Any]) -> np.ndarray:

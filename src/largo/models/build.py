@@ -10,7 +10,7 @@ from largo.data.features import NUMBERS, CategoryProcessor, ImageProcessor, Proc
 from largo.models.heads import ClassificationHead, RegressionHead
 from largo.models.layers import init_weights
 from largo.models.mlp import CategoryEncoder, Combiner, NumberEncoder
-from largo.models.zoo import IMAGE_ENCODERS, TEXT_ENCODERS
+from largo.models.zoo import IMAGE_ENCODERS, PRETRAINED_TEXT_ENCODERS, TEXT_ENCODERS
 
 
 def embedding_dim(vocab_size: int) -> int:
@@ -36,13 +36,12 @@ class FeatureModel(nn.Module):
 def text_encoder(
     f: TextFeatureConfig, proc: TextProcessor, dropout: float, load_pretrained: bool
 ) -> nn.Module:
-    """The encoder of one text input (a pretrained one reads its folder only when `load_pretrained`)."""
+    """The encoder of one text input (a pretrained one reads its folder only when `load_pretrained`;
+    otherwise it is rebuilt from the architecture the text processor saved)."""
     enc = f.encoder
-    if enc.kind == "pretrained":
-        from largo.models.pretrained import PretrainedTextEncoder  # imports transformers
-
-        hf_config = None if load_pretrained else proc.model_config
-        return PretrainedTextEncoder(enc, proc.pad_id, dropout, hf_config=hf_config)
+    if enc.kind in PRETRAINED_TEXT_ENCODERS:
+        saved = None if load_pretrained else proc.model_config
+        return PRETRAINED_TEXT_ENCODERS[enc.kind](enc, proc.pad_id, dropout, saved)
     if enc.kind == "bag":  # the n-gram buckets the processor kept on the train split, if it pruned
         return TEXT_ENCODERS["bag"](
             proc.vocab_size, proc.pad_id, enc, dropout, proc.max_length, ngram_kept=proc.ngram_kept

@@ -1,4 +1,4 @@
-"""A local Hugging Face model folder (BERT, MiniLM, RoBERTa, …) as a text encoder, fine-tuned end to end.
+"""A local Hugging Face model folder (BERT, MiniLM, GPT-2, …) as a text encoder, fine-tuned end to end.
 
 transformers is an optional extra (`pip install "largo[pretrained]"`), so it is imported only when an
 encoder is built. Nothing here reaches the network: weights come from a folder with `local_files_only`,
@@ -33,9 +33,11 @@ def read_hf_config(path: str) -> dict:
         raise FileNotFoundError(f"pretrained model folder {str(path)!r} does not exist or is not a folder")
     file = folder / "config.json"
     if not file.is_file():
+        lm = (folder / "config.yaml").is_file() and "task: lm" in (folder / "config.yaml").read_text("utf-8")
+        hint = "; it is a largo language-model bundle: use encoder: {from: PATH}" if lm else ""
         raise FileNotFoundError(
             f"pretrained model folder {str(path)!r} has no config.json; "
-            "expected a Hugging Face model folder (config.json, weights and tokenizer files)"
+            f"expected a Hugging Face model folder (config.json, weights and tokenizer files){hint}"
         )
     return json.loads(file.read_text(encoding="utf-8"))
 
@@ -84,11 +86,13 @@ def _load_hf_model(transformers: Any, path: str | None, hf_config: dict | None) 
 
 
 class PretrainedTextEncoder(nn.Module):
-    """Token ids → the pooled last hidden state of a Hugging Face encoder model.
+    """Token ids → the pooled last hidden state of a Hugging Face encoder or causal (decoder) model.
 
     Input: ids [b, t] (int32 or int64) padded with `pad_id`, which must be the pad id of the folder's
     tokenizer. Output: [b, out_dim] where out_dim is the model's hidden size. Pooling is the state at
-    position 0 ("cls") or the mean over non-pad tokens ("mean", as sentence-transformers pools MiniLM).
+    position 0 ("cls"), the mean over non-pad tokens ("mean", as sentence-transformers pools MiniLM), or
+    the last non-pad token's state ("last": in a causal model such as GPT-2 the only one that has read
+    the whole text; its position-0 state has seen one token, so "cls" suits it poorly).
     """
 
     def __init__(
@@ -133,5 +137,12 @@ class PretrainedTextEncoder(nn.Module):
         ids = ids.long()
         mask = ids != self.pad_id  # [b, t]
         h = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # [b, t, c]
-        pooled = h[:, 0] if self.pooling == "cls" else masked_mean(h, mask)
+        if self.pooling == "cls":
+            pooled = h[:, 0]
+        elif self.pooling == "mean":
+            pooled = masked_mean(h, mask)
+        else:  # the last non-pad position (right padding); an empty text keeps position 0
+            positions = torch.arange(1, ids.shape[1] + 1, device=ids.device)
+            last = (torch.where(mask, positions, 0).amax(dim=1) - 1).clamp(min=0)  # [b]
+            pooled = h[torch.arange(len(ids), device=ids.device), last]
         return self.drop(pooled)
