@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from largo import load_config
+from largo.config_lm import read_lm_yaml, validate_lm_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -17,6 +18,12 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def test_example_config_validates(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.inputs and cfg.outputs
+
+
+@pytest.mark.parametrize("path", sorted((EXAMPLES / "lm").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_lm_config_validates(path: Path) -> None:
+    cfg = validate_lm_config(read_lm_yaml(path), str(path))
+    assert cfg.task == "lm" and cfg.data.paths
 
 
 @pytest.mark.slow
