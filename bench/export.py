@@ -48,6 +48,7 @@ from largo import api
 from largo.data.samples import write_digits_folder, write_news_csv
 from largo.deploy.bundle import read_bundle
 from largo.deploy.export import export_bundle, outputs_of, runtime_predictors
+from probe import peak_probe
 
 OUT = Path(__file__).resolve().parent / "out" / "export"
 GOAL = 3.0
@@ -89,16 +90,6 @@ def _config(name: str, quick: bool) -> dict:
         "model": {"hidden": [128], "dropout": 0.1},
         "train": {**train, "epochs": 1 if quick else 4, "optimizer": {"name": "adamw", "lr": 1e-3}},
     }
-
-
-def peak_probe() -> float:
-    """GFLOP/s of a fixed 512x512 fp32 matmul: the machine's speed right now."""
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    return 20 * 2 * 512**3 / (time.perf_counter() - t) / 1e9
 
 
 def _load() -> float:

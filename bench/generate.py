@@ -33,6 +33,7 @@ import torch
 
 from largo.config_lm import GPTConfig
 from largo.models.gpt import GPT, generate_ids
+from probe import peak_probe
 
 # variant → (use the KV cache, bf16 autocast, bf16 weights)
 VARIANTS: dict[str, tuple[bool, bool, bool]] = {
@@ -78,16 +79,6 @@ def generate(model: GPT, prompt: torch.Tensor, new_tokens: int, variant: str) ->
     return ids[0].tolist()
 
 
-def probe() -> float:
-    """GFLOP/s of a fixed 512x512 fp32 matmul: the machine's speed right now."""
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    return 20 * 2 * 512**3 / (time.perf_counter() - t) / 1e9
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
@@ -126,7 +117,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {v: [] for v in variants}
     probes: list[float] = []
     for r in range(rounds):
-        probes.append(probe())
+        probes.append(peak_probe())
         for v in variants[r % len(variants) :] + variants[: r % len(variants)]:
             _sync(device)
             t = time.perf_counter()

@@ -68,6 +68,7 @@ from largo.models.mlp import Combiner
 from largo.models.zoo import TEXT_ENCODERS
 from largo.train.loop import fit
 from largo.train.losses import make_loss_fn
+from probe import peak_probe
 
 # largo / plain examples/s: the image parts against the non-fused textbook loop, the text parts against
 # the hand loop running the same batches (the two "same work" pairs)
@@ -297,16 +298,6 @@ def _load() -> float:
         return os.getloadavg()[0]
     except OSError:
         return float("nan")
-
-
-def peak_probe() -> float:
-    """GFLOP/s of a fixed 512x512 matmul: the machine's speed right now."""
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    return 20 * 2 * 512**3 / (time.perf_counter() - t) / 1e9
 
 
 # ------------------------------------------------------------------------------------------ bench

@@ -578,14 +578,19 @@ def _is_union_tag(loc: tuple, i: int) -> bool:
     )
 
 
-def validate_config(data: dict[str, Any], source: str = "config") -> Config:
-    """Validate a dict into a `Config`, raising `ConfigError` with readable messages."""
+def validate_model(model: type[StrictModel], data: Any, source: str = "config") -> Any:
+    """Validate a dict into a root config model, raising `ConfigError` with readable messages."""
     if not isinstance(data, dict):
         raise ConfigError(f"invalid {source}: expected a mapping at the top level, got {type(data).__name__}")
     try:
-        return Config.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate a dict into a `Config`, raising `ConfigError` with readable messages."""
+    return validate_model(Config, data, source)
 
 
 def load_config(path: str | Path) -> Config:

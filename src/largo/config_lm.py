@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from largo.config import (
     ConfigError,
@@ -19,7 +19,7 @@ from largo.config import (
     OptimizerConfig,
     ScheduleConfig,
     StrictModel,
-    format_validation_error,
+    validate_model,
 )
 
 # name → sizes of a decoder-only Transformer (litgpt's name_to_config). Parameter counts are for a
@@ -169,12 +169,7 @@ class LMConfig(StrictModel):
 
 def validate_lm_config(data: dict[str, Any], source: str = "config") -> LMConfig:
     """Validate a dict into an `LMConfig`, raising `ConfigError` with readable messages."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"invalid {source}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        return LMConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
+    return validate_model(LMConfig, data, source)
 
 
 def read_lm_yaml(path: str | Path) -> dict[str, Any]:
