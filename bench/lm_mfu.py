@@ -29,10 +29,10 @@ machine is shared and noisy: every round runs each variant's two loops back to b
 round B, A) for `--steps` optimizer steps each, and the script reports medians and the per-round
 largo / hand ratios. Goals: largo >= 1.0x the best hand-written variant, fp32 MFU >= 0.6, bf16 MFU >= 0.3.
 
-    .venv/bin/python bench/lm_mfu.py                     # CPU: gpt-14m, 3 variants, 5 rounds (~15 min)
+    .venv/bin/python bench/lm_mfu.py                     # CPU: gpt-14m, 3 variants, 5 rounds (8-15 min)
     .venv/bin/python bench/lm_mfu.py --variants eager-fp32 compile-bf16 --rounds 7
     .venv/bin/python bench/lm_mfu.py --quick             # smoke test: tiny model, eager only (< 1 min)
-    .venv/bin/python bench/lm_mfu.py --profile           # + torch.profiler of one largo step per variant
+    .venv/bin/python bench/lm_mfu.py --profile           # + torch.profiler of two largo steps a variant
 """
 
 from __future__ import annotations
