@@ -338,7 +338,7 @@ def run(args: argparse.Namespace) -> None:
         )
     if _graphs() != graphs:
         print(f"  note: {_graphs() - graphs} graphs were compiled during the rounds (recompilation)")
-    report(rates, losses, variants, peak, per_token, device)
+    report(rates, losses, variants, peak, per_token, device, checked=not args.quick)
     if args.profile:
         for v in variants:
             profile_step(models[v], data, micro_batch, v, device)
@@ -351,8 +351,9 @@ def report(
     peak: dict[str, float],
     per_token: int,
     device: torch.device,
+    checked: bool = True,
 ) -> None:
-    """The per-variant table (tokens/s, TFLOP/s, MFU), the largo / hand ratios and the goals."""
+    """The per-variant table (tokens/s, TFLOP/s, MFU), the largo / hand ratios and (`checked`) the goals."""
     print(
         f"\n{'variant':<13} {'loop':<6} {'median tok/s':>12} {'min':>8} {'max':>8} {'TFLOP/s':>8} "
         f"{'MFU':>6}  {'loss':>6}"
@@ -406,7 +407,10 @@ def report(
             top = max(mfu[v, "largo"] for v in chosen)
             ok = "ok" if top >= goal else "BELOW"
             verdicts.append(f"{precision} MFU {top:.1%} (goal >= {goal:.0%}) {ok}")
-    print("; ".join(verdicts))
+    if checked:
+        print("; ".join(verdicts))
+    else:
+        print("smoke test (--quick): a tiny model, where fixed costs dominate; the goals are not checked")
 
 
 def main() -> None:
