@@ -51,6 +51,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore(ckpt: dict[str, Any], **stateful: Any) -> None:
+    """Load each object's state from the checkpoint entry of its name (model=…, optimizer=…, …) and
+    restore the RNG states; None objects are skipped."""
+    for name, obj in stateful.items():
+        if obj is not None:
+            obj.load_state_dict(ckpt[name])
+    set_rng_state(ckpt["rng"])
+
+
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
     """Atomically write `state` to directory/last.pt and return its path."""
     directory = Path(directory)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from largo.config_lm import LMTrainConfig
 from largo.data.corpus import TokenData, windows
-from largo.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from largo.train.checkpoint import load_checkpoint, restore, rng_state, save_checkpoint, seed_everything
 from largo.train.distributed import is_main_process, log, pick_device
 from largo.train.loop import autocast
 from largo.train.optim import build_optimizer, build_schedule
@@ -200,11 +200,7 @@ def pretrain_fit(
     st: dict[str, Any] = {"step": 0, "history": [], "elapsed": 0.0, "loss_sum": 0.0, "loss_steps": 0}
     ckpt = load_checkpoint(checkpoint_dir) if resume and checkpoint_dir else None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
+        restore(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         st.update({k: ckpt[k] for k in st})
         log(f"resumed from {checkpoint_dir} at step {st['step']}")
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from largo.config import TrainConfig
 from largo.data.loader import Batch, EncodedSplit, batch_bounds, epoch_order, iter_batches
-from largo.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from largo.train.checkpoint import load_checkpoint, restore, rng_state, save_checkpoint, seed_everything
 from largo.train.distributed import is_main_process, log, pick_device
 from largo.train.losses import LossFn
 from largo.train.optim import build_optimizer, build_schedule, penalized_params
@@ -271,13 +271,7 @@ def _fit(
     }
     ckpt = load_checkpoint(checkpoint_dir) if resume and checkpoint_dir else None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"])
+        restore(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema)
         st.update({k: ckpt[k] for k in st if k in ckpt})  # (checkpoints before best_loss lack it)
         where = f"epoch {st['epoch'] + 1}, batch {st['batch']}, step {st['step']}"
         log(f"resumed from {checkpoint_dir} at {where}")
