@@ -15,6 +15,8 @@ JSONL sink off) that differ in one option:
     dynamic      max_batch=32, max_wait_ms=5 (the defaults); texts grouped by length (the default)
     batch1       max_batch=1: every request is its own forward pass
     nobucket     (transformer only) dynamic without length grouping: batches mix short and long texts
+    h11          dynamic on uvicorn's pure-Python h11 parser and the asyncio loop instead of httptools and
+                 uvloop (what `largo[serve]` installs and uvicorn picks when present)
 
 Every round measures, in a rotated order, the offline throughput (one `predictor.predict` call over the
 same 512 records in batches of 32, texts sorted by length and each batch cut to its longest: the model's
@@ -25,6 +27,7 @@ forward pass (from /metrics), and per-round ratios with their median:
     (a) served/offline   dynamic at 64 clients ÷ offline batched throughput  (goal >= 0.8)
     (b) dynamic/batch1   at 64 clients                                       (goal >= 4)
     (c) bucket gain      dynamic/nobucket at 64 clients: throughput, and the short texts' p50 latency
+    (d) httptools gain   dynamic/h11 at 64 clients
 
 The load: N asyncio clients, each with its own keep-alive connection. `--client raw` (default) is a
 20-line HTTP/1.1 client on asyncio streams (~0.1 ms CPU a request); `--client httpx` shares one
@@ -72,8 +75,13 @@ SERVER = (
     "sink=NullSink(), **json.loads(sys.argv[3]))"
 )
 VARIANTS = {
-    "digits": {"dynamic": {}, "batch1": {"max_batch": 1}},
-    "transformer": {"dynamic": {}, "batch1": {"max_batch": 1}, "nobucket": {"group_by_length": False}},
+    "digits": {"dynamic": {}, "batch1": {"max_batch": 1}, "h11": {"http": "h11", "loop": "asyncio"}},
+    "transformer": {
+        "dynamic": {},
+        "batch1": {"max_batch": 1},
+        "nobucket": {"group_by_length": False},
+        "h11": {"http": "h11", "loop": "asyncio"},
+    },
 }
 
 
@@ -280,6 +288,8 @@ def ratios(name: str, res: dict) -> dict[str, list[float]]:
         "served/offline": [a / b for a, b in zip(rate[("dynamic", 64)], rate[("offline", 0)], strict=True)],
         "dynamic/batch1": [a / b for a, b in zip(rate[("dynamic", 64)], rate[("batch1", 64)], strict=True)],
     }
+    if ("h11", 64) in r:
+        out["httptools gain"] = [a / b for a, b in zip(rate[("dynamic", 64)], rate[("h11", 64)], strict=True)]
     if ("nobucket", 64) in r:
         out["bucket gain (req/s)"] = [
             a / b for a, b in zip(rate[("dynamic", 64)], rate[("nobucket", 64)], strict=True)
