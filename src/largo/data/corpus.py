@@ -304,7 +304,11 @@ def window_starts(n_tokens: int, count: int, context: int, seed: int) -> np.ndar
 
 
 def windows(tokens: np.ndarray, starts: np.ndarray, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets, int64 [len(starts), context] each, read from the token stream."""
+    """Inputs and next-token targets, int64 [len(starts), context] each, read from the token stream.
+
+    Both are contiguous (not two strided views of one array): a compiled model specializes on its
+    inputs' strides, and the loss flattens the targets.
+    """
     rows = np.stack([np.asarray(tokens[s : s + context + 1], dtype=np.int64) for s in starts])
     t = torch.from_numpy(rows)
-    return t[:, :-1], t[:, 1:]
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
