@@ -36,7 +36,14 @@ from largo.evaluate.report import write_metrics_json, write_report
 from largo.evaluate.scoring import headline, score_outputs
 from largo.models.build import build_model
 from largo.train.checkpoint import seed_everything
-from largo.train.distributed import log
+from largo.train.distributed import (
+    broadcast_object,
+    end_distributed,
+    init_distributed,
+    is_main_process,
+    log,
+    main_first,
+)
 from largo.train.loop import fit, forward_in_batches
 from largo.train.losses import make_loss_fn
 from largo.train.prepare import (  # load_splits, encode_split, fit_processors: also part of this API
@@ -462,7 +469,21 @@ def pretrain(config: LMConfig | dict | str | Path, *, resume: bool | str | Path 
     Returns:
         TrainResult with the bundle path, metrics (history, held-out perplexity, bits per character,
         tokens/s) and the report path.
+
+    Under torchrun (`torchrun --nproc_per_node N $(which largo) pretrain …`) every process calls this:
+    they join one process group and train data-parallel (see `train/lm.py`); rank 0 picks the run
+    folder, prepares the corpus first (the others then read its cache) and writes every file.
     """
+    cfg = _as_lm_config(config)
+    started = init_distributed(cfg.train.device)
+    try:
+        return _pretrain(cfg, resume)
+    finally:
+        if started:
+            end_distributed()
+
+
+def _pretrain(cfg: LMConfig, resume: bool | str | Path) -> TrainResult:
     from tokenizers import Tokenizer
 
     from largo.data.corpus import prepare_corpus
@@ -470,15 +491,14 @@ def pretrain(config: LMConfig | dict | str | Path, *, resume: bool | str | Path 
     from largo.models.gpt import GPT
     from largo.train.lm import pretrain_fit
 
-    cfg = _as_lm_config(config)
     # 1. the run folder: a new version, or the unfinished one being resumed (with its own config)
     if resume:
         run_dir = Path(resume) if not isinstance(resume, bool) else find_resumable(cfg.runs_dir, cfg.name)
         if run_dir is None or not (run_dir / "checkpoints" / "last.pt").exists():
             raise ConfigError(f"nothing to resume: no unfinished run of {cfg.name!r} under {cfg.runs_dir}")
         cfg = validate_lm_config(read_lm_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
-    else:
-        run_dir = new_run_dir(cfg.runs_dir, cfg.name)
+    else:  # rank 0's new folder for every rank
+        run_dir = broadcast_object(new_run_dir(cfg.runs_dir, cfg.name) if is_main_process() else None)
     log(f"run folder: {run_dir}")
 
     # 2. tokenizer and token files: the base model's tokenizer when continuing one, else trained or cached
@@ -486,12 +506,12 @@ def pretrain(config: LMConfig | dict | str | Path, *, resume: bool | str | Path 
     tokenizer = base.tokenizer if base is not None else None
     if resume:
         tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
-    tokenizer, data = prepare_corpus(cfg, tokenizer, log)
+    tokenizer, data = main_first(lambda: prepare_corpus(cfg, tokenizer, log))
     model_cfg = base.config.model if base is not None else cfg.model
     cfg = cfg.model_copy(
         update={"model": model_cfg.model_copy(update={"vocab_size": tokenizer.get_vocab_size()})}
     )
-    if not resume:
+    if not resume and is_main_process():
         write_lm_start(run_dir, cfg, tokenizer)
     meta = data.meta
     log(f"corpus: {meta['train_tokens']:,} train tokens, {meta['valid_tokens']:,} held out")
@@ -543,6 +563,8 @@ def pretrain(config: LMConfig | dict | str | Path, *, resume: bool | str | Path 
         if lora.save == "merged":
             model = merge_lora(model)
     adapter_of = base if lora is not None and lora.save == "adapter" else None
+    if not is_main_process():  # rank 0 writes the bundle
+        return TrainResult(run_dir, metrics, run_dir / "report.html")
     report = write_lm_bundle(run_dir, model, metrics, adapter_of=adapter_of)
     if not cfg.train.keep_checkpoint:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)

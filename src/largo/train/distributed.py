@@ -1,15 +1,20 @@
 """Process and device helpers: which device to train on, and rank-aware printing.
 
-Under torchrun every process sees RANK/WORLD_SIZE; only rank 0 prints. Multi-process training (DDP)
-builds on these helpers; a single process is rank 0 of a world of one.
+Under torchrun every process sees RANK/WORLD_SIZE; only rank 0 prints. Multi-process training (DDP,
+used by `train/lm.py`'s `pretrain_fit`) builds on these helpers; a single process is rank 0 of a world
+of one, and every collective below is then a no-op.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def rank() -> int:
@@ -47,3 +52,101 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError("train.device: 'mps' was asked for but MPS is not available; use auto or cpu")
     return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------- process group
+
+
+def world_size() -> int:
+    """How many processes train together (torchrun's WORLD_SIZE), 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (torchrun's LOCAL_RANK), 0 otherwise."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_distributed() -> bool:
+    """Whether a process group of more than one process is up."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def init_distributed(device: str = "auto") -> bool:
+    """Join torchrun's process group when WORLD_SIZE > 1 (NCCL on CUDA, Gloo on the CPU).
+
+    Returns True when this call started the group (the caller ends it with `end_distributed()`), False
+    when there is nothing to join or the group was already up. On CUDA each process takes the GPU of its
+    LOCAL_RANK.
+    """
+    import torch.distributed as dist
+
+    if world_size() <= 1 or dist.is_initialized():
+        return False
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def end_distributed() -> None:
+    """Leave the process group (after a barrier, so no rank exits while another still talks)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a picklable Python object; the value itself in one process)."""
+    if not is_distributed():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank ([value] in one process)."""
+    if not is_distributed():
+        return [value]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over the ranks in place (queued on the device: no host sync); returns it."""
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def main_first(make: Callable[[], T]) -> T:
+    """`make()` on rank 0, then (after a barrier) on the other ranks: for work that fills a cache the
+    others then read (tokenizer training, tokenizing a corpus)."""
+    if not is_distributed():
+        return make()
+    result = make() if is_main_process() else None
+    barrier()
+    return result if is_main_process() else make()  # type: ignore[return-value]

@@ -5,10 +5,20 @@ function of seed and step only, prefetched on a thread) → forward/backward eac
 divided by the token count of the whole step → clip → step → schedule → every eval_every steps:
 held-out loss, perplexity, bits per character → checkpoint. Nothing in the hot loop waits for the
 device: the loss is read back only when logged.
+
+Under torchrun (WORLD_SIZE > 1, the process group up: `distributed.init_distributed()`) the same loop
+runs data-parallel: the model is wrapped in DistributedDataParallel, each step's micro-batches are
+drawn as in one process holding all of them and dealt out by rank, the loss is divided by the step's
+token count over every rank, and gradients are all-reduced once per step (no_sync on the earlier
+micro-batches). A run on N processes therefore takes the same steps as one process accumulating N
+times as many micro-batches. Evaluation windows are shared out and their sums all-reduced; rank 0
+writes checkpoints, which hold every rank's RNG state.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import queue
 import threading
@@ -24,8 +34,22 @@ from tqdm import tqdm
 
 from largo.config_lm import LMTrainConfig
 from largo.data.corpus import TokenData, windows
-from largo.train.checkpoint import load_checkpoint, restore, rng_state, save_checkpoint, seed_everything
-from largo.train.distributed import is_main_process, log, pick_device
+from largo.train.checkpoint import (
+    load_checkpoint,
+    restore,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+from largo.train.distributed import (
+    all_reduce_sum,
+    gather_objects,
+    is_distributed,
+    is_main_process,
+    log,
+    pick_device,
+)
 from largo.train.loop import autocast
 from largo.train.optim import build_optimizer, build_schedule
 
@@ -69,18 +93,30 @@ def cpu_has_fast_bf16() -> bool:
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
-def accumulation(cfg: LMTrainConfig, context: int) -> int:
-    """Micro-batches per optimizer step to reach tokens_per_step (at least one)."""
+def accumulation(cfg: LMTrainConfig, context: int, world: int = 1) -> int:
+    """Micro-batches per optimizer step and process to reach tokens_per_step over `world` processes
+    (at least one)."""
     if cfg.tokens_per_step is None:
         return 1
-    return max(1, math.ceil(cfg.tokens_per_step / (cfg.micro_batch * context)))
+    return max(1, math.ceil(cfg.tokens_per_step / (cfg.micro_batch * context * world)))
 
 
-def step_batches(tokens: np.ndarray, seed: int, step: int, accumulate: int, micro_batch: int, context: int):
-    """The micro-batches of one optimizer step: random windows that depend only on (seed, step)."""
+def step_batches(
+    tokens: np.ndarray,
+    seed: int,
+    step: int,
+    accumulate: int,
+    micro_batch: int,
+    context: int,
+    rank: int = 0,
+    world: int = 1,
+) -> list[MicroBatch]:
+    """Rank `rank`'s micro-batches of one optimizer step: random windows that depend only on (seed,
+    step). The step's accumulate × world micro-batches are drawn as one process would draw them, and
+    each rank reads its own `accumulate` of them."""
     rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, len(tokens) - context, size=(accumulate, micro_batch))
-    return [windows(tokens, row, context) for row in starts]
+    starts = rng.integers(0, len(tokens) - context, size=(accumulate * world, micro_batch))
+    return [windows(tokens, row, context) for row in starts[rank * accumulate : (rank + 1) * accumulate]]
 
 
 def _prefetch(make: Callable[[int], Any], first: int, last: int, depth: int = 3) -> Iterator[Any]:
@@ -105,21 +141,36 @@ def _prefetch(make: Callable[[int], Any], first: int, last: int, depth: int = 3)
             q.get_nowait()
 
 
-def lm_step(
-    model: nn.Module, micro: list[MicroBatch], amp: Any, scaler: torch.amp.GradScaler
-) -> torch.Tensor:
-    """Forward and backward every micro-batch of one step; returns the step's mean token loss (detached).
+def _rng_states_of_all_ranks() -> list[dict[str, Any]]:
+    """`rng_state()` of every rank, in rank order (sent as torch.save bytes, read back weights_only:
+    torch tensors do not travel through the object collectives intact)."""
+    buf = io.BytesIO()
+    torch.save(rng_state(), buf)
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in gather_objects(buf.getvalue())]
 
-    Each micro-batch's summed loss is divided by the token count of the whole step, so N accumulated
-    micro-batches of different lengths give exactly the gradient of one batch holding them all.
+
+def lm_step(
+    model: nn.Module, micro: list[MicroBatch], amp: Any, scaler: torch.amp.GradScaler, world: int = 1
+) -> torch.Tensor:
+    """Forward and backward every micro-batch of one step; returns this rank's share of the step's mean
+    token loss (detached; summed over the ranks it is the step's mean token loss).
+
+    Each micro-batch's summed loss is divided by the token count of the whole step (over all `world`
+    ranks), so N accumulated micro-batches of different lengths, on one process or several, give
+    exactly the gradient of one batch holding them all. A DistributedDataParallel `model` (world > 1)
+    averages gradients over the ranks, hence the factor `world`, and all-reduces them only after the
+    last micro-batch.
     """
-    total = sum((y != -100).sum() for _, y in micro).clamp(min=1)  # a device tensor: no sync
+    total = all_reduce_sum(sum((y != -100).sum() for _, y in micro)).clamp(min=1)  # on the device: no sync
     step_loss = torch.zeros((), device=total.device)
-    for x, y in micro:
-        with amp:
-            loss_sum, _ = model(x, y)
-        loss = loss_sum / total
-        (scaler.scale(loss) if scaler.is_enabled() else loss).backward()
+    no_sync = getattr(model, "no_sync", None) if world > 1 else None
+    for i, (x, y) in enumerate(micro):
+        last = i == len(micro) - 1
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            with amp:
+                loss_sum, _ = model(x, y)
+            loss = loss_sum / total
+            (scaler.scale(loss * world) if scaler.is_enabled() else loss * world).backward()
         step_loss += loss.detach()
     return step_loss
 
@@ -131,7 +182,8 @@ def evaluate_lm(
     """Mean token loss and perplexity on held-out windows (the same windows at every evaluation).
 
     A held-out stream shorter than the asked windows is read once, end to end, in windows of the
-    context (or its own length). None when it holds fewer than two tokens.
+    context (or its own length). None when it holds fewer than two tokens. Under DDP each rank reads
+    every world-th window and the sums are all-reduced, so every rank returns the same figures.
     """
     n = len(tokens)
     if n < 2:
@@ -143,18 +195,21 @@ def evaluate_lm(
         starts = np.arange(0, n - length, length)
     else:
         starts = np.sort(np.random.default_rng(0).integers(0, n - length, size=count))
+    if is_distributed():
+        import torch.distributed as dist
+
+        starts = starts[dist.get_rank() :: dist.get_world_size()]
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    counted = 0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed token loss, tokens
     for lo in range(0, len(starts), micro_batch):
         x, y = windows(tokens, starts[lo : lo + micro_batch], length)
         with amp:
             s, c = model(x.to(device), y.to(device))
-        loss_sum += s.double()
-        counted += int(c)
+        sums += torch.stack([s.double(), c.double()])
     model.train()
-    loss = float(loss_sum) / max(1, counted)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": counted}
+    loss_sum, counted = all_reduce_sum(sums).tolist()
+    loss = loss_sum / max(1.0, counted)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(counted)}
 
 
 def pretrain_fit(
@@ -177,23 +232,28 @@ def pretrain_fit(
         checkpoint_dir: where last.pt goes; None disables checkpoints.
         resume: continue from checkpoint_dir/last.pt when it exists (the same weights as a run that was
             never stopped: the data of a step depends only on seed and step, and RNG states are saved).
-        on_eval: called with each evaluation's log record.
+        on_eval: called with each evaluation's log record (on every rank under DDP).
     """
-    seed_everything(cfg.seed)
+    world, me = 1, 0
+    if is_distributed():
+        import torch.distributed as dist
+
+        world, me = dist.get_world_size(), dist.get_rank()
+    seed_everything(cfg.seed + me)  # dropout differs by rank; the data depend on cfg.seed alone
     device = pick_device(cfg.device)
     model.to(device)
     precision = resolve_precision(cfg.precision, device)
     amp = autocast(device, precision)
-    run_model = torch.compile(model) if cfg.compile else model
-    accumulate = accumulation(cfg, context)
+    accumulate = accumulation(cfg, context, world)
     optimizer = build_optimizer(model, cfg.optimizer, device)
     scheduler = build_schedule(optimizer, cfg.schedule, cfg.steps, cfg.eval_every)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     params = [p for p in model.parameters() if p.requires_grad]
-    tokens_per_step = accumulate * cfg.micro_batch * context
+    tokens_per_step = world * accumulate * cfg.micro_batch * context
+    ranks = f"{world} processes × " if world > 1 else ""
     log(
         f"pretraining: {sum(p.numel() for p in params):,} trainable parameters, {precision}, "
-        f"{accumulate} × {cfg.micro_batch} × {context} = {tokens_per_step:,} tokens per step, "
+        f"{ranks}{accumulate} × {cfg.micro_batch} × {context} = {tokens_per_step:,} tokens per step, "
         f"{cfg.steps} steps"
     )
 
@@ -201,18 +261,35 @@ def pretrain_fit(
     ckpt = load_checkpoint(checkpoint_dir) if resume and checkpoint_dir else None
     if ckpt is not None:
         restore(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        by_rank = ckpt.get("rng_by_rank") or []
+        if world > 1 and len(by_rank) == world:  # each rank's own RNG (restore() set rank 0's)
+            set_rng_state(by_rank[me])
         st.update({k: ckpt[k] for k in st})
         log(f"resumed from {checkpoint_dir} at step {st['step']}")
+    train_model: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    run_model = torch.compile(train_model) if cfg.compile else train_model
 
     def checkpoint() -> None:
-        if checkpoint_dir is None or not is_main_process():
+        if checkpoint_dir is None:
+            return
+        rngs = _rng_states_of_all_ranks()  # a collective: every rank takes part
+        if not is_main_process():
             return
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        state |= {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()}
+        state |= {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
+        state |= {"rng": rngs[0], "rng_by_rank": rngs}
         save_checkpoint(checkpoint_dir, {**st, **state})
 
     def make(step: int) -> list[MicroBatch]:
-        batches = step_batches(data.train, cfg.seed, step, accumulate, cfg.micro_batch, context)
+        batches = step_batches(
+            data.train, cfg.seed, step, accumulate, cfg.micro_batch, context, rank=me, world=world
+        )
         if device.type == "cuda":
             batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
         return batches
@@ -227,12 +304,13 @@ def pretrain_fit(
         dynamic_ncols=True,
     )
     model.train()
-    loss_acc = torch.tensor(st["loss_sum"], device=device, dtype=torch.float64)
+    # this rank's share of the losses summed since the last evaluation (st["loss_sum"] is all ranks')
+    loss_acc = torch.tensor(st["loss_sum"] / world, device=device, dtype=torch.float64)
     t_start = time.perf_counter() - st["elapsed"]
     for step, micro in enumerate(_prefetch(make, st["step"], cfg.steps), start=st["step"]):
         # 1. one optimizer step over its micro-batches
         micro = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in micro]
-        loss_acc += lm_step(run_model, micro, amp, scaler)
+        loss_acc += lm_step(run_model, micro, amp, scaler, world)
         if scaler.is_enabled():
             scaler.unscale_(optimizer)
         if cfg.clip_grad_norm is not None:
@@ -252,7 +330,7 @@ def pretrain_fit(
         last = st["step"] == cfg.steps
         if st["step"] % cfg.eval_every == 0 or last:
             record: dict[str, float] = {"step": st["step"], "tokens": st["step"] * tokens_per_step, "lr": lr}
-            record["train.loss"] = float(loss_acc) / max(1, st["loss_steps"])
+            record["train.loss"] = float(all_reduce_sum(loss_acc.clone())) / max(1, st["loss_steps"])
             held_out = evaluate_lm(model, data.valid, context, cfg.micro_batch, cfg.eval_batches, amp)
             if held_out is not None:
                 record["valid.loss"] = held_out["loss"]
@@ -265,7 +343,8 @@ def pretrain_fit(
             log("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
             if on_eval is not None:
                 on_eval(record)
-        st["loss_sum"] = float(loss_acc) if st["step"] % cfg.checkpoint_every == 0 else st["loss_sum"]
+        if st["step"] % cfg.checkpoint_every == 0:  # every rank takes part in the sum
+            st["loss_sum"] = float(all_reduce_sum(loss_acc.clone()))
         st["elapsed"] = time.perf_counter() - t_start
         if st["step"] % cfg.checkpoint_every == 0 and not last:
             checkpoint()

@@ -1,0 +1,178 @@
+"""Data-parallel pretraining under torchrun (2 CPU processes, Gloo): the same steps as one process,
+exact resume with per-rank dropout RNG, and `largo pretrain` writing one bundle from rank 0."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, load_model
+
+from largo.config_lm import GPTConfig, LMTrainConfig
+from largo.data.corpus import TokenData
+from largo.models.gpt import GPT
+from largo.train.lm import lm_step, pretrain_fit, step_batches
+from tests.lm_corpus import tiny_lm_config, write_corpus
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.timeout(300)]
+
+# one config for one process and for two: tokens_per_step = 2 micro-batches, so a single process
+# accumulates two and each of two ranks runs one
+MODEL = {"dim": 32, "layers": 2, "heads": 2, "context": 32, "vocab_size": 97}
+TRAIN = {
+    "steps": 6,
+    "micro_batch": 4,
+    "tokens_per_step": 2 * 4 * 32,
+    "eval_every": 3,
+    "eval_batches": 2,
+    "checkpoint_every": 2,
+    "precision": "fp32",
+    "progress": False,
+    "device": "cpu",
+}
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np, torch
+    from safetensors.torch import save_model
+    from largo.config_lm import GPTConfig, LMTrainConfig
+    from largo.data.corpus import TokenData
+    from largo.models.gpt import GPT
+    from largo.train.distributed import end_distributed, init_distributed, rank
+    from largo.train.lm import lm_step, pretrain_fit, step_batches
+
+    out, model, train = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    torch.set_num_threads(1)
+    assert init_distributed("cpu")
+    rng = np.random.default_rng(0)
+    tokens, held = rng.integers(0, 97, 20_000).astype(np.uint16), rng.integers(0, 97, 700).astype(np.uint16)
+    data = TokenData(tokens, held, {"valid_chars": 2800, "valid_tokens": 700, "vocab_size": 97})
+
+    def fresh(dropout):
+        torch.manual_seed(0)
+        return GPT(GPTConfig.model_validate({**model, "dropout": dropout}))
+
+    # 1. the run one process is compared with (no dropout: the ranks' dropout masks differ)
+    cfg = LMTrainConfig.model_validate(train)
+    m = fresh(0.0)
+    result = pretrain_fit(m, data, cfg, model["context"])
+    if rank() == 0:
+        save_model(m, f"{out}/ddp.safetensors")
+        json.dump(result.history, open(f"{out}/history.json", "w"))
+
+    # 2. killed at its first evaluation (step 3; last checkpoint step 2), then resumed: with dropout on
+    whole = fresh(0.1)
+    pretrain_fit(whole, data, cfg, model["context"])
+
+    class Killed(Exception):
+        pass
+
+    def kill(record):
+        raise Killed
+
+    try:
+        pretrain_fit(fresh(0.1), data, cfg, model["context"], checkpoint_dir=f"{out}/ckpt", on_eval=kill)
+    except Killed:
+        pass
+    resumed = fresh(0.1)
+    pretrain_fit(resumed, data, cfg, model["context"], checkpoint_dir=f"{out}/ckpt", resume=True)
+    same = all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+    json.dump({"resume_equal": same}, open(f"{out}/rank{rank()}.json", "w"))
+
+    # 3. one step's gradients, rank 1's micro-batch holding fewer real targets than rank 0's
+    from contextlib import nullcontext
+    from safetensors.torch import save_file
+    from torch.nn.parallel import DistributedDataParallel
+    from largo.train.lm import lm_step, step_batches
+
+    g = fresh(0.0)
+    (x, y), = step_batches(data.train, 7, 0, 1, 4, model["context"], rank=rank(), world=2)
+    if rank() == 1:
+        y[:, 5:] = -100
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    lm_step(DistributedDataParallel(g), [(x, y)], nullcontext(), scaler, 2)
+    if rank() == 0:
+        save_file({n: p.grad.contiguous() for n, p in g.named_parameters()}, f"{out}/grads.safetensors")
+    end_distributed()
+    """
+)
+
+
+def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_two_processes_take_the_steps_of_one_and_resume_exactly(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER, encoding="utf-8")
+    _torchrun([str(script), str(tmp_path), json.dumps(MODEL), json.dumps(TRAIN)], tmp_path)
+
+    # the same config in this one process: two accumulated micro-batches per step instead of one per rank
+    rng = np.random.default_rng(0)
+    tokens, held = rng.integers(0, 97, 20_000).astype(np.uint16), rng.integers(0, 97, 700).astype(np.uint16)
+    data = TokenData(tokens, held, {"valid_chars": 2800, "valid_tokens": 700, "vocab_size": 97})
+    torch.manual_seed(0)
+    single = GPT(GPTConfig.model_validate({**MODEL, "dropout": 0.0}))
+    result = pretrain_fit(single, data, LMTrainConfig.model_validate(TRAIN), MODEL["context"])
+
+    ddp_model = GPT(GPTConfig.model_validate(MODEL))
+    load_model(ddp_model, str(tmp_path / "ddp.safetensors"))
+    ddp = ddp_model.state_dict()
+    torch.manual_seed(0)
+    start = GPT(GPTConfig.model_validate(MODEL)).state_dict()
+    for name, p in single.state_dict().items():
+        assert not torch.equal(p, start[name]), f"{name} did not train"
+        assert torch.allclose(p, ddp[name], atol=2e-6, rtol=1e-5), (name, (p - ddp[name]).abs().max())
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [r["step"] for r in history] == [r["step"] for r in result.history] == [3, 6]
+    for a, b in zip(history, result.history, strict=True):
+        assert a["tokens"] == b["tokens"] == a["step"] * 2 * 4 * 32  # tokens over both ranks
+        assert a["train.loss"] == pytest.approx(b["train.loss"], rel=1e-5)
+        assert a["valid.loss"] == pytest.approx(b["valid.loss"], rel=1e-5)  # shared-out evaluation
+    for r in (0, 1):  # every rank's resumed weights equal its uninterrupted run's, dropout included
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == {"resume_equal": True}
+    # the all-reduced gradient of the two ranks' micro-batches = one process's over both, per token
+    torch.manual_seed(0)
+    g = GPT(GPTConfig.model_validate(MODEL))
+    micro = step_batches(tokens, 7, 0, 2, 4, MODEL["context"])
+    micro[1][1][:, 5:] = -100
+    lm_step(g, micro, contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False))
+    ddp_grads = load_file(tmp_path / "grads.safetensors")
+    for name, p in g.named_parameters():
+        assert torch.allclose(p.grad, ddp_grads[name], rtol=1e-5, atol=1e-8), name
+
+    ckpt = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    assert len(ckpt["rng_by_rank"]) == 2
+    assert not torch.equal(ckpt["rng_by_rank"][0]["torch"], ckpt["rng_by_rank"][1]["torch"])
+
+
+@pytest.mark.slow
+def test_largo_pretrain_under_torchrun_writes_one_bundle(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", lines=1500)
+    cfg = tiny_lm_config(corpus, tmp_path / "runs", steps=8, eval_every=4, checkpoint_every=4)
+    cfg["train"] |= {"tokens_per_step": 2 * 8 * 64, "device": "cpu"}
+    config = tmp_path / "lm.yaml"
+    config.write_text(json.dumps(cfg), encoding="utf-8")  # JSON is YAML
+    done = _torchrun(["-m", "largo.cli", "pretrain", str(corpus), "--config", str(config)], tmp_path)
+    runs = sorted(p.name for p in (tmp_path / "runs" / "lm").iterdir())
+    assert runs == ["v1"], runs  # rank 0 chose the folder for both
+    metrics = json.loads((tmp_path / "runs" / "lm" / "v1" / "metrics.json").read_text())
+    assert metrics["tokens"] == 8 * 2 * 8 * 64 and metrics["steps"] == 8
+    assert "2 processes × 1 × 8 × 64" in done.stderr
+    assert (tmp_path / "runs" / "lm" / "v1" / "model.safetensors").exists()
+    import largo
+
+    assert largo.load(tmp_path / "runs" / "lm" / "v1").generate("the cat", 5, temperature=0)
