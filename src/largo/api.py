@@ -577,6 +577,7 @@ def generate(
     max_new_tokens: int = 100,
     *,
     stream: bool = False,
+    precision: str = "fp32",
     **sampling: Any,
 ) -> str | Iterator[str]:
     """Continue `prompt` with a language-model bundle.
@@ -586,9 +587,10 @@ def generate(
         prompt: the text to continue.
         max_new_tokens: most tokens to generate.
         stream: return an iterator of text pieces as they are generated, instead of the whole text.
+        precision: fp32, or bf16 (weights and KV cache in bf16: faster) for a bundle folder.
         sampling: temperature (0 = greedy), top_k, top_p, seed, use_cache, stop_at_eot.
     """
-    gen = bundle if isinstance(bundle, TextGenerator) else TextGenerator.load(bundle)
+    gen = bundle if isinstance(bundle, TextGenerator) else TextGenerator.load(bundle, precision=precision)
     if stream:
         return gen.stream(prompt, max_new_tokens, **sampling)
     return gen.generate(prompt, max_new_tokens, **sampling)

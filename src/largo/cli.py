@@ -379,9 +379,18 @@ def generate(
     ] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed: the same seed gives the same text.")] = 0,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they come.")] = True,
+    precision: Annotated[
+        str, typer.Option(help="fp32, or bf16: weights and KV cache in bf16 (faster, same greedy text here).")
+    ] = "fp32",
 ) -> None:
     """Continue a prompt with a language-model bundle (KV-cached sampling)."""
-    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    sampling = {
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "seed": seed,
+        "precision": precision,
+    }
     if stream:
         for piece in api.generate(bundle, prompt, max_new_tokens, stream=True, **sampling):
             sys.stdout.write(piece)

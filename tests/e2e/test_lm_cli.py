@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -91,3 +92,35 @@ def test_a_killed_pretraining_run_resumes_from_its_checkpoint(tmp_path):
     assert 25 <= resumed_at < 600 and resumed_at % 25 == 0
     metrics = json.loads((checkpoint.parent.parent / "metrics.json").read_text())
     assert metrics["steps"] == 600 and [r["step"] for r in metrics["history"]] == [300, 600]
+
+
+def test_bf16_generation_keeps_bf16_weights_and_follows_fp32(lm_run):
+    root, _ = lm_run
+    bundle = root / "runs" / "zh" / "v1"
+    fp32, bf16 = largo.load(bundle), largo.load(bundle, precision="bf16")
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    ids = torch.tensor([fp32.encode("今天天气")])
+    with torch.no_grad():
+        a, b = fp32.model(ids)[0, -1], bf16.model(ids)[0, -1].float()
+    assert a.argmax() == b.argmax() and torch.allclose(a.softmax(-1), b.softmax(-1), atol=0.02)
+    text = bf16.generate("今天", 30, seed=3, temperature=0.7)
+    assert text and text == bf16.generate("今天", 30, seed=3, temperature=0.7)  # seeded in bf16 too
+    out = runner.invoke(
+        app,
+        [
+            "generate",
+            str(bundle),
+            "今天",
+            "-n",
+            "30",
+            "--seed",
+            "3",
+            "--temperature",
+            "0.7",
+            "--precision",
+            "bf16",
+        ],
+    )
+    assert out.exit_code == 0 and out.stdout == text + "\n"
+    bad = runner.invoke(app, ["generate", str(bundle), "今天", "--precision", "fp16"])
+    assert bad.exit_code != 0 and "precision 'fp16'" in bad.output

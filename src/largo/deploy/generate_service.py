@@ -84,7 +84,8 @@ class GenerateRequest(BaseModel):
 
 
 def load_generator(path: str | Path, runtime: str = "auto", device: str | None = None) -> Any:
-    """An LM bundle's `TextGenerator` to serve: fp32 (bf16 for torch-bf16), on the GPU if there is one."""
+    """An LM bundle's `TextGenerator` to serve: fp32 weights (bf16 weights and KV cache for torch-bf16),
+    on the GPU if there is one."""
     if runtime not in LM_RUNTIMES:
         raise ValueError(
             f"runtime {runtime!r}: a language model serves on torch only ({', '.join(LM_RUNTIMES)})"
