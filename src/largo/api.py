@@ -37,6 +37,7 @@ from largo.evaluate.scoring import headline, score_outputs
 from largo.models.build import build_model
 from largo.train.checkpoint import seed_everything
 from largo.train.distributed import (
+    barrier,
     broadcast_object,
     end_distributed,
     init_distributed,
@@ -90,26 +91,40 @@ def train(config: Config | dict | str | Path, *, resume: bool | str | Path = Fal
 
     Returns:
         TrainResult with the bundle path, all metrics and the report path.
+
+    Under torchrun (`torchrun --nproc_per_node N -m largo.cli train …`) every process calls this: they
+    train data-parallel (see `train/loop.py`); rank 0 picks the run folder, fits the preprocessing (the
+    others read it from the folder), validates and writes every file.
     """
     cfg = _as_config(config)
     _check_lora(cfg)
+    started = init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, resume)
+    finally:
+        if started:
+            end_distributed()
+
+
+def _train(cfg: Config, resume: bool | str | Path) -> TrainResult:
     # 1. the run folder: a new version, or the unfinished one being resumed (with its own config)
     if resume:
         run_dir = Path(resume) if not isinstance(resume, bool) else find_resumable(cfg.runs_dir, cfg.name)
         if run_dir is None or not (run_dir / "checkpoints" / "last.pt").exists():
             raise ConfigError(f"nothing to resume: no unfinished run of {cfg.name!r} under {cfg.runs_dir}")
         cfg = load_config(run_dir / "config.yaml")
-    else:
-        run_dir = new_run_dir(cfg.runs_dir, cfg.name)
+    else:  # rank 0's new folder for every rank
+        run_dir = broadcast_object(new_run_dir(cfg.runs_dir, cfg.name) if is_main_process() else None)
     log(f"run folder: {run_dir}")
 
-    # 2. data: read → clean → split → fit preprocessing on train → encode once
+    # 2. data: read → clean → split → fit preprocessing on train (rank 0; the others read it) → encode once
     tables, cleaning = load_splits(cfg)
-    if resume:
-        processors = read_processors(run_dir, cfg)
-    else:
+    if not resume and is_main_process():
         processors = fit_processors(tables["train"], cfg)
         write_run_start(run_dir, cfg, processors)
+    barrier()
+    if resume or not is_main_process():
+        processors = read_processors(run_dir, cfg)
     splits = {name: encode_split(t, cfg, processors, name) for name, t in tables.items()}
     sizes = {name: len(s) if s.inputs else 0 for name, s in splits.items()}
     log("split sizes: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
@@ -140,7 +155,9 @@ def train(config: Config | dict | str | Path, *, resume: bool | str | Path = Fal
         resume=bool(resume),
     )
 
-    # 5. evaluate the final model on valid and test, then write the bundle
+    # 5. evaluate the final model on valid and test, then write the bundle (rank 0)
+    if not is_main_process():
+        return TrainResult(run_dir, {"history": result.history}, run_dir / "report.html")
     model.cpu()
     lora_info = None
     if cfg.train.lora is not None:  # fold the adapters in: the bundle is an ordinary one

@@ -36,6 +36,12 @@ app = typer.Typer(
 )
 
 
+def _main_process() -> bool:
+    from largo.train.distributed import is_main_process  # torch: only once training has run
+
+    return is_main_process()
+
+
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Print known errors as one clear message and exit 2, without a traceback."""
 
@@ -94,6 +100,8 @@ def train(
     data.setdefault("train", {})["progress"] = progress and data.get("train", {}).get("progress", True)
     cfg = validate_config(apply_overrides(data, set_ or []), source=str(path))
     result = api.train(cfg, resume=resume_from or resume)
+    if not _main_process():  # under torchrun, rank 0 reports
+        return
     resolved = result.path / "config.yaml"
     typer.echo(f"config:  {resolved}  (edit it and run: largo train {resolved})")
     for output, m in result.test.items():
@@ -358,6 +366,8 @@ def pretrain(
         data.setdefault("train", {})["progress"] = False
     cfg = validate_lm_config(apply_overrides(data, set_ or []), source=config or "command line")
     result = api.pretrain(cfg, resume=resume)
+    if not _main_process():  # under torchrun, rank 0 reports
+        return
     lm = (result.metrics.get("valid") or {}).get("lm")
     if lm:
         typer.echo(f"valid: loss={lm['loss']:.4f}  perplexity={lm['perplexity']:.2f}  bpc={lm['bpc']:.4f}")

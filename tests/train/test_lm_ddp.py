@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -176,3 +177,52 @@ def test_largo_pretrain_under_torchrun_writes_one_bundle(tmp_path):
     import largo
 
     assert largo.load(tmp_path / "runs" / "lm" / "v1").generate("the cat", 5, temperature=0)
+
+
+# ---------------------------------------------------------------------------------------- a classifier
+
+
+def test_largo_train_under_torchrun_takes_the_steps_of_one_process(tmp_path):
+    from sklearn.datasets import load_iris
+
+    import largo
+
+    d = load_iris()
+    rows = [",".join([*(f"{v:.1f}" for v in x), f"s{t}"]) for x, t in zip(d.data, d.target, strict=True)]
+    (tmp_path / "iris.csv").write_text("a,b,c,e,species\n" + "\n".join(rows) + "\n", encoding="utf-8")
+
+    def config(runs: str, accumulate: int) -> dict:
+        return {
+            "name": "iris",
+            "runs_dir": str(tmp_path / runs),
+            "data": {"train": str(tmp_path / "iris.csv")},
+            "inputs": [{"name": n, "type": "number"} for n in "abce"],
+            "outputs": [{"name": "species", "type": "category"}],
+            "model": {"hidden": [16], "dropout": 0.0},
+            "train": {
+                "epochs": 3,
+                "batch_size": 8,
+                "accumulate": accumulate,
+                "device": "cpu",
+                "progress": False,
+                # SGD: unlike Adam it is not blind to a wrong gradient scale (DDP averages over ranks)
+                "optimizer": {"name": "sgd", "lr": 0.2},
+            },
+        }
+
+    (tmp_path / "ddp.yaml").write_text(json.dumps(config("ddp", 1)), encoding="utf-8")
+    done = _torchrun(["-m", "largo.cli", "train", str(tmp_path / "ddp.yaml")], tmp_path)
+    assert done.stdout.count("bundle:") == 1  # rank 0 reports
+    assert sorted(p.name for p in (tmp_path / "ddp" / "iris").iterdir()) == ["v1"]
+    ddp = json.loads((tmp_path / "ddp" / "iris" / "v1" / "metrics.json").read_text())
+
+    single = largo.train(config("one", 2))  # two accumulated batches per step instead of one per rank
+    batches = math.ceil(single.metrics["splits"]["train"] / 8)
+    assert batches % 2 == 1  # a short last step: rank 1 has no batch there and joins at weight 0
+    assert ddp["steps"] == single.metrics["steps"] == 3 * math.ceil(batches / 2)
+    for a, b in zip(ddp["history"], single.metrics["history"], strict=True):
+        assert a["train.loss"] == pytest.approx(b["train.loss"], rel=1e-5)
+        assert a["valid.loss"] == pytest.approx(b["valid.loss"], rel=1e-5)
+    one = load_file(single.path / "model.safetensors")
+    for name, w in load_file(tmp_path / "ddp" / "iris" / "v1" / "model.safetensors").items():
+        assert torch.allclose(w, one[name], atol=1e-6, rtol=1e-5), name

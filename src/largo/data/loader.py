@@ -107,6 +107,29 @@ def batch_bounds(n: int, batch_size: int, drop_singleton: bool = False) -> list[
     return bounds
 
 
+def take_batch(
+    split: EncodedSplit,
+    order: torch.Tensor,
+    bounds: list[tuple[int, int]],
+    i: int,
+    transform: Callable[[Batch, int], Batch] | None = None,
+    on_device: torch.Tensor | None = None,
+) -> tuple[Batch, Batch]:
+    """(inputs, targets) of batch `i` of an epoch in `order`, padded to its longest text.
+
+    `transform(inputs, i)` runs on the batch (augmentation); it gets the batch index so its randomness
+    can be derived from it rather than from hidden state. `on_device` is `order` already on the split's
+    device (pass it when taking many batches of one order).
+    """
+    if on_device is None:
+        on_device = order.to(next(iter(split.inputs.values())).device)
+    lo, hi = bounds[i]
+    inputs, targets = split.take(on_device[lo:hi], split.longest(order[lo:hi]))
+    if transform is not None:
+        inputs = transform(inputs, i)
+    return inputs, targets
+
+
 def iter_batches(
     split: EncodedSplit,
     order: torch.Tensor,
@@ -114,15 +137,7 @@ def iter_batches(
     start: int = 0,
     transform: Callable[[Batch, int], Batch] | None = None,
 ) -> Iterator[tuple[int, Batch, Batch]]:
-    """Yield (batch index, inputs, targets) from batch `start` on, in `order`.
-
-    `transform(inputs, batch_index)` runs on each batch (augmentation); it gets the batch index so
-    its randomness can be derived from it rather than from hidden state.
-    """
+    """Yield (batch index, inputs, targets) from batch `start` on, in `order` (see `take_batch`)."""
     on_device = order.to(next(iter(split.inputs.values())).device)
     for i in range(start, len(bounds)):
-        lo, hi = bounds[i]
-        inputs, targets = split.take(on_device[lo:hi], split.longest(order[lo:hi]))
-        if transform is not None:
-            inputs = transform(inputs, i)
-        yield i, inputs, targets
+        yield i, *take_batch(split, order, bounds, i, transform, on_device)

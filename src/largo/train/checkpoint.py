@@ -8,6 +8,7 @@ unpickling.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import tempfile
@@ -16,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from largo.train.distributed import gather_objects
 
 CHECKPOINT_NAME = "last.pt"
 
@@ -38,6 +41,15 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def rng_states_of_all_ranks() -> list[dict[str, Any]]:
+    """`rng_state()` of every rank, in rank order ([this process's] without a process group). Sent as
+    torch.save bytes and read back weights_only: tensors do not travel through the object collectives
+    intact."""
+    buf = io.BytesIO()
+    torch.save(rng_state(), buf)
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in gather_objects(buf.getvalue())]
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

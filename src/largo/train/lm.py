@@ -18,7 +18,6 @@ writes checkpoints, which hold every rank's RNG state.
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import queue
 import threading
@@ -37,14 +36,13 @@ from largo.data.corpus import TokenData, windows
 from largo.train.checkpoint import (
     load_checkpoint,
     restore,
-    rng_state,
+    rng_states_of_all_ranks,
     save_checkpoint,
     seed_everything,
     set_rng_state,
 )
 from largo.train.distributed import (
     all_reduce_sum,
-    gather_objects,
     is_distributed,
     is_main_process,
     log,
@@ -139,14 +137,6 @@ def _prefetch(make: Callable[[int], Any], first: int, last: int, depth: int = 3)
         stop.set()
         while not q.empty():  # unblock a producer waiting on a full queue
             q.get_nowait()
-
-
-def _rng_states_of_all_ranks() -> list[dict[str, Any]]:
-    """`rng_state()` of every rank, in rank order (sent as torch.save bytes, read back weights_only:
-    torch tensors do not travel through the object collectives intact)."""
-    buf = io.BytesIO()
-    torch.save(rng_state(), buf)
-    return [torch.load(io.BytesIO(b), weights_only=True) for b in gather_objects(buf.getvalue())]
 
 
 def lm_step(
@@ -278,7 +268,7 @@ def pretrain_fit(
     def checkpoint() -> None:
         if checkpoint_dir is None:
             return
-        rngs = _rng_states_of_all_ranks()  # a collective: every rank takes part
+        rngs = rng_states_of_all_ranks()  # a collective: every rank takes part
         if not is_main_process():
             return
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}

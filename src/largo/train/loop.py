@@ -23,9 +23,23 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from largo.config import TrainConfig
-from largo.data.loader import Batch, EncodedSplit, batch_bounds, epoch_order, iter_batches
-from largo.train.checkpoint import load_checkpoint, restore, rng_state, save_checkpoint, seed_everything
-from largo.train.distributed import is_main_process, log, pick_device
+from largo.data.loader import Batch, EncodedSplit, batch_bounds, epoch_order, take_batch
+from largo.train.checkpoint import (
+    load_checkpoint,
+    restore,
+    rng_states_of_all_ranks,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+from largo.train.distributed import (
+    all_reduce_sum,
+    broadcast_object,
+    is_distributed,
+    is_main_process,
+    log,
+    pick_device,
+)
 from largo.train.losses import LossFn
 from largo.train.optim import build_optimizer, build_schedule, penalized_params
 
@@ -232,12 +246,18 @@ def _fit(
     on_epoch_end: Callable[[dict[str, float]], None] | None,
 ) -> FitResult:
     """The body of fit() once the device is chosen (fit() wraps it in the determinism setting)."""
+    world, me = 1, 0
+    if is_distributed():
+        import torch.distributed as dist
+
+        world, me = dist.get_world_size(), dist.get_rank()
     model.to(device)
     train = train.to(device)
     valid_inputs = valid.inputs if valid is not None and len(valid) else None
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     bounds = batch_bounds(len(train), cfg.batch_size, drop_singleton=has_bn)
-    steps_per_epoch = math.ceil(len(bounds) / cfg.accumulate)
+    span = cfg.accumulate * world  # batches per optimizer step, over all ranks
+    steps_per_epoch = math.ceil(len(bounds) / span)
     optimizer = build_optimizer(model, cfg.optimizer, device)
     scheduler = build_schedule(optimizer, cfg.schedule, steps_per_epoch * cfg.epochs, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -272,12 +292,27 @@ def _fit(
     ckpt = load_checkpoint(checkpoint_dir) if resume and checkpoint_dir else None
     if ckpt is not None:
         restore(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema)
+        by_rank = ckpt.get("rng_by_rank") or []
+        if world > 1 and len(by_rank) == world:  # each rank's own RNG (restore() set rank 0's)
+            set_rng_state(by_rank[me])
         st.update({k: ckpt[k] for k in st if k in ckpt})  # (checkpoints before best_loss lack it)
         where = f"epoch {st['epoch'] + 1}, batch {st['batch']}, step {st['step']}"
         log(f"resumed from {checkpoint_dir} at {where}")
+    # under DDP the forward/backward runs through the wrapper (it all-reduces gradients once per step);
+    # validation and the optimizer use the model itself
+    step_model: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     def checkpoint() -> None:
-        if checkpoint_dir is None or not is_main_process():
+        if checkpoint_dir is None:
+            return
+        rngs = rng_states_of_all_ranks()  # a collective: every rank takes part
+        if not is_main_process():
             return
         save_checkpoint(
             checkpoint_dir,
@@ -288,7 +323,8 @@ def _fit(
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 **({"ema": ema.state_dict()} if ema is not None else {}),
-                "rng": rng_state(),
+                "rng": rngs[0],
+                "rng_by_rank": rngs,
             },
         )
 
@@ -300,10 +336,7 @@ def _fit(
         # 2. train: the epoch's order depends only on (seed, epoch), so a resume continues it
         model.train()
         order = epoch_order(len(train), cfg.seed, epoch, lengths=lengths, batch_size=cfg.batch_size)
-        group_sizes = [
-            sum(hi - lo for lo, hi in bounds[g : g + cfg.accumulate])
-            for g in range(0, len(bounds), cfg.accumulate)
-        ]
+        on_device = order.to(device)
         batch_transform = None
         if transform is not None:
 
@@ -311,9 +344,11 @@ def _fit(
                 g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch * 100_003 + i)
                 return transform(inputs, g)
 
-        # float64 keeps the epoch's loss sum exact over many batches (MPS has no float64)
+        # float64 keeps the epoch's loss sum exact over many batches (MPS has no float64); this rank's
+        # share of the sums (st holds all ranks')
         acc_dtype = torch.float32 if device.type == "mps" else torch.float64
-        loss_sum = torch.tensor(st["loss_sum"], device=device, dtype=acc_dtype)
+        loss_sum = torch.tensor(st["loss_sum"] / world, device=device, dtype=acc_dtype)
+        examples = torch.tensor(st["examples"] / world, device=device, dtype=acc_dtype)
         bar = tqdm(
             total=len(bounds),
             initial=st["batch"],
@@ -324,55 +359,56 @@ def _fit(
             dynamic_ncols=True,
         )
         t_epoch, seen_this_session = time.perf_counter(), 0
-        for i, inputs, targets in iter_batches(train, order, bounds, st["batch"], batch_transform):
-            n = bounds[i][1] - bounds[i][0]
-            scale = 1.0 / group_sizes[i // cfg.accumulate]
-            loss = train_step(
-                model,
-                inputs,
-                targets,
-                loss_fn,
-                scale,
-                amp,
-                penalty,
-                scaler,
-            )
-            loss_sum += loss
-            st["examples"] += n
-            seen_this_session += n
-            if (i + 1) % cfg.accumulate == 0 or i + 1 == len(bounds):
-                # 3. one optimizer step: unscale, clip, step, schedule, zero
-                if scaler.is_enabled():
-                    scaler.unscale_(optimizer)
-                if cfg.clip_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                last_lr = optimizer.param_groups[0]["lr"]  # the rate this step used, for the log
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update_parameters(model)
-                st["step"] += 1
-                st["batch"] = i + 1
-                if cfg.checkpoint.every_steps and st["step"] % cfg.checkpoint.every_steps == 0:
-                    st["loss_sum"] = float(loss_sum)
-                    st["elapsed"] = time.perf_counter() - t_start
-                    checkpoint()
-            bar.update(1)
-            if bar.n % 20 == 0 and not bar.disable:  # .item() syncs: only every 20 batches
+        for first in range(st["batch"], len(bounds), span):
+            # one optimizer step's batches: [first, first + span), this rank's `accumulate` of them (a
+            # rank left without one in a short last group runs one at weight 0, to join the all-reduce)
+            group = range(first, min(first + span, len(bounds)))
+            step_examples = sum(bounds[i][1] - bounds[i][0] for i in group)
+            mine = [i for i in group if (i - first) // cfg.accumulate == me]
+            weight = world / step_examples if mine else 0.0
+            for k, i in enumerate(mine or [first]):
+                lo, hi = bounds[i]
+                inputs, targets = take_batch(train, order, bounds, i, batch_transform, on_device)
+                last = k == max(0, len(mine) - 1)
+                with contextlib.nullcontext() if world == 1 or last else step_model.no_sync():
+                    loss = train_step(step_model, inputs, targets, loss_fn, weight, amp, penalty, scaler)
+                if mine:
+                    loss_sum += loss
+                    examples += hi - lo
+                    seen_this_session += hi - lo
+                bar.update(1)
+            # 3. one optimizer step: unscale, clip, step, schedule, zero
+            if scaler.is_enabled():
+                scaler.unscale_(optimizer)
+            if cfg.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            last_lr = optimizer.param_groups[0]["lr"]  # the rate this step used, for the log
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(model)
+            st["step"] += 1
+            st["batch"] = group.stop
+            if cfg.checkpoint.every_steps and st["step"] % cfg.checkpoint.every_steps == 0:
+                st["loss_sum"], st["examples"] = all_reduce_sum(torch.stack([loss_sum, examples])).tolist()
+                st["elapsed"] = time.perf_counter() - t_start
+                checkpoint()
+            if st["step"] % 20 == 0 and not bar.disable:  # .item() syncs: only every 20 steps
                 rate = seen_this_session / max(1e-9, time.perf_counter() - t_epoch)
-                bar.set_postfix(loss=f"{float(loss_sum) / max(1, st['examples']):.4f}", ex_s=f"{rate:,.0f}")
+                bar.set_postfix(loss=f"{float(loss_sum / examples.clamp(min=1)):.4f}", ex_s=f"{rate:,.0f}")
         bar.close()
+        st["loss_sum"], st["examples"] = all_reduce_sum(torch.stack([loss_sum, examples])).tolist()
 
         # 4. validate and log
         record: dict[str, float] = {
             "epoch": epoch + 1,
             "step": st["step"],
             "lr": last_lr,
-            "train.loss": float(loss_sum) / max(1, st["examples"]),
+            "train.loss": st["loss_sum"] / max(1, st["examples"]),
         }
-        if valid_inputs is not None:
+        if valid_inputs is not None and is_main_process():
             outputs = forward_in_batches(judged, valid_inputs, cfg.eval_batch_size, cfg.precision, valid.pad)
             with torch.no_grad():
                 vloss = loss_fn(outputs, {k: v.cpu() for k, v in valid.targets.items()})
@@ -380,6 +416,8 @@ def _fit(
             if score_fn is not None:
                 record.update({f"valid.{k}": v for k, v in score_fn(outputs).items()})
         record["time_s"] = time.perf_counter() - t_start
+        # rank 0 validates; every rank takes its figures, so early stopping decides the same everywhere
+        record = broadcast_object(record)
         st["history"].append(record)
         log(
             "  ".join(
