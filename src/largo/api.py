@@ -39,11 +39,10 @@ from largo.train.checkpoint import seed_everything
 from largo.train.distributed import (
     barrier,
     broadcast_object,
-    end_distributed,
-    init_distributed,
     is_main_process,
     log,
     main_first,
+    process_group,
 )
 from largo.train.loop import fit, forward_in_batches
 from largo.train.losses import make_loss_fn
@@ -98,12 +97,8 @@ def train(config: Config | dict | str | Path, *, resume: bool | str | Path = Fal
     """
     cfg = _as_config(config)
     _check_lora(cfg)
-    started = init_distributed(cfg.train.device)
-    try:
+    with process_group(cfg.train.device):
         return _train(cfg, resume)
-    finally:
-        if started:
-            end_distributed()
 
 
 def _train(cfg: Config, resume: bool | str | Path) -> TrainResult:
@@ -487,17 +482,13 @@ def pretrain(config: LMConfig | dict | str | Path, *, resume: bool | str | Path 
         TrainResult with the bundle path, metrics (history, held-out perplexity, bits per character,
         tokens/s) and the report path.
 
-    Under torchrun (`torchrun --nproc_per_node N $(which largo) pretrain …`) every process calls this:
+    Under torchrun (`torchrun --nproc_per_node N -m largo.cli pretrain …`) every process calls this:
     they join one process group and train data-parallel (see `train/lm.py`); rank 0 picks the run
     folder, prepares the corpus first (the others then read its cache) and writes every file.
     """
     cfg = _as_lm_config(config)
-    started = init_distributed(cfg.train.device)
-    try:
+    with process_group(cfg.train.device):
         return _pretrain(cfg, resume)
-    finally:
-        if started:
-            end_distributed()
 
 
 def _pretrain(cfg: LMConfig, resume: bool | str | Path) -> TrainResult:

@@ -7,9 +7,10 @@ of one, and every collective below is then a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -92,6 +93,18 @@ def init_distributed(device: str = "auto") -> bool:
         torch.cuda.set_device(local_rank())
     dist.init_process_group("nccl" if cuda else "gloo")
     return True
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto") -> Iterator[None]:
+    """Inside the block, this process is in torchrun's process group (when WORLD_SIZE > 1); a group
+    this block started is ended after it."""
+    started = init_distributed(device)
+    try:
+        yield
+    finally:
+        if started:
+            end_distributed()
 
 
 def end_distributed() -> None:

@@ -48,7 +48,7 @@ from largo.train.distributed import (
     log,
     pick_device,
 )
-from largo.train.loop import autocast
+from largo.train.loop import autocast, optimizer_step
 from largo.train.optim import build_optimizer, build_schedule
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # inputs, targets [b, t]
@@ -301,15 +301,7 @@ def pretrain_fit(
         # 1. one optimizer step over its micro-batches
         micro = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in micro]
         loss_acc += lm_step(run_model, micro, amp, scaler, world)
-        if scaler.is_enabled():
-            scaler.unscale_(optimizer)
-        if cfg.clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = optimizer_step(optimizer, scheduler, scaler, params, cfg.clip_grad_norm)
         st["step"] = step + 1
         st["loss_steps"] += 1
         bar.update(1)

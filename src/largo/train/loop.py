@@ -142,6 +142,27 @@ def train_step(
     return loss_sum.detach()
 
 
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    params: list[nn.Parameter],
+    clip_grad_norm: float | None,
+) -> float:
+    """One optimizer step on the accumulated gradients: unscale (fp16), clip, step, schedule, zero.
+    Returns the learning rate the step used (for the log)."""
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+    if clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    lr = optimizer.param_groups[0]["lr"]
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr
+
+
 def _penalty_fn(model: nn.Module, l1: float, l2: float) -> Callable[[], torch.Tensor] | None:
     if l1 == 0 and l2 == 0:
         return None
@@ -378,15 +399,7 @@ def _fit(
                     seen_this_session += hi - lo
                 bar.update(1)
             # 3. one optimizer step: unscale, clip, step, schedule, zero
-            if scaler.is_enabled():
-                scaler.unscale_(optimizer)
-            if cfg.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            last_lr = optimizer.param_groups[0]["lr"]  # the rate this step used, for the log
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            last_lr = optimizer_step(optimizer, scheduler, scaler, params, cfg.clip_grad_norm)
             if ema is not None:
                 ema.update_parameters(model)
             st["step"] += 1
