@@ -249,12 +249,16 @@ def pct(xs: list[float], q: float) -> float:
 # ------------------------------------------------------------------------------------------ bench
 
 
-def run_model(name: str, rounds: int, requests: int, threads: int, kind: str) -> dict[str, Any]:
+def run_model(
+    name: str, rounds: int, requests: int, threads: int, kind: str, device: str = "cpu"
+) -> dict[str, Any]:
     """Start the variants' servers, then measure offline and served throughput in rotated rounds."""
     bundle, records = digits_bundle() if name == "digits" else transformer_bundle()
     bodies = [json.dumps(r, ensure_ascii=False).encode() for r in records]
-    predictor = largo.load(bundle)
-    servers = {v: start_server(bundle, opts, threads) for v, opts in VARIANTS[name].items()}
+    predictor = largo.load(bundle, device=device)
+    servers = {
+        v: start_server(bundle, {**opts, "device": device}, threads) for v, opts in VARIANTS[name].items()
+    }
     keys = [("offline", 0)] + [(v, c) for v in servers for c in CLIENTS]
     results: dict[tuple[str, int], list[dict]] = {k: [] for k in keys}
     print(f"\n== {name.upper()}: {bundle}, {len(records)} distinct records, {rounds} rounds", flush=True)
@@ -337,6 +341,11 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads in the servers and the offline run"
     )
     parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the servers and the offline run put the model (cpu, cuda, auto)",
+    )
+    parser.add_argument(
         "--client",
         choices=("raw", "httpx"),
         default="raw",
@@ -347,11 +356,15 @@ def main() -> None:
     rounds, requests = (1, 128) if args.quick else (args.rounds, args.requests)
     load = os.getloadavg()[0]
     print(
-        f"{os.cpu_count()} cpus, load {load:.1f}; torch runtime, {args.threads} torch thread(s) per server "
+        f"{os.cpu_count()} cpus, load {load:.1f}; torch runtime on {args.device}, {args.threads} torch "
+        "thread(s) per server "
         f"and offline; one server process per variant; {args.client} HTTP client"
     )
     t0 = time.perf_counter()
-    results = {name: run_model(name, rounds, requests, args.threads, args.client) for name in args.models}
+    results = {
+        name: run_model(name, rounds, requests, args.threads, args.client, args.device)
+        for name in args.models
+    }
     for name, res in results.items():
         print_table(name, res)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")

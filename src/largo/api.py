@@ -363,7 +363,8 @@ def serve(
         api_key: when set, /predict, /feedback and /metrics need `Authorization: Bearer <api_key>`.
         max_batch: most records per forward pass (dynamic batching).
         max_wait_ms: longest a request waits for its batch to fill.
-        options: more `largo.deploy.server.create_app()` options (queue_size, max_body_bytes, ...).
+        options: `device` (auto: the GPU when there is one, cpu, cuda) and more
+            `largo.deploy.server.create_app()` options (queue_size, max_body_bytes, ...).
     """
     from largo.deploy.server import serve_bundle  # lazy: the server's dependencies are an extra
 

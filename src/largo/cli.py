@@ -199,6 +199,10 @@ def serve(
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    device: Annotated[
+        str,
+        typer.Option(help="Where a torch runtime runs the model: auto (the GPU if any), cpu, cuda, cuda:N."),
+    ] = "auto",
     api_key_env: Annotated[
         str | None,
         typer.Option("--api-key-env", help="Environment variable holding the API key clients must send."),
@@ -236,6 +240,7 @@ def serve(
             raise ConfigError(f"--api-key-env {api_key_env}: that environment variable is not set or empty")
     options: dict[str, Any] = {
         "runtime": runtime,
+        "device": device,
         "host": host,
         "port": port,
         "api_key": api_key,

@@ -259,6 +259,21 @@ def test_auto_picks_the_fastest_runtime_within_one_point(
         load_predictor(text_bundles["bag"], "tensorrt")
 
 
+def test_the_device_a_predictor_runs_on_is_checked(text_bundles: dict[str, Path]) -> None:
+    path = text_bundles["bag"]
+    auto = load_predictor(path, "torch", device="auto")  # the GPU when there is one
+    assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert next(auto.model.parameters()).device.type == auto.device.type
+    cpu = load_predictor(path, "torch", device="cpu")
+    assert cpu.device.type == "cpu" and cpu.predict(TEXTS[0])["label"] == auto.predict(TEXTS[0])["label"]
+    with pytest.raises(ValueError, match="allowed auto, cpu, cuda"):
+        load_predictor(path, "torch", device="tpu")
+    with pytest.raises(ValueError, match="CUDA device"):
+        load_predictor(path, "torch", device=f"cuda:{torch.cuda.device_count()}")
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        load_predictor(path, "onnx", device="cuda")
+
+
 def test_export_benchmark_records_what_auto_loads(text_bundles: dict[str, Path]) -> None:
     path = text_bundles["bag"]
     record = api.export(path, "onnx", "int8", benchmark=True)

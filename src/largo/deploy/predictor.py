@@ -35,6 +35,31 @@ Records = Sequence[Mapping[str, Any]] | Mapping[str, Any] | pa.Table
 RUNTIMES = ("torch", "torch-bf16", "torch-compile", "onnx", "onnx-int8", "auto")
 
 
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def serving_device(name: str) -> torch.device:
+    """The torch device a predictor runs on: 'auto' (the GPU when there is one), 'cpu', 'cuda', 'cuda:N'.
+
+    Raises:
+        ValueError: for another name, or a GPU this machine does not have.
+    """
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: allowed {', '.join(DEVICES)}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise ValueError(f"device {name!r}: this machine has {gpus} CUDA device(s); use cpu or auto")
+    return device
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     """Softmax over the last axis, in float32."""
     z = np.exp(x - x.max(axis=-1, keepdims=True))
@@ -172,18 +197,28 @@ class BasePredictor:
 class Predictor(BasePredictor):
     """A loaded bundle that predicts from raw records with the torch model.
 
-    `precision` 'bf16' runs under bf16 autocast; `compile` wraps the model in torch.compile.
+    `precision` 'bf16' runs under bf16 autocast; `compile` wraps the model in torch.compile. `device`
+    'cpu', 'cuda' (or 'cuda:1') or 'auto' (the GPU when there is one) is where the model runs; inputs
+    are encoded on the CPU and outputs come back to it.
     """
 
-    def __init__(self, bundle: Bundle, batch_size: int = 256, precision: str = "fp32", compile: bool = False):
+    def __init__(
+        self,
+        bundle: Bundle,
+        batch_size: int = 256,
+        precision: str = "fp32",
+        compile: bool = False,
+        device: str = "cpu",
+    ):
         super().__init__(bundle, batch_size)
-        self.model = bundle.model
+        self.device = serving_device(device)
+        self.model = bundle.model.to(self.device)
         self.precision = precision
         self.runtime = "torch-compile" if compile else ("torch-bf16" if precision == "bf16" else "torch")
         if compile:
             import torch
 
-            self.model = torch.compile(bundle.model, dynamic=True)
+            self.model = torch.compile(self.model, dynamic=True)
 
     @classmethod
     def load(cls, path: str | Path, **kwargs: Any) -> Predictor:
@@ -215,7 +250,8 @@ def load_predictor(path: str | Path, runtime: str = "torch", **kwargs: Any) -> B
             (ONNX Runtime on model.onnx, no torch imported), 'onnx-int8' (model.int8.onnx), or 'auto':
             the fastest runtime whose accuracy drop `largo export --benchmark` measured to be within
             1 point (torch eager when the bundle holds no measurements).
-        kwargs: passed to the predictor (batch_size; precision for torch).
+        kwargs: passed to the predictor (batch_size; precision and device for torch). ONNX Runtime
+            runs on the CPU here: device 'cuda' with an onnx runtime is refused.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; allowed: {', '.join(RUNTIMES)}")
@@ -226,6 +262,12 @@ def load_predictor(path: str | Path, runtime: str = "torch", **kwargs: Any) -> B
     if runtime in ("onnx", "onnx-int8"):
         from largo.deploy.runtime import OnnxPredictor
 
+        device = kwargs.pop("device", "cpu")
+        if device not in ("cpu", "auto"):
+            raise ValueError(
+                f"device {device!r}: the {runtime} runtime runs on the CPU (ONNX Runtime's CPU provider); "
+                "serve on a GPU with --runtime torch or torch-bf16"
+            )
         return OnnxPredictor.load(path, int8=runtime == "onnx-int8", **kwargs)
     if runtime == "torch-bf16":
         kwargs.setdefault("precision", "bf16")

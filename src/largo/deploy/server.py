@@ -424,12 +424,15 @@ def serve_bundle(
     graceful_timeout_s: float = 30.0,
     http: str = "auto",
     loop: str = "auto",
+    device: str = "auto",
     **app_options: Any,
 ) -> None:
     """Load a bundle's predictor and serve it with uvicorn until interrupted (Ctrl-C / SIGTERM).
 
-    `http` and `loop` are uvicorn's: "auto" takes httptools and uvloop (in `largo[serve]`), which cost
-    a fraction of the CPU per request of the pure-Python h11 parser and asyncio loop ("h11", "asyncio").
+    `device` is where a torch runtime runs the model ('auto': the GPU when there is one; see
+    `predictor.serving_device`). `http` and `loop` are uvicorn's: "auto" takes httptools and uvloop
+    (in `largo[serve]`), which cost a fraction of the CPU per request of the pure-Python h11 parser
+    and asyncio loop ("h11", "asyncio").
 
     On shutdown uvicorn stops accepting connections, lets in-flight requests finish (at most
     `graceful_timeout_s`), then the lifespan drains the batcher. `app_options` go to `create_app()`.
@@ -445,13 +448,13 @@ def serve_bundle(
 
         for batching in ("max_batch", "max_wait_ms"):  # always passed by the CLI; an LM has no batcher
             app_options.pop(batching, None)
-        served: Any = load_generator(path, runtime)
+        served: Any = load_generator(path, runtime, None if device == "auto" else device)
         app = create_generate_app(served, **app_options)
         what = f"TextGenerator on {served.device}"
     else:
         from largo.deploy.predictor import load_predictor  # here, not at import: torch stays optional
 
-        served = load_predictor(path, runtime)
+        served = load_predictor(path, runtime, device=device)
         app = create_app(served, **app_options)
         what = type(served).__name__
     print(f"largo: serving {path} with {what} (runtime {runtime}) on http://{host}:{port}")

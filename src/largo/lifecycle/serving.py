@@ -124,6 +124,7 @@ def registered_app(
     db: str | None = None,
     runtime: str = "auto",
     poll_s: float = 1.0,
+    device: str = "auto",
     **app_options: Any,
 ) -> tuple[FastAPI, AliasWatcher | None]:
     """The server app for a registered model, logging to the store, and its alias watcher (not started).
@@ -132,6 +133,7 @@ def registered_app(
         ref: `NAME`, `NAME@alias` or `NAME@VERSION`.
         db: store URL or SQLite file (default: `LARGO_DB_URL`, else runs/largo.db).
         runtime: as for `load_predictor` (torch, onnx, auto, …); a swapped-in version uses it too.
+        device: where a torch runtime runs the model (auto: the GPU when there is one); likewise.
         poll_s: seconds between looks at the alias; 0 or a fixed `NAME@VERSION`: no watcher.
         app_options: passed to `create_app()` (max_batch, max_wait_ms, api_key, …).
     Returns:
@@ -140,7 +142,7 @@ def registered_app(
     registry = Registry(Store(db or default_url()))
     version = _lookup(registry, ref)
     sink = StoreSink(registry.store, version.name, version.version)
-    predictor = load_predictor(version.path, runtime)
+    predictor = load_predictor(version.path, runtime, device=device)
     app = create_app(predictor, sink=sink, name=version.name, version=version.version, **app_options)
     alias = _watched_alias(ref)
     if alias is None or poll_s <= 0:
@@ -151,7 +153,7 @@ def registered_app(
         alias,
         version.version,
         app.state.service.swap,
-        lambda path: load_predictor(path, runtime),
+        lambda path: load_predictor(path, runtime, device=device),
         poll_s,
     )
     return app, watcher
@@ -167,13 +169,14 @@ def serve_registered(
     port: int = 8000,
     log_level: str = "info",
     graceful_timeout_s: float = 30.0,
+    device: str = "auto",
     **app_options: Any,
 ) -> None:
     """Serve a registered model with uvicorn until interrupted, following its alias (see the module doc)."""
     import uvicorn
 
     _log_to_stderr()
-    app, watcher = registered_app(ref, db=db, runtime=runtime, poll_s=poll_s, **app_options)
+    app, watcher = registered_app(ref, db=db, runtime=runtime, poll_s=poll_s, device=device, **app_options)
     service = app.state.service
     following = f", following {service.name}@{watcher.alias} every {poll_s:g} s" if watcher else ""
     print(
