@@ -226,3 +226,70 @@ def test_largo_train_under_torchrun_takes_the_steps_of_one_process(tmp_path):
     one = load_file(single.path / "model.safetensors")
     for name, w in load_file(tmp_path / "ddp" / "iris" / "v1" / "model.safetensors").items():
         assert torch.allclose(w, one[name], atol=1e-6, rtol=1e-5), name
+
+
+FIT_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from torch import nn
+    from largo.config import TrainConfig
+    from largo.data.loader import EncodedSplit
+    from largo.train.distributed import end_distributed, init_distributed, rank
+    from largo.train.loop import fit
+
+    out = sys.argv[1]
+    torch.set_num_threads(1)
+    assert init_distributed("cpu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(150, 6, generator=g)
+    split = EncodedSplit({"x": x}, {"y": (x[:, 0] + x[:, 1] > 0).long()})
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
+
+        def forward(self, batch):
+            return {"y": self.body(batch["x"])}
+
+    def fresh():
+        torch.manual_seed(0)
+        return Net()
+
+    def loss_fn(outputs, targets):
+        return nn.functional.cross_entropy(outputs["y"], targets["y"], reduction="sum")
+
+    cfg = TrainConfig(epochs=4, batch_size=8, device="cpu", progress=False, seed=3, ema=None)
+    whole = fresh()
+    fit(whole, split, split, cfg, loss_fn)
+
+    class Killed(Exception):
+        pass
+
+    def kill(record):
+        if record["epoch"] == 2:  # after epoch 2's checkpoint
+            raise Killed
+
+    try:
+        fit(fresh(), split, split, cfg, loss_fn, checkpoint_dir=f"{out}/fit", on_epoch_end=kill)
+    except Killed:
+        pass
+    resumed = fresh()
+    result = fit(resumed, split, split, cfg, loss_fn, checkpoint_dir=f"{out}/fit", resume=True)
+    same = all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+    record = {"equal": same, "epochs": [r["epoch"] for r in result.history]}
+    json.dump(record, open(f"{out}/fit{rank()}.json", "w"))
+    end_distributed()
+    """
+)
+
+
+def test_a_resumed_data_parallel_fit_equals_an_uninterrupted_one(tmp_path):
+    script = tmp_path / "fit_worker.py"
+    script.write_text(FIT_WORKER, encoding="utf-8")
+    _torchrun([str(script), str(tmp_path)], tmp_path)
+    for r in (0, 1):  # dropout on, so each rank's RNG had to come back from the checkpoint
+        assert json.loads((tmp_path / f"fit{r}.json").read_text()) == {"equal": True, "epochs": [1, 2, 3, 4]}
+    ckpt = torch.load(tmp_path / "fit" / "last.pt", weights_only=True)
+    assert not torch.equal(ckpt["rng_by_rank"][0]["torch"], ckpt["rng_by_rank"][1]["torch"])

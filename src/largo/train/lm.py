@@ -43,6 +43,7 @@ from largo.train.checkpoint import (
 )
 from largo.train.distributed import (
     all_reduce_sum,
+    barrier,
     is_distributed,
     is_main_process,
     log,
@@ -269,8 +270,11 @@ def pretrain_fit(
         if checkpoint_dir is None:
             return
         rngs = rng_states_of_all_ranks()  # a collective: every rank takes part
-        if not is_main_process():
-            return
+        if is_main_process():
+            _save(rngs)
+        barrier()  # the checkpoint is on disk before any rank goes on (a rank may resume from it next)
+
+    def _save(rngs: list[dict[str, Any]]) -> None:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
         state |= {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
         state |= {"rng": rngs[0], "rng_by_rank": rngs}

@@ -34,11 +34,13 @@ from largo.train.checkpoint import (
 )
 from largo.train.distributed import (
     all_reduce_sum,
+    barrier,
     broadcast_object,
     is_distributed,
     is_main_process,
     log,
     pick_device,
+    rank,
 )
 from largo.train.losses import LossFn
 from largo.train.optim import build_optimizer, build_schedule, penalized_params
@@ -220,7 +222,7 @@ def fit(
         FitResult with the per-epoch history; the model holds the best weights when early stopping
         is on, else the last.
     """
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed + (rank() if is_distributed() else 0))  # dropout differs by rank, not data
     device = pick_device(cfg.device)
     with deterministic_kernels(cfg.deterministic and device.type != "cpu"):
         return _fit(
@@ -333,8 +335,11 @@ def _fit(
         if checkpoint_dir is None:
             return
         rngs = rng_states_of_all_ranks()  # a collective: every rank takes part
-        if not is_main_process():
-            return
+        if is_main_process():
+            _save(rngs)
+        barrier()  # the checkpoint is on disk before any rank goes on (a rank may resume from it next)
+
+    def _save(rngs: list[dict[str, Any]]) -> None:
         save_checkpoint(
             checkpoint_dir,
             {
