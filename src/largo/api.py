@@ -1,4 +1,5 @@
-"""The Python API: train(), load(), predict(), evaluate(), info(), infer_config().
+"""The Python API: train(), load(), predict(), evaluate(), info(), infer_config(), serve(), export(); and,
+from `api_lm.py`, pretrain() and generate().
 
 Each function reads top to bottom through the stages (data → models → train → evaluate → deploy);
 the CLI calls these and nothing else.
@@ -7,7 +8,6 @@ the CLI calls these and nothing else.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +15,8 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from largo.api_lm import generate, pretrain  # noqa: F401 - the language-model half of this API
 from largo.config import Config, ConfigError, load_config, validate_config
-from largo.config_lm import LMConfig, read_lm_yaml, validate_lm_config
 from largo.data.features import Processor
 from largo.data.infer import Inferred, default_config, infer_features
 from largo.data.loader import Batch
@@ -41,7 +41,6 @@ from largo.train.distributed import (
     broadcast_object,
     is_main_process,
     log,
-    main_first,
     process_group,
 )
 from largo.train.loop import fit, forward_in_batches
@@ -459,147 +458,3 @@ def compress(bundle: str | Path, prune: float = 0.5, data: str | Path | None = N
 
     rows, _ = held_out_rows(read_bundle(bundle), data)
     return compress_bundle(bundle, rows, prune)
-
-
-# --------------------------------------------------------------------------------- language models
-
-
-def _as_lm_config(config: LMConfig | dict | str | Path) -> LMConfig:
-    if isinstance(config, LMConfig):
-        return config
-    if isinstance(config, dict):
-        return validate_lm_config(config)
-    return validate_lm_config(read_lm_yaml(config), str(config))
-
-
-def pretrain(config: LMConfig | dict | str | Path, *, resume: bool | str | Path = False) -> TrainResult:
-    """Pretrain a GPT-style language model on a raw-text corpus and write its bundle.
-
-    Args:
-        config: an LMConfig, the same as a dict, or a YAML file path.
-        resume: True to continue the newest unfinished run of this config's name, or a run folder.
-
-    Returns:
-        TrainResult with the bundle path, metrics (history, held-out perplexity, bits per character,
-        tokens/s) and the report path.
-
-    Under torchrun (`torchrun --nproc_per_node N -m largo.cli pretrain …`) every process calls this:
-    they join one process group and train data-parallel (see `train/lm.py`); rank 0 picks the run
-    folder, prepares the corpus first (the others then read its cache) and writes every file.
-    """
-    cfg = _as_lm_config(config)
-    with process_group(cfg.train.device):
-        return _pretrain(cfg, resume)
-
-
-def _pretrain(cfg: LMConfig, resume: bool | str | Path) -> TrainResult:
-    from tokenizers import Tokenizer
-
-    from largo.data.corpus import prepare_corpus
-    from largo.deploy.generator import read_lm_bundle, write_lm_bundle, write_lm_start
-    from largo.models.gpt import GPT
-    from largo.train.lm import pretrain_fit
-
-    # 1. the run folder: a new version, or the unfinished one being resumed (with its own config)
-    if resume:
-        run_dir = Path(resume) if not isinstance(resume, bool) else find_resumable(cfg.runs_dir, cfg.name)
-        if run_dir is None or not (run_dir / "checkpoints" / "last.pt").exists():
-            raise ConfigError(f"nothing to resume: no unfinished run of {cfg.name!r} under {cfg.runs_dir}")
-        cfg = validate_lm_config(read_lm_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
-    else:  # rank 0's new folder for every rank
-        run_dir = broadcast_object(new_run_dir(cfg.runs_dir, cfg.name) if is_main_process() else None)
-    log(f"run folder: {run_dir}")
-
-    # 2. tokenizer and token files: the base model's tokenizer when continuing one, else trained or cached
-    base = read_lm_bundle(cfg.train.init_from) if cfg.train.init_from else None
-    tokenizer = base.tokenizer if base is not None else None
-    if resume:
-        tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
-    tokenizer, data = main_first(lambda: prepare_corpus(cfg, tokenizer, log))
-    model_cfg = base.config.model if base is not None else cfg.model
-    cfg = cfg.model_copy(
-        update={"model": model_cfg.model_copy(update={"vocab_size": tokenizer.get_vocab_size()})}
-    )
-    if not resume and is_main_process():
-        write_lm_start(run_dir, cfg, tokenizer)
-    meta = data.meta
-    log(f"corpus: {meta['train_tokens']:,} train tokens, {meta['valid_tokens']:,} held out")
-
-    # 3. the model (seeded first), from the base weights when given; LoRA adapters when asked
-    seed_everything(cfg.train.seed)
-    model = GPT(cfg.model)
-    if base is not None:
-        model.load_state_dict(base.model.state_dict())
-    if cfg.train.lora is not None:
-        from largo.train.lora import add_lora
-
-        model = add_lora(model, cfg.train.lora)
-
-    # 4. train
-    result = pretrain_fit(
-        model, data, cfg.train, cfg.model.context, checkpoint_dir=run_dir / "checkpoints", resume=bool(resume)
-    )
-
-    # 5. the bundle
-    model.cpu()
-    history = result.history
-    final = next((r for r in reversed(history) if "valid.loss" in r), None)
-    metrics: dict[str, Any] = {
-        "name": cfg.name,
-        "version": run_dir.name,
-        "task": "lm",
-        "history": history,
-        "steps": result.steps,
-        "tokens": result.tokens,
-        "train_time_s": result.train_time_s,
-        "tokens_per_s": result.tokens_per_s,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "corpus": meta,
-        "seed": cfg.train.seed,
-        "versions": environment(),
-        "config": cfg.model_dump(mode="json"),
-    }
-    if final is not None:
-        metrics["valid"] = {
-            "lm": {k: final[f"valid.{k}"] for k in ("loss", "perplexity", "bpc")},
-        }
-    lora = cfg.train.lora
-    if lora is not None:  # the adapters merged into full weights, or kept apart beside a named base
-        from largo.train.lora import lora_summary, merge_lora
-
-        metrics["lora"] = {**lora_summary(model), "save": lora.save}
-        metrics["parameters"] -= metrics["lora"]["adapter_parameters"]  # what the bundle's model holds
-        if lora.save == "merged":
-            model = merge_lora(model)
-    adapter_of = base if lora is not None and lora.save == "adapter" else None
-    if not is_main_process():  # rank 0 writes the bundle
-        return TrainResult(run_dir, metrics, run_dir / "report.html")
-    report = write_lm_bundle(run_dir, model, metrics, adapter_of=adapter_of)
-    if not cfg.train.keep_checkpoint:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return TrainResult(run_dir, metrics, report)
-
-
-def generate(
-    bundle: str | Path | TextGenerator,
-    prompt: str,
-    max_new_tokens: int = 100,
-    *,
-    stream: bool = False,
-    precision: str = "fp32",
-    **sampling: Any,
-) -> str | Iterator[str]:
-    """Continue `prompt` with a language-model bundle.
-
-    Args:
-        bundle: an LM bundle folder or a loaded TextGenerator.
-        prompt: the text to continue.
-        max_new_tokens: most tokens to generate.
-        stream: return an iterator of text pieces as they are generated, instead of the whole text.
-        precision: fp32, or bf16 (weights and KV cache in bf16: faster) for a bundle folder.
-        sampling: temperature (0 = greedy), top_k, top_p, seed, use_cache, stop_at_eot.
-    """
-    gen = bundle if isinstance(bundle, TextGenerator) else TextGenerator.load(bundle, precision=precision)
-    if stream:
-        return gen.stream(prompt, max_new_tokens, **sampling)
-    return gen.generate(prompt, max_new_tokens, **sampling)
