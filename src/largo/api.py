@@ -23,9 +23,8 @@ from largo.data.loader import Batch
 from largo.data.readers import DataError, read_table, source_dir
 from largo.deploy.bundle import (
     environment,
-    find_resumable,
-    new_run_dir,
     read_processors,
+    run_folder,
     write_bundle,
     write_run_start,
 )
@@ -38,7 +37,6 @@ from largo.models.build import build_model
 from largo.train.checkpoint import seed_everything
 from largo.train.distributed import (
     barrier,
-    broadcast_object,
     is_main_process,
     log,
     process_group,
@@ -102,13 +100,9 @@ def train(config: Config | dict | str | Path, *, resume: bool | str | Path = Fal
 
 def _train(cfg: Config, resume: bool | str | Path) -> TrainResult:
     # 1. the run folder: a new version, or the unfinished one being resumed (with its own config)
+    run_dir = run_folder(cfg.runs_dir, cfg.name, resume)
     if resume:
-        run_dir = Path(resume) if not isinstance(resume, bool) else find_resumable(cfg.runs_dir, cfg.name)
-        if run_dir is None or not (run_dir / "checkpoints" / "last.pt").exists():
-            raise ConfigError(f"nothing to resume: no unfinished run of {cfg.name!r} under {cfg.runs_dir}")
         cfg = load_config(run_dir / "config.yaml")
-    else:  # rank 0's new folder for every rank
-        run_dir = broadcast_object(new_run_dir(cfg.runs_dir, cfg.name) if is_main_process() else None)
     log(f"run folder: {run_dir}")
 
     # 2. data: read → clean → split → fit preprocessing on train (rank 0; the others read it) → encode once

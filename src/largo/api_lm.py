@@ -11,12 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from largo.config import ConfigError
 from largo.config_lm import LMConfig, read_lm_yaml, validate_lm_config
-from largo.deploy.bundle import environment, find_resumable, new_run_dir
+from largo.deploy.bundle import environment, run_folder
 from largo.deploy.generator import TextGenerator
 from largo.train.checkpoint import seed_everything
-from largo.train.distributed import broadcast_object, is_main_process, log, main_first, process_group
+from largo.train.distributed import is_main_process, log, main_first, process_group
 
 if TYPE_CHECKING:
     from largo.api import TrainResult  # imported where it is built: largo.api imports this module
@@ -60,13 +59,9 @@ def _pretrain(cfg: LMConfig, resume: bool | str | Path) -> TrainResult:
     from largo.train.lm import pretrain_fit
 
     # 1. the run folder: a new version, or the unfinished one being resumed (with its own config)
+    run_dir = run_folder(cfg.runs_dir, cfg.name, resume)
     if resume:
-        run_dir = Path(resume) if not isinstance(resume, bool) else find_resumable(cfg.runs_dir, cfg.name)
-        if run_dir is None or not (run_dir / "checkpoints" / "last.pt").exists():
-            raise ConfigError(f"nothing to resume: no unfinished run of {cfg.name!r} under {cfg.runs_dir}")
         cfg = validate_lm_config(read_lm_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
-    else:  # rank 0's new folder for every rank
-        run_dir = broadcast_object(new_run_dir(cfg.runs_dir, cfg.name) if is_main_process() else None)
     log(f"run folder: {run_dir}")
 
     # 2. tokenizer and token files: the base model's tokenizer when continuing one, else trained or cached

@@ -70,6 +70,24 @@ def new_run_dir(runs_dir: str | Path, name: str) -> Path:
             continue
 
 
+def run_folder(runs_dir: str | Path, name: str, resume: bool | str | Path) -> Path:
+    """A run's folder: with `resume`, the unfinished run to continue (True: the newest of `name`, or
+    the folder given); else a new version, created by rank 0 and the same on every rank under torchrun.
+
+    Raises:
+        ConfigError: when there is nothing to resume.
+    """
+    from largo.config import ConfigError
+    from largo.train.distributed import broadcast_object, is_main_process
+
+    if not resume:
+        return broadcast_object(new_run_dir(runs_dir, name) if is_main_process() else None)
+    run_dir = Path(resume) if not isinstance(resume, bool) else find_resumable(runs_dir, name)
+    if run_dir is None or not (run_dir / "checkpoints" / "last.pt").exists():
+        raise ConfigError(f"nothing to resume: no unfinished run of {name!r} under {runs_dir}")
+    return run_dir
+
+
 def find_resumable(runs_dir: str | Path, name: str) -> Path | None:
     """The newest unfinished run of this name (it has a checkpoint but no weights yet), if any."""
     root = Path(runs_dir) / name
