@@ -366,3 +366,33 @@ def test_largo_serve_serves_an_lm_bundle(lm_bundle: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert "TextGenerator" in out and "Application shutdown complete" in out, out
+
+
+def test_a_registered_language_model_is_served_by_name(
+    lm_bundle: Path, generator: TextGenerator, tmp_path: Path
+) -> None:
+    import shutil
+
+    from largo.lifecycle.registry import Registry, RegistryError
+    from largo.lifecycle.serving import registered_app
+    from largo.lifecycle.store import Store
+
+    db = str(tmp_path / "registry.db")
+    registry = Registry(Store(db))
+    version = registry.register("tinylm", lm_bundle)
+    assert version.version == 1 and version.path == lm_bundle.resolve()
+    assert version.lineage["data"][0]["split"] == "corpus"  # the LM config's corpus paths, hashed
+    registry.verify(version)  # its files (config, tokenizer, weights) were hashed
+    registry.promote("tinylm", 1)
+    app, watcher = registered_app("tinylm", db=db, max_batch=32, max_wait_ms=5.0)  # the CLI's options
+    assert watcher is None  # a language model is not swapped when its alias moves
+    with serve_in_thread(app) as url:
+        body = {"prompt": "The quick", "max_new_tokens": 12, "seed": 5}
+        r = httpx.post(f"{url}/generate", json=body)
+        assert r.status_code == 200 and r.json()["text"] == generator.generate("The quick", 12, seed=5)
+        assert health(url)["model"] == "tinylm" and health(url)["bundle"] == str(lm_bundle.resolve())
+    adapter_only = tmp_path / "adapter-only"
+    shutil.copytree(lm_bundle, adapter_only)
+    (adapter_only / "adapter.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(RegistryError, match="adapter-only"):
+        registry.register("tinylm", adapter_only)

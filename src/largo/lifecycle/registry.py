@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 import yaml
 
+from largo.deploy.metadata import is_lm_bundle
 from largo.lifecycle.store import Store, alias_history
 
 PRODUCTION = "production"
@@ -87,12 +88,15 @@ def combined_hash(files: dict[str, str]) -> str:
 
 
 def data_lineage(bundle: Path) -> list[dict[str, Any]]:
-    """The data files the bundle's config names (train, and valid/test when paths), with their sha256."""
+    """The data files the bundle's config names (train, and valid/test when paths; a language model's
+    corpus paths), with their sha256."""
     config = yaml.safe_load((bundle / "config.yaml").read_text(encoding="utf-8")) or {}
     data = config.get("data") or {}
+    named = [(split, data.get(split)) for split in ("train", "valid", "test")]
+    if config.get("task") == "lm":
+        named = [("corpus", p) for p in data.get("paths") or []]
     out = []
-    for split in ("train", "valid", "test"):
-        value = data.get(split)
+    for split, value in named:
         if not isinstance(value, str):
             continue
         path = Path(value)
@@ -172,10 +176,17 @@ class Registry:
         """
         _check_name(name)
         path = Path(bundle).resolve()
-        missing = [f for f in ("config.yaml", "preprocessors.json") if not (path / f).is_file()]
+        lm = is_lm_bundle(path)  # a language model: its tokenizer instead of preprocessors
+        needed = ("config.yaml", "tokenizer.json") if lm else ("config.yaml", "preprocessors.json")
+        missing = [f for f in needed if not (path / f).is_file()]
         if not path.is_dir() or missing:
             raise RegistryError(
                 f"{bundle}: not a bundle folder" + (f" (no {', '.join(missing)})" * bool(missing))
+            )
+        if lm and (path / "adapter.json").is_file():
+            raise RegistryError(
+                f"{bundle}: an adapter-only LoRA bundle needs its base folder, which the registry does not "
+                "hash; register a merged one (train.lora.save: merged)"
             )
         if not any((path / f).is_file() for f in ("model.safetensors", "model.onnx")):
             raise RegistryError(f"{bundle}: no model.safetensors (an unfinished run?)")

@@ -10,6 +10,9 @@ fails. A version that cannot be served (changed files, a load error, other input
 the old one stays. `NAME@3` names one version and is never swapped.
 
 Torch-free: with `--runtime onnx` a serving image without torch serves registered models too.
+
+A registered language model (`task: lm`) is served with POST /generate (`generate_service`), checked
+the same way, but it neither follows its alias nor logs its generations to the store yet.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from largo.deploy.metadata import is_lm_bundle
 from largo.deploy.predictor import load_predictor
 from largo.deploy.server import create_app
 from largo.lifecycle.registry import PRODUCTION, VERSION_RE, Registry, Version
@@ -141,6 +145,8 @@ def registered_app(
     """
     registry = Registry(Store(db or default_url()))
     version = _lookup(registry, ref)
+    if is_lm_bundle(version.path):
+        return _language_model_app(version, runtime, device, app_options), None
     sink = StoreSink(registry.store, version.name, version.version)
     predictor = load_predictor(version.path, runtime, device=device)
     app = create_app(predictor, sink=sink, name=version.name, version=version.version, **app_options)
@@ -157,6 +163,17 @@ def registered_app(
         poll_s,
     )
     return app, watcher
+
+
+def _language_model_app(version: Version, runtime: str, device: str, app_options: dict[str, Any]) -> FastAPI:
+    """A registered language model's app: POST /generate (see `generate_service`). It does not follow
+    its alias and does not log generations to the store: a newly promoted version needs a restart."""
+    from largo.deploy.generate_service import create_generate_app, load_generator
+
+    options = {k: v for k, v in app_options.items() if k not in ("max_batch", "max_wait_ms")}  # no batcher
+    generator = load_generator(version.path, runtime, None if device == "auto" else device)
+    log.info("serving language model %s; it is not swapped when its alias moves", version.ref)
+    return create_generate_app(generator, name=version.name, **options)
 
 
 def serve_registered(
@@ -179,10 +196,13 @@ def serve_registered(
     app, watcher = registered_app(ref, db=db, runtime=runtime, poll_s=poll_s, device=device, **app_options)
     service = app.state.service
     following = f", following {service.name}@{watcher.alias} every {poll_s:g} s" if watcher else ""
-    print(
-        f"largo: serving {service.name}@{service.version} ({service.predictor.path}) on "
-        f"http://{host}:{port}, logging to {service.sink.store!r}{following}"
-    )
+    if hasattr(service, "generator"):  # a language model
+        print(f"largo: serving {ref} ({service.generator.path}, POST /generate) on http://{host}:{port}")
+    else:
+        print(
+            f"largo: serving {service.name}@{service.version} ({service.predictor.path}) on "
+            f"http://{host}:{port}, logging to {service.sink.store!r}{following}"
+        )
     if watcher:
         watcher.start()
     try:
