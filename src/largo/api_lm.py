@@ -61,7 +61,7 @@ def _pretrain(cfg: LMConfig, resume: bool | str | Path) -> TrainResult:
     # 1. the run folder: a new version, or the unfinished one being resumed (with its own config)
     run_dir = run_folder(cfg.runs_dir, cfg.name, resume)
     if resume:
-        cfg = validate_lm_config(read_lm_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
+        cfg = _as_lm_config(run_dir / "config.yaml")
     log(f"run folder: {run_dir}")
 
     # 2. tokenizer and token files: the base model's tokenizer when continuing one, else trained or cached

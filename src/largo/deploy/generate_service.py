@@ -83,19 +83,24 @@ class GenerateRequest(BaseModel):
     stream: bool | None = Field(None, description="Server-sent events; default: when Accept asks for them.")
 
 
-def load_generator(path: str | Path, runtime: str = "auto", device: str | None = None) -> Any:
+def generate_app_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The server options that `create_generate_app` takes: those of `create_app` without the batching
+    ones (max_batch, max_wait_ms), which an LM has no batcher for (the CLI always passes them)."""
+    return {k: v for k, v in options.items() if k not in ("max_batch", "max_wait_ms")}
+
+
+def load_generator(path: str | Path, runtime: str = "auto", device: str = "auto") -> Any:
     """An LM bundle's `TextGenerator` to serve: fp32 weights (bf16 weights and KV cache for torch-bf16),
-    on the GPU if there is one."""
+    on `device` as `predictor.serving_device` reads it (auto: the GPU if there is one)."""
     if runtime not in LM_RUNTIMES:
         raise ValueError(
             f"runtime {runtime!r}: a language model serves on torch only ({', '.join(LM_RUNTIMES)})"
         )
-    import torch
-
     from largo.deploy.generator import TextGenerator
+    from largo.deploy.predictor import serving_device
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return TextGenerator.load(path, precision="bf16" if runtime == "torch-bf16" else "fp32", device=device)
+    precision = "bf16" if runtime == "torch-bf16" else "fp32"
+    return TextGenerator.load(path, precision=precision, device=serving_device(device))
 
 
 # ------------------------------------------------------------------------------------ a generation

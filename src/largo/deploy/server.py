@@ -444,12 +444,10 @@ def serve_bundle(
     from largo.deploy.metadata import is_lm_bundle
 
     if is_lm_bundle(path):
-        from largo.deploy.generate_service import create_generate_app, load_generator
+        from largo.deploy.generate_service import create_generate_app, generate_app_options, load_generator
 
-        for batching in ("max_batch", "max_wait_ms"):  # always passed by the CLI; an LM has no batcher
-            app_options.pop(batching, None)
-        served: Any = load_generator(path, runtime, None if device == "auto" else device)
-        app = create_generate_app(served, **app_options)
+        served: Any = load_generator(path, runtime, device)
+        app = create_generate_app(served, **generate_app_options(app_options))
         what = f"TextGenerator on {served.device}"
     else:
         from largo.deploy.predictor import load_predictor  # here, not at import: torch stays optional

@@ -168,12 +168,11 @@ def registered_app(
 def _language_model_app(version: Version, runtime: str, device: str, app_options: dict[str, Any]) -> FastAPI:
     """A registered language model's app: POST /generate (see `generate_service`). It does not follow
     its alias and does not log generations to the store: a newly promoted version needs a restart."""
-    from largo.deploy.generate_service import create_generate_app, load_generator
+    from largo.deploy.generate_service import create_generate_app, generate_app_options, load_generator
 
-    options = {k: v for k, v in app_options.items() if k not in ("max_batch", "max_wait_ms")}  # no batcher
-    generator = load_generator(version.path, runtime, None if device == "auto" else device)
+    generator = load_generator(version.path, runtime, device)
     log.info("serving language model %s; it is not swapped when its alias moves", version.ref)
-    return create_generate_app(generator, name=version.name, **options)
+    return create_generate_app(generator, name=version.name, **generate_app_options(app_options))
 
 
 def serve_registered(

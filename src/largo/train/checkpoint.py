@@ -12,13 +12,14 @@ import io
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from largo.train.distributed import gather_objects
+from largo.train.distributed import barrier, gather_objects, group_rank_and_size, is_main_process
 
 CHECKPOINT_NAME = "last.pt"
 
@@ -43,7 +44,7 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def rng_states_of_all_ranks() -> list[dict[str, Any]]:
+def _rng_states_of_all_ranks() -> list[dict[str, Any]]:
     """`rng_state()` of every rank, in rank order ([this process's] without a process group). Sent as
     torch.save bytes and read back weights_only: tensors do not travel through the object collectives
     intact."""
@@ -65,11 +66,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def restore(ckpt: dict[str, Any], **stateful: Any) -> None:
     """Load each object's state from the checkpoint entry of its name (model=…, optimizer=…, …) and
-    restore the RNG states; None objects are skipped."""
+    restore the RNG states (under DDP this rank's, when the checkpoint holds every rank's); None
+    objects are skipped."""
     for name, obj in stateful.items():
         if obj is not None:
             obj.load_state_dict(ckpt[name])
-    set_rng_state(ckpt["rng"])
+    me, world = group_rank_and_size()
+    by_rank = ckpt.get("rng_by_rank") or []
+    set_rng_state(by_rank[me] if world > 1 and len(by_rank) == world else ckpt["rng"])
+
+
+def save_checkpoint_from_rank0(directory: str | Path, make_state: Callable[[], dict[str, Any]]) -> None:
+    """What every rank calls to checkpoint: the ranks' RNG states are gathered, rank 0 writes
+    `make_state()` with them, and all wait until the file is on disk (a rank may resume from it next)."""
+    rngs = _rng_states_of_all_ranks()  # a collective: every rank takes part
+    if is_main_process():
+        save_checkpoint(directory, {**make_state(), "rng": rngs[0], "rng_by_rank": rngs})
+    barrier()
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:

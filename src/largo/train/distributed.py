@@ -75,6 +75,32 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def group_rank_and_size() -> tuple[int, int]:
+    """(this rank, how many ranks) of the process group that is up; (0, 1) without one."""
+    if not is_distributed():
+        return 0, 1
+    import torch.distributed as dist
+
+    return dist.get_rank(), dist.get_world_size()
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` wrapped in DistributedDataParallel when a process group is up (gradients all-reduced in
+    the backward pass), else `model` itself. The optimizer and evaluation keep using `model`."""
+    if not is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sync_gradients(model: torch.nn.Module, now: bool) -> contextlib.AbstractContextManager:
+    """The context for one micro-batch's backward pass: a DDP `model` (also compiled) all-reduces the
+    gradients only when `now` (the step's last micro-batch); `no_sync` holds them back before that."""
+    no_sync = getattr(model, "no_sync", None)
+    return contextlib.nullcontext() if now or no_sync is None else no_sync()
+
+
 def init_distributed(device: str = "auto") -> bool:
     """Join torchrun's process group when WORLD_SIZE > 1 (NCCL on CUDA, Gloo on the CPU).
 

@@ -17,7 +17,6 @@ writes checkpoints, which hold every rank's RNG state.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import queue
 import threading
@@ -33,21 +32,15 @@ from tqdm import tqdm
 
 from largo.config_lm import LMTrainConfig
 from largo.data.corpus import TokenData, windows
-from largo.train.checkpoint import (
-    load_checkpoint,
-    restore,
-    rng_states_of_all_ranks,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-)
+from largo.train.checkpoint import load_checkpoint, restore, save_checkpoint_from_rank0, seed_everything
 from largo.train.distributed import (
     all_reduce_sum,
-    barrier,
-    is_distributed,
+    data_parallel,
+    group_rank_and_size,
     is_main_process,
     log,
     pick_device,
+    sync_gradients,
 )
 from largo.train.loop import autocast, optimizer_step
 from largo.train.optim import build_optimizer, build_schedule
@@ -154,10 +147,8 @@ def lm_step(
     """
     total = all_reduce_sum(sum((y != -100).sum() for _, y in micro)).clamp(min=1)  # on the device: no sync
     step_loss = torch.zeros((), device=total.device)
-    no_sync = getattr(model, "no_sync", None) if world > 1 else None
     for i, (x, y) in enumerate(micro):
-        last = i == len(micro) - 1
-        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+        with sync_gradients(model, now=i == len(micro) - 1):
             with amp:
                 loss_sum, _ = model(x, y)
             loss = loss_sum / total
@@ -186,10 +177,8 @@ def evaluate_lm(
         starts = np.arange(0, n - length, length)
     else:
         starts = np.sort(np.random.default_rng(0).integers(0, n - length, size=count))
-    if is_distributed():
-        import torch.distributed as dist
-
-        starts = starts[dist.get_rank() :: dist.get_world_size()]
+    me, world = group_rank_and_size()
+    starts = starts[me::world]
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed token loss, tokens
     for lo in range(0, len(starts), micro_batch):
@@ -225,11 +214,7 @@ def pretrain_fit(
             never stopped: the data of a step depends only on seed and step, and RNG states are saved).
         on_eval: called with each evaluation's log record (on every rank under DDP).
     """
-    world, me = 1, 0
-    if is_distributed():
-        import torch.distributed as dist
-
-        world, me = dist.get_world_size(), dist.get_rank()
+    me, world = group_rank_and_size()
     seed_everything(cfg.seed + me)  # dropout differs by rank; the data depend on cfg.seed alone
     device = pick_device(cfg.device)
     model.to(device)
@@ -252,33 +237,24 @@ def pretrain_fit(
     ckpt = load_checkpoint(checkpoint_dir) if resume and checkpoint_dir else None
     if ckpt is not None:
         restore(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-        by_rank = ckpt.get("rng_by_rank") or []
-        if world > 1 and len(by_rank) == world:  # each rank's own RNG (restore() set rank 0's)
-            set_rng_state(by_rank[me])
         st.update({k: ckpt[k] for k in st})
         log(f"resumed from {checkpoint_dir} at step {st['step']}")
-    train_model: nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    train_model = data_parallel(model, device)  # DDP under torchrun: forward/backward go through it
     run_model = torch.compile(train_model) if cfg.compile else train_model
 
     def checkpoint() -> None:
         if checkpoint_dir is None:
             return
-        rngs = rng_states_of_all_ranks()  # a collective: every rank takes part
-        if is_main_process():
-            _save(rngs)
-        barrier()  # the checkpoint is on disk before any rank goes on (a rank may resume from it next)
-
-    def _save(rngs: list[dict[str, Any]]) -> None:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        state |= {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
-        state |= {"rng": rngs[0], "rng_by_rank": rngs}
-        save_checkpoint(checkpoint_dir, {**st, **state})
+        save_checkpoint_from_rank0(
+            checkpoint_dir,
+            lambda: {
+                **st,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+            },
+        )
 
     def make(step: int) -> list[MicroBatch]:
         batches = step_batches(

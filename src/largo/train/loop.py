@@ -24,23 +24,16 @@ from tqdm import tqdm
 
 from largo.config import TrainConfig
 from largo.data.loader import Batch, EncodedSplit, batch_bounds, epoch_order, take_batch
-from largo.train.checkpoint import (
-    load_checkpoint,
-    restore,
-    rng_states_of_all_ranks,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-)
+from largo.train.checkpoint import load_checkpoint, restore, save_checkpoint_from_rank0, seed_everything
 from largo.train.distributed import (
     all_reduce_sum,
-    barrier,
     broadcast_object,
-    is_distributed,
+    data_parallel,
+    group_rank_and_size,
     is_main_process,
     log,
     pick_device,
-    rank,
+    sync_gradients,
 )
 from largo.train.losses import LossFn
 from largo.train.optim import build_optimizer, build_schedule, penalized_params
@@ -222,7 +215,7 @@ def fit(
         FitResult with the per-epoch history; the model holds the best weights when early stopping
         is on, else the last.
     """
-    seed_everything(cfg.seed + (rank() if is_distributed() else 0))  # dropout differs by rank, not data
+    seed_everything(cfg.seed + group_rank_and_size()[0])  # dropout differs by rank, the data do not
     device = pick_device(cfg.device)
     with deterministic_kernels(cfg.deterministic and device.type != "cpu"):
         return _fit(
@@ -269,11 +262,7 @@ def _fit(
     on_epoch_end: Callable[[dict[str, float]], None] | None,
 ) -> FitResult:
     """The body of fit() once the device is chosen (fit() wraps it in the determinism setting)."""
-    world, me = 1, 0
-    if is_distributed():
-        import torch.distributed as dist
-
-        world, me = dist.get_world_size(), dist.get_rank()
+    me, world = group_rank_and_size()
     model.to(device)
     train = train.to(device)
     valid_inputs = valid.inputs if valid is not None and len(valid) else None
@@ -315,42 +304,25 @@ def _fit(
     ckpt = load_checkpoint(checkpoint_dir) if resume and checkpoint_dir else None
     if ckpt is not None:
         restore(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema)
-        by_rank = ckpt.get("rng_by_rank") or []
-        if world > 1 and len(by_rank) == world:  # each rank's own RNG (restore() set rank 0's)
-            set_rng_state(by_rank[me])
         st.update({k: ckpt[k] for k in st if k in ckpt})  # (checkpoints before best_loss lack it)
         where = f"epoch {st['epoch'] + 1}, batch {st['batch']}, step {st['step']}"
         log(f"resumed from {checkpoint_dir} at {where}")
     # under DDP the forward/backward runs through the wrapper (it all-reduces gradients once per step);
     # validation and the optimizer use the model itself
-    step_model: nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        step_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    step_model = data_parallel(model, device)
 
     def checkpoint() -> None:
         if checkpoint_dir is None:
             return
-        rngs = rng_states_of_all_ranks()  # a collective: every rank takes part
-        if is_main_process():
-            _save(rngs)
-        barrier()  # the checkpoint is on disk before any rank goes on (a rank may resume from it next)
-
-    def _save(rngs: list[dict[str, Any]]) -> None:
-        save_checkpoint(
+        save_checkpoint_from_rank0(
             checkpoint_dir,
-            {
+            lambda: {
                 **st,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 **({"ema": ema.state_dict()} if ema is not None else {}),
-                "rng": rngs[0],
-                "rng_by_rank": rngs,
             },
         )
 
@@ -395,8 +367,7 @@ def _fit(
             for k, i in enumerate(mine or [first]):
                 lo, hi = bounds[i]
                 inputs, targets = take_batch(train, order, bounds, i, batch_transform, on_device)
-                last = k == max(0, len(mine) - 1)
-                with contextlib.nullcontext() if world == 1 or last else step_model.no_sync():
+                with sync_gradients(step_model, now=k == max(0, len(mine) - 1)):
                     loss = train_step(step_model, inputs, targets, loss_fn, weight, amp, penalty, scaler)
                 if mine:
                     loss_sum += loss
