@@ -162,6 +162,22 @@ def test_streamed_json_and_in_process_texts_agree(
         assert len(tokens) >= 2 and done["tokens"] == 40 and done["finish_reason"] == "length"
     by_accept = httpx.post(f"{live}/generate", json=body, headers={"Accept": "text/event-stream"})
     assert events(by_accept.text)[-1][1]["text"] == expected
+    # every generation is a row in the bundle's serving/predictions.jsonl, written before it is answered
+    logged = [json.loads(line) for line in (generator.path / "serving" / "predictions.jsonl").open()]
+    rows = {r["id"]: r for r in logged}
+    assert done["version"] is None and "version" not in rows[done["id"]]
+    row = rows[plain.json()["id"]]
+    assert row["inputs"] == {
+        "prompt": prompt,
+        "max_new_tokens": 40,
+        "temperature": 0.8,
+        "top_k": 50,
+        "top_p": None,
+        "seed": 11,
+        "stop_at_eot": stop_at_eot,
+    }
+    assert row["outputs"]["text"] == expected and row["outputs"]["tokens"] == done["tokens"]
+    assert row["outputs"]["finish_reason"] == done["finish_reason"] and row["latency_ms"] > 0
 
 
 def test_no_seed_draws_one_that_repeats_the_text(live: str) -> None:
@@ -384,13 +400,33 @@ def test_a_registered_language_model_is_served_by_name(
     assert version.lineage["data"][0]["split"] == "corpus"  # the LM config's corpus paths, hashed
     registry.verify(version)  # its files (config, tokenizer, weights) were hashed
     registry.promote("tinylm", 1)
-    app, watcher = registered_app("tinylm", db=db, max_batch=32, max_wait_ms=5.0)  # the CLI's options
-    assert watcher is None  # a language model is not swapped when its alias moves
+    second = tmp_path / "second"
+    shutil.copytree(lm_bundle, second, ignore=shutil.ignore_patterns("serving"))
+    assert registry.register("tinylm", second).version == 2
+    # the CLI's options (the batching ones an LM has no use for); no thread: the test polls itself
+    app, watcher = registered_app("tinylm", db=db, max_batch=32, max_wait_ms=5.0, poll_s=60)
+    assert watcher is not None and watcher.alias == "production"
+    body = {"prompt": "The quick", "max_new_tokens": 12, "seed": 5}
+    answers = []
     with serve_in_thread(app) as url:
-        body = {"prompt": "The quick", "max_new_tokens": 12, "seed": 5}
-        r = httpx.post(f"{url}/generate", json=body)
-        assert r.status_code == 200 and r.json()["text"] == generator.generate("The quick", 12, seed=5)
+        answers.append(httpx.post(f"{url}/generate", json=body).json())
         assert health(url)["model"] == "tinylm" and health(url)["bundle"] == str(lm_bundle.resolve())
+        assert health(url)["version"] == 1
+        registry.promote("tinylm", 2)
+        assert watcher.poll() == 2  # loaded, checked and swapped in; the next request runs on it
+        answers.append(httpx.post(f"{url}/generate", json={**body, "stream": True}))
+        answers[1] = events(answers[1].text)[-1][1]
+        assert health(url)["version"] == 2 and health(url)["bundle"] == str(second.resolve())
+        registry.rollback("tinylm")
+        assert watcher.poll() == 1 and health(url)["version"] == 1
+    expected = generator.generate("The quick", 12, seed=5)
+    assert [a["text"] for a in answers] == [expected] * 2 and [a["version"] for a in answers] == [1, 2]
+    stored = Store(db).predictions_by_id([a["id"] for a in answers])  # logged to the store, by version
+    rows = [stored[a["id"]] for a in answers]
+    assert [(r["model"], r["version"]) for r in rows] == [("tinylm", 1), ("tinylm", 2)]
+    assert stored[answers[1]["id"]]["input"]["prompt"] == "The quick"
+    assert stored[answers[1]["id"]]["output"]["text"] == expected
+    assert not (second / "serving").exists()  # the store, not the bundle's JSONL, got them
     adapter_only = tmp_path / "adapter-only"
     shutil.copytree(lm_bundle, adapter_only)
     (adapter_only / "adapter.json").write_text("{}", encoding="utf-8")

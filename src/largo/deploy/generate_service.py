@@ -11,7 +11,7 @@ Protocol. POST /generate takes a JSON body (`GenerateRequest`; every field but `
 
       event: done
       data: {"id": "…", "text": " upon a time", "tokens": 4, "finish_reason": "length", "prompt_tokens": 2,
-             "prompt_truncated": false, "seed": 1234}
+             "prompt_truncated": false, "seed": 1234, "version": null}
   A model error before the first piece is a plain 500 with an error id; one after it (the status line
   is sent) is an `event: error` with `{"detail", "error_id"}`, and the stream ends.
 - Otherwise the `done` event's object, as JSON.
@@ -19,6 +19,14 @@ Protocol. POST /generate takes a JSON body (`GenerateRequest`; every field but `
 "cancelled" (the client went away; seen only in /metrics). A prompt longer than the context keeps its
 last `context - 1` tokens, as `TextGenerator` does, and says so (`prompt_truncated`); that is not an
 error. `seed: null` draws a seed per request and answers it: sending it back gives the same text.
+`version` is the registered version that generated it (null for a bundle served from its folder).
+
+Logging and swapping, as on /predict: every finished generation (a cancelled one too) is one row for
+the sink, `{id, time, version, inputs: {prompt, max_new_tokens, temperature, top_k, top_p, seed,
+stop_at_eot}, outputs: {text, tokens, finish_reason, prompt_tokens}, latency_ms}`, written in the worker
+thread before the `done` event is sent (default sink: `JsonlSink(<bundle>/serving)`; `largo serve NAME`
+writes to the store). `GenerateService.swap(generator, version)` serves another language model from
+the next admitted request on; generations already running finish on the model they started with.
 
 Limits, as on /predict: a body over `max_body_bytes` is 413, a missing or wrong API key 401, a bad field
 422 naming it (a `max_new_tokens` over the server's `max_new_tokens_limit` too). At most
@@ -60,6 +68,7 @@ from largo.deploy.middleware import BodyLimit, NumpyJSONResponse, RequestMetrics
 from largo.deploy.page import render_lm_page
 from largo.deploy.schema import InputError
 from largo.deploy.server import MiB, ModelError, add_error_handlers, key_check
+from largo.deploy.sink import JsonlSink
 
 log = logging.getLogger("largo.server")
 TOKEN_RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -125,6 +134,7 @@ class Generation:
     tokens: int = 0
     prompt_tokens: int = 0
     finish_reason: str = "length"
+    version: int | None = None  # the registered version generating it (set when it starts)
 
     def push(self, kind: str, value: Any) -> None:
         """From the worker thread: hand one event to the event loop (a closed loop: stop generating)."""
@@ -134,8 +144,9 @@ class Generation:
             self.cancel.set()
 
 
-def run_generation(generator: Any, job: Generation) -> None:
+def run_generation(generator: Any, job: Generation, sink: Any = None) -> None:
     """In a worker thread: generate, pushing ("token", piece) events, then ("done", summary) or ("error", e).
+    A finished generation is logged to `sink` (when given) before its "done" event.
 
     Pieces are cut by `text_pieces`, as `TextGenerator.stream` cuts them (never inside a multi-byte
     character), so they join to `TextGenerator.generate`'s text; the end-of-text token is looked for
@@ -167,23 +178,44 @@ def run_generation(generator: Any, job: Generation) -> None:
         for piece in text_pieces(tokens(), generator.tokenizer):
             pieces.append(piece)
             job.push("token", piece)
-        text = "".join(pieces)
-        job.push(
-            "done",
-            {
-                "id": job.id,
-                "text": text,
-                "tokens": job.tokens,
-                "finish_reason": job.finish_reason,
-                "prompt_tokens": job.prompt_tokens,
-                "prompt_truncated": job.prompt_tokens < n,
-                "seed": job.seed,
-            },
-        )
+        summary = {
+            "id": job.id,
+            "text": "".join(pieces),
+            "tokens": job.tokens,
+            "finish_reason": job.finish_reason,
+            "prompt_tokens": job.prompt_tokens,
+            "prompt_truncated": job.prompt_tokens < n,
+            "seed": job.seed,
+            "version": job.version,
+        }
+        job.ended = time.perf_counter()
+        if sink is not None:
+            log_generation(sink, job, summary)
+        job.push("done", summary)
     except Exception as exc:  # noqa: BLE001 - answered as a model error; the server keeps serving
         job.push("error", exc)
     finally:
-        job.ended = time.perf_counter()
+        job.ended = job.ended or time.perf_counter()
+
+
+def log_generation(sink: Any, job: Generation, summary: dict[str, Any]) -> None:
+    """One generation's row for the sink (see the module doc); a sink that fails is logged, not raised."""
+    s = job.settings
+    inputs = {"prompt": s.prompt, "max_new_tokens": s.max_new_tokens, "temperature": s.temperature}
+    inputs |= {"top_k": s.top_k, "top_p": s.top_p, "seed": job.seed, "stop_at_eot": s.stop_at_eot}
+    row = {
+        "id": job.id,
+        "time": time.time(),
+        "inputs": inputs,
+        "outputs": {k: summary[k] for k in ("text", "tokens", "finish_reason", "prompt_tokens")},
+        "latency_ms": round(((job.ended or time.perf_counter()) - job.arrived) * 1000, 3),
+    }
+    if job.version is not None:
+        row["version"] = job.version
+    try:
+        sink.log_predictions([row])
+    except Exception:  # noqa: BLE001 - a full disk must not stop generating
+        log.exception("the sink failed to log generation %s", job.id)
 
 
 def _event(kind: str, data: dict[str, Any]) -> str:
@@ -264,14 +296,17 @@ class GenerateService:
         max_queued: int,
         queue_timeout_s: float,
         name: str | None = None,
+        version: int | None = None,
+        sink: Any = None,
     ):
         if max_new_tokens_limit < 1 or max_concurrent < 1 or max_queued < 0 or queue_timeout_s <= 0:
             raise ValueError(
                 "max_new_tokens_limit and max_concurrent must be >= 1, max_queued >= 0, queue_timeout_s > 0"
             )
-        self.generator = generator
+        self.generator, self.version, self.sink = generator, version, sink
         self.name = name or generator.config.name
         self.parameters = generator.info().get("parameters")
+        self._swap_lock = threading.Lock()
         self.limit, self.max_concurrent, self.max_queued = max_new_tokens_limit, max_concurrent, max_queued
         self.queue_timeout_s = queue_timeout_s
         self.active = self.queued = 0  # touched in the event loop only
@@ -279,6 +314,15 @@ class GenerateService:
         self.pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="largo-generate")
         self.running: dict[str, Generation] = {}
         self.metrics = GenerationMetrics(lambda: self.active, lambda: self.queued)
+
+    def swap(self, generator: Any, version: int | None = None) -> None:
+        """Serve `generator` (already loaded) for every request admitted from now on; generations that
+        are running finish on the model they started with. Safe to call from any thread. Any language
+        model may follow any other: a generation needs nothing of the served model but itself."""
+        parameters = generator.info().get("parameters")
+        with self._swap_lock:
+            self.generator, self.version, self.parameters = generator, version, parameters
+        log.info("now serving %s version %s from %s", self.name, version, generator.path)
 
     async def generate(self, body: GenerateRequest, request: Request) -> Any:
         """Continue a prompt: JSON, or server-sent events as the tokens come (protocol: the module doc)."""
@@ -318,8 +362,10 @@ class GenerateService:
 
     def _start(self, job: Generation) -> None:
         """Run the job in a worker thread; its slot is given back when the thread is done, not before."""
+        with self._swap_lock:  # the model and its version, read together
+            generator, job.version = self.generator, self.version
         try:
-            future = job.loop.run_in_executor(self.pool, run_generation, self.generator, job)
+            future = job.loop.run_in_executor(self.pool, run_generation, generator, job, self.sink)
         except RuntimeError:  # the pool is shut down: the server is stopping
             self._release()
             raise _busy("the server is shutting down") from None
@@ -384,6 +430,7 @@ class GenerateService:
         return {
             "status": "ok",
             "model": self.name,
+            "version": self.version,
             "task": "lm",
             "bundle": str(self.generator.path),
             "context": self.generator.context,
@@ -428,6 +475,8 @@ def create_generate_app(
     max_body_bytes: int = 1 * MiB,
     api_key: str | None = None,
     name: str | None = None,
+    version: int | None = None,
+    sink: Any = None,
 ) -> FastAPI:
     """A FastAPI app serving one language model: POST /generate, GET /health, GET /metrics, GET /.
 
@@ -440,6 +489,8 @@ def create_generate_app(
         max_body_bytes: larger request bodies are answered 413.
         api_key: when set, /generate and /metrics need `Authorization: Bearer <key>`.
         name: the served name in /health and the page (default: the config's name).
+        version: the registered version served, in /health, every answer and every logged row.
+        sink: gets `log_predictions(rows)`, a row per generation; default `JsonlSink(<bundle>/serving)`.
     """
     service = GenerateService(
         generator,
@@ -448,6 +499,8 @@ def create_generate_app(
         max_queued=max_queued,
         queue_timeout_s=queue_timeout_s,
         name=name,
+        version=version,
+        sink=sink if sink is not None else JsonlSink(Path(generator.path) / "serving"),
     )
 
     @asynccontextmanager

@@ -11,8 +11,10 @@ the old one stays. `NAME@3` names one version and is never swapped.
 
 Torch-free: with `--runtime onnx` a serving image without torch serves registered models too.
 
-A registered language model (`task: lm`) is served with POST /generate (`generate_service`), checked
-the same way, but it neither follows its alias nor logs its generations to the store yet.
+A registered language model (`task: lm`) is served with POST /generate (`generate_service`) the same
+way: hash-checked, each generation logged to the store's predictions (prompt and sampling settings in,
+text out), and swapped when its alias moves (`GenerateService.swap`: generations already running finish
+on the old model).
 """
 
 from __future__ import annotations
@@ -145,34 +147,26 @@ def registered_app(
     """
     registry = Registry(Store(db or default_url()))
     version = _lookup(registry, ref)
-    if is_lm_bundle(version.path):
-        return _language_model_app(version, runtime, device, app_options), None
     sink = StoreSink(registry.store, version.name, version.version)
-    predictor = load_predictor(version.path, runtime, device=device)
-    app = create_app(predictor, sink=sink, name=version.name, version=version.version, **app_options)
+    tag = {"sink": sink, "name": version.name, "version": version.version}
+    if is_lm_bundle(version.path):  # POST /generate
+        from largo.deploy.generate_service import create_generate_app, generate_app_options, load_generator
+
+        def load(path: Path) -> Any:
+            return load_generator(path, runtime, device)
+
+        app = create_generate_app(load(version.path), **tag, **generate_app_options(app_options))
+    else:
+
+        def load(path: Path) -> Any:
+            return load_predictor(path, runtime, device=device)
+
+        app = create_app(load(version.path), **tag, **app_options)
     alias = _watched_alias(ref)
     if alias is None or poll_s <= 0:
         return app, None
-    watcher = AliasWatcher(
-        registry,
-        version.name,
-        alias,
-        version.version,
-        app.state.service.swap,
-        lambda path: load_predictor(path, runtime, device=device),
-        poll_s,
-    )
-    return app, watcher
-
-
-def _language_model_app(version: Version, runtime: str, device: str, app_options: dict[str, Any]) -> FastAPI:
-    """A registered language model's app: POST /generate (see `generate_service`). It does not follow
-    its alias and does not log generations to the store: a newly promoted version needs a restart."""
-    from largo.deploy.generate_service import create_generate_app, generate_app_options, load_generator
-
-    generator = load_generator(version.path, runtime, device)
-    log.info("serving language model %s; it is not swapped when its alias moves", version.ref)
-    return create_generate_app(generator, name=version.name, **generate_app_options(app_options))
+    swap = app.state.service.swap
+    return app, AliasWatcher(registry, version.name, alias, version.version, swap, load, poll_s)
 
 
 def serve_registered(
@@ -195,13 +189,12 @@ def serve_registered(
     app, watcher = registered_app(ref, db=db, runtime=runtime, poll_s=poll_s, device=device, **app_options)
     service = app.state.service
     following = f", following {service.name}@{watcher.alias} every {poll_s:g} s" if watcher else ""
-    if hasattr(service, "generator"):  # a language model
-        print(f"largo: serving {ref} ({service.generator.path}, POST /generate) on http://{host}:{port}")
-    else:
-        print(
-            f"largo: serving {service.name}@{service.version} ({service.predictor.path}) on "
-            f"http://{host}:{port}, logging to {service.sink.store!r}{following}"
-        )
+    lm = hasattr(service, "generator")
+    bundle, route = (service.generator.path, ", POST /generate") if lm else (service.predictor.path, "")
+    print(
+        f"largo: serving {service.name}@{service.version} ({bundle}{route}) on "
+        f"http://{host}:{port}, logging to {service.sink.store!r}{following}"
+    )
     if watcher:
         watcher.start()
     try:
