@@ -161,11 +161,13 @@ def test_inference_finds_text_columns_and_picks_tokenizer_and_encoder_by_languag
     )
     inputs = {f["name"]: f for f in infer_features(table, ["label"]).inputs}
     assert set(inputs) == {"zh", "en"}
-    assert inputs["zh"]["tokenizer"]["kind"] == "jieba" and inputs["en"]["tokenizer"]["kind"] == "wordpiece"
+    assert inputs["zh"]["tokenizer"]["kind"] == "char" and inputs["en"]["tokenizer"]["kind"] == "wordpiece"
     assert inputs["zh"]["encoder"]["kind"] == "bag" and inputs["en"]["encoder"]["kind"] == "bag"
-    for f in inputs.values():  # bigrams seen twice in train, learning at a fifth of the words' rate
-        bag = TextFeatureConfig(**f).encoder
-        assert (bag.ngrams, bag.ngram_min_count, bag.ngram_scale) == (2, 2, 0.2)
+    en = TextFeatureConfig(**inputs["en"]).encoder  # word bigrams seen twice, at a fifth of the words' rate
+    assert (en.ngrams, en.ngram_min_count, en.ngram_scale, en.pooling) == (2, 2, 0.2, "mean_max")
+    zh = TextFeatureConfig(**inputs["zh"]).encoder  # character 1-3-grams seen twice, few collisions
+    assert (zh.ngrams, zh.ngram_min_count, zh.ngram_scale, zh.pooling) == (3, 2, 1.0, "mean")
+    assert zh.ngram_buckets >= 1_000_000 > en.ngram_buckets
     assert 16 <= inputs["zh"]["tokenizer"]["max_length"] <= 64  # covers ~18 characters with room
     big = default_text_feature("en", text_profile(table.column("en")), LARGE_TEXT_ROWS)
     assert big["encoder"]["kind"] == "transformer"

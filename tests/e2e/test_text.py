@@ -65,12 +65,13 @@ def cli_run(news_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_cli_detects_the_text_column_and_picks_chinese_defaults(cli_run: Path) -> None:
     config = (cli_run / "config.yaml").read_text(encoding="utf-8")
-    assert "type: text" in config and "kind: jieba" in config and "kind: bag" in config
+    assert "type: text" in config and "kind: char" in config and "kind: bag" in config
+    assert "ngrams: 3" in config and "pooling: mean\n" in config and "hidden: []" in config
     assert (cli_run / "tokenizer-text.json").exists()
     metrics = json.loads((cli_run / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["test"]["label"]["accuracy"] > 0.8  # 4 classes: chance is 0.25
     info = json.loads(runner.invoke(app, ["info", str(cli_run)]).stdout)["inputs"][0]
-    assert info["tokenizer"] == "jieba" and info["encoder"] == "bag" and info["vocab_size"] > 50
+    assert info["tokenizer"] == "char" and info["encoder"] == "bag" and info["vocab_size"] > 50
     assert info["train_texts"]["texts"] == 1280 and info["train_texts"]["empty"] == 0
 
 

@@ -131,8 +131,8 @@ class BagTextEncoder(nn.Module):
             kept = torch.as_tensor(list(ngram_kept), dtype=torch.long)
             if kept.numel() and (kept.min() < 0 or kept.max() >= config.ngram_buckets):
                 raise ValueError(f"bag encoder: ngram_kept holds buckets outside [0, {config.ngram_buckets})")
-            row = torch.zeros(config.ngram_buckets, dtype=torch.long)
-            row[kept] = torch.arange(1, kept.numel() + 1)
+            row = torch.zeros(config.ngram_buckets, dtype=torch.int32)  # 4 bytes a bucket: millions are fine
+            row[kept] = torch.arange(1, kept.numel() + 1, dtype=torch.int32)
             self.ngram_embed = token_embedding(kept.numel() + 1, config.dim)  # row 0 is never pooled
         elif config.ngrams > 1:
             self.ngram_embed = token_embedding(config.ngram_buckets, config.dim)
@@ -151,7 +151,7 @@ class BagTextEncoder(nn.Module):
             h = hash_ngrams(ids, n, self.buckets)  # [b, t - n + 1]
             inside = mask[:, n - 1 :]  # right padding: a window is inside the text iff its last token is
             if self.ngram_row is not None:
-                h = self.ngram_row[h]
+                h = self.ngram_row[h].long()
                 inside = inside & (h > 0)
             parts.append(self.ngram_embed(h) * self.ngram_scale)
             masks.append(inside)
