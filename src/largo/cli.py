@@ -530,6 +530,22 @@ def feedback_import(
     typer.echo(f"imported {r.corrections} corrections and {r.new_rows} new labelled rows for {name}")
 
 
+@feedback_app.command("export")
+@_friendly
+def feedback_export(
+    name: Annotated[str, typer.Argument(help="A registered language model.")],
+    out: Annotated[str, typer.Argument(help='The JSONL file to write (one {"text": ...} per line).')],
+    db: DbOption = None,
+) -> None:
+    """Write a language model's feedback as a corpus to fine-tune on: corrections and texts rated good."""
+    r = _lifecycle().feedback_export(name, out, db)
+    typer.echo(
+        f"wrote {r.corrections + r.rated_good} texts to {r.path} ({r.corrections} corrections, "
+        f"{r.rated_good} rated good; {r.rated_bad} only rated bad, left out). Fine-tune on them: "
+        f"largo pretrain {r.path} --config lm.yaml with train.init_from: the served bundle"
+    )
+
+
 @app.command()
 @_friendly
 def update(

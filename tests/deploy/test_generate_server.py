@@ -12,14 +12,17 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
 import largo
+from largo.cli import app as cli
 from largo.deploy.generate_service import create_generate_app
 from largo.deploy.generator import TextGenerator
 from largo.deploy.server import free_port, serve_in_thread, wait_until_serving
@@ -323,6 +326,28 @@ def test_a_client_that_leaves_stops_its_generation(gated: Gated) -> None:
         until(lambda: metric(url, "largo_generations_total", finish_reason="cancelled") == 2)
 
 
+def test_feedback_rates_or_corrects_a_generation(live: str, generator: TextGenerator) -> None:
+    gen = httpx.post(f"{live}/generate", json={"prompt": "A bird", "max_new_tokens": 8, "seed": 3}).json()
+    r = httpx.post(f"{live}/feedback", json={"prediction_id": gen["id"], "completion": " in the hand"})
+    assert r.status_code == 200 and r.json()["predicted"] == gen["text"]
+    assert r.json()["label"] == {"rating": None, "completion": " in the hand"}
+    rated = httpx.post(f"{live}/feedback", json={"prediction_id": gen["id"], "rating": "good"})
+    assert rated.status_code == 200
+    stored = [json.loads(line) for line in (generator.path / "serving" / "feedback.jsonl").open()]
+    mine = [x["label"] for x in stored if x["prediction_id"] == gen["id"]]
+    assert mine == [{"rating": None, "completion": " in the hand"}, {"rating": "good", "completion": None}]
+    unknown = httpx.post(f"{live}/feedback", json={"prediction_id": str(uuid.uuid4()), "rating": "bad"})
+    assert unknown.status_code == 404 and "unknown generation id" in unknown.json()["detail"]
+    for bad, word in [
+        ({"prediction_id": gen["id"]}, "rating"),  # neither a rating nor a completion
+        ({"prediction_id": gen["id"], "rating": "great"}, "rating"),
+        ({"prediction_id": "nope", "rating": "good"}, "prediction_id"),
+        ({"prediction_id": gen["id"], "rating": "good", "label": "x"}, "label"),
+    ]:
+        r = httpx.post(f"{live}/feedback", json=bad)
+        assert r.status_code == 422 and word in r.text, (bad, r.text)
+
+
 def test_metrics_count_requests_and_generated_tokens(live: str) -> None:
     before = {
         "requests": metric(live, "largo_requests_total", endpoint="/generate", code="200"),
@@ -427,6 +452,24 @@ def test_a_registered_language_model_is_served_by_name(
     assert stored[answers[1]["id"]]["input"]["prompt"] == "The quick"
     assert stored[answers[1]["id"]]["output"]["text"] == expected
     assert not (second / "serving").exists()  # the store, not the bundle's JSONL, got them
+    # feedback on both generations, then the fine-tuning corpus it makes
+    with serve_in_thread(registered_app("tinylm", db=db, poll_s=0)[0]) as url:
+        bad = httpx.post(f"{url}/generate", json={**body, "seed": 6}).json()
+        for pid, fb in [
+            (answers[0]["id"], {"rating": "bad"}),
+            (answers[0]["id"], {"rating": "bad", "completion": " brown fox"}),  # the latest counts
+            (answers[1]["id"], {"rating": "good"}),  # fed back to the server that did not generate it
+            (bad["id"], {"rating": "bad"}),
+        ]:
+            assert httpx.post(f"{url}/feedback", json={"prediction_id": pid, **fb}).status_code == 200
+    out = tmp_path / "feedback.jsonl"
+    result = CliRunner().invoke(cli, ["feedback", "export", "tinylm", str(out), "--db", db])
+    assert result.exit_code == 0 and "wrote 2 texts" in result.output, result.output
+    assert "1 corrections, 1 rated good; 1 only rated bad" in result.output
+    lines = {x["kind"]: x for x in map(json.loads, out.read_text(encoding="utf-8").splitlines())}
+    assert set(lines) == {"correction", "rated good"}
+    assert lines["correction"]["text"] == "The quick brown fox" and lines["correction"]["version"] == 1
+    assert lines["rated good"]["text"] == "The quick" + expected and lines["rated good"]["version"] == 2
     adapter_only = tmp_path / "adapter-only"
     shutil.copytree(lm_bundle, adapter_only)
     (adapter_only / "adapter.json").write_text("{}", encoding="utf-8")

@@ -28,6 +28,12 @@ thread before the `done` event is sent (default sink: `JsonlSink(<bundle>/servin
 writes to the store). `GenerateService.swap(generator, version)` serves another language model from
 the next admitted request on; generations already running finish on the model they started with.
 
+Feedback: POST /feedback `{"prediction_id": "<a generation's id>", "rating": "good" | "bad",
+"completion": "what the model should have written after the prompt"}` (either or both) goes to the
+sink's `log_feedback` as `{prediction_id, output: "text", label: {rating, completion}, predicted: the
+generated text, time}`; an id this server did not generate (nor, with a store, this model) is 404.
+`largo feedback export NAME` turns a registered model's feedback into a corpus to fine-tune on.
+
 Limits, as on /predict: a body over `max_body_bytes` is 413, a missing or wrong API key 401, a bad field
 422 naming it (a `max_new_tokens` over the server's `max_new_tokens_limit` too). At most
 `max_concurrent` generations run, each in a worker thread (torch releases the GIL, so the event loop
@@ -51,23 +57,23 @@ import secrets
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from largo.deploy.metrics import LATENCY_BUCKETS, Histogram, ServerMetrics
 from largo.deploy.middleware import BodyLimit, NumpyJSONResponse, RequestMetrics
 from largo.deploy.page import render_lm_page
 from largo.deploy.schema import InputError
-from largo.deploy.server import MiB, ModelError, add_error_handlers, key_check
+from largo.deploy.server import RECENT_IDS, MiB, ModelError, add_error_handlers, key_check
 from largo.deploy.sink import JsonlSink
 
 log = logging.getLogger("largo.server")
@@ -90,6 +96,24 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63, description="Sampling seed; null: a new one, answered.")
     stop_at_eot: bool = Field(True, description="Stop at the end-of-text token.")
     stream: bool | None = Field(None, description="Server-sent events; default: when Accept asks for them.")
+
+
+class GenerationFeedback(BaseModel):
+    """The body of POST /feedback on an LM server: a rating of a generation, a better completion, or both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prediction_id: uuid.UUID = Field(..., description="The `id` of a generation from POST /generate.")
+    rating: Literal["good", "bad"] | None = Field(None, description="Was the generated text good?")
+    completion: str | None = Field(
+        None, min_length=1, description="The text the model should have written after the prompt."
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> GenerationFeedback:
+        if self.rating is None and self.completion is None:
+            raise ValueError("give a rating ('good' or 'bad'), a completion, or both")
+        return self
 
 
 def generate_app_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -135,6 +159,7 @@ class Generation:
     prompt_tokens: int = 0
     finish_reason: str = "length"
     version: int | None = None  # the registered version generating it (set when it starts)
+    on_done: Callable[[Generation, dict[str, Any]], None] | None = None  # in the worker, before "done"
 
     def push(self, kind: str, value: Any) -> None:
         """From the worker thread: hand one event to the event loop (a closed loop: stop generating)."""
@@ -144,9 +169,9 @@ class Generation:
             self.cancel.set()
 
 
-def run_generation(generator: Any, job: Generation, sink: Any = None) -> None:
+def run_generation(generator: Any, job: Generation) -> None:
     """In a worker thread: generate, pushing ("token", piece) events, then ("done", summary) or ("error", e).
-    A finished generation is logged to `sink` (when given) before its "done" event.
+    A finished generation is handed to `job.on_done` (the service logs and remembers it) before "done".
 
     Pieces are cut by `text_pieces`, as `TextGenerator.stream` cuts them (never inside a multi-byte
     character), so they join to `TextGenerator.generate`'s text; the end-of-text token is looked for
@@ -189,8 +214,8 @@ def run_generation(generator: Any, job: Generation, sink: Any = None) -> None:
             "version": job.version,
         }
         job.ended = time.perf_counter()
-        if sink is not None:
-            log_generation(sink, job, summary)
+        if job.on_done is not None:
+            job.on_done(job, summary)
         job.push("done", summary)
     except Exception as exc:  # noqa: BLE001 - answered as a model error; the server keeps serving
         job.push("error", exc)
@@ -307,6 +332,8 @@ class GenerateService:
         self.name = name or generator.config.name
         self.parameters = generator.info().get("parameters")
         self._swap_lock = threading.Lock()
+        self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # generation id → its outputs
+        self._recent_lock = threading.Lock()  # written by the workers, read by /feedback
         self.limit, self.max_concurrent, self.max_queued = max_new_tokens_limit, max_concurrent, max_queued
         self.queue_timeout_s = queue_timeout_s
         self.active = self.queued = 0  # touched in the event loop only
@@ -364,13 +391,43 @@ class GenerateService:
         """Run the job in a worker thread; its slot is given back when the thread is done, not before."""
         with self._swap_lock:  # the model and its version, read together
             generator, job.version = self.generator, self.version
+        job.on_done = self._done
         try:
-            future = job.loop.run_in_executor(self.pool, run_generation, generator, job, self.sink)
+            future = job.loop.run_in_executor(self.pool, run_generation, generator, job)
         except RuntimeError:  # the pool is shut down: the server is stopping
             self._release()
             raise _busy("the server is shutting down") from None
         self.running[job.id] = job
         future.add_done_callback(lambda f: self._finished(job, f))
+
+    def _done(self, job: Generation, summary: dict[str, Any]) -> None:
+        """In the worker, before the "done" event: log the generation and remember it for /feedback."""
+        log_generation(self.sink, job, summary)
+        with self._recent_lock:
+            self.recent[job.id] = {"text": summary["text"]}
+            while len(self.recent) > RECENT_IDS:
+                self.recent.popitem(last=False)
+
+    async def feedback(self, body: GenerationFeedback) -> dict[str, Any]:
+        """Store a rating and/or a better completion for a generation (through the sink)."""
+        pid = str(body.prediction_id)
+        with self._recent_lock:
+            served = self.recent.get(pid)
+        find = getattr(self.sink, "find_prediction", None)  # a store-backed sink remembers older ones
+        if served is None and find is not None:
+            served = await asyncio.to_thread(find, pid)
+        if served is None:
+            where = "by this model" if find is not None else "by this server recently"
+            raise HTTPException(404, f"unknown generation id {pid} (not generated {where})")
+        row = {
+            "prediction_id": pid,
+            "output": "text",
+            "label": {"rating": body.rating, "completion": body.completion},
+            "predicted": served.get("text"),
+            "time": time.time(),
+        }
+        await asyncio.to_thread(self.sink.log_feedback, row)
+        return {"status": "stored", **row}
 
     def _finished(self, job: Generation, future: Future) -> None:
         self.running.pop(job.id, None)
@@ -447,7 +504,7 @@ class GenerateService:
         return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def not_here(self, request: Request) -> None:
-        """/predict and /feedback belong to classifier bundles: say where to go instead."""
+        """/predict belongs to classifier bundles: say where to go instead."""
         raise HTTPException(
             404,
             f"{request.url.path} is not served here: this server serves a language model (task lm); "
@@ -487,7 +544,7 @@ def create_generate_app(
         max_queued: most requests waiting for a running slot; more are answered 503 with Retry-After.
         queue_timeout_s: longest a request waits for a slot before it is answered 503.
         max_body_bytes: larger request bodies are answered 413.
-        api_key: when set, /generate and /metrics need `Authorization: Bearer <key>`.
+        api_key: when set, /generate, /feedback and /metrics need `Authorization: Bearer <key>`.
         name: the served name in /health and the page (default: the config's name).
         version: the registered version served, in /health, every answer and every logged row.
         sink: gets `log_predictions(rows)`, a row per generation; default `JsonlSink(<bundle>/serving)`.
@@ -516,17 +573,17 @@ def create_generate_app(
         default_response_class=NumpyJSONResponse,
     )
     app.state.service = service
-    endpoints = {"/", "/generate", "/health", "/metrics", "/openapi.json", "/predict", "/feedback"}
+    endpoints = {"/", "/generate", "/feedback", "/health", "/metrics", "/openapi.json", "/predict"}
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=service.metrics, endpoints=endpoints)
     add_error_handlers(app)
     key = [key_check(api_key)]
     sse = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events"}}
     app.post("/generate", dependencies=key, summary="Continue a prompt", responses=sse)(service.generate)
+    app.post("/feedback", dependencies=key, summary="Rate a generation or correct it")(service.feedback)
     app.get("/health", summary="Liveness and generations")(service.health)
     app.get("/metrics", dependencies=key, response_class=PlainTextResponse)(service.prometheus)
-    for path in ("/predict", "/feedback"):
-        app.api_route(path, methods=["GET", "POST"], include_in_schema=False)(service.not_here)
+    app.api_route("/predict", methods=["GET", "POST"], include_in_schema=False)(service.not_here)
     page = render_lm_page(service.name, generator.context, max_new_tokens_limit, auth=api_key is not None)
     app.get("/", response_class=HTMLResponse, include_in_schema=False)(lambda: HTMLResponse(page))
     return app

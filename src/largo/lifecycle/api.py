@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from largo.lifecycle.feedback import ImportResult, import_feedback
+from largo.lifecycle.feedback import ExportResult, ImportResult, export_lm_feedback, import_feedback
 from largo.lifecycle.registry import Registry, Version
 from largo.lifecycle.store import Store, default_url
 
@@ -94,6 +94,11 @@ def resolve(ref: str, db: str | None = None) -> Path:
 def feedback_import(ref: str, path: str | Path, db: str | None = None) -> ImportResult:
     """Import corrections (prediction_id,label) or new labelled rows (inputs + label) for a model."""
     return import_feedback(open_registry(db), ref, path)
+
+
+def feedback_export(name: str, path: str | Path, db: str | None = None) -> ExportResult:
+    """Write a language model's feedback (corrections, generations rated good) as a JSONL corpus."""
+    return export_lm_feedback(open_registry(db), name, path)
 
 
 def update(

@@ -1,4 +1,5 @@
-"""`largo feedback import`: corrections from a file into the store, all rows or none.
+"""`largo feedback import`: corrections from a file into the store, all rows or none; `largo feedback
+export`: a language model's feedback out of the store, as a corpus to fine-tune on.
 
 The file (csv, tsv, jsonl or parquet; encodings as `largo train` reads them) has a `label` column
 (or the output's own column, e.g. `progression`) and, per row, either
@@ -10,10 +11,20 @@ The file (csv, tsv, jsonl or parquet; encodings as `largo train` reads them) has
 An optional `output` column names the output a row is about (default: the first category output).
 Labels are checked against the model's classes; any bad row stops the import before anything is
 written, with its line number. Importing the same file twice stores its rows twice.
+
+Export (language models only; a classifier's feedback trains through `largo update`): the feedback
+that POST /feedback stored on generations (`{rating, completion}`), joined with the logged generation
+(its prompt and text), becomes one JSONL line per generation, `{"text": prompt + completion, "prompt",
+"completion", "kind", "prediction_id", "version"}`: a correction's completion (kind "correction"), or
+the generated text of one rated good (kind "rated good"); a generation only rated bad is counted and
+left out. When a generation got feedback more than once, the latest counts. The file is what `largo
+pretrain FILE --config lm.yaml` reads (its `text` field), with `train.init_from` the served bundle.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +32,7 @@ from typing import Any
 
 from largo.data.features import CategoryProcessor
 from largo.data.readers import DataError, read_table
-from largo.deploy.metadata import BundleInfo, read_bundle_info
+from largo.deploy.metadata import BundleInfo, is_lm_bundle, read_bundle_info
 from largo.lifecycle.registry import Registry, Version
 
 SHOWN = 5  # bad rows named in one error
@@ -138,3 +149,48 @@ def import_feedback(registry: Registry, ref: str, path: str | Path) -> ImportRes
     registry.store.add_feedback(rows)
     corrections = sum(r["prediction_id"] is not None for r in rows)
     return ImportResult(corrections, len(rows) - corrections, version.version)
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote: texts from corrections and from good ratings, and what it left out."""
+
+    corrections: int
+    rated_good: int
+    rated_bad: int  # only rated bad: no text to learn from
+    path: Path
+
+
+def export_lm_feedback(registry: Registry, name: str, path: str | Path) -> ExportResult:
+    """Write a registered language model's feedback as a JSONL fine-tuning corpus (see the module doc)."""
+    versions = registry.versions(name)  # an unknown name raises, naming the registered ones
+    if not is_lm_bundle(versions[-1].path):
+        raise ValueError(
+            f"{name!r} is not a language model: its feedback trains through `largo update {name}`"
+        )
+    latest: dict[str, dict[str, Any]] = {}  # generation id → its latest feedback (rows come oldest first)
+    for row in registry.store.feedback_rows(name):
+        if row["prediction_id"] and row["output"] == "text" and isinstance(row["label"], dict):
+            latest[row["prediction_id"]] = row
+    logged = registry.store.predictions_by_id(list(latest))
+    lines, counts = [], {"correction": 0, "rated good": 0, "rated bad": 0}
+    for pid, row in latest.items():
+        generation = logged.get(pid)
+        if generation is None:  # feedback always names a logged generation; a pruned store may not
+            continue
+        prompt = (generation["input"] or {}).get("prompt", "")
+        completion, rating = row["label"].get("completion"), row["label"].get("rating")
+        kind = "correction" if completion else "rated good" if rating == "good" else "rated bad"
+        counts[kind] += 1
+        if kind == "rated bad":
+            continue
+        if kind == "rated good":
+            completion = (generation["output"] or {}).get("text", "")
+        text = {"text": prompt + completion, "prompt": prompt, "completion": completion, "kind": kind}
+        lines.append({**text, "prediction_id": pid, "version": generation["version"]})
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
+    os.replace(tmp, out)  # whole or not at all
+    return ExportResult(counts["correction"], counts["rated good"], counts["rated bad"], out)
