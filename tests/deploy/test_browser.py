@@ -89,3 +89,46 @@ def test_the_page_shows_a_clear_error(news_bundle: Path, tmp_path: Path) -> None
         dom = dump_dom(f"{url}/?text=hello&submit=1", tmp_path / "profile")
     assert 'data-state="error"' in dom
     assert element(dom, "error").startswith("401 missing or wrong API key")
+
+
+@pytest.fixture(scope="module")
+def lm_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT pretrained for 30 steps on one repeated sentence."""
+    root = tmp_path_factory.mktemp("lm")
+    (root / "corpus.txt").write_text("\n".join(f"The quick brown fox {i % 7}" for i in range(1500)))
+    return largo.pretrain(
+        {
+            "name": "lm",
+            "runs_dir": str(root / "runs"),
+            "data": {"paths": [str(root / "corpus.txt")], "valid": 0.1},
+            "tokenizer": {"vocab_size": 300},
+            "model": {"dim": 32, "layers": 1, "heads": 2, "context": 64},
+            "train": {
+                "steps": 30,
+                "micro_batch": 8,
+                "eval_every": 30,
+                "progress": False,
+                "precision": "fp32",
+            },
+        }
+    ).path
+
+
+def test_the_lm_page_streams_a_generation_and_sends_a_correction(lm_bundle: Path, tmp_path: Path) -> None:
+    from largo.deploy.generate_service import create_generate_app
+    from largo.deploy.generator import TextGenerator
+
+    with serve_in_thread(create_generate_app(TextGenerator.load(lm_bundle))) as url:
+        query = urlencode(
+            {"prompt": "The quick", "max_new_tokens": 12, "submit": 1, "completion": " brown fox"}
+        )
+        dom = dump_dom(f"{url}/?{query}", tmp_path / "profile")
+    assert element(dom, "error") == ""
+    assert 'data-state="done"' in dom and element(dom, "saved") == "Saved: correction"
+    generated = json.loads((lm_bundle / "serving" / "predictions.jsonl").read_text().splitlines()[-1])
+    assert generated["inputs"]["prompt"] == "The quick" and generated["outputs"]["tokens"] > 0
+    assert re.search(r'id="out"[^>]*><b>The quick</b>', dom)  # the prompt, then the streamed text
+    assert html.escape(generated["outputs"]["text"], quote=False) in dom
+    fb = json.loads((lm_bundle / "serving" / "feedback.jsonl").read_text().splitlines()[-1])
+    assert fb["prediction_id"] == generated["id"] and fb["label"]["completion"] == " brown fox"
+    assert fb["predicted"] == generated["outputs"]["text"]

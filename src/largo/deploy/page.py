@@ -160,6 +160,7 @@ _LM_PAGE = """<!doctype html>
  #out{margin-top:1.4rem;padding:1rem;border:1px solid #ddd;border-radius:6px;white-space:pre-wrap;
   min-height:3rem}
  #out b{font-weight:400;color:#777} small{color:#777}
+ #rate button{margin-right:.5rem} #saved{color:#176c2e;margin-left:.5rem}
 </style></head><body>
 <h1>__TITLE__</h1>
 <form id="form"><label for="prompt">Prompt</label><textarea id="prompt"></textarea>
@@ -170,6 +171,10 @@ _LM_PAGE = """<!doctype html>
 <input id="apikey" type="password" autocomplete="off"></div>
 <button type="submit" id="send">Generate</button></form>
 <div id="error" role="alert"></div><div id="out" data-state="empty"></div><small id="stats"></small>
+<form id="rate" hidden><label for="completion">Was it good? Or write what it should have said:</label>
+<textarea id="completion" placeholder="a better continuation of the prompt (optional)"></textarea>
+<button type="button" id="good">Good</button><button type="button" id="bad">Bad</button>
+<button type="submit" id="correct">Send correction</button><span id="saved"></span></form>
 <script id="spec" type="application/json">__SPEC__</script>
 <script>
 "use strict";
@@ -177,14 +182,28 @@ const spec = JSON.parse(document.getElementById("spec").textContent);
 const $ = id => document.getElementById(id), out = $("out"), errorBox = $("error");
 $("max").max = spec.limit;
 if (spec.auth) { $("keybox").hidden = false; $("apikey").value = sessionStorage.getItem("largo-key") || ""; }
+let lastId = null;
+function headers(extra) { const h = {"Content-Type": "application/json", ...extra};
+  if (spec.auth && $("apikey").value) { h.Authorization = "Bearer " + $("apikey").value;
+    sessionStorage.setItem("largo-key", $("apikey").value); }
+  return h; }
+async function feedback(fb) {
+  errorBox.textContent = ""; $("saved").textContent = "";
+  try {
+    const r = await fetch("feedback", {method: "POST", headers: headers({}),
+      body: JSON.stringify({prediction_id: lastId, ...fb})});
+    const data = await r.json().catch(() => ({detail: r.statusText}));
+    if (!r.ok) throw new Error(message(r, data));
+    $("saved").textContent = "Saved: " + (fb.completion !== undefined ? "correction" : fb.rating);
+  } catch (e) { errorBox.textContent = e.message; }
+}
 function message(r, data) { let d = data.detail;
   if (Array.isArray(d)) d = d.map(e => (e.loc || []).join(".") + ": " + e.msg).join("\\n");
   return r.status + " " + (typeof d === "string" ? d : JSON.stringify(d)); }
 async function generate(ev) {
   ev.preventDefault(); errorBox.textContent = ""; $("stats").textContent = "";
-  const h = {"Content-Type": "application/json", Accept: "text/event-stream"};
-  if (spec.auth && $("apikey").value) { h.Authorization = "Bearer " + $("apikey").value;
-    sessionStorage.setItem("largo-key", $("apikey").value); }
+  const h = headers({Accept: "text/event-stream"});
+  $("rate").hidden = true; $("saved").textContent = ""; lastId = null;
   const body = {prompt: $("prompt").value, max_new_tokens: Number($("max").value),
     temperature: Number($("temp").value), stream: true};
   out.replaceChildren(Object.assign(document.createElement("b"), {textContent: body.prompt}));
@@ -205,7 +224,7 @@ async function generate(ev) {
         if (!line) continue;
         const data = JSON.parse(line);
         if (kind === "token") { out.append(data.text); out.dataset.state = "streaming"; }
-        else if (kind === "done") { out.dataset.state = "done";
+        else if (kind === "done") { out.dataset.state = "done"; lastId = data.id; $("rate").hidden = false;
           const cut = data.prompt_truncated ? " (the prompt kept its last " + data.prompt_tokens + ")" : "";
           $("stats").textContent = data.tokens + " tokens, " + data.finish_reason
             + ", seed " + data.seed + cut; }
@@ -216,6 +235,18 @@ async function generate(ev) {
   finally { $("send").disabled = false; }
 }
 $("form").addEventListener("submit", generate);
+$("good").addEventListener("click", () => feedback({rating: "good"}));
+$("bad").addEventListener("click", () => feedback({rating: "bad"}));
+$("rate").addEventListener("submit", ev => { ev.preventDefault();
+  if ($("completion").value) feedback({completion: $("completion").value}); });
+// ?prompt=...&submit=1 generates at once; &rating=good|bad or &completion=... then sends that feedback
+const query = new URLSearchParams(location.search);
+if (query.has("prompt")) $("prompt").value = query.get("prompt");
+if (query.has("max_new_tokens")) $("max").value = query.get("max_new_tokens");
+if (query.has("submit")) generate(new Event("submit")).then(() => {
+  if (!lastId) return;
+  if (query.has("completion")) return feedback({completion: query.get("completion")});
+  if (query.has("rating")) return feedback({rating: query.get("rating")}); });
 </script></body></html>
 """
 
