@@ -48,7 +48,7 @@ from largo.deploy.bundle import (
     write_bundle,
     write_run_start,
 )
-from largo.deploy.metadata import BundleInfo
+from largo.deploy.metadata import BundleInfo, is_lm_bundle
 from largo.evaluate.scoring import headline, score_outputs
 from largo.lifecycle.registry import Registry, Version, data_lineage
 from largo.models.build import build_model
@@ -432,6 +432,13 @@ def update(registry: Registry, ref: str, upd: UpdateConfig) -> UpdateResult:
     """
     # 1. the parent, its unchanged bundle and data
     parent = registry.lookup(ref)
+    if is_lm_bundle(parent.path):
+        raise UpdateError(
+            f"{parent.ref} is a language model, and largo update retrains classifiers and regressors; "
+            f"write its feedback as a corpus with `largo feedback export {parent.name} feedback.jsonl`, "
+            "fine-tune on it with `largo pretrain feedback.jsonl --config lm.yaml` (train.init_from: "
+            "the served bundle), then `largo registry add` the result"
+        )
     registry.verify(parent)
     check_data(parent)
     info = read_bundle_info(parent.path)
