@@ -539,11 +539,15 @@ def feedback_export(
 ) -> None:
     """Write a language model's feedback as a corpus to fine-tune on: corrections and texts rated good."""
     r = _lifecycle().feedback_export(name, out, db)
+    written = r.corrections + r.rated_good
     typer.echo(
-        f"wrote {r.corrections + r.rated_good} texts to {r.path} ({r.corrections} corrections, "
-        f"{r.rated_good} rated good; {r.rated_bad} only rated bad, left out). Fine-tune on them: "
-        f"largo pretrain {r.path} --config lm.yaml with train.init_from: the served bundle"
+        f"wrote {written} texts to {r.path} ({r.corrections} corrections, "
+        f"{r.rated_good} rated good; {r.rated_bad} only rated bad, left out)"
     )
+    if written:
+        typer.echo(
+            f"fine-tune on them: largo pretrain {r.path} --config lm.yaml with train.init_from: the bundle"
+        )
 
 
 @app.command()

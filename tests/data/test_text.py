@@ -169,6 +169,16 @@ def test_inference_finds_text_columns_and_picks_tokenizer_and_encoder_by_languag
     assert (zh.ngrams, zh.ngram_min_count, zh.ngram_scale, zh.pooling) == (3, 2, 1.0, "mean")
     assert zh.ngram_buckets >= 1_000_000 > en.ngram_buckets
     assert 16 <= inputs["zh"]["tokenizer"]["max_length"] <= 64  # covers ~18 characters with room
+    # a lone Chinese bag is read out linearly; beside other inputs it keeps the hidden layer
+    from largo.data.infer import default_config
+
+    lone = default_config("x.csv", infer_features(table.select(["zh", "label"]), ["label"]), "x")
+    priced = table.select(["zh", "label"]).append_column("price", pa.array([i * 0.5 for i in range(n)]))
+    mixed = default_config("x.csv", infer_features(priced, ["label"]), "x")
+    english = default_config("x.csv", infer_features(table.select(["en", "label"]), ["label"]), "x")
+    assert [f["type"] for f in mixed["inputs"]] == ["text", "number"]
+    assert lone["model"]["hidden"] == [] and mixed["model"]["hidden"] == [128]
+    assert english["model"]["hidden"] == [128]
     big = default_text_feature("en", text_profile(table.column("en")), LARGE_TEXT_ROWS)
     assert big["encoder"]["kind"] == "transformer"
     big_zh = default_text_feature("zh", text_profile(table.column("zh")), LARGE_TEXT_ROWS)

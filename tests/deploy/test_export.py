@@ -29,6 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
 ENCODERS = {
     "bag": {"kind": "bag", "dim": 16},
+    # the Chinese default's shape: kept 2-3-gram buckets through an int32 map of millions of buckets
+    "bag-ngrams": {"kind": "bag", "dim": 16, "ngrams": 3, "ngram_min_count": 2, "ngram_buckets": 4_000_000},
     "cnn": {"kind": "cnn", "dim": 16, "filters": 8},
     "rnn": {"kind": "rnn", "cell": "gru", "dim": 16, "hidden": 16, "bidirectional": True},
     "transformer": {"kind": "transformer", "dim": 16, "layers": 2, "heads": 2},

@@ -292,6 +292,33 @@ def test_more_than_running_plus_queued_is_503(gated: Gated) -> None:
         assert metric(url, "largo_errors_total", code="503") == 3
 
 
+def test_a_swap_serves_new_requests_while_a_running_generation_finishes_on_the_old_model(
+    gated: Gated, generator: TextGenerator
+) -> None:
+    app = create_generate_app(gated, version=1)
+    body = {"prompt": "The quick", "max_new_tokens": 20, "stop_at_eot": False, "seed": 1}
+    answers: dict[str, httpx.Response] = {}
+    with serve_in_thread(app) as url:
+        gated.gate.clear()
+        running = threading.Thread(
+            target=lambda: answers.update(
+                old=httpx.post(f"{url}/generate", json={**body, "stream": True}, timeout=30)
+            )
+        )
+        running.start()
+        until(lambda: gated.yielded > 0)  # held after its first piece of text, on the old model
+        fresh = Gated(generator)  # the same weights in another object: which one ran is counted
+        app.state.service.swap(fresh, 2)
+        new = httpx.post(f"{url}/generate", json=body, timeout=30)  # runs beside the held one
+        assert new.json()["version"] == 2 and fresh.yielded == 20 and health(url)["version"] == 2
+        assert running.is_alive()
+        gated.gate.set()
+        running.join(20)
+    old = events(answers["old"].text)[-1][1]
+    assert old["version"] == 1 and old["tokens"] == 20 and gated.yielded == 20  # all on the old model
+    assert old["text"] == new.json()["text"]
+
+
 def test_a_model_error_is_500_with_an_id_and_the_server_keeps_serving(gated: Gated) -> None:
     with serve_in_thread(create_generate_app(gated)) as url:
         for stream in (True, False):
@@ -458,6 +485,7 @@ def test_a_registered_language_model_is_served_by_name(
         for pid, fb in [
             (answers[0]["id"], {"rating": "bad"}),
             (answers[0]["id"], {"rating": "bad", "completion": " brown fox"}),  # the latest counts
+            (answers[0]["id"], {"rating": "good"}),  # a rating after a correction keeps the correction
             (answers[1]["id"], {"rating": "good"}),  # fed back to the server that did not generate it
             (bad["id"], {"rating": "bad"}),
         ]:

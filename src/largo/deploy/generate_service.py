@@ -21,12 +21,14 @@ last `context - 1` tokens, as `TextGenerator` does, and says so (`prompt_truncat
 error. `seed: null` draws a seed per request and answers it: sending it back gives the same text.
 `version` is the registered version that generated it (null for a bundle served from its folder).
 
-Logging and swapping, as on /predict: every finished generation (a cancelled one too) is one row for
-the sink, `{id, time, version, inputs: {prompt, max_new_tokens, temperature, top_k, top_p, seed,
-stop_at_eot}, outputs: {text, tokens, finish_reason, prompt_tokens}, latency_ms}`, written in the worker
-thread before the `done` event is sent (default sink: `JsonlSink(<bundle>/serving)`; `largo serve NAME`
-writes to the store). `GenerateService.swap(generator, version)` serves another language model from
-the next admitted request on; generations already running finish on the model they started with.
+Logging and swapping, as on /predict: every finished generation (a cancelled one too; not one that
+failed) is one row for the sink, `{id, time, inputs: {prompt, max_new_tokens, temperature, top_k, top_p,
+seed, stop_at_eot}, outputs: {text, tokens, finish_reason, prompt_tokens}, latency_ms}` and `version`
+when a registered version serves, written in the worker thread (one of up to `max_concurrent`, so the
+sink must be thread-safe) before the `done` event is sent (default sink: `JsonlSink(<bundle>/serving)`;
+`largo serve NAME` writes to the store). `GenerateService.swap(generator, version)` serves another
+language model from the next admitted request on; generations already running finish on the model they
+started with.
 
 Feedback: POST /feedback `{"prediction_id": "<a generation's id>", "rating": "good" | "bad",
 "completion": "what the model should have written after the prompt"}` (either or both) goes to the
@@ -73,12 +75,13 @@ from largo.deploy.metrics import LATENCY_BUCKETS, Histogram, ServerMetrics
 from largo.deploy.middleware import BodyLimit, NumpyJSONResponse, RequestMetrics
 from largo.deploy.page import render_lm_page
 from largo.deploy.schema import InputError
-from largo.deploy.server import RECENT_IDS, MiB, ModelError, add_error_handlers, key_check
+from largo.deploy.server import MiB, ModelError, add_error_handlers, key_check
 from largo.deploy.sink import JsonlSink
 
 log = logging.getLogger("largo.server")
 TOKEN_RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 LM_RUNTIMES = ("auto", "torch", "torch-bf16")
+LM_RECENT_IDS = 10_000  # generations remembered, with their text, for /feedback (a store looks up older ones)
 
 
 class GenerateRequest(BaseModel):
@@ -405,7 +408,7 @@ class GenerateService:
         log_generation(self.sink, job, summary)
         with self._recent_lock:
             self.recent[job.id] = {"text": summary["text"]}
-            while len(self.recent) > RECENT_IDS:
+            while len(self.recent) > LM_RECENT_IDS:
                 self.recent.popitem(last=False)
 
     async def feedback(self, body: GenerationFeedback) -> dict[str, Any]:
@@ -484,13 +487,15 @@ class GenerateService:
 
     async def health(self) -> dict[str, Any]:
         """Liveness, the served model, running and queued generations and the limits (no API key needed)."""
+        with self._swap_lock:
+            generator, version = self.generator, self.version
         return {
             "status": "ok",
             "model": self.name,
-            "version": self.version,
+            "version": version,
             "task": "lm",
-            "bundle": str(self.generator.path),
-            "context": self.generator.context,
+            "bundle": str(generator.path),
+            "context": generator.context,
             "parameters": self.parameters,
             "active": self.active,
             "queued": self.queued,
@@ -535,7 +540,8 @@ def create_generate_app(
     version: int | None = None,
     sink: Any = None,
 ) -> FastAPI:
-    """A FastAPI app serving one language model: POST /generate, GET /health, GET /metrics, GET /.
+    """A FastAPI app serving one language model: POST /generate, POST /feedback, GET /health, GET /metrics,
+    GET /.
 
     Args:
         generator: a `TextGenerator` (or an object shaped like one; see the module doc).
@@ -547,7 +553,9 @@ def create_generate_app(
         api_key: when set, /generate, /feedback and /metrics need `Authorization: Bearer <key>`.
         name: the served name in /health and the page (default: the config's name).
         version: the registered version served, in /health, every answer and every logged row.
-        sink: gets `log_predictions(rows)`, a row per generation; default `JsonlSink(<bundle>/serving)`.
+        sink: gets `log_predictions(rows)` (a row per generation) and `log_feedback(row)`, from worker
+            threads; with `find_prediction(id)` it also answers feedback on older generations. Default:
+            `JsonlSink(<bundle>/serving)`.
     """
     service = GenerateService(
         generator,

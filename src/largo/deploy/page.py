@@ -4,10 +4,13 @@ The form is generated in the browser from the bundle's input features (a text ar
 category fields, a file picker per image). The answer shows each category output's label and its class
 probabilities as a bar chart, and a person can send the right label to `POST /feedback`. A URL query
 fills the form (`/?text=hello`, keys are the inputs' column names), `&submit=1` sends it on load and
-`&feedback=LABEL` then sends that label as feedback (links to share, and the browser test).
+`&feedback=LABEL` then sends that label as feedback (links to share, and the browser test; only where
+the server has no API key, so that a link cannot post feedback with a key the tab has saved).
 
 A language model gets its own page (`render_lm_page`): a prompt, max new tokens and temperature, and
-the continuation appearing as POST /generate streams it (server-sent events read from `fetch`).
+the continuation appearing as POST /generate streams it (server-sent events read from `fetch`); then
+Good / Bad buttons and a box for a better completion post to /feedback (`?prompt=…&submit=1` and
+`&rating=` or `&completion=` drive it from the URL, with the same API-key rule).
 """
 
 from __future__ import annotations
@@ -126,7 +129,7 @@ async function submit(ev) {
   try { show(await call("predict", await record())); }
   catch (e) { errorBox.textContent = e.message; result.dataset.state = "error"; return; }
   const truth = query.get("feedback"), out = spec.outputs.find(o => o.labels);
-  if (truth && out) { document.getElementById("truth-" + out.name).value = truth;
+  if (truth && out && !spec.auth) { document.getElementById("truth-" + out.name).value = truth;
     document.querySelector(".fb button").click(); }
 }
 const query = new URLSearchParams(location.search);
@@ -203,7 +206,7 @@ function message(r, data) { let d = data.detail;
 async function generate(ev) {
   ev.preventDefault(); errorBox.textContent = ""; $("stats").textContent = "";
   const h = headers({Accept: "text/event-stream"});
-  $("rate").hidden = true; $("saved").textContent = ""; lastId = null;
+  $("rate").hidden = true; $("saved").textContent = ""; $("completion").value = ""; lastId = null;
   const body = {prompt: $("prompt").value, max_new_tokens: Number($("max").value),
     temperature: Number($("temp").value), stream: true};
   out.replaceChildren(Object.assign(document.createElement("b"), {textContent: body.prompt}));
@@ -239,12 +242,13 @@ $("good").addEventListener("click", () => feedback({rating: "good"}));
 $("bad").addEventListener("click", () => feedback({rating: "bad"}));
 $("rate").addEventListener("submit", ev => { ev.preventDefault();
   if ($("completion").value) feedback({completion: $("completion").value}); });
-// ?prompt=...&submit=1 generates at once; &rating=good|bad or &completion=... then sends that feedback
+// ?prompt=...&submit=1 generates at once; &rating=good|bad or &completion=... then sends that feedback,
+// but only on a server without an API key: a link must not post feedback with a key the tab has saved
 const query = new URLSearchParams(location.search);
 if (query.has("prompt")) $("prompt").value = query.get("prompt");
 if (query.has("max_new_tokens")) $("max").value = query.get("max_new_tokens");
 if (query.has("submit")) generate(new Event("submit")).then(() => {
-  if (!lastId) return;
+  if (!lastId || spec.auth) return;
   if (query.has("completion")) return feedback({completion: query.get("completion")});
   if (query.has("rating")) return feedback({rating: query.get("rating")}); });
 </script></body></html>

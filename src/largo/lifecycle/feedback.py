@@ -17,8 +17,10 @@ that POST /feedback stored on generations (`{rating, completion}`), joined with 
 (its prompt and text), becomes one JSONL line per generation, `{"text": prompt + completion, "prompt",
 "completion", "kind", "prediction_id", "version"}`: a correction's completion (kind "correction"), or
 the generated text of one rated good (kind "rated good"); a generation only rated bad is counted and
-left out. When a generation got feedback more than once, the latest counts. The file is what `largo
-pretrain FILE --config lm.yaml` reads (its `text` field), with `train.init_from` the served bundle.
+left out. Ratings and corrections come as separate requests, so each is kept on its own: a generation's
+latest completion makes it a correction whatever it was rated after; else its latest rating counts.
+The file is what `largo pretrain FILE --config lm.yaml` reads (its `text` field), with `train.init_from`
+the served bundle.
 """
 
 from __future__ import annotations
@@ -164,22 +166,25 @@ class ExportResult:
 def export_lm_feedback(registry: Registry, name: str, path: str | Path) -> ExportResult:
     """Write a registered language model's feedback as a JSONL fine-tuning corpus (see the module doc)."""
     versions = registry.versions(name)  # an unknown name raises, naming the registered ones
+    if not versions[-1].path.is_dir():
+        raise FileNotFoundError(f"{versions[-1].ref}: its bundle folder {versions[-1].path} is missing")
     if not is_lm_bundle(versions[-1].path):
         raise ValueError(
             f"{name!r} is not a language model: its feedback trains through `largo update {name}`"
         )
-    latest: dict[str, dict[str, Any]] = {}  # generation id → its latest feedback (rows come oldest first)
-    for row in registry.store.feedback_rows(name):
+    latest: dict[str, dict[str, Any]] = {}  # generation id → its latest completion and latest rating
+    for row in registry.store.feedback_rows(name):  # oldest first
         if row["prediction_id"] and row["output"] == "text" and isinstance(row["label"], dict):
-            latest[row["prediction_id"]] = row
+            kept = latest.setdefault(row["prediction_id"], {"completion": None, "rating": None})
+            kept |= {k: v for k, v in row["label"].items() if k in kept and v is not None}
     logged = registry.store.predictions_by_id(list(latest))
     lines, counts = [], {"correction": 0, "rated good": 0, "rated bad": 0}
-    for pid, row in latest.items():
+    for pid, label in latest.items():
         generation = logged.get(pid)
         if generation is None:  # feedback always names a logged generation; a pruned store may not
             continue
         prompt = (generation["input"] or {}).get("prompt", "")
-        completion, rating = row["label"].get("completion"), row["label"].get("rating")
+        completion, rating = label["completion"], label["rating"]
         kind = "correction" if completion else "rated good" if rating == "good" else "rated bad"
         counts[kind] += 1
         if kind == "rated bad":

@@ -1,6 +1,7 @@
 """`StoreSink`: the server's sink (`create_app(..., sink=StoreSink(...))`) backed by the store.
 
-The server calls `log_predictions(rows)` from its batch worker thread with rows
+The server calls `log_predictions(rows)` from its batch worker thread (an LM server: from its generation
+threads, several at once) with rows
 `{id, time, inputs, outputs}` and `log_feedback(row)` with `{prediction_id, output, label, predicted,
 time}`; this sink adds the model name and version it was made for and writes them to the store's
 `predictions` and `feedback` tables, one transaction per call.
