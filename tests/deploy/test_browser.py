@@ -20,6 +20,7 @@ import pytest
 import largo
 from largo.data.samples import news_rows
 from largo.deploy.server import create_app, serve_in_thread
+from tests.lm_corpus import tiny_lm_config, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -93,25 +94,9 @@ def test_the_page_shows_a_clear_error(news_bundle: Path, tmp_path: Path) -> None
 
 @pytest.fixture(scope="module")
 def lm_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny GPT pretrained for 30 steps on one repeated sentence."""
+    """A tiny GPT pretrained on the tests' small English and Chinese corpus."""
     root = tmp_path_factory.mktemp("lm")
-    (root / "corpus.txt").write_text("\n".join(f"The quick brown fox {i % 7}" for i in range(1500)))
-    return largo.pretrain(
-        {
-            "name": "lm",
-            "runs_dir": str(root / "runs"),
-            "data": {"paths": [str(root / "corpus.txt")], "valid": 0.1},
-            "tokenizer": {"vocab_size": 300},
-            "model": {"dim": 32, "layers": 1, "heads": 2, "context": 64},
-            "train": {
-                "steps": 30,
-                "micro_batch": 8,
-                "eval_every": 30,
-                "progress": False,
-                "precision": "fp32",
-            },
-        }
-    ).path
+    return largo.pretrain(tiny_lm_config(write_corpus(root, lines=1500), root / "runs")).path
 
 
 def test_the_lm_page_streams_a_generation_and_sends_a_correction(lm_bundle: Path, tmp_path: Path) -> None:

@@ -75,7 +75,7 @@ from largo.deploy.metrics import LATENCY_BUCKETS, Histogram, ServerMetrics
 from largo.deploy.middleware import BodyLimit, NumpyJSONResponse, RequestMetrics
 from largo.deploy.page import render_lm_page
 from largo.deploy.schema import InputError
-from largo.deploy.server import MiB, ModelError, add_error_handlers, key_check
+from largo.deploy.server import MiB, ModelError, add_error_handlers, find_served, key_check
 from largo.deploy.sink import JsonlSink
 
 log = logging.getLogger("largo.server")
@@ -415,13 +415,8 @@ class GenerateService:
         """Store a rating and/or a better completion for a generation (through the sink)."""
         pid = str(body.prediction_id)
         with self._recent_lock:
-            served = self.recent.get(pid)
-        find = getattr(self.sink, "find_prediction", None)  # a store-backed sink remembers older ones
-        if served is None and find is not None:
-            served = await asyncio.to_thread(find, pid)
-        if served is None:
-            where = "by this model" if find is not None else "by this server recently"
-            raise HTTPException(404, f"unknown generation id {pid} (not generated {where})")
+            remembered = self.recent.get(pid)
+        served = await find_served(pid, remembered, self.sink, "generation")
         row = {
             "prediction_id": pid,
             "output": "text",

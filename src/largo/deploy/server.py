@@ -226,13 +226,7 @@ class Service:
         out = _feedback_output(body, self.outputs)
         label = _feedback_label(body.label, out)
         pid = str(body.prediction_id)
-        served = self.recent.get(pid)
-        find = getattr(self.sink, "find_prediction", None)  # a store-backed sink remembers older ones
-        if served is None and find is not None:
-            served = await asyncio.to_thread(find, pid)
-        if served is None:
-            where = "by this model" if find is not None else "by this server recently"
-            raise HTTPException(404, f"unknown prediction id {pid} (not served {where})")
+        served = await find_served(pid, self.recent.get(pid), self.sink)
         predicted = served.get(out["name"])
         row = {
             "prediction_id": pid,
@@ -258,6 +252,19 @@ class Service:
         """Requests, errors by code, latency and batch-size histograms, queue depth (Prometheus text)."""
         text = self.metrics.render()
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def find_served(pid: str, remembered: Any, sink: Any, noun: str = "prediction") -> dict[str, Any]:
+    """The outputs of the served `noun` that feedback names: `remembered` (what this server kept of it),
+    else what a store-backed sink (one with `find_prediction`) logged for this model, from any version
+    or replica; 404 when neither has it."""
+    find = getattr(sink, "find_prediction", None)
+    if remembered is None and find is not None:
+        remembered = await asyncio.to_thread(find, pid)
+    if remembered is None:
+        where = "by this model" if find is not None else "by this server recently"
+        raise HTTPException(404, f"unknown {noun} id {pid} (not served {where})")
+    return remembered
 
 
 def key_check(api_key: str | None) -> Any:
