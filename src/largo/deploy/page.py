@@ -203,17 +203,24 @@ async function feedback(fb) {
 function message(r, data) { let d = data.detail;
   if (Array.isArray(d)) d = d.map(e => (e.loc || []).join(".") + ": " + e.msg).join("\\n");
   return r.status + " " + (typeof d === "string" ? d : JSON.stringify(d)); }
+function finished(data) {  // the "done" event's summary, or the whole JSON answer
+  out.dataset.state = "done"; lastId = data.id; $("rate").hidden = false;
+  const cut = data.prompt_truncated ? " (the prompt kept its last " + data.prompt_tokens + ")" : "";
+  $("stats").textContent = data.tokens + " tokens, " + data.finish_reason + ", seed " + data.seed + cut;
+}
 async function generate(ev) {
   ev.preventDefault(); errorBox.textContent = ""; $("stats").textContent = "";
-  const h = headers({Accept: "text/event-stream"});
+  const stream = query.get("stream") !== "0";  // ?stream=0: one JSON answer (a headless test waits for it)
+  const h = headers(stream ? {Accept: "text/event-stream"} : {});
   $("rate").hidden = true; $("saved").textContent = ""; $("completion").value = ""; lastId = null;
   const body = {prompt: $("prompt").value, max_new_tokens: Number($("max").value),
-    temperature: Number($("temp").value), stream: true};
+    temperature: Number($("temp").value), stream};
   out.replaceChildren(Object.assign(document.createElement("b"), {textContent: body.prompt}));
   out.dataset.state = "waiting"; $("send").disabled = true;
   try {
     const r = await fetch("generate", {method: "POST", headers: h, body: JSON.stringify(body)});
     if (!r.ok) throw new Error(message(r, await r.json().catch(() => ({detail: r.statusText}))));
+    if (!stream) { const data = await r.json(); out.append(data.text); finished(data); return; }
     const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
     for (;;) {
@@ -227,10 +234,7 @@ async function generate(ev) {
         if (!line) continue;
         const data = JSON.parse(line);
         if (kind === "token") { out.append(data.text); out.dataset.state = "streaming"; }
-        else if (kind === "done") { out.dataset.state = "done"; lastId = data.id; $("rate").hidden = false;
-          const cut = data.prompt_truncated ? " (the prompt kept its last " + data.prompt_tokens + ")" : "";
-          $("stats").textContent = data.tokens + " tokens, " + data.finish_reason
-            + ", seed " + data.seed + cut; }
+        else if (kind === "done") finished(data);
         else if (kind === "error") throw new Error(data.detail);
       }
     }
