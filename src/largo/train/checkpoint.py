@@ -12,7 +12,6 @@ import io
 import os
 import random
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +75,15 @@ def restore(ckpt: dict[str, Any], **stateful: Any) -> None:
     set_rng_state(by_rank[me] if world > 1 and len(by_rank) == world else ckpt["rng"])
 
 
-def save_checkpoint_from_rank0(directory: str | Path, make_state: Callable[[], dict[str, Any]]) -> None:
-    """What every rank calls to checkpoint: the ranks' RNG states are gathered, rank 0 writes
-    `make_state()` with them, and all wait until the file is on disk (a rank may resume from it next)."""
+def save_checkpoint_from_rank0(directory: str | Path, progress: dict[str, Any], **stateful: Any) -> None:
+    """What every rank calls to checkpoint, the counterpart of `restore`: the ranks' RNG states are
+    gathered, rank 0 writes `progress` and each object's `state_dict()` under its name (model=…,
+    optimizer=…; None objects are skipped) with them, and all wait until the file is on disk (a rank
+    may resume from it next)."""
     rngs = _rng_states_of_all_ranks()  # a collective: every rank takes part
     if is_main_process():
-        save_checkpoint(directory, {**make_state(), "rng": rngs[0], "rng_by_rank": rngs})
+        states = {name: obj.state_dict() for name, obj in stateful.items() if obj is not None}
+        save_checkpoint(directory, {**progress, **states, "rng": rngs[0], "rng_by_rank": rngs})
     barrier()
 
 

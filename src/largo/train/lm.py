@@ -246,14 +246,7 @@ def pretrain_fit(
         if checkpoint_dir is None:
             return
         save_checkpoint_from_rank0(
-            checkpoint_dir,
-            lambda: {
-                **st,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-            },
+            checkpoint_dir, st, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
         )
 
     def make(step: int) -> list[MicroBatch]:

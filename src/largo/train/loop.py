@@ -315,15 +315,7 @@ def _fit(
         if checkpoint_dir is None:
             return
         save_checkpoint_from_rank0(
-            checkpoint_dir,
-            lambda: {
-                **st,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                **({"ema": ema.state_dict()} if ema is not None else {}),
-            },
+            checkpoint_dir, st, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema
         )
 
     t_start = time.perf_counter() - st["elapsed"]
