@@ -566,8 +566,10 @@ def update(
 ) -> None:
     """Fine-tune or retrain on the original data plus feedback; promote only if the gate passes.
 
-    Prints old vs new on the frozen test split and the held-out feedback. Exits 0 whether or not the
-    new version was promoted.
+    Prints old vs new on the frozen test split and the held-out feedback. A language model is
+    fine-tuned on its corrections and good-rated generations (update.steps) and judged on the held-out
+    feedback's completion loss and its corpus's held-out loss. Exits 0 whether or not the new version
+    was promoted.
     """
     result = _lifecycle().update(name, config, set_ or [], db)
     typer.echo(result.table())

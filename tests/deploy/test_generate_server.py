@@ -498,9 +498,8 @@ def test_a_registered_language_model_is_served_by_name(
     assert set(lines) == {"correction", "rated good"}
     assert lines["correction"]["text"] == "The quick brown fox" and lines["correction"]["version"] == 1
     assert lines["rated good"]["text"] == "The quick" + expected and lines["rated good"]["version"] == 2
-    refused = CliRunner().invoke(cli, ["update", "tinylm", "--db", db])
-    assert refused.exit_code != 0 and "is a language model" in refused.output, refused.output
-    assert "largo feedback export tinylm" in refused.output
+    refused = CliRunner().invoke(cli, ["update", "tinylm", "--db", db, "--set", "update.mode=retrain"])
+    assert refused.exit_code != 0 and "does not apply to a language model" in refused.output, refused.output
     adapter_only = tmp_path / "adapter-only"
     shutil.copytree(lm_bundle, adapter_only)
     (adapter_only / "adapter.json").write_text("{}", encoding="utf-8")

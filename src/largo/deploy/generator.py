@@ -26,14 +26,13 @@ from tokenizers import Tokenizer
 
 from largo.config_lm import LMConfig, dump_lm_config, validate_lm_config
 from largo.data.corpus import EOT, special_id
-from largo.deploy.metadata import WEIGHTS, BundleError, check_files, read_json
+from largo.deploy.metadata import ADAPTER_RECORD, WEIGHTS, BundleError, check_files, read_json
 from largo.evaluate.report import write_metrics_json, write_report
 from largo.models.gpt import GPT, generate_ids
 
 TOKENIZER = "tokenizer.json"
 GENERATOR_PRECISIONS = ("fp32", "bf16")  # the dtype TextGenerator keeps the weights in
 ADAPTER = "adapter.safetensors"  # LoRA adapter weights of an adapter-only bundle
-ADAPTER_RECORD = "adapter.json"  # the base bundle an adapter-only bundle applies to
 
 
 def write_lm_start(run_dir: Path, config: LMConfig, tokenizer: Tokenizer) -> None:

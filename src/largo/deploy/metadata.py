@@ -20,6 +20,7 @@ from largo.data.features import Processor, processor_from_state
 
 WEIGHTS = "model.safetensors"
 PREPROCESSORS = "preprocessors.json"
+ADAPTER_RECORD = "adapter.json"  # an adapter-only LoRA bundle: the base bundle it applies to
 EXPORT_RECORD = "export.json"  # what `largo export` wrote, its parity checks and runtime timings
 FORMAT_VERSION = 1
 

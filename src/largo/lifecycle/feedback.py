@@ -163,8 +163,11 @@ class ExportResult:
     path: Path
 
 
-def export_lm_feedback(registry: Registry, name: str, path: str | Path) -> ExportResult:
-    """Write a registered language model's feedback as a JSONL fine-tuning corpus (see the module doc)."""
+def lm_feedback_texts(registry: Registry, name: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """A registered language model's feedback as texts to learn from, one per generation (see the
+    module doc): `{"text", "prompt", "completion", "kind", "prediction_id", "version", "feedback_ids"}`
+    (the feedback rows behind it) in the order the generations were first given feedback, and the
+    counts of corrections, rated good and rated bad."""
     versions = registry.versions(name)  # an unknown name raises, naming the registered ones
     if not versions[-1].path.is_dir():
         raise FileNotFoundError(f"{versions[-1].ref}: its bundle folder {versions[-1].path} is missing")
@@ -175,10 +178,11 @@ def export_lm_feedback(registry: Registry, name: str, path: str | Path) -> Expor
     latest: dict[str, dict[str, Any]] = {}  # generation id → its latest completion and latest rating
     for row in registry.store.feedback_rows(name):  # oldest first
         if row["prediction_id"] and row["output"] == "text" and isinstance(row["label"], dict):
-            kept = latest.setdefault(row["prediction_id"], {"completion": None, "rating": None})
-            kept |= {k: v for k, v in row["label"].items() if k in kept and v is not None}
+            kept = latest.setdefault(row["prediction_id"], {"completion": None, "rating": None, "ids": []})
+            kept |= {k: v for k, v in row["label"].items() if k in ("completion", "rating") and v is not None}
+            kept["ids"].append(row["id"])
     logged = registry.store.predictions_by_id(list(latest))
-    lines, counts = [], {"correction": 0, "rated good": 0, "rated bad": 0}
+    texts, counts = [], {"correction": 0, "rated good": 0, "rated bad": 0}
     for pid, label in latest.items():
         generation = logged.get(pid)
         if generation is None:  # feedback always names a logged generation; a pruned store may not
@@ -192,10 +196,24 @@ def export_lm_feedback(registry: Registry, name: str, path: str | Path) -> Expor
         if kind == "rated good":
             completion = (generation["output"] or {}).get("text", "")
         text = {"text": prompt + completion, "prompt": prompt, "completion": completion, "kind": kind}
-        lines.append({**text, "prediction_id": pid, "version": generation["version"]})
+        texts.append(
+            {**text, "prediction_id": pid, "version": generation["version"], "feedback_ids": label["ids"]}
+        )
+    return texts, counts
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Rows as a UTF-8 JSONL file, written whole or not at all."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
-    os.replace(tmp, out)  # whole or not at all
+    tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def export_lm_feedback(registry: Registry, name: str, path: str | Path) -> ExportResult:
+    """Write a registered language model's feedback as a JSONL fine-tuning corpus (see the module doc)."""
+    texts, counts = lm_feedback_texts(registry, name)
+    out = write_jsonl(path, [{k: v for k, v in t.items() if k != "feedback_ids"} for t in texts])
     return ExportResult(counts["correction"], counts["rated good"], counts["rated bad"], out)

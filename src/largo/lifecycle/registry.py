@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 import yaml
 
-from largo.deploy.metadata import is_lm_bundle
+from largo.deploy.metadata import ADAPTER_RECORD, is_lm_bundle
 from largo.lifecycle.store import Store, alias_history
 
 PRODUCTION = "production"
@@ -95,19 +95,21 @@ def data_lineage(bundle: Path) -> list[dict[str, Any]]:
     named = [(split, data.get(split)) for split in ("train", "valid", "test")]
     if config.get("task") == "lm":
         named = [("corpus", p) for p in data.get("paths") or []]
-    out = []
-    for split, value in named:
-        if not isinstance(value, str):
-            continue
-        path = Path(value)
-        if path.is_file():
-            sha = sha256_file(path)
-        elif path.is_dir():
-            sha = combined_hash(hash_files(path))
-        else:
-            sha = None  # moved or deleted since training: recorded as unknown
-        out.append({"split": split, "path": str(path.resolve()), "sha256": sha})
-    return out
+    return [
+        {"split": split, "path": str(Path(value).resolve()), "sha256": path_sha256(value)}
+        for split, value in named
+        if isinstance(value, str)
+    ]
+
+
+def path_sha256(path: str | Path) -> str | None:
+    """A data file's sha256, a folder's combined hash of its files, or None when it is gone."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        return combined_hash(hash_files(path))
+    return None  # moved or deleted since training: recorded as unknown
 
 
 def _changes(registered: dict[str, str], now: dict[str, str]) -> list[str]:
@@ -183,7 +185,7 @@ class Registry:
             raise RegistryError(
                 f"{bundle}: not a bundle folder" + (f" (no {', '.join(missing)})" * bool(missing))
             )
-        if lm and (path / "adapter.json").is_file():
+        if lm and (path / ADAPTER_RECORD).is_file():
             raise RegistryError(
                 f"{bundle}: an adapter-only LoRA bundle needs its base folder, which the registry does not "
                 "hash; register a merged one (train.lora.save: merged)"

@@ -13,6 +13,8 @@
 4. old and new are scored on the frozen test split and the held-out feedback; the gate compares them
 5. the bundle (with update.json) is registered as `candidate` with its lineage and promoted to
    `production` only when the gate passes
+
+A language model takes the same steps on its own terms (feedback texts, perplexity): update_lm.py.
 """
 
 from __future__ import annotations
@@ -59,10 +61,11 @@ from largo.train.prepare import augmenter, class_weights, encode_split, fit_proc
 
 CANDIDATE = "candidate"
 RECORD = "update.json"
-LOWER_IS_BETTER = {"mse", "rmse", "mae", "log_loss"}
+LOWER_IS_BETTER = {"mse", "rmse", "mae", "log_loss", "loss", "perplexity"}
 METRICS = {
     "category": ("accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro"),
     "number": ("rmse", "mse", "mae", "r2"),
+    "lm": ("loss", "perplexity"),
 }
 DEFAULT_METRIC = {"category": "accuracy", "number": "rmse"}
 
@@ -78,8 +81,9 @@ class GateConfig(StrictModel):
     """When a new version may replace production."""
 
     metric: Literal["auto", "accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro",
-                    "rmse", "mse", "mae", "r2"] = Field(
-        "auto", description="Metric compared; auto: accuracy for a category output, rmse for a number."
+                    "rmse", "mse", "mae", "r2", "loss"] = Field(
+        "auto", description="Metric compared; auto: accuracy for a category output, rmse for a number, "
+        "loss (mean token loss in nats: a gain of 0.01 is 1% lower perplexity) for a language model."
     )  # fmt: skip
     output: str | None = Field(None, description="The output judged; default: the first output.")
     min_gain: float = Field(
@@ -99,6 +103,12 @@ class UpdateConfig(StrictModel):
         "finetune", description="finetune: start from the production weights; retrain: from scratch."
     )
     epochs: int | None = Field(None, ge=1, description="Epochs; default 5 (finetune) or the parent's.")
+    steps: int | None = Field(
+        None,
+        ge=1,
+        description="A language model's optimizer steps; default two passes over the (repeated) "
+        "feedback corpus, 10 to 1000.",
+    )
     lr: float | None = Field(
         None, gt=0.0, description="Peak lr; default parent's × 0.3 (finetune) or its own."
     )
@@ -346,13 +356,19 @@ def gain(metric: str, old: float, new: float) -> float:
     return old - new if metric in LOWER_IS_BETTER else new - old
 
 
-def judge(gate: GateConfig, output: str, metric: str, scores: dict[str, dict[str, Any]]) -> Verdict:
-    """Pass when the feedback gain ≥ min_gain and the frozen-test loss ≤ max_regression."""
+def judge(
+    gate: GateConfig,
+    output: str,
+    metric: str,
+    scores: dict[str, dict[str, Any]],
+    test_label: str = "frozen test",
+) -> Verdict:
+    """Pass when the feedback gain ≥ min_gain and the loss on the test data ≤ max_regression."""
     test_old, test_new = scores["test"]["old"][output][metric], scores["test"]["new"][output][metric]
     regression = -gain(metric, test_old, test_new)
     test_ok = regression <= gate.max_regression + 1e-12
     test_text = (
-        f"frozen test {metric} {test_old:.4f} → {test_new:.4f} (regression {regression:+.4f} "
+        f"{test_label} {metric} {test_old:.4f} → {test_new:.4f} (regression {regression:+.4f} "
         f"{'≤' if test_ok else '>'} max_regression {gate.max_regression:.4f})"
     )
     if scores["feedback"]["old"] is None:
@@ -384,6 +400,8 @@ class UpdateResult:
     rows: dict[str, int]  # test, feedback_train (before weighting), feedback_held_out, train
     skipped: dict[str, int]
     mode: str
+    sections: tuple[str, str] = ("frozen test", "feedback slice")  # what the table calls the two
+    units: tuple[str, str] = ("rows", "rows")  # what their counts count
 
     def table(self) -> str:
         """The side-by-side comparison and the verdict, as printed by `largo update`."""
@@ -395,11 +413,11 @@ def comparison_table(r: UpdateResult) -> str:
     old, new = f"v{r.parent} (old)", f"v{r.version} (new)"
     lines = [f"{'':<30} {old:>12} {new:>12} {'change':>9}"]
     sections = (
-        ("test", "frozen test", r.rows["test"]),
-        ("feedback", "feedback slice", r.rows["feedback_held_out"]),
+        ("test", r.sections[0], r.rows["test"], r.units[0]),
+        ("feedback", r.sections[1], r.rows["feedback_held_out"], r.units[1]),
     )
-    for key, title, n in sections:
-        lines.append(f"{title} ({n} rows)")
+    for key, title, n, unit in sections:
+        lines.append(f"{title} ({n} {unit})")
         before, after = r.scores[key]["old"], r.scores[key]["new"]
         if before is None or after is None:
             lines.append("  (no rows)")
@@ -432,13 +450,10 @@ def update(registry: Registry, ref: str, upd: UpdateConfig) -> UpdateResult:
     """
     # 1. the parent, its unchanged bundle and data
     parent = registry.lookup(ref)
-    if is_lm_bundle(parent.path):
-        raise UpdateError(
-            f"{parent.ref} is a language model, and largo update retrains classifiers and regressors; "
-            f"write its feedback as a corpus with `largo feedback export {parent.name} feedback.jsonl`, "
-            "fine-tune on it with `largo pretrain feedback.jsonl --config lm.yaml` (train.init_from: "
-            "the served bundle), then `largo registry add` the result"
-        )
+    if is_lm_bundle(parent.path):  # fine-tuned on its feedback texts, judged on perplexity
+        from largo.lifecycle.update_lm import update_lm
+
+        return update_lm(registry, parent, upd)
     registry.verify(parent)
     check_data(parent)
     info = read_bundle_info(parent.path)

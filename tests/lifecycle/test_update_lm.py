@@ -1,0 +1,162 @@
+"""`largo update` on a language model: fine-tuned on its feedback texts, gated on perplexity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import largo
+from largo.cli import app as cli
+from largo.config import ConfigError
+from largo.deploy.generator import TextGenerator
+from largo.lifecycle.registry import Registry
+from largo.lifecycle.store import Store
+from largo.lifecycle.update import UpdateConfig, UpdateError, in_holdout, update
+from tests.lm_corpus import tiny_lm_config, write_corpus
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy"]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny LM pretrained on the tests' corpus (it never saw the word the feedback teaches)."""
+    root = tmp_path_factory.mktemp("lm-update")
+    corpus = write_corpus(root / "corpus")
+    result = largo.pretrain(tiny_lm_config(corpus, root / "runs", steps=60))
+    return {"bundle": result.path, "corpus": corpus, "root": root}
+
+
+def _registry(lm: dict, tmp_path: Path) -> tuple[Registry, str]:
+    """A copy of the bundle's runs (updates write beside it) registered as tinylm v1, in production."""
+    runs = tmp_path / "runs"
+    shutil.copytree(lm["bundle"].parent.parent, runs)
+    db = str(tmp_path / "registry.db")
+    registry = Registry(Store(db))
+    registry.register("tinylm", runs / lm["bundle"].parent.name / lm["bundle"].name)
+    registry.promote("tinylm", 1)
+    return registry, db
+
+
+def _generations(store: Store, count: int, start: int = 0) -> list[str]:
+    """`count` logged generations of v1, each corrected to teach 'the zorbly NAME': prompt, then the
+    completion the model should have written."""
+    ids = [f"gen-{i}" for i in range(start, start + count)]
+    now = time.time()
+    store.add_predictions(
+        [
+            {"id": pid, "model": "tinylm", "version": 1, "time": now + i, "latency_ms": 5.0,
+             "input": {"prompt": f"{NAMES[i % 10]} is"}, "output": {"text": " the cat.", "tokens": 3}}
+            for i, pid in enumerate(ids)
+        ]
+    )  # fmt: skip
+    store.add_feedback(
+        [
+            {"prediction_id": pid, "model": "tinylm", "output": "text", "time": now + i, "source": "api",
+             "label": {"rating": "bad", "completion": f" the zorbly {NAMES[i % 10]} of zorbly land."},
+             "predicted": " the cat.", "input": None}
+            for i, pid in enumerate(ids)
+        ]
+    )  # fmt: skip
+    return ids
+
+
+def test_an_update_learns_the_corrections_and_is_promoted_then_a_strict_gate_blocks_the_next(
+    lm: dict, tmp_path: Path
+) -> None:
+    registry, db = _registry(lm, tmp_path)
+    ids = _generations(registry.store, 40)
+    held = [pid for pid in ids if in_holdout(pid, 0.2)]
+    assert 0 < len(held) < len(ids)
+    cfg = UpdateConfig.model_validate({"steps": 30, "gate": {"min_gain": 0.05, "max_regression": 5.0}})
+    first = update(registry, "tinylm", cfg)
+    assert first.version == 2 and first.parent == 1 and first.promoted, first.table()
+    assert registry.lookup("tinylm").version == 2 and registry.lookup("tinylm@candidate").version == 2
+    feedback = {side: first.scores["feedback"][side]["text"] for side in ("old", "new")}
+    assert feedback["new"]["loss"] < feedback["old"]["loss"] - 0.5  # it learned the held-out corrections
+    assert feedback["new"]["perplexity"] < feedback["old"]["perplexity"]
+    assert feedback["old"]["rows"] == len(held) == first.rows["feedback_held_out"]
+    test = {side: first.scores["test"][side]["text"] for side in ("old", "new")}
+    assert test["old"]["tokens"] == test["new"]["tokens"] > 0  # the same reference windows for both
+    assert first.rows["feedback_train"] == len(ids) - len(held)
+    table = first.table()
+    assert (
+        f"held-out corpus ({test['old']['rows']} windows)" in table
+        and f"feedback slice ({len(held)} texts)" in table
+    )
+    assert "gate PASSED" in table and "reference corpus (held out) loss" in table and "promoted v2" in table
+
+    record = json.loads((first.path / "update.json").read_text(encoding="utf-8"))
+    assert record["parent"] == "tinylm@1" and record["steps"] == 30 and record["gate"]["passed"]
+    assert record["reference"]["lineage"][0]["path"] == str(lm["corpus"].resolve())
+    held_rows = {r["id"] for r in registry.store.feedback_rows("tinylm") if r["prediction_id"] in held}
+    assert set(record["feedback_ids"]["held_out"]) == held_rows  # never trained on
+    assert not held_rows & set(record["feedback_ids"]["train"])
+    trained_on = [json.loads(x) for x in Path(record["corpus"]["path"]).read_text("utf-8").splitlines()]
+    assert {t["prediction_id"] for t in trained_on} == set(ids) - set(held)
+    assert all("zorbly" in t["text"] for t in trained_on)
+    version = registry.lookup("tinylm@2")
+    assert version.lineage["parent"] == 1
+    assert set(version.lineage["feedback_ids"]) == set(record["feedback_ids"]["train"])
+    assert TextGenerator.load(first.path).generate("alice is", 4, seed=0)  # a bundle that generates
+
+    # the next update starts from v2 and is judged on v1's corpus again (v2's update.json names it)
+    _generations(registry.store, 20, start=40)
+    strict = UpdateConfig.model_validate({"steps": 10, "gate": {"min_gain": 10.0, "max_regression": 5.0}})
+    second = update(registry, "tinylm", strict)
+    assert second.version == 3 and second.parent == 2 and not second.promoted
+    assert registry.lookup("tinylm").version == 2 and registry.lookup("tinylm@candidate").version == 3
+    assert "gate BLOCKED" in second.table() and "< min_gain 10.0000" in second.verdict.reason
+    record = json.loads((second.path / "update.json").read_text(encoding="utf-8"))
+    assert record["reference"]["lineage"][0]["path"] == str(lm["corpus"].resolve())
+
+
+def test_the_cli_updates_a_language_model_and_bad_settings_name_the_key(lm: dict, tmp_path: Path) -> None:
+    registry, db = _registry(lm, tmp_path)
+    with pytest.raises(UpdateError, match="no feedback texts to train on"):
+        update(registry, "tinylm", UpdateConfig())
+    _generations(registry.store, 12)
+    for bad, match in [
+        ({"mode": "retrain"}, "update.mode: 'retrain' does not apply to a language model; allowed: finetune"),
+        ({"epochs": 3}, "update.epochs: a language model trains for update.steps"),
+        (
+            {"gate": {"metric": "accuracy"}},
+            "update.gate.metric: 'accuracy' does not apply to a language model",
+        ),
+        ({"gate": {"output": "label"}}, "update.gate.output: 'label' is not an output; allowed: text"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            update(registry, "tinylm", UpdateConfig.model_validate(bad))
+    assert [v.version for v in registry.versions("tinylm")] == [1]  # nothing was trained or registered
+    result = CliRunner().invoke(
+        cli,
+        ["update", "tinylm", "--db", db, "--set", "update.steps=5", "--set", "update.gate.max_regression=5"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "feedback slice" in result.output and "  loss" in result.output and "  perplexity" in result.output
+    assert ("gate PASSED" in result.output) or ("gate BLOCKED" in result.output)
+    assert [v.version for v in registry.versions("tinylm")] == [1, 2]
+
+
+def test_a_changed_reference_corpus_stops_the_update(lm: dict, tmp_path: Path) -> None:
+    registry, _ = _registry(lm, tmp_path)
+    _generations(registry.store, 12)
+    corpus = tmp_path / "corpus.txt"
+    shutil.copy(lm["corpus"], corpus)
+    # a version whose lineage names a corpus that has changed since it was registered
+    other = tmp_path / "runs" / "other"
+    shutil.copytree(lm["bundle"], other)
+    cfg_file = other / "config.yaml"
+    cfg_file.write_text(
+        cfg_file.read_text(encoding="utf-8").replace(str(lm["corpus"]), str(corpus)), encoding="utf-8"
+    )
+    registry.register("tinylm", other)
+    registry.promote("tinylm", 2)
+    corpus.write_text("something else entirely\n" * 50, encoding="utf-8")
+    with pytest.raises(UpdateError, match=r"reference corpus .*corpus.txt changed .*restore the file"):
+        update(registry, "tinylm", UpdateConfig.model_validate({"steps": 5}))
