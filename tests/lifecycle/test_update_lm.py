@@ -29,7 +29,7 @@ def lm(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("lm-update")
     corpus = write_corpus(root / "corpus")
     result = largo.pretrain(tiny_lm_config(corpus, root / "runs", steps=60))
-    return {"bundle": result.path, "corpus": corpus, "root": root}
+    return {"bundle": result.path, "corpus": corpus, "root": root, "metrics": result.metrics}
 
 
 def _registry(lm: dict, tmp_path: Path) -> tuple[Registry, str]:
@@ -73,7 +73,7 @@ def test_an_update_learns_the_corrections_and_is_promoted_then_a_strict_gate_blo
     ids = _generations(registry.store, 40)
     held = [pid for pid in ids if in_holdout(pid, 0.2)]
     assert 0 < len(held) < len(ids)
-    cfg = UpdateConfig.model_validate({"steps": 30, "gate": {"min_gain": 0.05, "max_regression": 5.0}})
+    cfg = UpdateConfig.model_validate({"steps": 30, "gate": {"min_gain": 0.05, "max_regression": 0.5}})
     first = update(registry, "tinylm", cfg)
     assert first.version == 2 and first.parent == 1 and first.promoted, first.table()
     assert registry.lookup("tinylm").version == 2 and registry.lookup("tinylm@candidate").version == 2
@@ -82,11 +82,16 @@ def test_an_update_learns_the_corrections_and_is_promoted_then_a_strict_gate_blo
     assert feedback["new"]["perplexity"] < feedback["old"]["perplexity"]
     assert feedback["old"]["rows"] == len(held) == first.rows["feedback_held_out"]
     test = {side: first.scores["test"][side]["text"] for side in ("old", "new")}
-    assert test["old"]["tokens"] == test["new"]["tokens"] > 0  # the same reference windows for both
+    # the regression is measured on v1's held-out corpus stream, tiled in context windows, for both models
+    valid_tokens = lm["metrics"]["corpus"]["valid_tokens"]
+    assert test["old"]["tokens"] == test["new"]["tokens"] == (valid_tokens - 1) // 64 * 64
+    assert test["new"]["loss"] != test["old"]["loss"]  # the new model was scored, not the old one twice
+    regression = test["new"]["loss"] - test["old"]["loss"]
+    assert f"regression {regression:+.4f} ≤ max_regression 0.5000" in first.verdict.reason
     assert first.rows["feedback_train"] == len(ids) - len(held)
     table = first.table()
     assert (
-        f"held-out corpus ({test['old']['rows']} windows)" in table
+        f"reference corpus (held out) ({test['old']['rows']} windows)" in table
         and f"feedback slice ({len(held)} texts)" in table
     )
     assert "gate PASSED" in table and "reference corpus (held out) loss" in table and "promoted v2" in table
@@ -107,7 +112,7 @@ def test_an_update_learns_the_corrections_and_is_promoted_then_a_strict_gate_blo
 
     # the next update starts from v2 and is judged on v1's corpus again (v2's update.json names it)
     _generations(registry.store, 20, start=40)
-    strict = UpdateConfig.model_validate({"steps": 10, "gate": {"min_gain": 10.0, "max_regression": 5.0}})
+    strict = UpdateConfig.model_validate({"steps": 10, "gate": {"min_gain": 10.0, "max_regression": 0.5}})
     second = update(registry, "tinylm", strict)
     assert second.version == 3 and second.parent == 2 and not second.promoted
     assert registry.lookup("tinylm").version == 2 and registry.lookup("tinylm@candidate").version == 3
@@ -133,23 +138,94 @@ def test_the_cli_updates_a_language_model_and_bad_settings_name_the_key(lm: dict
         with pytest.raises(ConfigError, match=match):
             update(registry, "tinylm", UpdateConfig.model_validate(bad))
     assert [v.version for v in registry.versions("tinylm")] == [1]  # nothing was trained or registered
-    result = CliRunner().invoke(
-        cli,
-        ["update", "tinylm", "--db", db, "--set", "update.steps=5", "--set", "update.gate.max_regression=5"],
-    )
+    with pytest.raises(UpdateError, match=r"no held-out feedback to judge a gain on .*update.holdout = 0.0"):
+        update(registry, "tinylm", UpdateConfig.model_validate({"holdout": 0.0}))
+    assert [v.version for v in registry.versions("tinylm")] == [1]  # nothing was trained or registered
+    assert not list((tmp_path / "runs" / "lm").glob("v2")) and not list((tmp_path / "runs").rglob("*.jsonl"))
+    gate = ["--set", "update.gate.min_gain=-100", "--set", "update.gate.max_regression=100"]  # always passes
+    result = CliRunner().invoke(cli, ["update", "tinylm", "--db", db, "--set", "update.steps=5", *gate])
     assert result.exit_code == 0, result.output
-    assert "feedback slice" in result.output and "  loss" in result.output and "  perplexity" in result.output
-    assert ("gate PASSED" in result.output) or ("gate BLOCKED" in result.output)
-    assert [v.version for v in registry.versions("tinylm")] == [1, 2]
+    assert "reference corpus (held out) (" in result.output and "feedback slice (" in result.output
+    assert "  loss *" in result.output and "  perplexity" in result.output
+    assert "gate PASSED" in result.output and "promoted v2 to production" in result.output
+    assert [v.version for v in registry.versions("tinylm")] == [1, 2] and registry.lookup(
+        "tinylm"
+    ).version == 2
 
 
-def test_a_changed_reference_corpus_stops_the_update(lm: dict, tmp_path: Path) -> None:
+def test_a_failed_fine_tune_leaves_no_run_folder_and_no_corpus(
+    lm: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    registry, _ = _registry(lm, tmp_path)
+    _generations(registry.store, 12)
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated: out of memory")
+
+    # (largo.train is also the API's train function, so the module is taken from sys.modules)
+    monkeypatch.setattr(sys.modules["largo.train.lm"], "pretrain_fit", out_of_memory)
+    with pytest.raises(RuntimeError, match="simulated"):
+        update(registry, "tinylm", UpdateConfig.model_validate({"steps": 5}))
+    assert sorted(f.name for f in (tmp_path / "runs" / "lm").glob("v*")) == [lm["bundle"].name]
+    assert not list((tmp_path / "runs" / "lm" / ".feedback").glob("*"))
+    assert [v.version for v in registry.versions("tinylm")] == [1]
+
+
+def test_completion_loss_scores_each_completion_token_once_given_its_prompt() -> None:
+    import torch
+
+    from largo.config_lm import GPTConfig
+    from largo.lifecycle.update_lm import completion_loss, completion_windows
+    from largo.models.gpt import GPT, IGNORE
+
+    assert completion_windows([1, 2], [3, 4], context=8) == [([1, 2, 3], [IGNORE, 3, 4])]
+    # a text longer than the context: windows from the end back, overlapping by half, each token once
+    assert completion_windows([1, 2], [3, 4, 5, 6, 7], context=4) == [
+        ([3, 4, 5, 6], [IGNORE, IGNORE, 6, 7]),  # 6 and 7 see at least 2 tokens before them
+        ([1, 2, 3, 4], [IGNORE, 3, 4, 5]),
+    ]
+    torch.manual_seed(0)
+    model = GPT(
+        GPTConfig.model_validate({"dim": 16, "layers": 1, "heads": 2, "context": 8, "vocab_size": 40})
+    )
+    model.eval()
+
+    class Tok:  # ids are the characters' codes minus 60; the end-of-text token is 0
+        def encode(self, text: str, add_special_tokens: bool = False) -> object:
+            return type("Encoding", (), {"ids": [ord(c) - 60 for c in text]})()
+
+        def token_to_id(self, token: str) -> int:
+            return 0
+
+    # texts of different lengths batched together (right padding), against each token by hand
+    texts = [{"prompt": "AB", "completion": "CD"}, {"prompt": "E", "completion": "FGHIJK"}]
+    texts.append({"prompt": "L", "completion": ""})  # nothing to score
+    got = completion_loss(model, Tok(), texts)["text"]  # type: ignore[arg-type]
+    expected, n = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            ids = [ord(c) - 60 for c in t["prompt"] + t["completion"]]
+            for i in range(len(t["prompt"]), len(ids)):
+                logits = model(torch.tensor([ids[:i]]))[0, -1]
+                expected -= float(torch.log_softmax(logits, -1)[ids[i]])
+                n += 1
+    assert got["tokens"] == n == 8 and got["rows"] == 2
+    assert abs(got["loss"] - expected / n) < 1e-5
+    # a prompt token scored as a target, or one target shifted, would change the figure
+    assert completion_loss(model, Tok(), [{"prompt": "", "completion": "AB"}])["text"]["tokens"] == 2
+
+
+def test_a_changed_reference_corpus_or_a_bundle_outside_a_run_stops_the_update(
+    lm: dict, tmp_path: Path
+) -> None:
     registry, _ = _registry(lm, tmp_path)
     _generations(registry.store, 12)
     corpus = tmp_path / "corpus.txt"
     shutil.copy(lm["corpus"], corpus)
     # a version whose lineage names a corpus that has changed since it was registered
-    other = tmp_path / "runs" / "other"
+    other = tmp_path / "runs" / "other" / "v1"
     shutil.copytree(lm["bundle"], other)
     cfg_file = other / "config.yaml"
     cfg_file.write_text(
@@ -159,4 +235,10 @@ def test_a_changed_reference_corpus_stops_the_update(lm: dict, tmp_path: Path) -
     registry.promote("tinylm", 2)
     corpus.write_text("something else entirely\n" * 50, encoding="utf-8")
     with pytest.raises(UpdateError, match=r"reference corpus .*corpus.txt changed .*restore the file"):
+        update(registry, "tinylm", UpdateConfig.model_validate({"steps": 5}))
+    elsewhere = tmp_path / "exported-model"  # not <runs>/<name>/v<N>: no run to add a version to
+    shutil.copytree(lm["bundle"], elsewhere)
+    registry.register("tinylm", elsewhere)
+    registry.promote("tinylm", 3)
+    with pytest.raises(UpdateError, match=r"exported-model is not a run folder <runs>/<name>/v<N>"):
         update(registry, "tinylm", UpdateConfig.model_validate({"steps": 5}))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,6 +323,18 @@ def train_version(
     return model.cpu().eval(), processors, result
 
 
+def run_layout(parent: Version) -> tuple[Path, str]:
+    """(runs folder, run name) of a registered bundle at `<runs>/<name>/v<N>`, where an update writes
+    the next version; another layout is an UpdateError (the new version would land somewhere odd)."""
+    path = parent.path
+    if not re.fullmatch(r"v\d+", path.name):
+        raise UpdateError(
+            f"{parent.ref}: its bundle {path} is not a run folder <runs>/<name>/v<N>, so there is no run "
+            "to add the next version to; register bundles where largo train / pretrain wrote them"
+        )
+    return path.parent.parent, path.parent.name
+
+
 # --------------------------------------------------------------------------------------------- gate
 
 
@@ -480,7 +493,7 @@ def update(registry: Registry, ref: str, upd: UpdateConfig) -> UpdateResult:
 
     # 3. train the new version into the run's next folder (removed again if anything fails)
     run_cfg = update_run_config(cfg, upd)
-    run_dir = new_run_dir(parent.path.parent.parent, parent.path.parent.name)
+    run_dir = new_run_dir(*run_layout(parent))
     try:
         model, processors, fit_result = train_version(info, run_cfg, upd.mode, data, run_dir)
         scores = compare(info, (model, run_cfg, processors), {"test": test, "feedback": held_out})

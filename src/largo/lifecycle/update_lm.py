@@ -1,24 +1,28 @@
 """`largo update NAME` on a language model: fine-tune the production LM on its feedback, gate it.
 
-1. the parent: NAME's production version (its files verified) and its reference corpus: the corpus
-   it was pretrained on, or, for a version an update made, the reference its update recorded. The
-   reference's files must still hash as recorded: its held-out stream is what "no regression" is
-   measured on
+1. the settings (finetune only; steps, not epochs; the gate's metric is the token loss), the parent:
+   NAME's production version, its files verified, at `<runs>/<name>/v<N>`
 2. data: the feedback as texts to learn from, one per generation (corrections, and generations rated
    good; the rule of `largo feedback export`). A hash of the generation id puts each, for good, in
-   the train part or in the held-out slice (`holdout`), as for a classifier
-3. train: `pretrain` from the parent's weights and tokenizer (`train.init_from`) on the train texts
-   (prompt + completion) written as a JSONL corpus under `<runs>/<name>/.feedback/`, repeated
-   `feedback_weight` times, and as often as it takes to fill two context windows. `steps` (default:
-   two passes over that corpus, 10 to 1000) at the parent's lr × 0.3 unless `lr` is given; the
-   parent's LoRA settings, if it had any, are used again (saved merged). Nothing of the feedback
-   corpus is held out of training: the held-out slice is the judge
-4. old and new are scored, in fp32, on
-   - the held-out feedback: the completion's mean token loss given its prompt (prompt tokens are
-     context, not targets); the gain is old − new in nats (0.01 ≈ 1% lower perplexity)
-   - the reference's held-out stream (its training windows if it holds nothing out): the mean token
-     loss of the same windows for both; the regression is new − old
-5. the bundle (with update.json: the reference, the scores, the verdict, the feedback ids) is
+   the train part or in the held-out slice (`holdout`), as for a classifier; an update with nothing
+   to train on or nothing held out stops before it trains
+3. the reference corpus: the corpus the parent was pretrained on or, for a version an update made,
+   the reference its update recorded (so a chain of updates is always judged on the original corpus;
+   a version fine-tuned by hand with `largo pretrain feedback.jsonl` has that file as its corpus).
+   Its files must still hash as recorded; its held-out stream (its training windows when it held
+   nothing out) is re-created with the parent's tokenizer and cached
+4. train: `pretrain` from the parent's weights and tokenizer (`train.init_from`) on the train texts
+   (prompt + completion, one document each) written as a JSONL corpus under `<runs>/<name>/.feedback/`,
+   repeated `feedback_weight` times, and as often as it takes to fill two context windows; one
+   micro-batch per step for `steps` steps (default: five passes over the feedback × feedback_weight,
+   at most 1000) at the parent's lr × 0.3 unless `lr` is given; the parent's LoRA settings, if it had
+   any, are used again (saved merged). A failed fine-tune leaves no run folder and no corpus behind
+5. old and new are scored, in fp32, on
+   - the held-out feedback: the completions' mean token loss given their prompts (prompt tokens are
+     context, not targets; prompt and completion encoded apart, as generation sees them, while
+     training encodes their concatenation); the gain is old − new in nats (0.01 ≈ 1% lower perplexity)
+   - the reference stream: the mean token loss of the same windows for both; the regression is new − old
+6. the bundle (with update.json: the reference, the scores, the verdict, the feedback ids) is
    registered as `candidate` and promoted to `production` only when the gate passes
 """
 
@@ -49,12 +53,12 @@ from largo.lifecycle.update import (
     UpdateResult,
     in_holdout,
     judge,
+    run_layout,
 )
 from largo.models.gpt import GPT, IGNORE
-from largo.train.lm import accumulation, evaluate_lm
+from largo.train.lm import evaluate_lm
 
 OUTPUT = "text"  # the one output of a language model, as the scores and the gate name it
-SECTIONS = ("held-out corpus", "feedback slice")  # what the comparison table calls "test", "feedback"
 
 
 # ---------------------------------------------------------------------------------------- reference
@@ -73,7 +77,12 @@ def reference_of(parent: Version, config: LMConfig) -> dict[str, Any]:
         raise UpdateError(f"{parent.ref}: its lineage names no corpus files to measure a regression on")
     for d in reference["lineage"]:
         now = path_sha256(d["path"])
-        if d["sha256"] is None or now != d["sha256"]:
+        if d["sha256"] is None:
+            raise UpdateError(
+                f"{parent.ref}: its corpus {d['path']} was not found when it was registered, so there is "
+                "no held-out stream to judge an update on; register a version whose corpus is on disk"
+            )
+        if now != d["sha256"]:
             state = "is missing" if now is None else f"changed (sha256 {d['sha256']} → {now})"
             raise UpdateError(
                 f"{parent.ref}: its reference corpus {d['path']} {state} since it was registered, so "
@@ -82,10 +91,18 @@ def reference_of(parent: Version, config: LMConfig) -> dict[str, Any]:
     return reference
 
 
+def cache_dir(parent: LMBundle) -> Path:
+    """Where the update caches token files: the parent config's cache folder when it names one, else
+    `<runs>/.cache` beside the parent's run (not a folder relative to where the command runs)."""
+    named = parent.config.data.cache_dir
+    return Path(named).resolve() if named else parent.path.parent.parent / ".cache"
+
+
 def reference_stream(parent: LMBundle, reference: dict[str, Any]) -> tuple[Any, str]:
     """The reference corpus's held-out token stream (tokenized with the parent's tokenizer, cached like
     any corpus), or its training stream when it holds nothing out; and which one it is."""
     data = {**reference["data"], "paths": [d["path"] for d in reference["lineage"]]}  # absolute paths
+    data["cache_dir"] = data.get("cache_dir") or str(cache_dir(parent))
     cfg = parent.config.model_copy(update={"data": CorpusConfig.model_validate(data)})
     _, data = prepare_corpus(cfg, parent.tokenizer)
     return (
@@ -96,22 +113,38 @@ def reference_stream(parent: LMBundle, reference: dict[str, Any]) -> tuple[Any, 
 # --------------------------------------------------------------------------------------------- score
 
 
+def completion_windows(
+    prompt: list[int], completion: list[int], context: int
+) -> list[tuple[list[int], list[int]]]:
+    """(inputs, targets) windows of at most `context` inputs that score every completion token once;
+    prompt targets are IGNORE (context, not scored). A text longer than the context is read in windows
+    from its end back, overlapping by half, so each scored token sees at least half a context before it."""
+    ids, first = prompt + completion, len(prompt)  # ids[first] is the first completion token
+    stride = max(1, context // 2)
+    windows, end = [], len(ids)
+    while end > first:  # ids[lo:end - 1] predicts ids[lo + 1:end]; the targets from ids[start] on count
+        lo = max(0, end - context - 1)
+        start = max(first, lo + 1) if lo == 0 else max(first, end - stride)
+        windows.append((ids[lo : end - 1], [IGNORE] * (start - lo - 1) + ids[start:end]))
+        end = start
+    return windows
+
+
 @torch.no_grad()
 def completion_loss(
     model: GPT, tokenizer: Tokenizer, texts: list[dict[str, Any]], batch: int = 16
 ) -> dict[str, Any] | None:
-    """Mean token loss of each text's completion given its prompt (prompt tokens are context only; the
-    longest are cut from the left to the model's context); None without a completion token."""
+    """Mean token loss of the texts' completions given their prompts, every completion token scored
+    once (a text longer than the context in overlapping windows: `completion_windows`); None without a
+    completion token. Prompt and completion are encoded apart, as generation sees them."""
     context, eot = model.cfg.context, special_id(tokenizer, EOT)
-    rows = []
+    rows, texts_scored = [], 0
     for t in texts:
         prompt = tokenizer.encode(t["prompt"], add_special_tokens=False).ids or [eot]
         completion = tokenizer.encode(t["completion"], add_special_tokens=False).ids
-        if not completion:
-            continue
-        ids = (prompt + completion)[-(context + 1) :]
-        scored = min(len(completion), len(ids) - 1)
-        rows.append((ids[:-1], [IGNORE] * (len(ids) - 1 - scored) + ids[-scored:]))
+        if completion:
+            rows += completion_windows(prompt, completion, context)
+            texts_scored += 1
     if not rows:
         return None
     device = next(model.parameters()).device
@@ -124,7 +157,7 @@ def completion_loss(
         y = torch.tensor([y + [IGNORE] * (width - len(y)) for _, y in chunk], device=device)
         loss_sum, counted = model(x, y)
         total, count = total + float(loss_sum), count + int(counted)
-    return _scores(total / count, count, len(rows))
+    return _scores(total / count, count, texts_scored)
 
 
 def _scores(loss: float, tokens: int, rows: int) -> dict[str, Any]:
@@ -171,32 +204,55 @@ def corpus_copies(
     return max(weight, math.ceil(2 * (context + 2) / max(1, one))), one
 
 
-def finetune_config(parent: LMBundle, upd: UpdateConfig, corpus: Path, stream_tokens: int) -> LMConfig:
-    """The parent's config, continued from its weights on the feedback corpus."""
-    base = parent.config
-    if upd.epochs is not None:
-        raise ConfigError(
-            "update.epochs: a language model trains for update.steps (optimizer steps), not epochs"
-        )
+def check_settings(upd: UpdateConfig) -> None:
+    """The update settings a language model cannot take (ConfigError naming the key)."""
     if upd.mode != "finetune":
         raise ConfigError(
             f"update.mode: {upd.mode!r} does not apply to a language model; allowed: finetune "
             "(pretrain a new one with `largo pretrain`, then `largo registry add` it)"
         )
+    if upd.epochs is not None:
+        raise ConfigError(
+            "update.epochs: a language model trains for update.steps (optimizer steps), not epochs"
+        )
+    if upd.gate.metric not in ("auto", "loss"):
+        raise ConfigError(
+            f"update.gate.metric: {upd.gate.metric!r} does not apply to a language model; allowed: auto, loss"
+        )
+    if upd.gate.output not in (None, OUTPUT):
+        raise ConfigError(f"update.gate.output: {upd.gate.output!r} is not an output; allowed: {OUTPUT}")
+
+
+def finetune_config(
+    parent: LMBundle, upd: UpdateConfig, corpus: Path, feedback_tokens: int, runs: Path, name: str
+) -> LMConfig:
+    """The parent's config, continued from its weights on the feedback corpus: one micro-batch per
+    step, `update.steps` or five passes over the feedback (× feedback_weight), at most 1000 steps."""
+    base = parent.config
     data = base.model_dump(mode="json")
-    runs = parent.path.parent.parent
-    data |= {"name": parent.path.parent.name, "runs_dir": str(runs)}
+    data |= {"name": name, "runs_dir": str(runs)}
     data["data"] = {"paths": [str(corpus)], "text_field": "text", "encoding": "utf-8", "valid": 0.0,
-                    "cache_dir": str(base.cache_dir.resolve())}  # fmt: skip
+                    "cache_dir": str(cache_dir(parent))}  # fmt: skip
     train = data["train"]
-    per_step = accumulation(base.train, base.model.context) * base.train.micro_batch * base.model.context
-    steps = upd.steps or min(1000, max(10, math.ceil(2 * stream_tokens / per_step)))
+    per_step = base.train.micro_batch * base.model.context
+    steps = upd.steps or min(1000, math.ceil(5 * upd.feedback_weight * feedback_tokens / per_step))
     train |= {"steps": steps, "init_from": str(parent.path), "eval_every": steps, "keep_checkpoint": False}
+    train["tokens_per_step"] = None  # the parent's step size was for its corpus, not a few texts
     train["optimizer"]["lr"] = upd.lr or base.train.optimizer.lr * 0.3
     train["checkpoint_every"] = min(train["checkpoint_every"], steps)
     if train.get("lora"):
         train["lora"]["save"] = "merged"  # the registry holds full bundles
     return validate_lm_config(data, "update run config")
+
+
+def _remove_failed_run(root: Path, before: set[str], corpus: Path) -> None:
+    """Remove the run folder a failed fine-tune left (a new version folder whose config trains on this
+    update's corpus) and the corpus itself."""
+    for folder in root.glob("v*"):
+        config = folder / "config.yaml"
+        if folder.name not in before and config.is_file() and str(corpus) in config.read_text("utf-8"):
+            shutil.rmtree(folder, ignore_errors=True)
+    corpus.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------- update
@@ -207,17 +263,10 @@ def update_lm(registry: Registry, parent: Version, upd: UpdateConfig) -> UpdateR
     passes (see the module doc)."""
     from largo.api_lm import pretrain
 
-    # 1. the parent and its reference corpus
+    # 1. the settings, the parent and where its next version goes
+    check_settings(upd)
     registry.verify(parent)
-    if upd.gate.metric not in ("auto", "loss"):
-        raise ConfigError(
-            f"update.gate.metric: {upd.gate.metric!r} does not apply to a language model; allowed: auto, loss"
-        )
-    if upd.gate.output not in (None, OUTPUT):
-        raise ConfigError(f"update.gate.output: {upd.gate.output!r} is not an output; allowed: {OUTPUT}")
-    old = read_lm_bundle(parent.path)
-    reference = reference_of(parent, old.config)
-    stream, stream_kind = reference_stream(old, reference)
+    runs, name = run_layout(parent)
 
     # 2. the feedback, split for good into train and held-out texts
     texts, counts = lm_feedback_texts(registry, parent.name)
@@ -228,27 +277,38 @@ def update_lm(registry: Registry, parent: Version, upd: UpdateConfig) -> UpdateR
             f"{parent.name}: no feedback texts to train on ({len(held_out)} held out; {counts['rated bad']} "
             "generations only rated bad); collect corrections or good ratings first (POST /feedback)"
         )
+    if not any(t["completion"] for t in held_out):
+        raise UpdateError(
+            f"{parent.name}: no held-out feedback to judge a gain on ({len(texts)} texts, update.holdout = "
+            f"{upd.holdout}); collect more feedback or raise update.holdout"
+        )
+
+    # 3. the reference corpus's held-out stream (tokenized once, then cached)
+    old = read_lm_bundle(parent.path)
+    reference = reference_of(parent, old.config)
+    stream, stream_kind = reference_stream(old, reference)
+    reference_label = f"reference corpus ({stream_kind})"
+
+    # 4. fine-tune into the run's next version folder (removed again if anything fails)
     copies, one = corpus_copies(old.tokenizer, train, old.config.model.context, upd.feedback_weight)
     lines = [{k: t[k] for k in ("text", "prompt", "completion", "kind", "prediction_id")} for t in train]
-    corpus = write_jsonl(parent.path.parent / ".feedback" / f"{uuid.uuid4().hex}.jsonl", lines * copies)
-
-    # 3. fine-tune into the run's next version folder (removed again if anything fails)
-    run_cfg = finetune_config(old, upd, corpus, copies * one)
+    corpus = write_jsonl(runs / name / ".feedback" / f"{uuid.uuid4().hex}.jsonl", lines * copies)
+    before = {f.name for f in (runs / name).glob("v*")}
     run_dir = None
     try:
-        trained = pretrain(run_cfg)
-        run_dir = trained.path
+        run_cfg = finetune_config(old, upd, corpus, one, runs, name)
+        run_dir = pretrain(run_cfg).path
         new = read_lm_bundle(run_dir)
-        scores = {}
+        scores: dict[str, dict[str, Any]] = {}
         for side, bundle in (("old", old), ("new", new)):
             for table, value in score(bundle.model, bundle.tokenizer, stream, old.config, held_out).items():
                 scores.setdefault(table, {})[side] = value
-        verdict = judge(upd.gate, OUTPUT, "loss", scores, test_label=f"reference corpus ({stream_kind})")
+        verdict = judge(upd.gate, OUTPUT, "loss", scores, test_label=reference_label)
         rows = {
             "test": scores["test"]["old"][OUTPUT]["rows"],
             "train": len(train) * copies,
             "feedback_train": len(train),
-            "feedback_held_out": len(held_out),
+            "feedback_held_out": scores["feedback"]["old"][OUTPUT]["rows"],
         }
         record = {
             "parent": parent.ref,
@@ -262,7 +322,7 @@ def update_lm(registry: Registry, parent: Version, upd: UpdateConfig) -> UpdateR
             "feedback_ids": {
                 "train": [i for t in train for i in t["feedback_ids"]],
                 "held_out": [i for t in held_out for i in t["feedback_ids"]],
-            },  # fmt: skip
+            },
             "scores": scores,
             "gate": {"passed": verdict.passed, "reason": verdict.reason, "output": OUTPUT, "metric": "loss"},
         }
@@ -270,16 +330,18 @@ def update_lm(registry: Registry, parent: Version, upd: UpdateConfig) -> UpdateR
     except BaseException:
         if run_dir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)
+        _remove_failed_run(runs / name, before, corpus)
         raise
 
-    # 4. register as candidate, promote when the gate passes
+    # 5. register as candidate, promote when the gate passes
     version = registry.register(
         parent.name, run_dir, parent=parent.version, feedback_ids=record["feedback_ids"]["train"]
     )
     registry.set_alias(parent.name, CANDIDATE, version.version)
     if verdict.passed:
         registry.promote(parent.name, version.version)
+    sections = {"sections": (reference_label, "feedback slice"), "units": ("windows", "texts")}
     return UpdateResult(
         parent.name, parent.version, version.version, version.path, verdict.passed, verdict, scores, rows,
-        record["skipped"], "finetune", sections=SECTIONS, units=("windows", "texts"),
+        record["skipped"], "finetune", **sections,
     )  # fmt: skip
