@@ -41,6 +41,11 @@ class CorpusConfig(StrictModel):
         ..., min_length=1, description="Files (.txt, .jsonl, .parquet) or folders of them, read in order."
     )
     text_field: str = Field("text", description="The text field of .jsonl records / .parquet columns.")
+    prompt_field: str | None = Field(
+        None,
+        description="Fine-tuning pairs: the prompt field of .jsonl records / .parquet columns; its tokens "
+        "are context, and only the completions (text_field) are trained on and scored.",
+    )
     encoding: Literal["auto", "utf-8", "utf-8-sig", "gbk", "gb18030"] = Field(
         "auto", description="Encoding of .txt/.jsonl files; auto detects UTF-8 (with BOM) or GBK."
     )

@@ -137,3 +137,56 @@ def test_windows_are_inputs_and_next_token_targets():
     assert x.shape == y.shape == (3, 10) and x.dtype.is_floating_point is False
     assert x[1].tolist() == list(range(10, 20)) and y[1].tolist() == list(range(11, 21))
     assert y[2, -1] == 99
+
+
+def test_a_pairs_corpus_trains_on_completions_only(tmp_path):
+    """data.prompt_field: prompt tokens are context (mask 0, IGNORE targets), completions and their
+    end-of-text token are the targets; held-out records, counts and the cache key follow."""
+    rng = np.random.default_rng(0)
+    words = ["red", "green", "blue", "cat", "dog", "sun", "moon"]
+    records = []
+    for i in range(200):
+        prompt = " ".join(rng.choice(words, 3)) + " ->"
+        records.append({"q": prompt, "a": f" answer {i % 7}", "noise": 1})
+    records.append({"q": "an unanswered prompt", "a": ""})  # no completion: skipped
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    runs = tmp_path / "runs"
+    plain = _config(path, runs)
+    cfg = plain.model_copy(
+        update={"data": plain.data.model_copy(update={"text_field": "a", "prompt_field": "q"})}
+    )
+    tok, data = prepare_corpus(cfg)
+    assert data.meta["pairs"] and data.meta["pieces"] == 200
+    assert len(data.train_mask) == len(data.train) and len(data.valid_mask) == len(data.valid)
+    assert data.meta["train_targets"] == int(np.asarray(data.train_mask).sum())
+    # decode each side: masked tokens are exactly the prompts, marked ones the completions + EOT
+    train, mask = np.asarray(data.train), np.asarray(data.train_mask).astype(bool)
+    assert tok.decode(train[mask].tolist(), skip_special_tokens=False).count(EOT) == 180
+    targets = tok.decode(train[mask].tolist(), skip_special_tokens=False).split(EOT)[:-1]
+    prompts = tok.decode(train[~mask].tolist())
+    assert all(t.startswith(" answer ") for t in targets) and "answer" not in prompts
+    assert prompts.count("->") == 180 and len(data.valid) > 0  # 20 records held out (valid 0.1)
+    x, y = windows(data.train, np.array([0, 5]), 32, data.train_mask)
+    marked = np.asarray(data.train_mask)[np.r_[1:33]].astype(bool)
+    assert (y[0][torch_bool(~marked)] == -100).all() and (y[0][torch_bool(marked)] >= 0).all()
+    assert x[0].tolist() == np.asarray(data.train[:32]).tolist()  # inputs keep the prompt tokens
+    # the same file read as plain text (no prompt_field) is another cache entry, without masks
+    plain_text = plain.model_copy(update={"data": plain.data.model_copy(update={"text_field": "a"})})
+    _, unmasked = prepare_corpus(plain_text, tok)
+    assert unmasked.train_mask is None and len(unmasked.train) < len(data.train)  # no prompt tokens
+    assert len(list((cfg.cache_dir / "tokens").iterdir())) == 2
+    with pytest.raises(DataError, match="a .txt file has no fields"):
+        txt = tmp_path / "plain.txt"
+        txt.write_text("hello\n", encoding="utf-8")
+        prepare_corpus(cfg.model_copy(update={"data": cfg.data.model_copy(update={"paths": [str(txt)]})}))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"q": "fine", "a": "ok"}\n{"q": 3, "a": "x"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: expected an object with string 'q' and 'a' fields"):
+        prepare_corpus(cfg.model_copy(update={"data": cfg.data.model_copy(update={"paths": [str(bad)]})}))
+
+
+def torch_bool(a):
+    import torch
+
+    return torch.from_numpy(np.asarray(a, dtype=bool))

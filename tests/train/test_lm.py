@@ -124,3 +124,41 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(corpus, tmp_path):
     assert result.steps == 30 and [r["step"] for r in result.history] == [15, 30]
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_pretraining_on_prompt_completion_pairs_trains_and_scores_the_completions_only(tmp_path):
+    """data.prompt_field: random prompts (unlearnable) and a fixed answer per prompt kind. Only the
+    answers are targets, so the held-out loss falls far below the prompts' entropy, and the gradient of
+    one masked window is the gradient of its completion tokens alone."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(40)]
+    answers = {"colour": " red.", "animal": " cat.", "planet": " mars."}
+    lines = []
+    for _ in range(1500):
+        kind = rng.choice(list(answers))
+        prompt = " ".join(rng.choice(words) for _ in range(6)) + f" {kind}?"
+        lines.append(json.dumps({"prompt": prompt, "completion": answers[kind]}))
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = tiny_lm_config(path, tmp_path / "runs", steps=300, optimizer={"name": "adamw", "lr": 3e-3})
+    cfg["data"] |= {"prompt_field": "prompt", "text_field": "completion"}
+    result = largo.pretrain(cfg)
+    final = result.metrics["valid"]["lm"]
+    # the answers take ~3 tokens + EOT given the kind in the prompt: far under the random words'
+    # log(40) = 3.7 nats a word that a loss over the prompts would include
+    assert final["loss"] < 1.0, final
+    # one window by hand: the masked loss is the summed loss over the completion targets alone
+    lm_cfg = validate_lm_config(cfg)
+    _, data = prepare_corpus(lm_cfg)
+    model = GPT(GPTConfig.model_validate({**cfg["model"], "vocab_size": data.meta["vocab_size"]}))
+    ((x, y),) = step_batches(data.train, 1, 0, 1, 1, 64, mask=data.train_mask)
+    assert (y == IGNORE).any() and (y != IGNORE).any()
+    assert (x >= 0).all()  # the inputs keep every token (a one-row window shares x's memory with y)
+    loss_sum, counted = model(x, y)
+    logits = model(x)
+    keep = y[0] != IGNORE
+    by_hand = torch.nn.functional.cross_entropy(logits[0][keep], y[0][keep], reduction="sum")
+    assert int(counted) == int(keep.sum()) and torch.allclose(loss_sum, by_hand, atol=1e-4)

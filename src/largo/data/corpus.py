@@ -7,6 +7,12 @@ of pieces on all cores) into flat uint16/uint32 token files, one for training an
 held-out pieces. Both are cached under a key of the files (path, size, mtime) and the tokenizer, so
 later runs on the same corpus reuse them. Training reads random windows straight from the memory map,
 so a corpus larger than RAM works.
+
+Fine-tuning pairs: with `data.prompt_field` set, each .jsonl / .parquet record is a prompt and a
+completion (`text_field`); the token file holds prompt + completion + EOT per record, and a parallel
+uint8 mask file (1 = a completion token or its EOT) makes the prompt tokens context only: windows give
+them the IGNORE target, so the loss, its per-token normalization and the held-out perplexity count the
+completions alone.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from largo.config_lm import LMConfig
 from largo.data.readers import DataError, _resolve_encoding
+from largo.models.gpt import IGNORE
 
 EOT = "<|endoftext|>"  # ends every document; generation stops on it
 PAD = "<pad>"  # pads fine-tuning batches (never a training target)
@@ -112,6 +119,49 @@ def _jsonl_pieces(f: Any, path: Path, text_field: str) -> Iterator[tuple[str, bo
             yield record[text_field], True
 
 
+def iter_pairs(
+    path: Path, prompt_field: str, text_field: str = "text", encoding: str = "auto"
+) -> Iterator[tuple[str, str]]:
+    """(prompt, completion) of each record of a .jsonl / .parquet file; records without a completion
+    are skipped, a missing prompt is empty."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        pf = pq.ParquetFile(path)
+        missing = [c for c in (prompt_field, text_field) if c not in pf.schema_arrow.names]
+        if missing:
+            raise DataError(f"no column {missing[0]!r}; columns: {pf.schema_arrow.names}", path=path)
+        for batch in pf.iter_batches(columns=[prompt_field, text_field], batch_size=1024):
+            for prompt, text in zip(*(c.to_pylist() for c in batch.columns), strict=True):
+                if isinstance(text, str) and text:
+                    yield (prompt if isinstance(prompt, str) else ""), text
+        return
+    if suffix != ".jsonl":
+        raise DataError(
+            f"data.prompt_field is set, and a {suffix} file has no fields: prompt/completion pairs come "
+            "from .jsonl or .parquet files",
+            path=path,
+        )
+    with open(path, encoding=_resolve_encoding(path, encoding), newline="") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"not valid JSON: {exc.msg}", path=path, line=number) from None
+            ok = isinstance(record, dict) and all(
+                isinstance(record.get(k), str | type(None)) for k in (prompt_field, text_field)
+            )
+            if not ok:
+                raise DataError(
+                    f"expected an object with string {prompt_field!r} and {text_field!r} fields",
+                    path=path,
+                    line=number,
+                )
+            if record.get(text_field):
+                yield record.get(prompt_field) or "", record[text_field]
+
+
 # --------------------------------------------------------------------------------------- tokenizer
 
 
@@ -123,12 +173,21 @@ def new_byte_bpe() -> Tokenizer:
     return tok
 
 
-def _sample(files: list[Path], budget_chars: int, text_field: str, encoding: str) -> Iterator[str]:
-    """Up to budget_chars of text, an equal share from the start of each file."""
+def _texts(path: Path, text_field: str, encoding: str, prompt_field: str | None) -> Iterator[str]:
+    if prompt_field is None:
+        yield from (text for text, _ in iter_pieces(path, text_field, encoding))
+    else:
+        yield from (prompt + text for prompt, text in iter_pairs(path, prompt_field, text_field, encoding))
+
+
+def _sample(
+    files: list[Path], budget_chars: int, text_field: str, encoding: str, prompt_field: str | None = None
+) -> Iterator[str]:
+    """Up to budget_chars of text (prompts included), an equal share from the start of each file."""
     share = max(1, budget_chars // len(files))
     for path in files:
         taken = 0
-        for text, _ in iter_pieces(path, text_field, encoding):
+        for text in _texts(path, text_field, encoding, prompt_field):
             yield text
             taken += len(text)
             if taken >= share:
@@ -136,7 +195,13 @@ def _sample(files: list[Path], budget_chars: int, text_field: str, encoding: str
 
 
 def train_byte_bpe(
-    files: list[Path], vocab_size: int, sample_mb: float, min_frequency: int, text_field: str, encoding: str
+    files: list[Path],
+    vocab_size: int,
+    sample_mb: float,
+    min_frequency: int,
+    text_field: str,
+    encoding: str,
+    prompt_field: str | None = None,
 ) -> Tokenizer:
     """A byte-level BPE trained on a sample of the corpus, with EOT and PAD as its first ids."""
     tok = new_byte_bpe()
@@ -147,7 +212,7 @@ def train_byte_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_sample(files, int(sample_mb * 1e6), text_field, encoding), trainer)
+    tok.train_from_iterator(_sample(files, int(sample_mb * 1e6), text_field, encoding, prompt_field), trainer)
     return tok
 
 
@@ -169,11 +234,13 @@ class TokenData:
     train: np.ndarray
     valid: np.ndarray
     meta: dict[str, Any]
+    train_mask: np.ndarray | None = None  # a pairs corpus: 1 where a token is a target (a completion's)
+    valid_mask: np.ndarray | None = None
 
     @property
     def chars_per_token(self) -> float:
-        """Characters of held-out text per held-out token (for bits per character)."""
-        return self.meta["valid_chars"] / max(1, self.meta["valid_tokens"])
+        """Characters of held-out text per held-out target token (for bits per character)."""
+        return self.meta["valid_chars"] / max(1, self.meta.get("valid_targets", self.meta["valid_tokens"]))
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -188,42 +255,72 @@ def _is_valid_piece(index: int, fraction: float) -> bool:
 
 
 def tokenize_corpus(
-    files: list[Path], tok: Tokenizer, out_dir: Path, valid: float, text_field: str, encoding: str
+    files: list[Path],
+    tok: Tokenizer,
+    out_dir: Path,
+    valid: float,
+    text_field: str,
+    encoding: str,
+    prompt_field: str | None = None,
 ) -> dict[str, Any]:
     """Tokenize every file into out_dir/{train,valid}.bin (EOT after each document); returns meta.json.
 
+    With `prompt_field`, every record is a prompt and a completion: the .bin files hold prompt +
+    completion + EOT, and {train,valid}.mask (uint8) mark the completion tokens and the EOT as targets;
+    `*_targets` in the meta count them, `*_chars` count the completions' characters.
     Written to a temporary folder renamed into place at the end, so an interrupted run leaves no
     half-written cache entry.
     """
     dtype = token_dtype(tok.get_vocab_size())
     eot = special_id(tok, EOT)
+    pairs = prompt_field is not None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tokens-", dir=out_dir.parent))
     counts = {"train_tokens": 0, "valid_tokens": 0, "train_chars": 0, "valid_chars": 0}
+    if pairs:
+        counts |= {"train_targets": 0, "valid_targets": 0}
+    names = ("train.bin", "valid.bin") + (("train.mask", "valid.mask") if pairs else ())
+    handles = [open(tmp / name, "wb") for name in names]  # noqa: SIM115 - closed in the finally below
+    out = {"train": handles[0], "valid": handles[1]}
+    masks = {"train": handles[2], "valid": handles[3]} if pairs else {}
     try:
-        with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "valid.bin", "wb") as fvalid:
-            index = 0
-            batch: list[tuple[str, bool, bool]] = []
+        index = 0
+        batch: list[tuple[str, str, bool, bool]] = []  # (prompt, text, ends a document, held out)
 
-            def flush() -> None:
-                encodings = tok.encode_batch([text for text, _, _ in batch], add_special_tokens=False)
-                for (text, ends, held_out), e in zip(batch, encodings, strict=True):
-                    ids = e.ids + [eot] if ends else e.ids
-                    split = "valid" if held_out else "train"
-                    (fvalid if held_out else ftrain).write(np.asarray(ids, dtype=dtype).tobytes())
-                    counts[f"{split}_tokens"] += len(ids)
-                    counts[f"{split}_chars"] += len(text)
-                batch.clear()
+        def flush() -> None:
+            texts = tok.encode_batch([text for _, text, _, _ in batch], add_special_tokens=False)
+            prompts = (
+                tok.encode_batch([p for p, _, _, _ in batch], add_special_tokens=False) if pairs else None
+            )
+            for k, ((_, text, ends, held_out), e) in enumerate(zip(batch, texts, strict=True)):
+                split = "valid" if held_out else "train"
+                context = prompts[k].ids if prompts is not None else []
+                ids = context + e.ids + [eot] if ends else e.ids
+                out[split].write(np.asarray(ids, dtype=dtype).tobytes())
+                counts[f"{split}_tokens"] += len(ids)
+                counts[f"{split}_chars"] += len(text)
+                if pairs:
+                    masks[split].write(bytes(len(context)) + b"\x01" * (len(ids) - len(context)))
+                    counts[f"{split}_targets"] += len(ids) - len(context)
+            batch.clear()
 
-            for path in files:
-                for text, ends in iter_pieces(path, text_field, encoding):
-                    batch.append((text, ends, _is_valid_piece(index, valid)))
-                    index += 1
-                    if len(batch) >= ENCODE_BATCH:
-                        flush()
-            flush()
-        meta = {"dtype": dtype.name, "vocab_size": tok.get_vocab_size(), "pieces": index, **counts}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        for path in files:
+            if pairs:
+                pieces: Iterator[tuple[str, str, bool]] = (
+                    (p, t, True) for p, t in iter_pairs(path, prompt_field, text_field, encoding)
+                )
+            else:
+                pieces = (("", t, ends) for t, ends in iter_pieces(path, text_field, encoding))
+            for prompt, text, ends in pieces:
+                batch.append((prompt, text, ends, _is_valid_piece(index, valid)))
+                index += 1
+                if len(batch) >= ENCODE_BATCH:
+                    flush()
+        flush()
+        for h in handles:
+            h.close()
+        meta = {"dtype": dtype.name, "vocab_size": tok.get_vocab_size(), "pieces": index, "pairs": pairs}
+        (tmp / "meta.json").write_text(json.dumps(meta | counts, indent=1), encoding="utf-8")
         if out_dir.exists():  # another process finished the same entry first
             shutil.rmtree(tmp)
         else:
@@ -231,25 +328,38 @@ def tokenize_corpus(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        for h in handles:
+            h.close()
     return json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
 
 
 def open_tokens(folder: Path) -> TokenData:
-    """Memory-map a tokenized corpus folder."""
+    """Memory-map a tokenized corpus folder (and its target masks, for a pairs corpus)."""
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     dtype = np.dtype(meta["dtype"])
 
-    def mapped(name: str) -> np.ndarray:
+    def mapped(name: str, kind: np.dtype) -> np.ndarray:
         path = folder / name
         if path.stat().st_size == 0:
-            return np.zeros(0, dtype=dtype)
-        return np.memmap(path, dtype=dtype, mode="r")
+            return np.zeros(0, dtype=kind)
+        return np.memmap(path, dtype=kind, mode="r")
 
-    return TokenData(mapped("train.bin"), mapped("valid.bin"), meta)
+    masks = (
+        [mapped(f"{s}.mask", np.dtype(np.uint8)) for s in ("train", "valid")]
+        if meta.get("pairs")
+        else [None] * 2
+    )
+    return TokenData(mapped("train.bin", dtype), mapped("valid.bin", dtype), meta, *masks)
 
 
 def _key(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+def _fields(d: Any) -> tuple[str, ...]:
+    """What of the corpus config the cache keys depend on (a plain corpus keeps its old keys)."""
+    return (d.text_field, d.encoding) + ((f"prompt:{d.prompt_field}",) if d.prompt_field else ())
 
 
 def prepare_corpus(
@@ -265,26 +375,26 @@ def prepare_corpus(
         tokenizer = Tokenizer.from_file(cfg.tokenizer.path)
     if tokenizer is None:
         t = cfg.tokenizer
-        tdir = cfg.cache_dir / "tokenizers" / _key(fp, t.model_dump_json(), d.text_field, d.encoding)
+        tdir = cfg.cache_dir / "tokenizers" / _key(fp, t.model_dump_json(), *_fields(d))
         if (tdir / "tokenizer.json").exists():
             tokenizer = Tokenizer.from_file(str(tdir / "tokenizer.json"))
             say(f"tokenizer: reused {tdir / 'tokenizer.json'}")
         else:
             say(f"tokenizer: training a byte-level BPE of {t.vocab_size} on up to {t.sample_mb:g} MB")
             tokenizer = train_byte_bpe(
-                files, t.vocab_size, t.sample_mb, t.min_frequency, d.text_field, d.encoding
+                files, t.vocab_size, t.sample_mb, t.min_frequency, d.text_field, d.encoding, d.prompt_field
             )
             tdir.mkdir(parents=True, exist_ok=True)
             tokenizer.save(str(tdir / "tokenizer.json"))
     for token in LM_SPECIAL_TOKENS:
         special_id(tokenizer, token)
     tok_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
-    folder = cfg.cache_dir / "tokens" / _key(fp, tok_hash, d.text_field, d.encoding, repr(d.valid))
+    folder = cfg.cache_dir / "tokens" / _key(fp, tok_hash, *_fields(d), repr(d.valid))
     if (folder / "meta.json").exists():
         say(f"token files: reused {folder}")
     else:
         say(f"token files: tokenizing {len(files)} file(s) into {folder}")
-        tokenize_corpus(files, tokenizer, folder, d.valid, d.text_field, d.encoding)
+        tokenize_corpus(files, tokenizer, folder, d.valid, d.text_field, d.encoding, d.prompt_field)
     data = open_tokens(folder)
     if len(data.train) <= cfg.model.context:
         raise DataError(
@@ -303,12 +413,19 @@ def window_starts(n_tokens: int, count: int, context: int, seed: int) -> np.ndar
     return rng.integers(0, n_tokens - context, size=count)
 
 
-def windows(tokens: np.ndarray, starts: np.ndarray, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets, int64 [len(starts), context] each, read from the token stream.
+def windows(
+    tokens: np.ndarray, starts: np.ndarray, context: int, mask: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets, int64 [len(starts), context] each, read from the token stream;
+    with a target mask (a pairs corpus), targets the mask does not mark are IGNORE.
 
     Both are contiguous (not two strided views of one array): a compiled model specializes on its
     inputs' strides, and the loss flattens the targets.
     """
     rows = np.stack([np.asarray(tokens[s : s + context + 1], dtype=np.int64) for s in starts])
     t = torch.from_numpy(rows)
-    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+    x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()
+    if mask is not None:
+        keep = np.stack([np.asarray(mask[s + 1 : s + context + 1], dtype=bool) for s in starts])
+        y = torch.where(torch.from_numpy(keep), y, IGNORE)  # new memory: x may share y's (one row)
+    return x, y

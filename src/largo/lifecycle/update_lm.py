@@ -12,15 +12,16 @@
    Its files must still hash as recorded; its held-out stream (its training windows when it held
    nothing out) is re-created with the parent's tokenizer and cached
 4. train: `pretrain` from the parent's weights and tokenizer (`train.init_from`) on the train texts
-   (prompt + completion, one document each) written as a JSONL corpus under `<runs>/<name>/.feedback/`,
+   as prompt/completion pairs (`data.prompt_field`: the prompt is context, only the completion and its
+   end-of-text token are trained on), written as a JSONL corpus under `<runs>/<name>/.feedback/`,
    repeated `feedback_weight` times, and as often as it takes to fill two context windows; one
    micro-batch per step for `steps` steps (default: five passes over the feedback × feedback_weight,
    at most 1000) at the parent's lr × 0.3 unless `lr` is given; the parent's LoRA settings, if it had
    any, are used again (saved merged). A failed fine-tune leaves no run folder and no corpus behind
 5. old and new are scored, in fp32, on
    - the held-out feedback: the completions' mean token loss given their prompts (prompt tokens are
-     context, not targets; prompt and completion encoded apart, as generation sees them, while
-     training encodes their concatenation); the gain is old − new in nats (0.01 ≈ 1% lower perplexity)
+     context, not targets; prompt and completion encoded apart, as generation sees them and as
+     training reads them); the gain is old − new in nats (0.01 ≈ 1% lower perplexity)
    - the reference stream: the mean token loss of the same windows for both; the regression is new − old
 6. the bundle (with update.json: the reference, the scores, the verdict, the feedback ids) is
    registered as `candidate` and promoted to `production` only when the gate passes
@@ -98,16 +99,17 @@ def cache_dir(parent: LMBundle) -> Path:
     return Path(named).resolve() if named else parent.path.parent.parent / ".cache"
 
 
-def reference_stream(parent: LMBundle, reference: dict[str, Any]) -> tuple[Any, str]:
-    """The reference corpus's held-out token stream (tokenized with the parent's tokenizer, cached like
-    any corpus), or its training stream when it holds nothing out; and which one it is."""
+def reference_stream(parent: LMBundle, reference: dict[str, Any]) -> tuple[Any, Any, str]:
+    """The reference corpus's held-out token stream and its target mask (None but for a pairs corpus),
+    tokenized with the parent's tokenizer and cached like any corpus, or its training stream when it
+    holds nothing out; and which one it is."""
     data = {**reference["data"], "paths": [d["path"] for d in reference["lineage"]]}  # absolute paths
     data["cache_dir"] = data.get("cache_dir") or str(cache_dir(parent))
     cfg = parent.config.model_copy(update={"data": CorpusConfig.model_validate(data)})
     _, data = prepare_corpus(cfg, parent.tokenizer)
-    return (
-        (data.valid, "held out") if len(data.valid) >= 2 else (data.train, "training windows: none held out")
-    )
+    if len(data.valid) >= 2:
+        return data.valid, data.valid_mask, "held out"
+    return data.train, data.train_mask, "training windows: none held out"
 
 
 # --------------------------------------------------------------------------------------------- score
@@ -165,25 +167,27 @@ def _scores(loss: float, tokens: int, rows: int) -> dict[str, Any]:
     return {OUTPUT: {"type": "lm", "loss": loss, "perplexity": perplexity, "tokens": tokens, "rows": rows}}
 
 
-def stream_loss(model: GPT, tokens: Any, config: LMConfig) -> dict[str, Any] | None:
+def stream_loss(model: GPT, tokens: Any, mask: Any, config: LMConfig) -> dict[str, Any] | None:
     """Mean token loss of the parent config's evaluation windows of a token stream (the same windows
     for every model)."""
-    train = config.train
-    context = model.cfg.context
-    result = evaluate_lm(
-        model, tokens, context, train.micro_batch, train.eval_batches, contextlib.nullcontext()
-    )
+    context, train = model.cfg.context, config.train
+    nothing = contextlib.nullcontext()
+    result = evaluate_lm(model, tokens, context, train.micro_batch, train.eval_batches, nothing, mask)
     if result is None:
         return None
-    windows = math.ceil(result["tokens"] / min(context, len(tokens) - 1))
+    length = min(context, len(tokens) - 1)
+    count = train.micro_batch * train.eval_batches
+    windows = min(count, (len(tokens) - 1) // length)  # as evaluate_lm draws them
     return _scores(result["loss"], result["tokens"], windows)
 
 
-def score(model: GPT, tokenizer: Tokenizer, stream: Any, config: LMConfig, held_out: list[dict]) -> dict:
-    """{"test": scores on the reference stream, "feedback": on the held-out feedback (None if empty)}."""
+def score(
+    model: GPT, tokenizer: Tokenizer, stream: tuple[Any, Any], config: LMConfig, held_out: list[dict]
+) -> dict:
+    """{"test": scores on the reference stream, "feedback": on the held-out feedback}."""
     model.float()
     return {
-        "test": stream_loss(model, stream, config),
+        "test": stream_loss(model, *stream, config),
         "feedback": completion_loss(model, tokenizer, held_out),
     }
 
@@ -196,11 +200,9 @@ def corpus_copies(
 ) -> tuple[int, int]:
     """(copies of the feedback texts in the corpus, tokens of one copy): `weight` copies, or more to fill
     two windows of context + 1 tokens."""
-    eot = special_id(tokenizer, EOT)
-    one = sum(
-        len(e.ids) for e in tokenizer.encode_batch([t["text"] for t in texts], add_special_tokens=False)
-    )
-    one += len(texts) * (eot >= 0)  # each document ends with EOT in the token file
+    pieces = [t["prompt"] for t in texts] + [t["completion"] for t in texts]
+    one = sum(len(e.ids) for e in tokenizer.encode_batch(pieces, add_special_tokens=False))
+    one += len(texts)  # each record ends with EOT in the token file
     return max(weight, math.ceil(2 * (context + 2) / max(1, one))), one
 
 
@@ -231,8 +233,8 @@ def finetune_config(
     base = parent.config
     data = base.model_dump(mode="json")
     data |= {"name": name, "runs_dir": str(runs)}
-    data["data"] = {"paths": [str(corpus)], "text_field": "text", "encoding": "utf-8", "valid": 0.0,
-                    "cache_dir": str(cache_dir(parent))}  # fmt: skip
+    data["data"] = {"paths": [str(corpus)], "prompt_field": "prompt", "text_field": "completion",
+                    "encoding": "utf-8", "valid": 0.0, "cache_dir": str(cache_dir(parent))}  # fmt: skip
     train = data["train"]
     per_step = base.train.micro_batch * base.model.context
     steps = upd.steps or min(1000, math.ceil(5 * upd.feedback_weight * feedback_tokens / per_step))
@@ -270,7 +272,7 @@ def update_lm(registry: Registry, parent: Version, upd: UpdateConfig) -> UpdateR
 
     # 2. the feedback, split for good into train and held-out texts
     texts, counts = lm_feedback_texts(registry, parent.name)
-    train = [t for t in texts if not in_holdout(t["prediction_id"], upd.holdout)]
+    train = [t for t in texts if t["completion"] and not in_holdout(t["prediction_id"], upd.holdout)]
     held_out = [t for t in texts if in_holdout(t["prediction_id"], upd.holdout)]
     if not train:
         raise UpdateError(
@@ -286,7 +288,7 @@ def update_lm(registry: Registry, parent: Version, upd: UpdateConfig) -> UpdateR
     # 3. the reference corpus's held-out stream (tokenized once, then cached)
     old = read_lm_bundle(parent.path)
     reference = reference_of(parent, old.config)
-    stream, stream_kind = reference_stream(old, reference)
+    tokens, mask, stream_kind = reference_stream(old, reference)
     reference_label = f"reference corpus ({stream_kind})"
 
     # 4. fine-tune into the run's next version folder (removed again if anything fails)
@@ -301,7 +303,9 @@ def update_lm(registry: Registry, parent: Version, upd: UpdateConfig) -> UpdateR
         new = read_lm_bundle(run_dir)
         scores: dict[str, dict[str, Any]] = {}
         for side, bundle in (("old", old), ("new", new)):
-            for table, value in score(bundle.model, bundle.tokenizer, stream, old.config, held_out).items():
+            for table, value in score(
+                bundle.model, bundle.tokenizer, (tokens, mask), old.config, held_out
+            ).items():
                 scores.setdefault(table, {})[side] = value
         verdict = judge(upd.gate, OUTPUT, "loss", scores, test_label=reference_label)
         rows = {

@@ -102,13 +102,16 @@ def step_batches(
     context: int,
     rank: int = 0,
     world: int = 1,
+    mask: np.ndarray | None = None,
 ) -> list[MicroBatch]:
     """Rank `rank`'s micro-batches of one optimizer step: random windows that depend only on (seed,
     step). The step's accumulate × world micro-batches are drawn as one process would draw them, and
-    each rank reads its own `accumulate` of them."""
+    each rank reads its own `accumulate` of them. `mask` (a pairs corpus) makes prompt targets IGNORE."""
     rng = np.random.default_rng([seed, step])
     starts = rng.integers(0, len(tokens) - context, size=(accumulate * world, micro_batch))
-    return [windows(tokens, row, context) for row in starts[rank * accumulate : (rank + 1) * accumulate]]
+    return [
+        windows(tokens, row, context, mask) for row in starts[rank * accumulate : (rank + 1) * accumulate]
+    ]
 
 
 def _prefetch(make: Callable[[int], Any], first: int, last: int, depth: int = 3) -> Iterator[Any]:
@@ -159,12 +162,19 @@ def lm_step(
 
 @torch.no_grad()
 def evaluate_lm(
-    model: nn.Module, tokens: np.ndarray, context: int, micro_batch: int, batches: int, amp: Any
+    model: nn.Module,
+    tokens: np.ndarray,
+    context: int,
+    micro_batch: int,
+    batches: int,
+    amp: Any,
+    mask: np.ndarray | None = None,
 ) -> dict[str, float] | None:
     """Mean token loss and perplexity on held-out windows (the same windows at every evaluation).
 
     A held-out stream shorter than the asked windows is read once, end to end, in windows of the
-    context (or its own length). None when it holds fewer than two tokens. Under DDP each rank reads
+    context (or its own length). None when it holds fewer than two tokens. With a target `mask` (a
+    pairs corpus) only the marked tokens (completions) count. Under DDP each rank reads
     every world-th window and the sums are all-reduced, so every rank returns the same figures.
     """
     n = len(tokens)
@@ -182,7 +192,7 @@ def evaluate_lm(
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed token loss, tokens
     for lo in range(0, len(starts), micro_batch):
-        x, y = windows(tokens, starts[lo : lo + micro_batch], length)
+        x, y = windows(tokens, starts[lo : lo + micro_batch], length, mask)
         with amp:
             s, c = model(x.to(device), y.to(device))
         sums += torch.stack([s.double(), c.double()])
@@ -251,7 +261,7 @@ def pretrain_fit(
 
     def make(step: int) -> list[MicroBatch]:
         batches = step_batches(
-            data.train, cfg.seed, step, accumulate, cfg.micro_batch, context, rank=me, world=world
+            data.train, cfg.seed, step, accumulate, cfg.micro_batch, context, me, world, data.train_mask
         )
         if device.type == "cuda":
             batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
@@ -286,7 +296,9 @@ def pretrain_fit(
         if st["step"] % cfg.eval_every == 0 or last:
             record: dict[str, float] = {"step": st["step"], "tokens": st["step"] * tokens_per_step, "lr": lr}
             record["train.loss"] = float(all_reduce_sum(loss_acc.clone())) / max(1, st["loss_steps"])
-            held_out = evaluate_lm(model, data.valid, context, cfg.micro_batch, cfg.eval_batches, amp)
+            held_out = evaluate_lm(
+                model, data.valid, context, cfg.micro_batch, cfg.eval_batches, amp, data.valid_mask
+            )
             if held_out is not None:
                 record["valid.loss"] = held_out["loss"]
                 record["valid.perplexity"] = held_out["perplexity"]
