@@ -29,6 +29,7 @@ _EXPORTS = {
     "train": "largo.api",
     "pretrain": "largo.api",
     "generate": "largo.api",
+    "tune": "largo.api",
     "TextGenerator": "largo.deploy.generator",
     "LMConfig": "largo.config_lm",
     "export": "largo.api",
@@ -65,6 +66,7 @@ __all__ = [  # the names of _EXPORTS (a test keeps the two equal) and the versio
     "pretrain",
     "serve",
     "train",
+    "tune",
     "validate_config",
 ]
 
@@ -82,6 +84,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
         pretrain,
         serve,
         train,
+        tune,
     )
     from largo.config import Config, ConfigError, load_config, validate_config
     from largo.config_lm import LMConfig

@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 
 from largo.api_lm import generate, pretrain  # noqa: F401 - the language-model half of this API
+from largo.api_tune import tune  # noqa: F401 - the search half of this API
 from largo.config import Config, ConfigError, load_config, validate_config
 from largo.data.features import Processor
 from largo.data.infer import Inferred, default_config, infer_features

@@ -486,6 +486,65 @@ class TrainConfig(StrictModel):
 # --------------------------------------------------------------------------------------------- root
 
 
+class SearchDimension(StrictModel):
+    """One tuned config key: a float or int range (log scale optional), or a list of choices."""
+
+    type: Literal["float", "int", "choice"] = Field(..., description="float / int: a range; choice: a list.")
+    low: float | None = Field(None, description="Smallest value of a float / int range.")
+    high: float | None = Field(None, description="Largest value of a float / int range (included).")
+    log: bool = Field(False, description="Sample a range on a log scale (e.g. learning rates).")
+    step: float | None = Field(None, gt=0.0, description="Grid step of a range (not with log).")
+    choices: list[Any] | None = Field(None, min_length=1, description="The values a choice takes (any YAML).")
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchDimension:
+        if self.type == "choice":
+            if self.choices is None or self.low is not None or self.high is not None:
+                raise ValueError("a choice takes `choices: [...]` and no low/high")
+            return self
+        if self.choices is not None or self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} range takes `low` and `high` and no choices")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("log: true needs low > 0 and no step")
+        if self.type == "int" and not (float(self.low).is_integer() and float(self.high).is_integer()):
+            raise ValueError("an int range needs whole low and high")
+        return self
+
+
+class TuneConfig(StrictModel):
+    """`largo tune`: a hyperparameter search over config keys (optuna), pruned on the validation curve."""
+
+    space: dict[str, SearchDimension] = Field(
+        ...,
+        min_length=1,
+        description="Config key paths as --set writes them (train.optimizer.lr, inputs.0.encoder.layers) "
+        "→ their range or choices.",
+    )
+    metric: str = Field(
+        "auto", description="The logged metric to optimize; auto: train.early_stopping's, else valid.loss."
+    )
+    direction: Literal["auto", "maximize", "minimize"] = Field(
+        "auto", description="auto: minimize losses and errors, maximize the rest."
+    )
+    trials: int = Field(
+        20, ge=1, description="Trials in the study, in total (a resumed study counts its own)."
+    )
+    timeout_s: float | None = Field(None, gt=0.0, description="Stop starting trials after this many seconds.")
+    sampler: Literal["tpe", "random"] = Field("tpe", description="How values are proposed.")
+    pruner: Literal["median", "none"] = Field(
+        "median", description="median: stop a trial whose curve is below the median of earlier ones."
+    )
+    startup_trials: int = Field(
+        5,
+        ge=0,
+        description="Trials sampled at random, and never pruned against, before TPE and pruning start.",
+    )
+    warmup_epochs: int = Field(2, ge=0, description="Epochs every trial runs before it can be pruned.")
+    seed: int = Field(0, description="Seeds the sampler (trials train with train.seed).")
+
+
 class Config(StrictModel):
     """A whole run: data, features, model and training."""
 
@@ -496,6 +555,9 @@ class Config(StrictModel):
     outputs: list[OutputFeature] = Field(..., min_length=1, description="Output features (targets).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig | None = Field(
+        None, description="The search `largo tune` runs (`largo train` ignores it)."
+    )
 
     @model_validator(mode="after")
     def _check_features(self) -> Config:
@@ -509,6 +571,12 @@ class Config(StrictModel):
             if es.metric not in allowed:
                 raise ValueError(
                     f"train.early_stopping.metric: {es.metric!r} is not logged; allowed: {', '.join(allowed)}"
+                )
+        if self.tune is not None and self.tune.metric != "auto":
+            allowed = [m for m in self.metric_names() if m.startswith("valid.")]
+            if self.tune.metric not in allowed:
+                raise ValueError(
+                    f"tune.metric: {self.tune.metric!r} is not logged; allowed: {', '.join(allowed)}"
                 )
         return self
 

@@ -270,6 +270,36 @@ def _plot_residuals(path: Path, name: str, y_true: np.ndarray, y_pred: np.ndarra
     _save(fig, path)
 
 
+def write_tune_plot(path: str | Path, trials: list[dict], metric: str, minimize: bool) -> Path:
+    """A search's history: each finished trial's value (pruned ones at the value they were stopped at,
+    hollow) and the best so far, by trial number."""
+    path = Path(path)
+    with _plot_style():
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        done = [t for t in trials if t["state"] == "complete" and t["value"] is not None]
+        pruned = [t for t in trials if t["state"] == "pruned" and t.get("last") is not None]
+        ax.scatter([t["number"] for t in done], [t["value"] for t in done], s=24, label="trial")
+        if pruned:
+            xy = [t["number"] for t in pruned], [t["last"] for t in pruned]
+            ax.scatter(
+                *xy, s=24, facecolors="none", edgecolors="tab:gray", label="pruned (value when stopped)"
+            )
+        best, line = None, []
+        for t in sorted(done, key=lambda t: t["number"]):
+            if best is None or (t["value"] < best if minimize else t["value"] > best):
+                best = t["value"]
+            line.append((t["number"], best))
+        if line:
+            ax.step(*zip(*line, strict=True), where="post", color="tab:red", label="best so far")
+        ax.set_xlabel("trial")
+        ax.set_ylabel(metric)
+        ax.set_title(f"search: {metric} ({'lower' if minimize else 'higher'} is better)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        _save(fig, path)
+    return path
+
+
 def _save(fig: plt.Figure, path: Path) -> None:
     try:
         fig.savefig(path, dpi=_DPI, bbox_inches="tight")

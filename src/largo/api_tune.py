@@ -1,0 +1,379 @@
+"""The search half of the API (re-exported by `largo.api`): `largo tune` / `largo.tune()`, optuna trials
+over config keys, pruned on the validation curve, then the best config trained into a bundle.
+
+The config's `tune:` section names the space: config key paths as `--set` writes them
+(`train.optimizer.lr`, `model.hidden`, `inputs.0.encoder.layers`) → a float / int range or a list of
+choices. Every key is checked up front: its lowest and highest value (first and last choice) must
+each give a valid config, so a typo fails before the first trial.
+
+Each trial trains the config with its values on the SAME train / valid split (read, cleaned and split
+once, so `data.*` keys are not tunable), reports the validation metric after every epoch, and the
+pruner stops a trial whose curve falls below the median of the earlier trials at the same epoch. A
+trial's value is the metric of the weights fit() keeps: its best epoch with early stopping, else its
+last. Preprocessing is fitted once, unless the space reaches into `inputs` / `outputs` (a tokenizer's
+vocabulary …): then per trial. Trials write no bundles; the study is an optuna SQLite file in
+`runs/<name>/tune-<N>/`, so an interrupted search resumes where it stopped (`resume=True`;
+`tune.trials` counts every trial of the study). Beside it: tune.json (every trial, the best),
+best.yaml (the config that reproduces the best trial) and history.png. Then `train()` runs best.yaml
+into the run's next version (same seed and split: its validation score is the best trial's).
+
+Why optuna: TPE sampling, median pruning and a resumable SQLite study are what a search needs, kept
+up by a wide user base; writing them by hand would be a worse copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from largo.config import Config, ConfigError, SearchDimension, TuneConfig, apply_overrides, validate_config
+from largo.evaluate.scoring import headline, score_outputs
+from largo.models.build import build_model
+from largo.train.checkpoint import seed_everything
+from largo.train.distributed import group_rank_and_size, log
+from largo.train.loop import fit
+from largo.train.losses import make_loss_fn
+from largo.train.prepare import augmenter, class_weights, encode_split, fit_processors, load_splits
+
+FIXED_KEYS = ("data", "tune", "name", "runs_dir")  # what every trial must share
+LOWER_IS_BETTER = {"loss", "mse", "rmse", "mae"}
+
+
+@dataclass
+class StudyResult:
+    """What a search found: every trial, the best one and the config that reproduces it."""
+
+    metric: str
+    direction: str
+    trials: list[dict[str, Any]]  # number, state, value, params, epochs, seconds
+    best: dict[str, Any] | None
+    best_config: Config | None
+    folder: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------- space
+
+
+def with_values(cfg: Config, values: dict[str, Any], source: str = "tune trial") -> Config:
+    """The config with each key path set to its value (validated: errors name the key)."""
+    data = cfg.model_dump(mode="json")
+    try:
+        data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in values.items()])
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("--set", "tune.space:")) from None
+    return validate_config(data, source=source)
+
+
+def check_space(cfg: Config, tune: TuneConfig) -> None:
+    """Every key is tunable and its extreme values give valid configs (ConfigError naming the key)."""
+    if group_rank_and_size()[1] > 1:
+        raise ConfigError("largo tune runs its trials in one process; start it without torchrun")
+    if cfg.data.valid in (None, 0, 0.0):
+        raise ConfigError("tune: needs a validation split to judge trials on; set data.valid")
+    for key, dim in tune.space.items():
+        if key.split(".", 1)[0] in FIXED_KEYS:
+            raise ConfigError(
+                f"tune.space.{key}: the {key.split('.', 1)[0]} section is the same for every trial "
+                "(one split judges them all); tune model, train, inputs or outputs keys"
+            )
+        for value in extremes(dim):
+            with_values(cfg, {key: value}, source=f"tune.space.{key} = {value!r}")  # names the key
+
+
+def extremes(dim: SearchDimension) -> list[Any]:
+    if dim.type == "choice":
+        return [dim.choices[0], dim.choices[-1]] if dim.choices else []
+    if dim.type == "int":
+        return [int(dim.low), int(dim.high)]
+    return [dim.low, dim.high]
+
+
+def suggest(trial: Any, key: str, dim: SearchDimension) -> Any:
+    """The trial's value of one key. Choices that are not scalars (lists, mappings) are offered to optuna
+    as their JSON text and decoded back."""
+    if dim.type == "float":
+        return trial.suggest_float(key, dim.low, dim.high, log=dim.log, step=dim.step)
+    if dim.type == "int":
+        return trial.suggest_int(key, int(dim.low), int(dim.high), log=dim.log, step=int(dim.step or 1))
+    shown = [
+        c if isinstance(c, str | int | float | bool | type(None)) else json.dumps(c) for c in dim.choices
+    ]
+    picked = trial.suggest_categorical(key, shown)
+    return dim.choices[shown.index(picked)]
+
+
+def objective_metric(cfg: Config, tune: TuneConfig) -> tuple[str, bool]:
+    """(metric, minimize) the study optimizes."""
+    es = cfg.train.early_stopping
+    metric = tune.metric if tune.metric != "auto" else (es.metric if es is not None else "valid.loss")
+    if not metric.startswith("valid."):
+        raise ConfigError(f"tune.metric: {metric!r} is not a validation metric; trials are judged on valid.*")
+    if tune.direction != "auto":
+        return metric, tune.direction == "minimize"
+    return metric, metric.rsplit(".", 1)[-1] in LOWER_IS_BETTER
+
+
+# ------------------------------------------------------------------------------------------- trial
+
+
+def train_trial(
+    cfg: Config, tables: dict, processors: dict | None, on_epoch_end: Callable[[dict[str, float]], None]
+) -> tuple[list[dict[str, float]], int | None]:
+    """Fit one trial's model on the shared split (no files written); returns (history, best epoch)."""
+    processors = processors if processors is not None else fit_processors(tables["train"], cfg)
+    train = encode_split(tables["train"], cfg, processors, "train")
+    valid = encode_split(tables["valid"], cfg, processors, "valid")
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg, processors)
+    if cfg.train.lora is not None:
+        from largo.train.lora import add_lora
+
+        model = add_lora(model, cfg.train.lora)
+
+    def score_fn(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
+        return headline(score_outputs(outputs, valid.targets, cfg.outputs, processors))
+
+    loss_fn = make_loss_fn(cfg.outputs, class_weights(cfg, train, processors))
+    result = fit(model, train, valid, cfg.train, loss_fn, score_fn=score_fn,
+                 transform=augmenter(cfg, processors), on_epoch_end=on_epoch_end)  # fmt: skip
+    return result.history, result.best_epoch
+
+
+def import_optuna() -> Any:
+    """The optuna module, or an ImportError that says how to install it."""
+    try:
+        import optuna
+    except ImportError as e:
+        raise ImportError('largo tune needs the optuna package: pip install "largo[tune]"') from e
+    return optuna
+
+
+def run_study(cfg: Config, folder: Path, say: Callable[[str], None]) -> StudyResult:
+    """Run (or continue) the study of `cfg.tune` in `folder`; the best trial's config comes back."""
+    optuna = import_optuna()
+
+    tune = cfg.tune
+    if tune is None:
+        raise ConfigError("tune: the config has no tune section (tune: {space: {KEY: {type, low, high}}})")
+    check_space(cfg, tune)
+    metric, minimize = objective_metric(cfg, tune)
+    tables, _ = load_splits(cfg)
+    if tables["valid"].num_rows == 0:
+        raise ConfigError("tune: the validation split is empty; set data.valid")
+    per_trial = any(key.split(".", 1)[0] in ("inputs", "outputs") for key in tune.space)
+    shared = None if per_trial else fit_processors(tables["train"], cfg)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    folder.mkdir(parents=True, exist_ok=True)
+    sampler = (
+        optuna.samplers.TPESampler(seed=tune.seed, n_startup_trials=tune.startup_trials)
+        if tune.sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=tune.seed)
+    )
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials, n_warmup_steps=tune.warmup_epochs)
+        if tune.pruner == "median"
+        else optuna.pruners.NopPruner()
+    )
+    study = optuna.create_study(
+        study_name=cfg.name, storage=f"sqlite:///{folder / 'study.db'}", load_if_exists=True,
+        direction="minimize" if minimize else "maximize", sampler=sampler, pruner=pruner,
+    )  # fmt: skip
+
+    def objective(trial: Any) -> float:
+        values = {key: suggest(trial, key, dim) for key, dim in tune.space.items()}
+        trial_cfg = with_values(cfg, values)
+        trial_cfg = trial_cfg.model_copy(
+            update={"train": trial_cfg.train.model_copy(update={"progress": False})}
+        )
+        t0 = time.perf_counter()
+
+        def report(record: dict[str, float]) -> None:
+            value = record.get(metric)
+            if value is None or not math.isfinite(value):
+                return
+            trial.report(value, step=int(record["epoch"]))
+            if trial.should_prune():
+                trial.set_user_attr("epochs", int(record["epoch"]))
+                raise optuna.TrialPruned(f"{metric} {value:.4g} at epoch {record['epoch']}")
+
+        with contextlib.redirect_stderr(io.StringIO()):  # the trial's epoch lines: one line a trial instead
+            history, best_epoch = train_trial(trial_cfg, tables, shared, report)
+        kept = next((r for r in history if r["epoch"] == best_epoch), history[-1])
+        trial.set_user_attr("epochs", len(history))
+        trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
+        value = kept.get(metric)
+        if value is None or not math.isfinite(value):
+            raise optuna.TrialPruned(f"{metric} is not finite ({value})")  # a diverged trial
+        return float(value)
+
+    def show(study: Any, trial: Any) -> None:
+        state = trial.state.name.lower()
+        value = f"{trial.value:.4f}" if trial.value is not None else "-"
+        params = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+        say(f"trial {trial.number:>3}  {state:<9} {metric} {value:>8}  {params}")
+
+    remaining = tune.trials - len([t for t in study.trials if t.state.is_finished()])
+    if remaining > 0:
+        # a combination of values the config refuses (heads that do not divide dim …) fails alone
+        study.optimize(objective, n_trials=remaining, timeout=tune.timeout_s, callbacks=[show],
+                       catch=(ConfigError,))  # fmt: skip
+    return _result(study, cfg, metric, minimize, folder)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _result(study: Any, cfg: Config, metric: str, minimize: bool, folder: Path) -> StudyResult:
+    optuna = import_optuna()
+
+    trials = []
+    for t in study.trials:
+        trials.append({
+            "number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
+            "epochs": t.user_attrs.get("epochs"), "seconds": t.user_attrs.get("seconds"),
+            "last": t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None,
+        })  # fmt: skip
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = best_config = None
+    if done:
+        top = min(done, key=lambda t: t.value) if minimize else max(done, key=lambda t: t.value)
+        values = {key: _decoded(cfg.tune.space[key], v) for key, v in top.params.items()}
+        best = {"number": top.number, "value": top.value, "values": values}
+        best_config = with_values(cfg, values, source="the best trial's config")
+    return StudyResult(metric, "minimize" if minimize else "maximize", trials, best, best_config, folder)
+
+
+def _decoded(dim: SearchDimension, value: Any) -> Any:
+    """A stored optuna value back as the config value (a JSON-offered choice decoded)."""
+    if dim.type != "choice":
+        return value
+    shown = [
+        c if isinstance(c, str | int | float | bool | type(None)) else json.dumps(c) for c in dim.choices
+    ]
+    return dim.choices[shown.index(value)]
+
+
+# --------------------------------------------------------------------------------------------- api
+
+
+@dataclass
+class TuneResult:
+    """A finished search: the study's trials and best values, and the bundle trained from them."""
+
+    study: StudyResult
+    path: Path | None  # the best config's bundle (None when retrain=False or no trial finished)
+    metrics: dict[str, Any] | None
+
+    def table(self) -> str:
+        """The trials, best first, as `largo tune` prints them."""
+        s = self.study
+        done = [t for t in s.trials if t["value"] is not None]
+        done.sort(key=lambda t: t["value"], reverse=s.direction == "maximize")
+        rest = [t for t in s.trials if t["value"] is None]
+        keys = list(s.best["values"]) if s.best else sorted({k for t in s.trials for k in t["params"]})
+        lines = [f"{'trial':>5} {'state':<9} {s.metric:>14} {'epochs':>6}  " + "  ".join(keys)]
+        for t in done + rest:
+            value = f"{t['value']:.4f}" if t["value"] is not None else "-"
+            params = "  ".join(_short(t["params"].get(k, "-")) for k in keys)
+            lines.append(f"{t['number']:>5} {t['state']:<9} {value:>14} {t['epochs'] or '-':>6}  {params}")
+        counts = {
+            state: sum(t["state"] == state for t in s.trials) for state in ("complete", "pruned", "fail")
+        }
+        lines.append(
+            ", ".join(f"{n} {state}" for state, n in counts.items() if n) + f" of {len(s.trials)} trials"
+        )
+        if s.best:
+            shown = ", ".join(f"{k}={_short(v)}" for k, v in s.best["values"].items())
+            lines.append(f"best: trial {s.best['number']}, {s.metric} {s.best['value']:.4f} ({shown})")
+        return "\n".join(lines)
+
+
+def _changes(a: Config, b: Config) -> list[str]:
+    """Key paths where two configs differ, tune.trials and tune.timeout_s left out."""
+
+    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: value}
+
+    x, y = flat(a.model_dump(mode="json")), flat(b.model_dump(mode="json"))
+    free = {"tune.trials", "tune.timeout_s"}
+    return sorted(k for k in set(x) | set(y) if k not in free and x.get(k) != y.get(k))
+
+
+def tune_folder(runs_dir: str | Path, name: str, resume: bool) -> Path:
+    """runs/<name>/tune-<N>: the next one, or with `resume` the newest (ConfigError if there is none)."""
+    root = Path(runs_dir) / name
+    numbers = sorted(int(p.name[5:]) for p in root.glob("tune-*") if p.name[5:].isdigit())
+    if resume:
+        if not numbers:
+            raise ConfigError(f"nothing to resume: no search of {name!r} under {runs_dir} (tune-<N> folders)")
+        return root / f"tune-{numbers[-1]}"
+    return root / f"tune-{(numbers[-1] if numbers else 0) + 1}"
+
+
+def tune(config: Config | dict | str | Path, *, resume: bool = False, retrain: bool = True) -> TuneResult:
+    """Search the config's `tune.space`, then train the best config into a bundle.
+
+    Args:
+        config: a Config with a `tune:` section, the same as a dict, or a YAML file path.
+        resume: continue the newest search of this config's name (its study, its remaining trials).
+        retrain: train the best trial's config into the run's next version (a bundle) at the end.
+
+    Returns:
+        TuneResult: every trial, the best values, and the bundle's path and metrics.
+    """
+    from largo.api import _as_config, train
+    from largo.config import dump_config
+    from largo.evaluate.report import write_tune_plot
+
+    cfg = _as_config(config)
+    import_optuna()
+    if cfg.tune is None:
+        raise ConfigError("tune: the config has no tune section (tune: {space: {KEY: {type, low, high}}})")
+    check_space(cfg, cfg.tune)  # before any folder is made
+    objective_metric(cfg, cfg.tune)
+    folder = tune_folder(cfg.runs_dir, cfg.name, resume)
+    if resume:  # the same search with a new total: only tune.trials and tune.timeout_s may change
+        stored = _as_config(folder / "config.yaml")
+        changed = _changes(stored, cfg)
+        if changed:
+            raise ConfigError(
+                f"resume: this config differs from the search in {folder} at {', '.join(changed)}; "
+                "only tune.trials and tune.timeout_s may change (start a new search without --resume)"
+            )
+        (folder / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    log(f"search folder: {folder}")
+    study = run_study(cfg, folder, log)
+    record = {
+        "metric": study.metric,
+        "direction": study.direction,
+        "best": study.best,
+        "trials": study.trials,
+    }
+    if study.best_config is not None:
+        (folder / "best.yaml").write_text(dump_config(study.best_config), encoding="utf-8")
+    write_tune_plot(folder / "history.png", study.trials, study.metric, study.direction == "minimize")
+    path = metrics = None
+    if retrain and study.best_config is not None:
+        result = train(study.best_config)
+        path, metrics = result.path, result.metrics
+        record["bundle"] = str(path)
+        (path / "tune.json").write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
+    (folder / "tune.json").write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
+    return TuneResult(study, path, metrics)

@@ -1,0 +1,153 @@
+"""`largo tune`: an optuna search over config keys on the digits table, pruned, resumed, retrained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import largo
+from largo.cli import app as cli
+from largo.config import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _config(csv: Path, runs: Path, **tune: object) -> dict:
+    return {
+        "name": "digits",
+        "runs_dir": str(runs),
+        "data": {"train": str(csv), "valid": 0.2, "test": 0.2},
+        "inputs": [{"name": f"p{j}", "type": "number"} for j in range(64)],
+        "outputs": [{"name": "label", "type": "category"}],
+        "model": {"hidden": [32]},
+        "train": {"epochs": 4, "batch_size": 64, "progress": False},
+        "tune": {
+            "space": {
+                "train.optimizer.lr": {"type": "float", "low": 1e-5, "high": 3e-2, "log": True},
+                "model.hidden": {"type": "choice", "choices": [[16], [64, 32]]},
+            },
+            "metric": "valid.accuracy",
+            "trials": 6,
+            "sampler": "random",
+            "startup_trials": 2,
+            **tune,
+        },
+    }
+
+
+def test_a_search_finds_the_best_trial_and_its_bundle_reproduces_it(digits_csv: Path, tmp_path: Path) -> None:
+    result = largo.tune(_config(digits_csv, tmp_path / "runs"))
+    study = result.study
+    assert study.metric == "valid.accuracy" and study.direction == "maximize" and len(study.trials) == 6
+    done = [t for t in study.trials if t["state"] == "complete"]
+    assert done and study.best["value"] == max(t["value"] for t in done)
+    best = next(t for t in study.trials if t["number"] == study.best["number"])
+    assert study.best["values"]["train.optimizer.lr"] == best["params"]["train.optimizer.lr"]
+    assert study.best["values"]["model.hidden"] in ([16], [64, 32])  # the choice decoded from its JSON
+    lrs = [t["params"]["train.optimizer.lr"] for t in study.trials]
+    assert all(1e-5 <= lr <= 3e-2 for lr in lrs) and len(set(lrs)) == 6
+    # some trial with a tiny learning rate is far worse than the best: the search is not a coin toss
+    assert min(t["value"] for t in done) < study.best["value"] - 0.2 or any(
+        t["state"] == "pruned" for t in study.trials
+    )
+    # the retrained bundle: the best trial's config, same seed and split, so the same validation score
+    assert result.path is not None and result.path.name == "v1"
+    cfg = yaml.safe_load((result.path / "config.yaml").read_text(encoding="utf-8"))
+    assert cfg["train"]["optimizer"]["lr"] == pytest.approx(study.best["values"]["train.optimizer.lr"])
+    assert cfg["model"]["hidden"] == study.best["values"]["model.hidden"]
+    assert result.metrics["valid"]["label"]["accuracy"] == pytest.approx(study.best["value"], abs=1e-9)
+    folder = study.folder
+    assert folder.name == "tune-1" and (folder / "study.db").is_file() and (folder / "history.png").is_file()
+    record = json.loads((folder / "tune.json").read_text(encoding="utf-8"))
+    assert record["best"]["number"] == study.best["number"] and len(record["trials"]) == 6
+    assert record["bundle"] == str(result.path)
+    assert (
+        yaml.safe_load((folder / "best.yaml").read_text(encoding="utf-8"))["model"]["hidden"]
+        == cfg["model"]["hidden"]
+    )
+    table = result.table()
+    assert table.splitlines()[1].split()[0] == str(study.best["number"])  # best first
+    assert f"best: trial {study.best['number']}, valid.accuracy {study.best['value']:.4f}" in table
+
+    # resumed with a larger total: the same study grows, the earlier trials kept
+    grown = largo.tune(_config(digits_csv, tmp_path / "runs", trials=8), resume=True, retrain=False)
+    assert grown.study.folder == folder and len(grown.study.trials) == 8 and grown.path is None
+    assert [t["params"] for t in grown.study.trials[:6]] == [t["params"] for t in study.trials]
+    other = _config(digits_csv, tmp_path / "runs", trials=9)
+    other["tune"]["space"]["model.hidden"]["choices"] = [[8], [128]]
+    with pytest.raises(ConfigError, match=r"resume: .*differs .* at tune.space.model.hidden.choices"):
+        largo.tune(other, resume=True)
+
+
+def test_the_median_pruner_stops_trials_that_fall_behind(digits_csv: Path, tmp_path: Path) -> None:
+    cfg = _config(digits_csv, tmp_path / "runs", trials=7, startup_trials=2)
+    cfg["train"]["epochs"] = 6
+    cfg["tune"]["space"] = {"train.optimizer.lr": {"type": "choice", "choices": [1e-2, 1e-6, 1e-6, 1e-2]}}
+    result = largo.tune(cfg, retrain=False)
+    states = [t["state"] for t in result.study.trials]
+    assert "pruned" in states, result.table()
+    for t in result.study.trials:
+        if t["state"] == "pruned":
+            assert t["params"]["train.optimizer.lr"] == 1e-6 and t["epochs"] < 6  # stopped early
+        else:
+            assert t["epochs"] == 6
+    assert result.study.best["values"]["train.optimizer.lr"] == 1e-2
+
+
+def test_bad_search_settings_name_the_key(digits_csv: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for space, match in [
+        (
+            {"train.optimiser.lr": {"type": "float", "low": 0.1, "high": 0.2}},
+            r"(?s)invalid tune.space.train.optimiser.lr = 0.1:.*train.optimiser: unknown key",
+        ),
+        (
+            {"data.valid": {"type": "float", "low": 0.1, "high": 0.2}},
+            r"tune.space.data.valid: the data section is the same for every trial",
+        ),
+        (
+            {"train.epochs": {"type": "int", "low": 0, "high": 3}},
+            r"(?s)invalid tune.space.train.epochs = 0:.*train.epochs: Input should be greater than or equal",
+        ),
+        (
+            {"model.hidden": {"type": "choice", "choices": [[16], "wide"]}},
+            r"(?s)invalid tune.space.model.hidden = 'wide':.*model.hidden",
+        ),
+    ]:
+        cfg = _config(digits_csv, runs)
+        cfg["tune"]["space"] = space
+        with pytest.raises(ConfigError, match=match):
+            largo.tune(cfg)
+    cfg = _config(digits_csv, runs)
+    cfg["tune"]["space"]["train.optimizer.lr"] = {"type": "float", "low": 0.1, "high": 0.01}
+    with pytest.raises(ConfigError, match=r"tune.space.train.optimizer.lr.*low \(0.1\) must be below high"):
+        largo.validate_config(cfg)
+    cfg = _config(digits_csv, runs, metric="valid.r2")
+    with pytest.raises(
+        ConfigError, match=r"tune.metric: 'valid.r2' is not logged; allowed: .*valid.accuracy"
+    ):
+        largo.validate_config(cfg)
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        largo.tune(_config(digits_csv, tmp_path / "empty"), resume=True)
+    assert not runs.exists()  # every bad setting stopped before a search folder was made
+
+
+def test_the_cli_runs_a_search(digits_csv: Path, tmp_path: Path) -> None:
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(_config(digits_csv, tmp_path / "runs", trials=2)), encoding="utf-8")
+    result = CliRunner().invoke(cli, ["tune", str(path), "--trials", "3", "--set", "train.epochs=2"])
+    assert result.exit_code == 0, result.output
+    assert "of 3 trials" in result.output and "best: trial" in result.output
+    assert (
+        "search:" in result.output and "bundle:" in result.output and "test label: accuracy=" in result.output
+    )
+    plain = tmp_path / "plain.yaml"
+    config = _config(digits_csv, tmp_path / "runs")
+    del config["tune"]
+    plain.write_text(yaml.safe_dump(config), encoding="utf-8")
+    refused = CliRunner().invoke(cli, ["tune", str(plain)])
+    assert refused.exit_code != 0 and "no tune section" in refused.output, refused.output
