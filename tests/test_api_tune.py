@@ -50,10 +50,6 @@ def test_a_search_finds_the_best_trial_and_its_bundle_reproduces_it(digits_csv: 
     assert study.best["values"]["model.hidden"] in ([16], [64, 32])  # the choice decoded from its JSON
     lrs = [t["params"]["train.optimizer.lr"] for t in study.trials]
     assert all(1e-5 <= lr <= 3e-2 for lr in lrs) and len(set(lrs)) == 6
-    # some trial with a tiny learning rate is far worse than the best: the search is not a coin toss
-    assert min(t["value"] for t in done) < study.best["value"] - 0.2 or any(
-        t["state"] == "pruned" for t in study.trials
-    )
     # the retrained bundle: the best trial's config, same seed and split, so the same validation score
     assert result.path is not None and result.path.name == "v1"
     cfg = yaml.safe_load((result.path / "config.yaml").read_text(encoding="utf-8"))
@@ -75,8 +71,13 @@ def test_a_search_finds_the_best_trial_and_its_bundle_reproduces_it(digits_csv: 
 
     # resumed with a larger total: the same study grows, the earlier trials kept
     grown = largo.tune(_config(digits_csv, tmp_path / "runs", trials=8), resume=True, retrain=False)
-    assert grown.study.folder == folder and len(grown.study.trials) == 8 and grown.path is None
+    assert grown.study.folder == folder and len(grown.study.trials) == 8
     assert [t["params"] for t in grown.study.trials[:6]] == [t["params"] for t in study.trials]
+    first_lrs = {t["params"]["train.optimizer.lr"] for t in study.trials}
+    assert not first_lrs & {t["params"]["train.optimizer.lr"] for t in grown.study.trials[6:]}  # new values
+    # retrain=False: the bundle is the earlier one if the best trial did not change, else there is none
+    same_best = grown.study.best["number"] == study.best["number"]
+    assert grown.path == (result.path if same_best else None)
     other = _config(digits_csv, tmp_path / "runs", trials=9)
     other["tune"]["space"]["model.hidden"]["choices"] = [[8], [128]]
     with pytest.raises(ConfigError, match=r"resume: .*differs .* at tune.space.model.hidden.choices"):
@@ -151,3 +152,39 @@ def test_the_cli_runs_a_search(digits_csv: Path, tmp_path: Path) -> None:
     plain.write_text(yaml.safe_dump(config), encoding="utf-8")
     refused = CliRunner().invoke(cli, ["tune", str(plain)])
     assert refused.exit_code != 0 and "no tune section" in refused.output, refused.output
+
+
+def test_preprocessing_is_refitted_for_each_distinct_feature_config(digits_csv: Path, tmp_path: Path) -> None:
+    from largo.api_tune import ProcessorCache
+    from largo.train.prepare import load_splits
+
+    cfg = largo.validate_config(_config(digits_csv, tmp_path / "runs"))
+    cache = ProcessorCache(load_splits(cfg)[0]["train"], size=2)
+    first = cache.get(cfg)
+    assert cache.get(cfg.model_copy(update={"model": cfg.model.model_copy(update={"hidden": [8]})})) is first
+    data = cfg.model_dump(mode="json")
+    data["inputs"][0]["normalization"] = "minmax"
+    other = largo.validate_config(data)
+    assert cache.get(other) is not first and cache.get(other) is cache.get(other)
+    assert len(cache.fitted) == 2
+
+
+def test_a_refused_combination_fails_alone_and_a_missing_optuna_is_named(
+    digits_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    cfg = _config(digits_csv, tmp_path / "runs", trials=4)
+    cfg["train"]["epochs"] = 1
+    # the extremes (64, 32) are valid, 0 is not: those trials fail, the others run
+    cfg["tune"]["space"] = {"train.batch_size": {"type": "choice", "choices": [64, 0, 0, 32]}}
+    result = largo.tune(cfg, retrain=False)
+    states = {t["params"]["train.batch_size"]: t["state"] for t in result.study.trials}
+    assert states.get(0) in (None, "fail") and "complete" in states.values()
+    assert all(t["state"] == "fail" for t in result.study.trials if t["params"]["train.batch_size"] == 0)
+    assert result.study.best["values"]["train.batch_size"] in (64, 32)
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna now fails
+    with pytest.raises(
+        ImportError, match=r'largo tune needs the optuna package: pip install "largo\[tune\]"'
+    ):
+        largo.tune(cfg)

@@ -10,9 +10,10 @@ Each trial trains the config with its values on the SAME train / valid split (re
 once, so `data.*` keys are not tunable), reports the validation metric after every epoch, and the
 pruner stops a trial whose curve falls below the median of the earlier trials at the same epoch. A
 trial's value is the metric of the weights fit() keeps: its best epoch with early stopping, else its
-last. Preprocessing is fitted once, unless the space reaches into `inputs` / `outputs` (a tokenizer's
-vocabulary …): then per trial. Trials write no bundles; the study is an optuna SQLite file in
-`runs/<name>/tune-<N>/`, so an interrupted search resumes where it stopped (`resume=True`;
+last. Preprocessing is fitted once, unless a key changes it (a feature's tokenizer, normalization,
+vocabulary …; not its encoder or augmentation): then per trial. Trials write no bundles; the study
+is an optuna SQLite file in `runs/<name>/tune-<N>/`, so an interrupted search resumes where it
+stopped (`resume=True`;
 `tune.trials` counts every trial of the study). Beside it: tune.json (every trial, the best),
 best.yaml (the config that reproduces the best trial) and history.png. Then `train()` runs best.yaml
 into the run's next version (same seed and split: its validation score is the best trial's).
@@ -99,17 +100,38 @@ def extremes(dim: SearchDimension) -> list[Any]:
 
 
 def suggest(trial: Any, key: str, dim: SearchDimension) -> Any:
-    """The trial's value of one key. Choices that are not scalars (lists, mappings) are offered to optuna
-    as their JSON text and decoded back."""
+    """The trial's value of one key. A choice is offered to optuna as its index, so any YAML value
+    works and equal-looking ones (true and 1, [64] and "[64]") stay apart."""
     if dim.type == "float":
         return trial.suggest_float(key, dim.low, dim.high, log=dim.log, step=dim.step)
     if dim.type == "int":
         return trial.suggest_int(key, int(dim.low), int(dim.high), log=dim.log, step=int(dim.step or 1))
-    shown = [
-        c if isinstance(c, str | int | float | bool | type(None)) else json.dumps(c) for c in dim.choices
-    ]
-    picked = trial.suggest_categorical(key, shown)
-    return dim.choices[shown.index(picked)]
+    return dim.choices[trial.suggest_categorical(key, list(range(len(dim.choices))))]
+
+
+def decoded(space: dict[str, SearchDimension], params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's stored optuna parameters as config values (a choice's index → the choice)."""
+    return {
+        k: space[k].choices[v] if k in space and space[k].type == "choice" else v for k, v in params.items()
+    }
+
+
+class ProcessorCache:
+    """Preprocessing fitted on the train split, reused by every trial whose features are configured
+    the same (a feature's encoder can change its preprocessing too: n-grams, an LM's tokenizer), so
+    a trial never reads preprocessing fitted for other settings. The last `size` are kept."""
+
+    def __init__(self, train: Any, size: int = 4):
+        self.train, self.size = train, size
+        self.fitted: dict[str, dict] = {}
+
+    def get(self, cfg: Config) -> dict:
+        key = json.dumps([[f.model_dump(mode="json") for f in fs] for fs in (cfg.inputs, cfg.outputs)])
+        if key not in self.fitted:
+            if len(self.fitted) >= self.size:
+                self.fitted.pop(next(iter(self.fitted)))
+            self.fitted[key] = fit_processors(self.train, cfg)
+        return self.fitted[key]
 
 
 def objective_metric(cfg: Config, tune: TuneConfig) -> tuple[str, bool]:
@@ -120,6 +142,8 @@ def objective_metric(cfg: Config, tune: TuneConfig) -> tuple[str, bool]:
         raise ConfigError(f"tune.metric: {metric!r} is not a validation metric; trials are judged on valid.*")
     if tune.direction != "auto":
         return metric, tune.direction == "minimize"
+    if es is not None and es.metric == metric:
+        return metric, es.minimize  # its own mode, when one is set
     return metric, metric.rsplit(".", 1)[-1] in LOWER_IS_BETTER
 
 
@@ -127,10 +151,9 @@ def objective_metric(cfg: Config, tune: TuneConfig) -> tuple[str, bool]:
 
 
 def train_trial(
-    cfg: Config, tables: dict, processors: dict | None, on_epoch_end: Callable[[dict[str, float]], None]
+    cfg: Config, tables: dict, processors: dict, on_epoch_end: Callable[[dict[str, float]], None]
 ) -> tuple[list[dict[str, float]], int | None]:
     """Fit one trial's model on the shared split (no files written); returns (history, best epoch)."""
-    processors = processors if processors is not None else fit_processors(tables["train"], cfg)
     train = encode_split(tables["train"], cfg, processors, "train")
     valid = encode_split(tables["valid"], cfg, processors, "valid")
     seed_everything(cfg.train.seed)
@@ -170,16 +193,10 @@ def run_study(cfg: Config, folder: Path, say: Callable[[str], None]) -> StudyRes
     tables, _ = load_splits(cfg)
     if tables["valid"].num_rows == 0:
         raise ConfigError("tune: the validation split is empty; set data.valid")
-    per_trial = any(key.split(".", 1)[0] in ("inputs", "outputs") for key in tune.space)
-    shared = None if per_trial else fit_processors(tables["train"], cfg)
+    processors = ProcessorCache(tables["train"])
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder.mkdir(parents=True, exist_ok=True)
-    sampler = (
-        optuna.samplers.TPESampler(seed=tune.seed, n_startup_trials=tune.startup_trials)
-        if tune.sampler == "tpe"
-        else optuna.samplers.RandomSampler(seed=tune.seed)
-    )
     pruner = (
         optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials, n_warmup_steps=tune.warmup_epochs)
         if tune.pruner == "median"
@@ -187,8 +204,18 @@ def run_study(cfg: Config, folder: Path, say: Callable[[str], None]) -> StudyRes
     )
     study = optuna.create_study(
         study_name=cfg.name, storage=f"sqlite:///{folder / 'study.db'}", load_if_exists=True,
-        direction="minimize" if minimize else "maximize", sampler=sampler, pruner=pruner,
+        direction="minimize" if minimize else "maximize", pruner=pruner,
     )  # fmt: skip
+    for t in study.trials:  # a search killed mid-trial left it running; one process runs a study
+        if t.state == optuna.trial.TrialState.RUNNING:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    # seeded past the trials already run: a resumed search proposes new values, not the first ones again
+    seed = tune.seed + len(study.trials)
+    study.sampler = (
+        optuna.samplers.TPESampler(seed=seed, n_startup_trials=tune.startup_trials)
+        if tune.sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=seed)
+    )
 
     def objective(trial: Any) -> float:
         values = {key: suggest(trial, key, dim) for key, dim in tune.space.items()}
@@ -208,19 +235,17 @@ def run_study(cfg: Config, folder: Path, say: Callable[[str], None]) -> StudyRes
                 raise optuna.TrialPruned(f"{metric} {value:.4g} at epoch {record['epoch']}")
 
         with contextlib.redirect_stderr(io.StringIO()):  # the trial's epoch lines: one line a trial instead
-            history, best_epoch = train_trial(trial_cfg, tables, shared, report)
+            history, best_epoch = train_trial(trial_cfg, tables, processors.get(trial_cfg), report)
         kept = next((r for r in history if r["epoch"] == best_epoch), history[-1])
         trial.set_user_attr("epochs", len(history))
         trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
         value = kept.get(metric)
-        if value is None or not math.isfinite(value):
-            raise optuna.TrialPruned(f"{metric} is not finite ({value})")  # a diverged trial
-        return float(value)
+        return float(value) if value is not None and math.isfinite(value) else float("nan")  # nan: failed
 
     def show(study: Any, trial: Any) -> None:
         state = trial.state.name.lower()
         value = f"{trial.value:.4f}" if trial.value is not None else "-"
-        params = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+        params = ", ".join(f"{k}={_short(v)}" for k, v in decoded(tune.space, trial.params).items())
         say(f"trial {trial.number:>3}  {state:<9} {metric} {value:>8}  {params}")
 
     remaining = tune.trials - len([t for t in study.trials if t.state.is_finished()])
@@ -241,7 +266,8 @@ def _result(study: Any, cfg: Config, metric: str, minimize: bool, folder: Path) 
     trials = []
     for t in study.trials:
         trials.append({
-            "number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
+            "number": t.number, "state": t.state.name.lower(), "value": t.value,
+            "params": decoded(cfg.tune.space, t.params),
             "epochs": t.user_attrs.get("epochs"), "seconds": t.user_attrs.get("seconds"),
             "last": t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None,
         })  # fmt: skip
@@ -249,20 +275,10 @@ def _result(study: Any, cfg: Config, metric: str, minimize: bool, folder: Path) 
     best = best_config = None
     if done:
         top = min(done, key=lambda t: t.value) if minimize else max(done, key=lambda t: t.value)
-        values = {key: _decoded(cfg.tune.space[key], v) for key, v in top.params.items()}
+        values = decoded(cfg.tune.space, top.params)
         best = {"number": top.number, "value": top.value, "values": values}
         best_config = with_values(cfg, values, source="the best trial's config")
     return StudyResult(metric, "minimize" if minimize else "maximize", trials, best, best_config, folder)
-
-
-def _decoded(dim: SearchDimension, value: Any) -> Any:
-    """A stored optuna value back as the config value (a JSON-offered choice decoded)."""
-    if dim.type != "choice":
-        return value
-    shown = [
-        c if isinstance(c, str | int | float | bool | type(None)) else json.dumps(c) for c in dim.choices
-    ]
-    return dim.choices[shown.index(value)]
 
 
 # --------------------------------------------------------------------------------------------- api
@@ -279,9 +295,9 @@ class TuneResult:
     def table(self) -> str:
         """The trials, best first, as `largo tune` prints them."""
         s = self.study
-        done = [t for t in s.trials if t["value"] is not None]
+        done = [t for t in s.trials if t["state"] == "complete"]  # pruned ones carry a value too
         done.sort(key=lambda t: t["value"], reverse=s.direction == "maximize")
-        rest = [t for t in s.trials if t["value"] is None]
+        rest = [t for t in s.trials if t["state"] != "complete"]
         keys = list(s.best["values"]) if s.best else sorted({k for t in s.trials for k in t["params"]})
         lines = [f"{'trial':>5} {'state':<9} {s.metric:>14} {'epochs':>6}  " + "  ".join(keys)]
         for t in done + rest:
@@ -291,13 +307,16 @@ class TuneResult:
         counts = {
             state: sum(t["state"] == state for t in s.trials) for state in ("complete", "pruned", "fail")
         }
-        lines.append(
-            ", ".join(f"{n} {state}" for state, n in counts.items() if n) + f" of {len(s.trials)} trials"
-        )
+        summary = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+        lines.append(f"{summary} of {len(s.trials)} trials" if summary else "no trials")
         if s.best:
             shown = ", ".join(f"{k}={_short(v)}" for k, v in s.best["values"].items())
             lines.append(f"best: trial {s.best['number']}, {s.metric} {s.best['value']:.4f} ({shown})")
         return "\n".join(lines)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _changes(a: Config, b: Config) -> list[str]:
@@ -370,7 +389,14 @@ def tune(config: Config | dict | str | Path, *, resume: bool = False, retrain: b
         (folder / "best.yaml").write_text(dump_config(study.best_config), encoding="utf-8")
     write_tune_plot(folder / "history.png", study.trials, study.metric, study.direction == "minimize")
     path = metrics = None
-    if retrain and study.best_config is not None:
+    earlier = _read_json(folder / "tune.json")
+    if (earlier.get("best") or {}).get("number") == (study.best or {}).get("number") and earlier.get(
+        "bundle"
+    ):
+        path = Path(earlier["bundle"])  # a resumed search whose best trial already has its bundle
+        metrics = _read_json(path / "metrics.json") or None
+        record["bundle"] = str(path)
+    elif retrain and study.best_config is not None:
         result = train(study.best_config)
         path, metrics = result.path, result.metrics
         record["bundle"] = str(path)

@@ -49,7 +49,7 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DataError, BundleError, ValueError, FileNotFoundError, ImportError) as exc:
+        except (ConfigError, DataError, BundleError, ValueError, FileNotFoundError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
 
@@ -117,7 +117,9 @@ def tune(
     config: Annotated[
         str, typer.Argument(help="A config.yaml with a tune: section (space, metric, trials).")
     ],
-    trials: Annotated[int | None, typer.Option(help="Override tune.trials (the study's total).")] = None,
+    trials: Annotated[
+        int | None, typer.Option(min=1, help="Override tune.trials (the study's total).")
+    ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override any key: --set tune.sampler=random")
     ] = None,
@@ -132,19 +134,22 @@ def tune(
 
     Prints every trial, best first; writes tune.json, best.yaml and history.png beside the study.
     """
-    data = load_config(config).model_dump(mode="json")
-    if trials:
+    data = apply_overrides(load_config(config).model_dump(mode="json"), set_ or [])
+    if trials is not None:
         if not data.get("tune"):
             raise ConfigError(f"{config}: no tune section to set tune.trials in (tune: {{space: ...}})")
         data["tune"]["trials"] = trials
-    result = api.tune(validate_config(apply_overrides(data, set_ or []), source=config), resume=resume,
-                      retrain=retrain)  # fmt: skip
+    try:
+        result = api.tune(validate_config(data, source=config), resume=resume, retrain=retrain)
+    except ImportError as exc:  # optuna missing: say how to install it
+        raise ConfigError(str(exc)) from None
     typer.echo(result.table())
     typer.echo(f"search:  {result.study.folder}  (best.yaml, tune.json, history.png)")
     if result.path is not None:
-        for output, m in (result.metrics.get("test") or result.metrics.get("valid") or {}).items():
+        split = "test" if result.metrics.get("test") else "valid"
+        for output, m in (result.metrics.get(split) or {}).items():
             shown = {k: m[k] for k in ("accuracy", "f1_macro", "mse", "mae", "r2") if m.get(k) is not None}
-            typer.echo(f"test {output}: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+            typer.echo(f"{split} {output}: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
         typer.echo(f"bundle:  {result.path}")
 
 

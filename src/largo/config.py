@@ -508,8 +508,9 @@ class SearchDimension(StrictModel):
             raise ValueError(f"low ({self.low}) must be below high ({self.high})")
         if self.log and (self.low <= 0 or self.step is not None):
             raise ValueError("log: true needs low > 0 and no step")
-        if self.type == "int" and not (float(self.low).is_integer() and float(self.high).is_integer()):
-            raise ValueError("an int range needs whole low and high")
+        whole = [v for v in (self.low, self.high, self.step) if v is not None]
+        if self.type == "int" and not all(float(v).is_integer() for v in whole):
+            raise ValueError("an int range needs whole low, high and step")
         return self
 
 

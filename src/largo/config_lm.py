@@ -43,6 +43,7 @@ class CorpusConfig(StrictModel):
     text_field: str = Field("text", description="The text field of .jsonl records / .parquet columns.")
     prompt_field: str | None = Field(
         None,
+        min_length=1,
         description="Fine-tuning pairs: the prompt field of .jsonl records / .parquet columns; its tokens "
         "are context, and only the completions (text_field) are trained on and scored.",
     )

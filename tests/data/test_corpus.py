@@ -167,15 +167,23 @@ def test_a_pairs_corpus_trains_on_completions_only(tmp_path):
     prompts = tok.decode(train[~mask].tolist())
     assert all(t.startswith(" answer ") for t in targets) and "answer" not in prompts
     assert prompts.count("->") == 180 and len(data.valid) > 0  # 20 records held out (valid 0.1)
-    x, y = windows(data.train, np.array([0, 5]), 32, data.train_mask)
-    marked = np.asarray(data.train_mask)[np.r_[1:33]].astype(bool)
-    assert (y[0][torch_bool(~marked)] == -100).all() and (y[0][torch_bool(marked)] >= 0).all()
-    assert x[0].tolist() == np.asarray(data.train[:32]).tolist()  # inputs keep the prompt tokens
+    starts = np.array([0, 5, 101])
+    x, y = windows(data.train, starts, 32, data.train_mask)
+    for row, s in enumerate(starts):  # each row's targets: the next tokens, IGNORE where the mask is 0
+        marked = np.asarray(data.train_mask[s + 1 : s + 33]).astype(bool)
+        following = np.asarray(data.train[s + 1 : s + 33]).astype(np.int64)
+        assert y[row].tolist() == np.where(marked, following, -100).tolist()
+        assert x[row].tolist() == np.asarray(data.train[s : s + 32]).tolist()  # inputs keep the prompts
     # the same file read as plain text (no prompt_field) is another cache entry, without masks
     plain_text = plain.model_copy(update={"data": plain.data.model_copy(update={"text_field": "a"})})
     _, unmasked = prepare_corpus(plain_text, tok)
     assert unmasked.train_mask is None and len(unmasked.train) < len(data.train)  # no prompt tokens
     assert len(list((cfg.cache_dir / "tokens").iterdir())) == 2
+    from largo.data.corpus import _fields
+
+    assert _fields(plain.data) == ("text", "auto")  # a plain corpus keeps the cache key it always had
+    with pytest.raises(ValueError, match="prompt_field"):
+        plain.data.model_validate({**plain.data.model_dump(), "prompt_field": ""})
     with pytest.raises(DataError, match="a .txt file has no fields"):
         txt = tmp_path / "plain.txt"
         txt.write_text("hello\n", encoding="utf-8")
@@ -184,9 +192,3 @@ def test_a_pairs_corpus_trains_on_completions_only(tmp_path):
     bad.write_text('{"q": "fine", "a": "ok"}\n{"q": 3, "a": "x"}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"bad.jsonl:2: expected an object with string 'q' and 'a' fields"):
         prepare_corpus(cfg.model_copy(update={"data": cfg.data.model_copy(update={"paths": [str(bad)]})}))
-
-
-def torch_bool(a):
-    import torch
-
-    return torch.from_numpy(np.asarray(a, dtype=bool))

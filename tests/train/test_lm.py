@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,6 +157,9 @@ def test_pretraining_on_prompt_completion_pairs_trains_and_scores_the_completion
     model = GPT(GPTConfig.model_validate({**cfg["model"], "vocab_size": data.meta["vocab_size"]}))
     ((x, y),) = step_batches(data.train, 1, 0, 1, 1, 64, mask=data.train_mask)
     assert (y == IGNORE).any() and (y != IGNORE).any()
+    start = next(s for s in range(len(data.train)) if np.array_equal(data.train[s : s + 64], x[0].numpy()))
+    marked = np.asarray(data.train_mask[start + 1 : start + 65]).astype(bool)  # the targets' own mask
+    assert ((y[0] != IGNORE).numpy() == marked).all()
     assert (x >= 0).all()  # the inputs keep every token (a one-row window shares x's memory with y)
     loss_sum, counted = model(x, y)
     logits = model(x)

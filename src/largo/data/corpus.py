@@ -17,6 +17,7 @@ completions alone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -35,10 +36,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from largo.config_lm import LMConfig
 from largo.data.readers import DataError, _resolve_encoding
-from largo.models.gpt import IGNORE
 
 EOT = "<|endoftext|>"  # ends every document; generation stops on it
 PAD = "<pad>"  # pads fine-tuning batches (never a training target)
+IGNORE = -100  # a target id the loss skips: prompt tokens of a pairs corpus, padding (models.gpt uses it)
 LM_SPECIAL_TOKENS = [EOT, PAD]
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 CORPUS_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
@@ -280,45 +281,44 @@ def tokenize_corpus(
     if pairs:
         counts |= {"train_targets": 0, "valid_targets": 0}
     names = ("train.bin", "valid.bin") + (("train.mask", "valid.mask") if pairs else ())
-    handles = [open(tmp / name, "wb") for name in names]  # noqa: SIM115 - closed in the finally below
-    out = {"train": handles[0], "valid": handles[1]}
-    masks = {"train": handles[2], "valid": handles[3]} if pairs else {}
     try:
-        index = 0
-        batch: list[tuple[str, str, bool, bool]] = []  # (prompt, text, ends a document, held out)
+        with contextlib.ExitStack() as files_open:
+            handles = [files_open.enter_context(open(tmp / name, "wb")) for name in names]
+            out = {"train": handles[0], "valid": handles[1]}
+            masks = {"train": handles[2], "valid": handles[3]} if pairs else {}
+            index = 0
+            batch: list[tuple[str, str, bool, bool]] = []  # (prompt, text, ends a document, held out)
 
-        def flush() -> None:
-            texts = tok.encode_batch([text for _, text, _, _ in batch], add_special_tokens=False)
-            prompts = (
-                tok.encode_batch([p for p, _, _, _ in batch], add_special_tokens=False) if pairs else None
-            )
-            for k, ((_, text, ends, held_out), e) in enumerate(zip(batch, texts, strict=True)):
-                split = "valid" if held_out else "train"
-                context = prompts[k].ids if prompts is not None else []
-                ids = context + e.ids + [eot] if ends else e.ids
-                out[split].write(np.asarray(ids, dtype=dtype).tobytes())
-                counts[f"{split}_tokens"] += len(ids)
-                counts[f"{split}_chars"] += len(text)
-                if pairs:
-                    masks[split].write(bytes(len(context)) + b"\x01" * (len(ids) - len(context)))
-                    counts[f"{split}_targets"] += len(ids) - len(context)
-            batch.clear()
-
-        for path in files:
-            if pairs:
-                pieces: Iterator[tuple[str, str, bool]] = (
-                    (p, t, True) for p, t in iter_pairs(path, prompt_field, text_field, encoding)
+            def flush() -> None:
+                texts = tok.encode_batch([text for _, text, _, _ in batch], add_special_tokens=False)
+                prompts = (
+                    tok.encode_batch([p for p, _, _, _ in batch], add_special_tokens=False) if pairs else None
                 )
-            else:
-                pieces = (("", t, ends) for t, ends in iter_pieces(path, text_field, encoding))
-            for prompt, text, ends in pieces:
-                batch.append((prompt, text, ends, _is_valid_piece(index, valid)))
-                index += 1
-                if len(batch) >= ENCODE_BATCH:
-                    flush()
-        flush()
-        for h in handles:
-            h.close()
+                for k, ((_, text, ends, held_out), e) in enumerate(zip(batch, texts, strict=True)):
+                    split = "valid" if held_out else "train"
+                    context = prompts[k].ids if prompts is not None else []
+                    ids = context + e.ids + [eot] if ends else e.ids
+                    out[split].write(np.asarray(ids, dtype=dtype).tobytes())
+                    counts[f"{split}_tokens"] += len(ids)
+                    counts[f"{split}_chars"] += len(text)
+                    if pairs:
+                        masks[split].write(bytes(len(context)) + b"\x01" * (len(ids) - len(context)))
+                        counts[f"{split}_targets"] += len(ids) - len(context)
+                batch.clear()
+
+            for path in files:
+                if pairs:
+                    pieces: Iterator[tuple[str, str, bool]] = (
+                        (p, t, True) for p, t in iter_pairs(path, prompt_field, text_field, encoding)
+                    )
+                else:
+                    pieces = (("", t, ends) for t, ends in iter_pieces(path, text_field, encoding))
+                for prompt, text, ends in pieces:
+                    batch.append((prompt, text, ends, _is_valid_piece(index, valid)))
+                    index += 1
+                    if len(batch) >= ENCODE_BATCH:
+                        flush()
+            flush()
         meta = {"dtype": dtype.name, "vocab_size": tok.get_vocab_size(), "pieces": index, "pairs": pairs}
         (tmp / "meta.json").write_text(json.dumps(meta | counts, indent=1), encoding="utf-8")
         if out_dir.exists():  # another process finished the same entry first
@@ -326,11 +326,8 @@ def tokenize_corpus(
         else:
             os.replace(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # the files are closed by now
         raise
-    finally:
-        for h in handles:
-            h.close()
     return json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
 
 
@@ -359,7 +356,7 @@ def _key(*parts: str) -> str:
 
 def _fields(d: Any) -> tuple[str, ...]:
     """What of the corpus config the cache keys depend on (a plain corpus keeps its old keys)."""
-    return (d.text_field, d.encoding) + ((f"prompt:{d.prompt_field}",) if d.prompt_field else ())
+    return (d.text_field, d.encoding) + ((f"prompt:{d.prompt_field}",) if d.prompt_field is not None else ())
 
 
 def prepare_corpus(

@@ -289,6 +289,8 @@ def update_lm(registry: Registry, parent: Version, upd: UpdateConfig) -> UpdateR
     old = read_lm_bundle(parent.path)
     reference = reference_of(parent, old.config)
     tokens, mask, stream_kind = reference_stream(old, reference)
+    if len(tokens) < 2 or (mask is not None and not mask.any()):
+        raise UpdateError(f"{parent.ref}: its reference corpus has no tokens to measure a regression on")
     reference_label = f"reference corpus ({stream_kind})"
 
     # 4. fine-tune into the run's next version folder (removed again if anything fails)

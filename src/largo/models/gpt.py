@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from largo.config_lm import GPTConfig
-
-IGNORE = -100  # target id that does not count in the loss (padding of fine-tuning batches)
+from largo.data.corpus import IGNORE  # a target the loss skips
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

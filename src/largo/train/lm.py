@@ -198,7 +198,9 @@ def evaluate_lm(
         sums += torch.stack([s.double(), c.double()])
     model.train()
     loss_sum, counted = all_reduce_sum(sums).tolist()
-    loss = loss_sum / max(1.0, counted)
+    if counted == 0:  # a pairs stream whose windows hold no completion token: nothing to score
+        return None
+    loss = loss_sum / counted
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(counted)}
 
 
