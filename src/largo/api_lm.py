@@ -94,7 +94,11 @@ def _pretrain(cfg: LMConfig, resume: bool | str | Path) -> TrainResult:
         model, data, cfg.train, cfg.model.context, checkpoint_dir=run_dir / "checkpoints", resume=bool(resume)
     )
 
-    # 5. the bundle
+    # 5. the bundle (a sharded run's weights gathered whole for rank 0)
+    if result.state is not None:
+        model = GPT(cfg.model)
+        if is_main_process():
+            model.load_state_dict(result.state)
     model.cpu()
     history = result.history
     final = next((r for r in reversed(history) if "valid.loss" in r), None)

@@ -136,6 +136,12 @@ class LMTrainConfig(StrictModel):
         "auto", description="Autocast precision; auto: bf16 on GPUs and CPUs with fast bf16 (AMX), else fp32."
     )
     compile: bool = Field(False, description="torch.compile the model (first steps are slow to compile).")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: ddp keeps a whole model on every process; fsdp shards parameters, "
+        "gradients and optimizer state over them (FSDP2, one shard group per block), for models too "
+        "big for one device.",
+    )
     eval_every: int = Field(200, ge=1, description="Validate (perplexity) every this many steps.")
     eval_batches: int = Field(20, ge=1, description="Micro-batches of held-out windows per validation.")
     checkpoint_every: int = Field(200, ge=1, description="Write checkpoints/last.pt every this many steps.")
@@ -165,6 +171,8 @@ class LMConfig(StrictModel):
     def _lora_needs_base(cls, v: LMTrainConfig) -> LMTrainConfig:
         if v.lora is not None and v.init_from is None:
             raise ValueError("train.lora: needs train.init_from (an LM bundle to adapt)")
+        if v.lora is not None and v.parallel == "fsdp":
+            raise ValueError("train.parallel: fsdp shards whole models; LoRA trains small adapters: use ddp")
         return v
 
     @property

@@ -160,11 +160,117 @@ def test_two_processes_take_the_steps_of_one_and_resume_exactly(tmp_path):
     assert not torch.equal(ckpt["rng_by_rank"][0]["torch"], ckpt["rng_by_rank"][1]["torch"])
 
 
+FSDP_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np, torch
+    from safetensors.torch import save_file
+    from largo.config_lm import GPTConfig, LMTrainConfig
+    from largo.data.corpus import TokenData
+    from largo.models.gpt import GPT
+    from largo.train.checkpoint import full_state_dict
+    from largo.train.distributed import end_distributed, init_distributed, rank
+    from largo.train.lm import pretrain_fit
+
+    out, model, train = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    torch.set_num_threads(1)
+    assert init_distributed("cpu")
+    rng = np.random.default_rng(0)
+    tokens, held = rng.integers(0, 97, 20_000).astype(np.uint16), rng.integers(0, 97, 701).astype(np.uint16)
+    data = TokenData(tokens, held, {"valid_chars": 2800, "valid_tokens": 701, "vocab_size": 97})
+
+    def fresh(dropout):
+        torch.manual_seed(0)
+        return GPT(GPTConfig.model_validate({**model, "dropout": dropout}))
+
+    cfg = LMTrainConfig.model_validate({**train, "parallel": "fsdp"})
+    sharded = fresh(0.0)
+    result = pretrain_fit(sharded, data, cfg, model["context"], checkpoint_dir=f"{out}/first")
+    local = {n: p.to_local().numel() for n, p in sharded.named_parameters()}  # this rank's shard sizes
+    kind = type(sharded.embed.weight).__name__
+    json.dump({"local": local, "dtensor": kind}, open(f"{out}/shard{rank()}.json", "w"))
+    if rank() == 0:
+        save_file({k: v.contiguous() for k, v in result.state.items()}, f"{out}/fsdp.safetensors")
+        json.dump(result.history, open(f"{out}/history.json", "w"))
+
+    # killed at its first evaluation (step 3; last checkpoint step 2), then resumed: with dropout on
+    whole = fresh(0.1)
+    pretrain_fit(whole, data, cfg, model["context"])
+
+    class Killed(Exception):
+        pass
+
+    def kill(record):
+        raise Killed
+
+    try:
+        pretrain_fit(fresh(0.1), data, cfg, model["context"], checkpoint_dir=f"{out}/ckpt", on_eval=kill)
+    except Killed:
+        pass
+    resumed = pretrain_fit(fresh(0.1), data, cfg, model["context"], checkpoint_dir=f"{out}/ckpt", resume=True)
+    a = full_state_dict(whole)[0]
+    if rank() == 0:
+        same = sorted(a) == sorted(resumed.state) and all(torch.equal(a[k], resumed.state[k]) for k in a)
+        json.dump({"resume_equal": same}, open(f"{out}/resume.json", "w"))
+    end_distributed()
+    """
+)
+
+
+def test_sharded_fsdp_training_takes_the_steps_of_one_process_and_resumes_exactly(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(FSDP_WORKER, encoding="utf-8")
+    _torchrun([str(script), str(tmp_path), json.dumps(MODEL), json.dumps(TRAIN)], tmp_path)
+
+    # each rank held half of every weight (FSDP2 shards dim 0): that is what saves the memory
+    shards = [json.loads((tmp_path / f"shard{r}.json").read_text()) for r in (0, 1)]
+    torch.manual_seed(0)
+    start = GPT(GPTConfig.model_validate(MODEL))
+    full = {n: p.numel() for n, p in start.named_parameters()}
+    assert shards[0]["dtensor"] == "DTensor"
+    assert all(shards[0]["local"][n] + shards[1]["local"][n] == full[n] for n in full)
+    assert shards[0]["local"]["embed.weight"] < full["embed.weight"]
+    # the same config in one process (two accumulated micro-batches a step), as for DDP
+    rng = np.random.default_rng(0)
+    tokens, held = rng.integers(0, 97, 20_000).astype(np.uint16), rng.integers(0, 97, 701).astype(np.uint16)
+    data = TokenData(tokens, held, {"valid_chars": 2800, "valid_tokens": 701, "vocab_size": 97})
+    torch.manual_seed(0)
+    single = GPT(GPTConfig.model_validate({**MODEL, "dropout": 0.0}))
+    result = pretrain_fit(single, data, LMTrainConfig.model_validate(TRAIN), MODEL["context"])
+    sharded = load_file(tmp_path / "fsdp.safetensors")
+    for name, p in single.state_dict().items():
+        assert not torch.equal(p, start.state_dict()[name]), f"{name} did not train"
+        assert torch.allclose(p, sharded[name], atol=2e-6, rtol=1e-5), (name, (p - sharded[name]).abs().max())
+    history = json.loads((tmp_path / "history.json").read_text())
+    for a, b in zip(history, result.history, strict=True):
+        assert a["train.loss"] == pytest.approx(b["train.loss"], rel=1e-5)
+        # 21 held-out windows: one rank evaluates a blank one, which counts no token
+        assert a["valid.loss"] == pytest.approx(b["valid.loss"], rel=1e-5)
+    assert json.loads((tmp_path / "resume.json").read_text()) == {"resume_equal": True}
+    # the sharded run's checkpoint holds whole weights, which one process loads
+    ckpt = torch.load(tmp_path / "first" / "last.pt", weights_only=True)
+    one = GPT(GPTConfig.model_validate(MODEL))
+    one.load_state_dict(ckpt["model"])
+    assert ckpt["step"] == 4 and tuple(ckpt["model"]["embed.weight"].shape) == (97, 32)
+    # resuming it without sharding says which setting wrote it (its optimizer state is keyed by name)
+    with pytest.raises(ValueError, match="written with train.parallel fsdp; resume it with the same"):
+        pretrain_fit(
+            one, data, LMTrainConfig.model_validate(TRAIN), 32, checkpoint_dir=tmp_path / "first", resume=True
+        )
+    from largo.config import ConfigError
+    from largo.config_lm import validate_lm_config
+
+    lora = {"lora": {"rank": 4}, "init_from": str(tmp_path), "parallel": "fsdp"}
+    with pytest.raises(ConfigError, match="train.parallel: fsdp shards whole models; LoRA .* use ddp"):
+        validate_lm_config({"data": {"paths": ["x.txt"]}, "train": lora})
+
+
 @pytest.mark.slow
-def test_largo_pretrain_under_torchrun_writes_one_bundle(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_largo_pretrain_under_torchrun_writes_one_bundle(tmp_path, parallel):
     corpus = write_corpus(tmp_path / "corpus", lines=1500)
     cfg = tiny_lm_config(corpus, tmp_path / "runs", steps=8, eval_every=4, checkpoint_every=4)
-    cfg["train"] |= {"tokens_per_step": 2 * 8 * 64, "device": "cpu"}
+    cfg["train"] |= {"tokens_per_step": 2 * 8 * 64, "device": "cpu", "parallel": parallel}
     config = tmp_path / "lm.yaml"
     config.write_text(json.dumps(cfg), encoding="utf-8")  # JSON is YAML
     done = _torchrun(["-m", "largo.cli", "pretrain", str(corpus), "--config", str(config)], tmp_path)

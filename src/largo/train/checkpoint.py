@@ -75,6 +75,40 @@ def restore(ckpt: dict[str, Any], **stateful: Any) -> None:
     set_rng_state(by_rank[me] if world > 1 and len(by_rank) == world else ckpt["rng"])
 
 
+def full_state_dict(model: Any, optimizer: Any = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A sharded (FSDP2) model's, and its optimizer's, whole state dicts: a collective every rank calls;
+    rank 0 gets them on the CPU (the other ranks get empty dicts). Optimizer state is keyed by
+    parameter name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return get_model_state_dict(model, options=options), None
+    return get_state_dict(model, optimizer, options=options)
+
+
+def restore_sharded(ckpt: dict[str, Any], model: Any, optimizer: Any, **stateful: Any) -> None:
+    """`restore` for a sharded model: the checkpoint's whole model and optimizer state (written by a
+    sharded run) are sharded onto this rank; the other objects and the RNG as `restore` does."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
+        options=StateDictOptions(full_state_dict=True),
+    )  # fmt: skip
+    restore(ckpt, **stateful)
+
+
+class Fixed:
+    """An object whose state_dict() is a dict computed already (what `save_checkpoint_from_rank0` saves)."""
+
+    def __init__(self, state: dict[str, Any]):
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+
 def save_checkpoint_from_rank0(directory: str | Path, progress: dict[str, Any], **stateful: Any) -> None:
     """What every rank calls to checkpoint, the counterpart of `restore`: the ranks' RNG states are
     gathered, rank 0 writes `progress` and each object's `state_dict()` under its name (model=…,

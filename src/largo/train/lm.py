@@ -31,8 +31,16 @@ from torch import nn
 from tqdm import tqdm
 
 from largo.config_lm import LMTrainConfig
-from largo.data.corpus import TokenData, windows
-from largo.train.checkpoint import load_checkpoint, restore, save_checkpoint_from_rank0, seed_everything
+from largo.data.corpus import IGNORE, TokenData, windows
+from largo.train.checkpoint import (
+    Fixed,
+    full_state_dict,
+    load_checkpoint,
+    restore,
+    restore_sharded,
+    save_checkpoint_from_rank0,
+    seed_everything,
+)
 from largo.train.distributed import (
     all_reduce_sum,
     data_parallel,
@@ -40,6 +48,7 @@ from largo.train.distributed import (
     is_main_process,
     log,
     pick_device,
+    shard_model,
     sync_gradients,
 )
 from largo.train.loop import autocast, optimizer_step
@@ -56,6 +65,7 @@ class LMFitResult:
     steps: int = 0
     tokens: int = 0
     train_time_s: float = 0.0
+    state: dict[str, Any] | None = None  # a sharded (FSDP) run's whole weights, on rank 0: for the bundle
 
     @property
     def tokens_per_s(self) -> float:
@@ -188,11 +198,17 @@ def evaluate_lm(
     else:
         starts = np.sort(np.random.default_rng(0).integers(0, n - length, size=count))
     me, world = group_rank_and_size()
+    # every rank runs the same number of forward passes (a sharded model all-gathers in each): the
+    # ranks with one window fewer add a blank one, whose targets are all IGNORE
+    count = -(-len(starts) // world)
     starts = starts[me::world]
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed token loss, tokens
-    for lo in range(0, len(starts), micro_batch):
-        x, y = windows(tokens, starts[lo : lo + micro_batch], length, mask)
+    for lo in range(0, count, micro_batch):
+        real = starts[lo : lo + micro_batch]
+        blank = min(micro_batch, count - lo) - len(real)
+        x, y = windows(tokens, np.concatenate([real, np.zeros(blank, dtype=np.int64)]), length, mask)
+        y[len(real) :] = IGNORE
         with amp:
             s, c = model(x.to(device), y.to(device))
         sums += torch.stack([s.double(), c.double()])
@@ -230,6 +246,9 @@ def pretrain_fit(
     seed_everything(cfg.seed + me)  # dropout differs by rank; the data depend on cfg.seed alone
     device = pick_device(cfg.device)
     model.to(device)
+    sharded = world > 1 and cfg.parallel == "fsdp"
+    if sharded:  # before the optimizer: it holds the shards
+        shard_model(model, list(getattr(model, "blocks", [])))
     precision = resolve_precision(cfg.precision, device)
     amp = autocast(device, precision)
     accumulate = accumulation(cfg, context, world)
@@ -248,18 +267,32 @@ def pretrain_fit(
     st: dict[str, Any] = {"step": 0, "history": [], "elapsed": 0.0, "loss_sum": 0.0, "loss_steps": 0}
     ckpt = load_checkpoint(checkpoint_dir) if resume and checkpoint_dir else None
     if ckpt is not None:
-        restore(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        groups = ckpt["optimizer"]["param_groups"]  # a sharded run names parameters, others number them
+        by_name = any(isinstance(p, str) for g in groups for p in g["params"])
+        if by_name != sharded:
+            kinds = ("ddp (or one process)", "fsdp")
+            raise ValueError(
+                f"{checkpoint_dir}: this checkpoint was written with train.parallel {kinds[by_name]}; "
+                f"resume it with the same (this run: {kinds[sharded]})"
+            )
+        if sharded:  # the checkpoint's whole weights and optimizer state, sharded onto this rank
+            restore_sharded(ckpt, model, optimizer, scheduler=scheduler, scaler=scaler)
+        else:
+            restore(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         st.update({k: ckpt[k] for k in st})
         log(f"resumed from {checkpoint_dir} at step {st['step']}")
-    train_model = data_parallel(model, device)  # DDP under torchrun: forward/backward go through it
+    # DDP under torchrun: forward/backward go through it (a sharded model is its own wrapper)
+    train_model = model if sharded else data_parallel(model, device)
     run_model = torch.compile(train_model) if cfg.compile else train_model
 
     def checkpoint() -> None:
         if checkpoint_dir is None:
             return
-        save_checkpoint_from_rank0(
-            checkpoint_dir, st, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
-        )
+        states: dict[str, Any] = {"model": model, "optimizer": optimizer}
+        if sharded:  # gathered whole (a collective), written by rank 0 like any other checkpoint
+            whole, optim = full_state_dict(model, optimizer)
+            states = {"model": Fixed(whole), "optimizer": Fixed(optim)}
+        save_checkpoint_from_rank0(checkpoint_dir, st, **states, scheduler=scheduler, scaler=scaler)
 
     def make(step: int) -> list[MicroBatch]:
         batches = step_batches(
@@ -319,4 +352,5 @@ def pretrain_fit(
             checkpoint()
     bar.close()
     tokens = (st["step"]) * tokens_per_step
-    return LMFitResult(st["history"], st["step"], tokens, st["elapsed"])
+    whole = full_state_dict(model)[0] if sharded else None  # for rank 0's bundle
+    return LMFitResult(st["history"], st["step"], tokens, st["elapsed"], whole)
