@@ -50,6 +50,7 @@ def pretrain(config: LMConfig | dict | str | Path, *, resume: bool | str | Path 
 
 
 def _pretrain(cfg: LMConfig, resume: bool | str | Path) -> TrainResult:
+    import torch
     from tokenizers import Tokenizer
 
     from largo.api import TrainResult  # here: largo.api imports this module
@@ -94,12 +95,18 @@ def _pretrain(cfg: LMConfig, resume: bool | str | Path) -> TrainResult:
         model, data, cfg.train, cfg.model.context, checkpoint_dir=run_dir / "checkpoints", resume=bool(resume)
     )
 
-    # 5. the bundle (a sharded run's weights gathered whole for rank 0)
+    # 5. the bundle (a sharded run's weights gathered whole for rank 0; the other ranks write nothing and
+    # keep an empty model only to count its parameters)
     if result.state is not None:
-        model = GPT(cfg.model)
         if is_main_process():
+            model = GPT(cfg.model)
             model.load_state_dict(result.state)
-    model.cpu()
+            result.state = None
+        else:
+            with torch.device("meta"):
+                model = GPT(cfg.model)
+    else:
+        model.cpu()
     history = result.history
     final = next((r for r in reversed(history) if "valid.loss" in r), None)
     metrics: dict[str, Any] = {

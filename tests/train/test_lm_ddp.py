@@ -188,7 +188,13 @@ FSDP_WORKER = textwrap.dedent(
     result = pretrain_fit(sharded, data, cfg, model["context"], checkpoint_dir=f"{out}/first")
     local = {n: p.to_local().numel() for n, p in sharded.named_parameters()}  # this rank's shard sizes
     kind = type(sharded.embed.weight).__name__
-    json.dump({"local": local, "dtensor": kind}, open(f"{out}/shard{rank()}.json", "w"))
+    groups = [hasattr(b, "reshard") for b in sharded.blocks]  # each block is its own FSDP group
+    json.dump({"local": local, "dtensor": kind, "groups": groups}, open(f"{out}/shard{rank()}.json", "w"))
+    # two micro-batches a rank: each one's gradients reduce-scattered and summed on the shards
+    four = LMTrainConfig.model_validate({**cfg.model_dump(), "tokens_per_step": 4 * 4 * model["context"]})
+    accumulated = pretrain_fit(fresh(0.0), data, four, model["context"])
+    if rank() == 0:
+        save_file({k: v.contiguous() for k, v in accumulated.state.items()}, f"{out}/accumulated.safetensors")
     if rank() == 0:
         save_file({k: v.contiguous() for k, v in result.state.items()}, f"{out}/fsdp.safetensors")
         json.dump(result.history, open(f"{out}/history.json", "w"))
@@ -227,7 +233,7 @@ def test_sharded_fsdp_training_takes_the_steps_of_one_process_and_resumes_exactl
     torch.manual_seed(0)
     start = GPT(GPTConfig.model_validate(MODEL))
     full = {n: p.numel() for n, p in start.named_parameters()}
-    assert shards[0]["dtensor"] == "DTensor"
+    assert shards[0]["dtensor"] == "DTensor" and shards[0]["groups"] == [True, True]
     assert all(shards[0]["local"][n] + shards[1]["local"][n] == full[n] for n in full)
     assert shards[0]["local"]["embed.weight"] < full["embed.weight"]
     # the same config in one process (two accumulated micro-batches a step), as for DDP
@@ -247,13 +253,20 @@ def test_sharded_fsdp_training_takes_the_steps_of_one_process_and_resumes_exactl
         # 21 held-out windows: one rank evaluates a blank one, which counts no token
         assert a["valid.loss"] == pytest.approx(b["valid.loss"], rel=1e-5)
     assert json.loads((tmp_path / "resume.json").read_text()) == {"resume_equal": True}
+    # 2 ranks × 2 accumulated micro-batches = one process accumulating 4
+    torch.manual_seed(0)
+    four = GPT(GPTConfig.model_validate({**MODEL, "dropout": 0.0}))
+    pretrain_fit(four, data, LMTrainConfig.model_validate({**TRAIN, "tokens_per_step": 4 * 4 * 32}), 32)
+    accumulated = load_file(tmp_path / "accumulated.safetensors")
+    for name, p in four.state_dict().items():
+        assert torch.allclose(p, accumulated[name], atol=2e-6, rtol=1e-5), name
     # the sharded run's checkpoint holds whole weights, which one process loads
     ckpt = torch.load(tmp_path / "first" / "last.pt", weights_only=True)
     one = GPT(GPTConfig.model_validate(MODEL))
     one.load_state_dict(ckpt["model"])
     assert ckpt["step"] == 4 and tuple(ckpt["model"]["embed.weight"].shape) == (97, 32)
     # resuming it without sharding says which setting wrote it (its optimizer state is keyed by name)
-    with pytest.raises(ValueError, match="written with train.parallel fsdp; resume it with the same"):
+    with pytest.raises(ValueError, match=r"written by a sharded \(train.parallel: fsdp under torchrun\) run"):
         pretrain_fit(
             one, data, LMTrainConfig.model_validate(TRAIN), 32, checkpoint_dir=tmp_path / "first", resume=True
         )

@@ -144,4 +144,5 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / CHECKPOINT_NAME
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # memory-mapped: under torchrun every rank reads the same file, whose pages the OS then holds once
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -94,16 +94,21 @@ def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def shard_model(model: torch.nn.Module, groups: list[torch.nn.Module]) -> torch.nn.Module:
-    """Shard `model` in place over the process group with FSDP2 (`fully_shard`): each of `groups`
-    (e.g. the Transformer blocks) is all-gathered just for its own forward and backward, the rest with
-    the root. Parameters, gradients and optimizer state then live 1/world on each process; build the
-    optimizer after this. Gradients are averaged over the ranks, as under DDP."""
+def shard_model(
+    model: torch.nn.Module, groups: list[torch.nn.Module], device: torch.device
+) -> torch.nn.Module:
+    """Shard `model` in place over the process group with FSDP2 (`fully_shard`) and move the shards to
+    `device`: each of `groups` (e.g. the Transformer blocks) is all-gathered just for its own forward
+    and backward, the rest with the root. Parameters, gradients and optimizer state then live 1/world
+    on each process (the whole model never goes to the device); build the optimizer after this.
+    Gradients are averaged over the ranks, as under DDP."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh(device.type, (world_size(),))
     for group in groups:
-        fully_shard(group)
-    fully_shard(model)
+        fully_shard(group, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -115,10 +120,10 @@ def is_sharded(model: torch.nn.Module) -> bool:
 def sync_gradients(model: torch.nn.Module, now: bool) -> contextlib.AbstractContextManager:
     """The context for one micro-batch's backward pass: a DDP `model` (also compiled) all-reduces the
     gradients only when `now` (the step's last micro-batch); `no_sync` holds them back before that.
-    A sharded (FSDP2) model reduce-scatters them only when `now` in the same way."""
+    A sharded (FSDP2) model reduce-scatters every micro-batch's: held back, they would be whole on
+    every rank, and memory is what sharding is for."""
     target = getattr(model, "_orig_mod", model)  # a compiled model's module
     if is_sharded(target):
-        target.set_requires_gradient_sync(now)
         return contextlib.nullcontext()
     no_sync = getattr(model, "no_sync", None)
     return contextlib.nullcontext() if now or no_sync is None else no_sync()

@@ -245,10 +245,11 @@ def pretrain_fit(
     me, world = group_rank_and_size()
     seed_everything(cfg.seed + me)  # dropout differs by rank; the data depend on cfg.seed alone
     device = pick_device(cfg.device)
-    model.to(device)
     sharded = world > 1 and cfg.parallel == "fsdp"
-    if sharded:  # before the optimizer: it holds the shards
-        shard_model(model, list(getattr(model, "blocks", [])))
+    if sharded:  # shards, not the whole model, go to the device; before the optimizer, which holds them
+        shard_model(model, list(getattr(model, "blocks", [])), device)
+    else:
+        model.to(device)
     precision = resolve_precision(cfg.precision, device)
     amp = autocast(device, precision)
     accumulate = accumulation(cfg, context, world)
@@ -267,13 +268,14 @@ def pretrain_fit(
     st: dict[str, Any] = {"step": 0, "history": [], "elapsed": 0.0, "loss_sum": 0.0, "loss_steps": 0}
     ckpt = load_checkpoint(checkpoint_dir) if resume and checkpoint_dir else None
     if ckpt is not None:
-        groups = ckpt["optimizer"]["param_groups"]  # a sharded run names parameters, others number them
-        by_name = any(isinstance(p, str) for g in groups for p in g["params"])
-        if by_name != sharded:
-            kinds = ("ddp (or one process)", "fsdp")
+        if ckpt.get("sharded", False) != sharded:  # their optimizer states differ (by name / by number)
+            how = {
+                True: "sharded (train.parallel: fsdp under torchrun)",
+                False: "unsharded (ddp or one process)",
+            }
             raise ValueError(
-                f"{checkpoint_dir}: this checkpoint was written with train.parallel {kinds[by_name]}; "
-                f"resume it with the same (this run: {kinds[sharded]})"
+                f"{checkpoint_dir}: this checkpoint was written by a {how[ckpt.get('sharded', False)]} run; "
+                f"resume it the same way (this run is {how[sharded]}, {world} process(es))"
             )
         if sharded:  # the checkpoint's whole weights and optimizer state, sharded onto this rank
             restore_sharded(ckpt, model, optimizer, scheduler=scheduler, scaler=scaler)
@@ -292,7 +294,8 @@ def pretrain_fit(
         if sharded:  # gathered whole (a collective), written by rank 0 like any other checkpoint
             whole, optim = full_state_dict(model, optimizer)
             states = {"model": Fixed(whole), "optimizer": Fixed(optim)}
-        save_checkpoint_from_rank0(checkpoint_dir, st, **states, scheduler=scheduler, scaler=scaler)
+        progress = {**st, "sharded": sharded}
+        save_checkpoint_from_rank0(checkpoint_dir, progress, **states, scheduler=scheduler, scaler=scaler)
 
     def make(step: int) -> list[MicroBatch]:
         batches = step_batches(
