@@ -242,3 +242,9 @@ def test_a_changed_reference_corpus_or_a_bundle_outside_a_run_stops_the_update(
     registry.promote("tinylm", 3)
     with pytest.raises(UpdateError, match=r"exported-model is not a run folder <runs>/<name>/v<N>"):
         update(registry, "tinylm", UpdateConfig.model_validate({"steps": 5}))
+
+
+def test_an_update_under_torchrun_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in every process
+    with pytest.raises(UpdateError, match="largo update runs in one process; start it without torchrun"):
+        update(Registry(Store(str(tmp_path / "registry.db"))), "tinylm", UpdateConfig())

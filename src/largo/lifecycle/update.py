@@ -56,6 +56,7 @@ from largo.evaluate.scoring import headline, score_outputs
 from largo.lifecycle.registry import Registry, Version, data_lineage
 from largo.models.build import build_model
 from largo.train.checkpoint import seed_everything
+from largo.train.distributed import world_size
 from largo.train.loop import fit, forward_in_batches
 from largo.train.losses import make_loss_fn
 from largo.train.prepare import augmenter, class_weights, encode_split, fit_processors, load_splits
@@ -462,6 +463,8 @@ def update(registry: Registry, ref: str, upd: UpdateConfig) -> UpdateResult:
         UpdateResult; `table()` is the comparison `largo update` prints.
     """
     # 1. the parent, its unchanged bundle and data
+    if world_size() > 1:  # every rank would train, register and promote its own version
+        raise UpdateError("largo update runs in one process; start it without torchrun")
     parent = registry.lookup(ref)
     if is_lm_bundle(parent.path):  # fine-tuned on its feedback texts, judged on perplexity
         from largo.lifecycle.update_lm import update_lm
