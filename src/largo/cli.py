@@ -56,6 +56,13 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _print_scores(split: str, outputs: dict[str, Any]) -> None:
+    """One line of headline metrics per output: `test label: accuracy=…  f1_macro=…`."""
+    for output, m in outputs.items():
+        shown = {k: m[k] for k in ("accuracy", "f1_macro", "mse", "mae", "r2") if m.get(k) is not None}
+        typer.echo(f"{split} {output}: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+
+
 @app.command()
 @_friendly
 def train(
@@ -104,9 +111,7 @@ def train(
         return
     resolved = result.path / "config.yaml"
     typer.echo(f"config:  {resolved}  (edit it and run: largo train {resolved})")
-    for output, m in result.test.items():
-        shown = {k: m[k] for k in ("accuracy", "f1_macro", "mse", "mae", "r2") if m.get(k) is not None}
-        typer.echo(f"test {output}: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    _print_scores("test", result.test)
     typer.echo(f"bundle:  {result.path}")
     typer.echo(f"report:  {result.report}")
 
@@ -147,9 +152,7 @@ def tune(
     typer.echo(f"search:  {result.study.folder}  (best.yaml, tune.json, history.png)")
     if result.path is not None:
         split = "test" if result.metrics.get("test") else "valid"
-        for output, m in (result.metrics.get(split) or {}).items():
-            shown = {k: m[k] for k in ("accuracy", "f1_macro", "mse", "mae", "r2") if m.get(k) is not None}
-            typer.echo(f"{split} {output}: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+        _print_scores(split, result.metrics.get(split) or {})
         typer.echo(f"bundle:  {result.path}")
 
 

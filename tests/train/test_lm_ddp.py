@@ -40,28 +40,52 @@ TRAIN = {
     "device": "cpu",
 }
 
-WORKER = textwrap.dedent(
+# what both workers start with: the data, and the model every run starts from; argv: out folder,
+# model, train config (JSON), held-out tokens
+PRELUDE = """
+import json, sys
+import numpy as np, torch
+from safetensors.torch import save_file, save_model
+from largo.config_lm import GPTConfig, LMTrainConfig
+from largo.data.corpus import TokenData
+from largo.models.gpt import GPT
+from largo.train.checkpoint import full_state_dict
+from largo.train.distributed import end_distributed, init_distributed, rank
+from largo.train.lm import lm_step, pretrain_fit, step_batches
+
+out, model, train, n_held = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(1)
+assert init_distributed("cpu")
+rng = np.random.default_rng(0)
+tokens, held = rng.integers(0, 97, 20_000).astype(np.uint16), rng.integers(0, 97, n_held).astype(np.uint16)
+data = TokenData(tokens, held, {"valid_chars": 4 * n_held, "valid_tokens": n_held, "vocab_size": 97})
+
+def fresh(dropout):
+    torch.manual_seed(0)
+    return GPT(GPTConfig.model_validate({**model, "dropout": dropout}))
+
+class Killed(Exception):
+    pass
+
+def kill(record):
+    raise Killed
+
+def whole_and_resumed(cfg):
+    # an uninterrupted run, and one killed at its first evaluation (step 3; last checkpoint step 2),
+    # then resumed: both with dropout on
+    whole = fresh(0.1)
+    pretrain_fit(whole, data, cfg, model["context"])
+    try:
+        pretrain_fit(fresh(0.1), data, cfg, model["context"], checkpoint_dir=f"{out}/ckpt", on_eval=kill)
+    except Killed:
+        pass
+    resumed = fresh(0.1)
+    result = pretrain_fit(resumed, data, cfg, model["context"], checkpoint_dir=f"{out}/ckpt", resume=True)
+    return whole, resumed, result
+"""
+
+WORKER = PRELUDE + textwrap.dedent(
     """
-    import json, sys
-    import numpy as np, torch
-    from safetensors.torch import save_model
-    from largo.config_lm import GPTConfig, LMTrainConfig
-    from largo.data.corpus import TokenData
-    from largo.models.gpt import GPT
-    from largo.train.distributed import end_distributed, init_distributed, rank
-    from largo.train.lm import lm_step, pretrain_fit, step_batches
-
-    out, model, train = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-    torch.set_num_threads(1)
-    assert init_distributed("cpu")
-    rng = np.random.default_rng(0)
-    tokens, held = rng.integers(0, 97, 20_000).astype(np.uint16), rng.integers(0, 97, 700).astype(np.uint16)
-    data = TokenData(tokens, held, {"valid_chars": 2800, "valid_tokens": 700, "vocab_size": 97})
-
-    def fresh(dropout):
-        torch.manual_seed(0)
-        return GPT(GPTConfig.model_validate({**model, "dropout": dropout}))
-
     # 1. the run one process is compared with (no dropout: the ranks' dropout masks differ)
     cfg = LMTrainConfig.model_validate(train)
     m = fresh(0.0)
@@ -70,22 +94,8 @@ WORKER = textwrap.dedent(
         save_model(m, f"{out}/ddp.safetensors")
         json.dump(result.history, open(f"{out}/history.json", "w"))
 
-    # 2. killed at its first evaluation (step 3; last checkpoint step 2), then resumed: with dropout on
-    whole = fresh(0.1)
-    pretrain_fit(whole, data, cfg, model["context"])
-
-    class Killed(Exception):
-        pass
-
-    def kill(record):
-        raise Killed
-
-    try:
-        pretrain_fit(fresh(0.1), data, cfg, model["context"], checkpoint_dir=f"{out}/ckpt", on_eval=kill)
-    except Killed:
-        pass
-    resumed = fresh(0.1)
-    pretrain_fit(resumed, data, cfg, model["context"], checkpoint_dir=f"{out}/ckpt", resume=True)
+    # 2. killed and resumed
+    whole, resumed, _ = whole_and_resumed(cfg)
     same = all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
     json.dump({"resume_equal": same}, open(f"{out}/rank{rank()}.json", "w"))
 
@@ -116,18 +126,32 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return done
 
 
+def _one_process(n_held: int) -> tuple:
+    """The workers' data and starting model, trained with TRAIN in this one process: (tokens, data,
+    model, result)."""
+    rng = np.random.default_rng(0)
+    tokens, held = (
+        rng.integers(0, 97, 20_000).astype(np.uint16),
+        rng.integers(0, 97, n_held).astype(np.uint16),
+    )
+    data = TokenData(tokens, held, {"valid_chars": 4 * n_held, "valid_tokens": n_held, "vocab_size": 97})
+    torch.manual_seed(0)
+    single = GPT(GPTConfig.model_validate({**MODEL, "dropout": 0.0}))
+    return (
+        tokens,
+        data,
+        single,
+        pretrain_fit(single, data, LMTrainConfig.model_validate(TRAIN), MODEL["context"]),
+    )
+
+
 def test_two_processes_take_the_steps_of_one_and_resume_exactly(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER, encoding="utf-8")
-    _torchrun([str(script), str(tmp_path), json.dumps(MODEL), json.dumps(TRAIN)], tmp_path)
+    _torchrun([str(script), str(tmp_path), json.dumps(MODEL), json.dumps(TRAIN), "700"], tmp_path)
 
     # the same config in this one process: two accumulated micro-batches per step instead of one per rank
-    rng = np.random.default_rng(0)
-    tokens, held = rng.integers(0, 97, 20_000).astype(np.uint16), rng.integers(0, 97, 700).astype(np.uint16)
-    data = TokenData(tokens, held, {"valid_chars": 2800, "valid_tokens": 700, "vocab_size": 97})
-    torch.manual_seed(0)
-    single = GPT(GPTConfig.model_validate({**MODEL, "dropout": 0.0}))
-    result = pretrain_fit(single, data, LMTrainConfig.model_validate(TRAIN), MODEL["context"])
+    tokens, data, single, result = _one_process(700)
 
     ddp_model = GPT(GPTConfig.model_validate(MODEL))
     load_model(ddp_model, str(tmp_path / "ddp.safetensors"))
@@ -160,29 +184,8 @@ def test_two_processes_take_the_steps_of_one_and_resume_exactly(tmp_path):
     assert not torch.equal(ckpt["rng_by_rank"][0]["torch"], ckpt["rng_by_rank"][1]["torch"])
 
 
-FSDP_WORKER = textwrap.dedent(
+FSDP_WORKER = PRELUDE + textwrap.dedent(
     """
-    import json, sys
-    import numpy as np, torch
-    from safetensors.torch import save_file
-    from largo.config_lm import GPTConfig, LMTrainConfig
-    from largo.data.corpus import TokenData
-    from largo.models.gpt import GPT
-    from largo.train.checkpoint import full_state_dict
-    from largo.train.distributed import end_distributed, init_distributed, rank
-    from largo.train.lm import pretrain_fit
-
-    out, model, train = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-    torch.set_num_threads(1)
-    assert init_distributed("cpu")
-    rng = np.random.default_rng(0)
-    tokens, held = rng.integers(0, 97, 20_000).astype(np.uint16), rng.integers(0, 97, 701).astype(np.uint16)
-    data = TokenData(tokens, held, {"valid_chars": 2800, "valid_tokens": 701, "vocab_size": 97})
-
-    def fresh(dropout):
-        torch.manual_seed(0)
-        return GPT(GPTConfig.model_validate({**model, "dropout": dropout}))
-
     cfg = LMTrainConfig.model_validate({**train, "parallel": "fsdp"})
     sharded = fresh(0.0)
     result = pretrain_fit(sharded, data, cfg, model["context"], checkpoint_dir=f"{out}/first")
@@ -199,21 +202,8 @@ FSDP_WORKER = textwrap.dedent(
         save_file({k: v.contiguous() for k, v in result.state.items()}, f"{out}/fsdp.safetensors")
         json.dump(result.history, open(f"{out}/history.json", "w"))
 
-    # killed at its first evaluation (step 3; last checkpoint step 2), then resumed: with dropout on
-    whole = fresh(0.1)
-    pretrain_fit(whole, data, cfg, model["context"])
-
-    class Killed(Exception):
-        pass
-
-    def kill(record):
-        raise Killed
-
-    try:
-        pretrain_fit(fresh(0.1), data, cfg, model["context"], checkpoint_dir=f"{out}/ckpt", on_eval=kill)
-    except Killed:
-        pass
-    resumed = pretrain_fit(fresh(0.1), data, cfg, model["context"], checkpoint_dir=f"{out}/ckpt", resume=True)
+    # killed and resumed
+    whole, _, resumed = whole_and_resumed(cfg)
     a = full_state_dict(whole)[0]
     if rank() == 0:
         same = sorted(a) == sorted(resumed.state) and all(torch.equal(a[k], resumed.state[k]) for k in a)
@@ -226,7 +216,7 @@ FSDP_WORKER = textwrap.dedent(
 def test_sharded_fsdp_training_takes_the_steps_of_one_process_and_resumes_exactly(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(FSDP_WORKER, encoding="utf-8")
-    _torchrun([str(script), str(tmp_path), json.dumps(MODEL), json.dumps(TRAIN)], tmp_path)
+    _torchrun([str(script), str(tmp_path), json.dumps(MODEL), json.dumps(TRAIN), "701"], tmp_path)
 
     # each rank held half of every weight (FSDP2 shards dim 0): that is what saves the memory
     shards = [json.loads((tmp_path / f"shard{r}.json").read_text()) for r in (0, 1)]
@@ -237,12 +227,7 @@ def test_sharded_fsdp_training_takes_the_steps_of_one_process_and_resumes_exactl
     assert all(shards[0]["local"][n] + shards[1]["local"][n] == full[n] for n in full)
     assert shards[0]["local"]["embed.weight"] < full["embed.weight"]
     # the same config in one process (two accumulated micro-batches a step), as for DDP
-    rng = np.random.default_rng(0)
-    tokens, held = rng.integers(0, 97, 20_000).astype(np.uint16), rng.integers(0, 97, 701).astype(np.uint16)
-    data = TokenData(tokens, held, {"valid_chars": 2800, "valid_tokens": 701, "vocab_size": 97})
-    torch.manual_seed(0)
-    single = GPT(GPTConfig.model_validate({**MODEL, "dropout": 0.0}))
-    result = pretrain_fit(single, data, LMTrainConfig.model_validate(TRAIN), MODEL["context"])
+    _, data, single, result = _one_process(701)
     sharded = load_file(tmp_path / "fsdp.safetensors")
     for name, p in single.state_dict().items():
         assert not torch.equal(p, start.state_dict()[name]), f"{name} did not train"

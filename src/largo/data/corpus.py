@@ -106,14 +106,19 @@ def iter_pieces(path: Path, text_field: str = "text", encoding: str = "auto") ->
         yield "".join(buf), True
 
 
-def _jsonl_pieces(f: Any, path: Path, text_field: str) -> Iterator[tuple[str, bool]]:
+def _jsonl_records(f: Any, path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line; bad JSON names the file and line."""
     for number, line in enumerate(f, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"not valid JSON: {exc.msg}", path=path, line=number) from None
+
+
+def _jsonl_pieces(f: Any, path: Path, text_field: str) -> Iterator[tuple[str, bool]]:
+    for number, record in _jsonl_records(f, path):
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str | type(None)):
             raise DataError(f"expected an object with a string {text_field!r} field", path=path, line=number)
         if record.get(text_field):
@@ -143,13 +148,7 @@ def iter_pairs(
             path=path,
         )
     with open(path, encoding=_resolve_encoding(path, encoding), newline="") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"not valid JSON: {exc.msg}", path=path, line=number) from None
+        for number, record in _jsonl_records(f, path):
             ok = isinstance(record, dict) and all(
                 isinstance(record.get(k), str | type(None)) for k in (prompt_field, text_field)
             )
