@@ -188,3 +188,38 @@ def test_a_refused_combination_fails_alone_and_a_missing_optuna_is_named(
         ImportError, match=r'largo tune needs the optuna package: pip install "largo\[tune\]"'
     ):
         largo.tune(cfg)
+
+
+def test_a_language_model_search_pretrains_each_trial_and_its_bundle_reproduces_the_best(
+    tmp_path: Path,
+) -> None:
+    from tests.lm_corpus import tiny_lm_config, write_corpus
+
+    cfg = tiny_lm_config(write_corpus(tmp_path / "corpus", lines=1500), tmp_path / "runs", steps=30)
+    cfg["train"] |= {"eval_every": 10, "checkpoint_every": 10}
+    cfg["tune"] = {
+        "space": {
+            "train.optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+            "model.dim": {"type": "choice", "choices": [16, 32]},
+        },
+        "trials": 3,
+        "sampler": "random",
+        "startup_trials": 1,
+        "warmup_epochs": 1,
+    }
+    result = largo.tune(cfg)
+    study = result.study
+    assert study.metric == "valid.loss" and study.direction == "minimize" and study.unit == "steps"
+    done = [t for t in study.trials if t["state"] == "complete"]
+    assert len(study.trials) == 3 and done and study.best["value"] == min(t["value"] for t in done)
+    assert all(t["epochs"] == 30 for t in done)  # steps reached
+    # the bundle: the best trial's config pretrained again, the same held-out loss
+    assert result.path is not None and (result.path / "tokenizer.json").is_file()
+    bundle_cfg = yaml.safe_load((result.path / "config.yaml").read_text(encoding="utf-8"))
+    assert bundle_cfg["model"]["dim"] == study.best["values"]["model.dim"]
+    assert result.metrics["valid"]["lm"]["loss"] == pytest.approx(study.best["value"], abs=1e-9)
+    assert f"{'steps':>6}" in result.table().splitlines()[0]
+    with pytest.raises(
+        ConfigError, match=r"tune.metric: 'valid.accuracy' is not logged; allowed: auto, valid.loss"
+    ):
+        largo.tune({**cfg, "tune": {**cfg["tune"], "metric": "valid.accuracy"}})

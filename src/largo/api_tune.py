@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from largo.config import Config, ConfigError, SearchDimension, TuneConfig, apply_overrides, validate_config
+from largo.config_lm import LMConfig, validate_lm_config
 from largo.evaluate.scoring import headline, score_outputs
 from largo.models.build import build_model
 from largo.train.checkpoint import seed_everything
@@ -57,25 +58,28 @@ class StudyResult:
     direction: str
     trials: list[dict[str, Any]]  # number, state, value, params, epochs, seconds
     best: dict[str, Any] | None
-    best_config: Config | None
+    best_config: Config | LMConfig | None
     folder: Path
+    unit: str = "epochs"  # what a trial's length counts: epochs (a model), steps (a language model)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------- space
 
 
-def with_values(cfg: Config, values: dict[str, Any], source: str = "tune trial") -> Config:
-    """The config with each key path set to its value (validated: errors name the key)."""
+def with_values(cfg: Any, values: dict[str, Any], source: str = "tune trial") -> Any:
+    """The config (a model's or a language model's) with each key path set to its value, validated:
+    errors name the key."""
     data = cfg.model_dump(mode="json")
     try:
         data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in values.items()])
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("--set", "tune.space:")) from None
-    return validate_config(data, source=source)
+    validate = validate_lm_config if isinstance(cfg, LMConfig) else validate_config
+    return validate(data, source=source)
 
 
-def check_space(cfg: Config, tune: TuneConfig) -> None:
+def check_space(cfg: Any, tune: TuneConfig) -> None:
     """Every key is tunable and its extreme values give valid configs (ConfigError naming the key)."""
     if group_rank_and_size()[1] > 1:
         raise ConfigError("largo tune runs its trials in one process; start it without torchrun")
@@ -85,7 +89,7 @@ def check_space(cfg: Config, tune: TuneConfig) -> None:
         if key.split(".", 1)[0] in FIXED_KEYS:
             raise ConfigError(
                 f"tune.space.{key}: the {key.split('.', 1)[0]} section is the same for every trial "
-                "(one split judges them all); tune model, train, inputs or outputs keys"
+                "(one split judges them all); tune model, train, tokenizer or feature keys"
             )
         for value in extremes(dim):
             with_values(cfg, {key: value}, source=f"tune.space.{key} = {value!r}")  # names the key
@@ -134,9 +138,9 @@ class ProcessorCache:
         return self.fitted[key]
 
 
-def objective_metric(cfg: Config, tune: TuneConfig) -> tuple[str, bool]:
+def objective_metric(cfg: Any, tune: TuneConfig) -> tuple[str, bool]:
     """(metric, minimize) the study optimizes."""
-    es = cfg.train.early_stopping
+    es = getattr(cfg.train, "early_stopping", None)  # a language model has none
     metric = tune.metric if tune.metric != "auto" else (es.metric if es is not None else "valid.loss")
     if not metric.startswith("valid."):
         raise ConfigError(f"tune.metric: {metric!r} is not a validation metric; trials are judged on valid.*")
@@ -144,7 +148,7 @@ def objective_metric(cfg: Config, tune: TuneConfig) -> tuple[str, bool]:
         return metric, tune.direction == "minimize"
     if es is not None and es.metric == metric:
         return metric, es.minimize  # its own mode, when one is set
-    return metric, metric.rsplit(".", 1)[-1] in LOWER_IS_BETTER
+    return metric, metric.rsplit(".", 1)[-1] in LOWER_IS_BETTER | {"perplexity", "bpc"}
 
 
 # ------------------------------------------------------------------------------------------- trial
@@ -172,6 +176,19 @@ def train_trial(
     return result.history, result.best_epoch
 
 
+def lm_trial(cfg: LMConfig, on_eval: Callable[[dict[str, float]], None]) -> list[dict[str, float]]:
+    """Pretrain one trial's language model (no files written; the corpus's tokenizer and token files
+    are cached across trials as for any run); returns its evaluation records."""
+    from largo.data.corpus import prepare_corpus
+    from largo.models.gpt import GPT
+    from largo.train.lm import pretrain_fit
+
+    tokenizer, data = prepare_corpus(cfg)
+    model_cfg = cfg.model.model_copy(update={"vocab_size": tokenizer.get_vocab_size()})
+    seed_everything(cfg.train.seed)
+    return pretrain_fit(GPT(model_cfg), data, cfg.train, model_cfg.context, on_eval=on_eval).history
+
+
 def import_optuna() -> Any:
     """The optuna module, or an ImportError that says how to install it."""
     try:
@@ -181,7 +198,7 @@ def import_optuna() -> Any:
     return optuna
 
 
-def run_study(cfg: Config, folder: Path, say: Callable[[str], None]) -> StudyResult:
+def run_study(cfg: Any, folder: Path, say: Callable[[str], None]) -> StudyResult:
     """Run (or continue) the study of `cfg.tune` in `folder`; the best trial's config comes back."""
     optuna = import_optuna()
 
@@ -190,10 +207,13 @@ def run_study(cfg: Config, folder: Path, say: Callable[[str], None]) -> StudyRes
         raise ConfigError("tune: the config has no tune section (tune: {space: {KEY: {type, low, high}}})")
     check_space(cfg, tune)
     metric, minimize = objective_metric(cfg, tune)
-    tables, _ = load_splits(cfg)
-    if tables["valid"].num_rows == 0:
-        raise ConfigError("tune: the validation split is empty; set data.valid")
-    processors = ProcessorCache(tables["train"])
+    lm = isinstance(cfg, LMConfig)
+    tables = processors = None
+    if not lm:  # a language model's corpus is prepared (and cached) by each trial's pretrain
+        tables, _ = load_splits(cfg)
+        if tables["valid"].num_rows == 0:
+            raise ConfigError("tune: the validation split is empty; set data.valid")
+        processors = ProcessorCache(tables["train"])
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder.mkdir(parents=True, exist_ok=True)
@@ -225,19 +245,27 @@ def run_study(cfg: Config, folder: Path, say: Callable[[str], None]) -> StudyRes
         )
         t0 = time.perf_counter()
 
+        reported: list[float] = []
+
         def report(record: dict[str, float]) -> None:
             value = record.get(metric)
             if value is None or not math.isfinite(value):
                 return
-            trial.report(value, step=int(record["epoch"]))
+            reported.append(value)  # pruned by evaluation: a model's epochs, a language model's evaluations
+            trial.report(value, step=len(reported))
             if trial.should_prune():
-                trial.set_user_attr("epochs", int(record["epoch"]))
-                raise optuna.TrialPruned(f"{metric} {value:.4g} at epoch {record['epoch']}")
+                trial.set_user_attr("epochs", int(record["step" if lm else "epoch"]))
+                raise optuna.TrialPruned(f"{metric} {value:.4g} at evaluation {len(reported)}")
 
-        with contextlib.redirect_stderr(io.StringIO()):  # the trial's epoch lines: one line a trial instead
-            history, best_epoch = train_trial(trial_cfg, tables, processors.get(trial_cfg), report)
-        kept = next((r for r in history if r["epoch"] == best_epoch), history[-1])
-        trial.set_user_attr("epochs", len(history))
+        with contextlib.redirect_stderr(io.StringIO()):  # the trial's log lines: one line a trial instead
+            if lm:
+                history = lm_trial(trial_cfg, report)
+                kept = history[-1] if history else {}  # the final weights' evaluation
+                trial.set_user_attr("epochs", int(kept.get("step", 0)))
+            else:
+                history, best_epoch = train_trial(trial_cfg, tables, processors.get(trial_cfg), report)
+                kept = next((r for r in history if r["epoch"] == best_epoch), history[-1])
+                trial.set_user_attr("epochs", len(history))
         trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
         value = kept.get(metric)
         return float(value) if value is not None and math.isfinite(value) else float("nan")  # nan: failed
@@ -253,14 +281,16 @@ def run_study(cfg: Config, folder: Path, say: Callable[[str], None]) -> StudyRes
         # a combination of values the config refuses (heads that do not divide dim …) fails alone
         study.optimize(objective, n_trials=remaining, timeout=tune.timeout_s, callbacks=[show],
                        catch=(ConfigError,))  # fmt: skip
-    return _result(study, cfg, metric, minimize, folder)
+    result = _result(study, cfg, metric, minimize, folder)
+    result.unit = "steps" if lm else "epochs"
+    return result
 
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _result(study: Any, cfg: Config, metric: str, minimize: bool, folder: Path) -> StudyResult:
+def _result(study: Any, cfg: Any, metric: str, minimize: bool, folder: Path) -> StudyResult:
     optuna = import_optuna()
 
     trials = []
@@ -299,7 +329,7 @@ class TuneResult:
         done.sort(key=lambda t: t["value"], reverse=s.direction == "maximize")
         rest = [t for t in s.trials if t["state"] != "complete"]
         keys = list(s.best["values"]) if s.best else sorted({k for t in s.trials for k in t["params"]})
-        lines = [f"{'trial':>5} {'state':<9} {s.metric:>14} {'epochs':>6}  " + "  ".join(keys)]
+        lines = [f"{'trial':>5} {'state':<9} {s.metric:>14} {s.unit:>6}  " + "  ".join(keys)]
         for t in done + rest:
             value = f"{t['value']:.4f}" if t["value"] is not None else "-"
             params = "  ".join(_short(t["params"].get(k, "-")) for k in keys)
@@ -343,22 +373,46 @@ def tune_folder(runs_dir: str | Path, name: str, resume: bool) -> Path:
     return root / f"tune-{(numbers[-1] if numbers else 0) + 1}"
 
 
-def tune(config: Config | dict | str | Path, *, resume: bool = False, retrain: bool = True) -> TuneResult:
+def as_any_config(config: Config | LMConfig | dict | str | Path) -> Config | LMConfig:
+    """A model's Config or (`task: lm`) a language model's LMConfig, from either, a dict or a YAML file."""
+    from largo.api import _as_config
+    from largo.api_lm import _as_lm_config
+    from largo.config_lm import read_lm_yaml
+
+    if isinstance(config, Config | LMConfig):
+        return config
+    data = config if isinstance(config, dict) else read_lm_yaml(config)  # each loader reads the file itself
+    return _as_lm_config(config) if is_lm_config(data) else _as_config(config)
+
+
+def is_lm_config(data: dict[str, Any]) -> bool:
+    """Whether a config dict is a language model's: `task: lm`, or a corpus (data.paths) and no inputs."""
+    corpus = isinstance(data.get("data"), dict) and "paths" in data["data"]
+    return data.get("task") == "lm" or (corpus and "inputs" not in data)
+
+
+def tune(
+    config: Config | LMConfig | dict | str | Path, *, resume: bool = False, retrain: bool = True
+) -> TuneResult:
     """Search the config's `tune.space`, then train the best config into a bundle.
 
     Args:
-        config: a Config with a `tune:` section, the same as a dict, or a YAML file path.
+        config: a Config or an LMConfig (`task: lm`: trials pretrain, judged on held-out loss) with a
+            `tune:` section, the same as a dict, or a YAML file path.
         resume: continue the newest search of this config's name (its study, its remaining trials).
         retrain: train the best trial's config into the run's next version (a bundle) at the end.
 
     Returns:
         TuneResult: every trial, the best values, and the bundle's path and metrics.
     """
-    from largo.api import _as_config, train
+    from largo.api import pretrain, train
     from largo.config import dump_config
+    from largo.config_lm import dump_lm_config
     from largo.evaluate.report import write_tune_plot
 
-    cfg = _as_config(config)
+    cfg = as_any_config(config)
+    lm = isinstance(cfg, LMConfig)
+    dump = dump_lm_config if lm else dump_config
     import_optuna()
     if cfg.tune is None:
         raise ConfigError("tune: the config has no tune section (tune: {space: {KEY: {type, low, high}}})")
@@ -366,17 +420,17 @@ def tune(config: Config | dict | str | Path, *, resume: bool = False, retrain: b
     objective_metric(cfg, cfg.tune)
     folder = tune_folder(cfg.runs_dir, cfg.name, resume)
     if resume:  # the same search with a new total: only tune.trials and tune.timeout_s may change
-        stored = _as_config(folder / "config.yaml")
+        stored = as_any_config(folder / "config.yaml")
         changed = _changes(stored, cfg)
         if changed:
             raise ConfigError(
                 f"resume: this config differs from the search in {folder} at {', '.join(changed)}; "
                 "only tune.trials and tune.timeout_s may change (start a new search without --resume)"
             )
-        (folder / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        (folder / "config.yaml").write_text(dump(cfg), encoding="utf-8")
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        (folder / "config.yaml").write_text(dump(cfg), encoding="utf-8")
     log(f"search folder: {folder}")
     study = run_study(cfg, folder, log)
     record = {
@@ -386,7 +440,7 @@ def tune(config: Config | dict | str | Path, *, resume: bool = False, retrain: b
         "trials": study.trials,
     }
     if study.best_config is not None:
-        (folder / "best.yaml").write_text(dump_config(study.best_config), encoding="utf-8")
+        (folder / "best.yaml").write_text(dump(study.best_config), encoding="utf-8")
     write_tune_plot(folder / "history.png", study.trials, study.metric, study.direction == "minimize")
     path = metrics = None
     earlier = _read_json(folder / "tune.json")
@@ -397,7 +451,7 @@ def tune(config: Config | dict | str | Path, *, resume: bool = False, retrain: b
         metrics = _read_json(path / "metrics.json") or None
         record["bundle"] = str(path)
     elif retrain and study.best_config is not None:
-        result = train(study.best_config)
+        result = (pretrain if lm else train)(study.best_config)
         path, metrics = result.path, result.metrics
         record["bundle"] = str(path)
         (path / "tune.json").write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")

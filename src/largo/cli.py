@@ -139,20 +139,31 @@ def tune(
 
     Prints every trial, best first; writes tune.json, best.yaml and history.png beside the study.
     """
-    data = apply_overrides(load_config(config).model_dump(mode="json"), set_ or [])
+    from largo.api_tune import as_any_config, is_lm_config  # a model's config, or a language model's
+    from largo.config_lm import validate_lm_config
+
+    loaded = as_any_config(config)
+    data = apply_overrides(loaded.model_dump(mode="json"), set_ or [])
     if trials is not None:
         if not data.get("tune"):
             raise ConfigError(f"{config}: no tune section to set tune.trials in (tune: {{space: ...}})")
         data["tune"]["trials"] = trials
     try:
-        result = api.tune(validate_config(data, source=config), resume=resume, retrain=retrain)
+        validate = validate_lm_config if is_lm_config(data) else validate_config
+        result = api.tune(validate(data, source=config), resume=resume, retrain=retrain)
     except ImportError as exc:  # optuna missing: say how to install it
         raise ConfigError(str(exc)) from None
     typer.echo(result.table())
     typer.echo(f"search:  {result.study.folder}  (best.yaml, tune.json, history.png)")
     if result.path is not None:
-        split = "test" if result.metrics.get("test") else "valid"
-        _print_scores(split, result.metrics.get(split) or {})
+        lm = (result.metrics.get("valid") or {}).get("lm")
+        if lm:
+            typer.echo(
+                f"valid: loss={lm['loss']:.4f}  perplexity={lm['perplexity']:.2f}  bpc={lm['bpc']:.4f}"
+            )
+        else:
+            split = "test" if result.metrics.get("test") else "valid"
+            _print_scores(split, result.metrics.get(split) or {})
         typer.echo(f"bundle:  {result.path}")
 
 

@@ -19,8 +19,11 @@ from largo.config import (
     OptimizerConfig,
     ScheduleConfig,
     StrictModel,
+    TuneConfig,
     validate_model,
 )
+
+LM_TUNE_METRICS = ("valid.loss", "valid.perplexity", "valid.bpc")  # what a pretraining evaluation logs
 
 # name → sizes of a decoder-only Transformer (litgpt's name_to_config). Parameter counts are for a
 # vocabulary of 8,192 (gpt2-124m: GPT-2's 50,304, counted as GPT-2 counts them, tied embedding once)
@@ -165,6 +168,17 @@ class LMConfig(StrictModel):
     tokenizer: LMTokenizerConfig = Field(default_factory=LMTokenizerConfig)
     model: GPTConfig = Field(default_factory=GPTConfig)
     train: LMTrainConfig = Field(default_factory=LMTrainConfig)
+    tune: TuneConfig | None = Field(
+        None, description="The search `largo tune` runs (`largo pretrain` ignores it)."
+    )
+
+    @field_validator("tune")
+    @classmethod
+    def _tune_metric(cls, v: TuneConfig | None) -> TuneConfig | None:
+        allowed = ("auto", *LM_TUNE_METRICS)
+        if v is not None and v.metric not in allowed:
+            raise ValueError(f"tune.metric: {v.metric!r} is not logged; allowed: {', '.join(allowed)}")
+        return v
 
     @field_validator("train")
     @classmethod
