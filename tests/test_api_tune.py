@@ -223,3 +223,18 @@ def test_a_language_model_search_pretrains_each_trial_and_its_bundle_reproduces_
         ConfigError, match=r"tune.metric: 'valid.accuracy' is not logged; allowed: auto, valid.loss"
     ):
         largo.tune({**cfg, "tune": {**cfg["tune"], "metric": "valid.accuracy"}})
+
+
+def test_a_fine_tuning_search_starts_every_trial_from_the_base_model(tmp_path: Path) -> None:
+    from tests.lm_corpus import tiny_lm_config, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", lines=1500)
+    base = largo.pretrain(tiny_lm_config(corpus, tmp_path / "runs", steps=60))
+    base_loss = base.metrics["valid"]["lm"]["loss"]
+    cfg = tiny_lm_config(corpus, tmp_path / "runs", steps=10, init_from=str(base.path))
+    cfg["train"] |= {"eval_every": 5, "checkpoint_every": 5}
+    cfg["tune"] = {"space": {"train.optimizer.lr": {"type": "choice", "choices": [1e-7, 2e-7]}}, "trials": 2}
+    result = largo.tune(cfg, retrain=False)
+    values = [t["value"] for t in result.study.trials]
+    # a near-zero learning rate keeps the base's held-out loss; from scratch it would be ~log(300) = 5.7
+    assert all(abs(v - base_loss) < 0.01 for v in values), (values, base_loss)

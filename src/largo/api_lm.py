@@ -49,13 +49,40 @@ def pretrain(config: LMConfig | dict | str | Path, *, resume: bool | str | Path 
         return _pretrain(cfg, resume)
 
 
+def prepare_lm(cfg: LMConfig, tokenizer: Any = None) -> tuple[LMConfig, Any, Any, Any, Any]:
+    """A run's corpus and starting model: (config with the vocabulary size, tokenizer, token data, GPT,
+    base bundle or None). The tokenizer is the given one, else the base bundle's (train.init_from),
+    else trained or cached; the model is seeded, takes the base weights, and LoRA adapters when asked.
+    Rank 0 prepares the corpus first under torchrun (the others read its cache)."""
+    from largo.data.corpus import prepare_corpus
+    from largo.deploy.generator import read_lm_bundle
+    from largo.models.gpt import GPT
+
+    base = read_lm_bundle(cfg.train.init_from) if cfg.train.init_from else None
+    if tokenizer is None and base is not None:
+        tokenizer = base.tokenizer
+    tokenizer, data = main_first(lambda: prepare_corpus(cfg, tokenizer, log))
+    model_cfg = base.config.model if base is not None else cfg.model
+    cfg = cfg.model_copy(
+        update={"model": model_cfg.model_copy(update={"vocab_size": tokenizer.get_vocab_size()})}
+    )
+    seed_everything(cfg.train.seed)
+    model = GPT(cfg.model)
+    if base is not None:
+        model.load_state_dict(base.model.state_dict())
+    if cfg.train.lora is not None:
+        from largo.train.lora import add_lora
+
+        model = add_lora(model, cfg.train.lora)
+    return cfg, tokenizer, data, model, base
+
+
 def _pretrain(cfg: LMConfig, resume: bool | str | Path) -> TrainResult:
     import torch
     from tokenizers import Tokenizer
 
     from largo.api import TrainResult  # here: largo.api imports this module
-    from largo.data.corpus import prepare_corpus
-    from largo.deploy.generator import read_lm_bundle, write_lm_bundle, write_lm_start
+    from largo.deploy.generator import write_lm_bundle, write_lm_start
     from largo.models.gpt import GPT
     from largo.train.lm import pretrain_fit
 
@@ -65,30 +92,14 @@ def _pretrain(cfg: LMConfig, resume: bool | str | Path) -> TrainResult:
         cfg = _as_lm_config(run_dir / "config.yaml")
     log(f"run folder: {run_dir}")
 
-    # 2. tokenizer and token files: the base model's tokenizer when continuing one, else trained or cached
-    base = read_lm_bundle(cfg.train.init_from) if cfg.train.init_from else None
-    tokenizer = base.tokenizer if base is not None else None
-    if resume:
-        tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
-    tokenizer, data = main_first(lambda: prepare_corpus(cfg, tokenizer, log))
-    model_cfg = base.config.model if base is not None else cfg.model
-    cfg = cfg.model_copy(
-        update={"model": model_cfg.model_copy(update={"vocab_size": tokenizer.get_vocab_size()})}
-    )
+    # 2. tokenizer and token files (the base model's tokenizer when continuing one, else trained or
+    # cached; a resumed run's own), 3. the model, seeded, from the base weights, with LoRA when asked
+    own = Tokenizer.from_file(str(run_dir / "tokenizer.json")) if resume else None
+    cfg, tokenizer, data, model, base = prepare_lm(cfg, own)
     if not resume and is_main_process():
         write_lm_start(run_dir, cfg, tokenizer)
     meta = data.meta
     log(f"corpus: {meta['train_tokens']:,} train tokens, {meta['valid_tokens']:,} held out")
-
-    # 3. the model (seeded first), from the base weights when given; LoRA adapters when asked
-    seed_everything(cfg.train.seed)
-    model = GPT(cfg.model)
-    if base is not None:
-        model.load_state_dict(base.model.state_dict())
-    if cfg.train.lora is not None:
-        from largo.train.lora import add_lora
-
-        model = add_lora(model, cfg.train.lora)
 
     # 4. train
     result = pretrain_fit(

@@ -177,16 +177,14 @@ def train_trial(
 
 
 def lm_trial(cfg: LMConfig, on_eval: Callable[[dict[str, float]], None]) -> list[dict[str, float]]:
-    """Pretrain one trial's language model (no files written; the corpus's tokenizer and token files
-    are cached across trials as for any run); returns its evaluation records."""
-    from largo.data.corpus import prepare_corpus
-    from largo.models.gpt import GPT
+    """Pretrain (or, with train.init_from, fine-tune) one trial's language model, no files written; the
+    corpus's tokenizer and token files are cached across trials as for any run. Returns its
+    evaluation records."""
+    from largo.api_lm import prepare_lm
     from largo.train.lm import pretrain_fit
 
-    tokenizer, data = prepare_corpus(cfg)
-    model_cfg = cfg.model.model_copy(update={"vocab_size": tokenizer.get_vocab_size()})
-    seed_everything(cfg.train.seed)
-    return pretrain_fit(GPT(model_cfg), data, cfg.train, model_cfg.context, on_eval=on_eval).history
+    cfg, _, data, model, _ = prepare_lm(cfg)
+    return pretrain_fit(model, data, cfg.train, cfg.model.context, on_eval=on_eval).history
 
 
 def import_optuna() -> Any:
