@@ -238,3 +238,48 @@ def test_a_fine_tuning_search_starts_every_trial_from_the_base_model(tmp_path: P
     values = [t["value"] for t in result.study.trials]
     # a near-zero learning rate keeps the base's held-out loss; from scratch it would be ~log(300) = 5.7
     assert all(abs(v - base_loss) < 0.01 for v in values), (values, base_loss)
+
+
+def test_language_model_search_settings(tmp_path: Path) -> None:
+    from largo.api_tune import check_space, objective_metric, with_values
+    from largo.config_lm import validate_lm_config
+    from tests.lm_corpus import tiny_lm_config
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some text\n", encoding="utf-8")
+    base = tiny_lm_config(corpus, tmp_path / "runs")
+    cfg = validate_lm_config(
+        {**base, "tune": {"space": {"model.preset": {"type": "choice", "choices": ["gpt-1m"]}}}}
+    )
+    # a tuned preset sets its own sizes (the resolved config had written dim 32 out)
+    assert (with_values(cfg, {"model.preset": "gpt-1m"}).model.dim, cfg.model.dim) == (128, 32)
+    # a vocabulary search is judged on bits per character; a per-token loss is refused
+    space = {"tokenizer.vocab_size": {"type": "choice", "choices": [300, 600]}}
+    vocab = validate_lm_config({**base, "tune": {"space": space}})
+    assert objective_metric(vocab, vocab.tune) == ("valid.bpc", True)
+    strict = validate_lm_config({**base, "tune": {"space": space, "metric": "valid.loss"}})
+    with pytest.raises(ConfigError, match="per token, and the space changes the tokenizer; use valid.bpc"):
+        objective_metric(strict, strict.tune)
+    # a fine-tuning search keeps the base's architecture and tokenizer
+    fine = {**base, "train": {**base["train"], "init_from": str(tmp_path)}}
+    for key in ("model.dropout", "tokenizer.vocab_size"):
+        dim = {"type": "choice", "choices": [0.1, 0.2] if key == "model.dropout" else [300, 600]}
+        tuned = validate_lm_config({**fine, "tune": {"space": {key: dim}}})
+        with pytest.raises(ConfigError, match=f"tune.space.{key}: a fine-tuning search .* keeps the base"):
+            check_space(tuned, tuned.tune)
+
+
+def test_the_cli_runs_a_language_model_search_and_resumes_it(tmp_path: Path) -> None:
+    from tests.lm_corpus import tiny_lm_config, write_corpus
+
+    cfg = tiny_lm_config(write_corpus(tmp_path / "corpus", lines=1000), tmp_path / "runs", steps=10)
+    cfg["train"] |= {"eval_every": 5, "checkpoint_every": 5}
+    cfg["tune"] = {"space": {"train.optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    first = CliRunner().invoke(cli, ["tune", str(path), "--trials", "2", "--no-retrain"])
+    assert first.exit_code == 0, first.output
+    assert "valid.loss" in first.output and "steps" in first.output and "of 2 trials" in first.output
+    again = CliRunner().invoke(cli, ["tune", str(path), "--trials", "3", "--resume"])
+    assert again.exit_code == 0, again.output
+    assert "of 3 trials" in again.output and "valid: loss=" in again.output and "bundle:" in again.output

@@ -71,6 +71,11 @@ def with_values(cfg: Any, values: dict[str, Any], source: str = "tune trial") ->
     """The config (a model's or a language model's) with each key path set to its value, validated:
     errors name the key."""
     data = cfg.model_dump(mode="json")
+    if isinstance(cfg, LMConfig) and values.get("model.preset") is not None:
+        from largo.config_lm import GPT_PRESETS  # the preset's sizes, unless the space sets them too
+
+        for key in GPT_PRESETS.get(values["model.preset"], {}):
+            data["model"].pop(key, None)
     try:
         data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in values.items()])
     except ConfigError as exc:
@@ -86,6 +91,12 @@ def check_space(cfg: Any, tune: TuneConfig) -> None:
     if cfg.data.valid in (None, 0, 0.0):
         raise ConfigError("tune: needs a validation split to judge trials on; set data.valid")
     for key, dim in tune.space.items():
+        section = key.split(".", 1)[0]
+        if isinstance(cfg, LMConfig) and cfg.train.init_from and section in ("model", "tokenizer"):
+            raise ConfigError(
+                f"tune.space.{key}: a fine-tuning search (train.init_from) keeps the base model's "
+                "architecture and tokenizer; tune train keys"
+            )
         if key.split(".", 1)[0] in FIXED_KEYS:
             raise ConfigError(
                 f"tune.space.{key}: the {key.split('.', 1)[0]} section is the same for every trial "
@@ -139,9 +150,16 @@ class ProcessorCache:
 
 
 def objective_metric(cfg: Any, tune: TuneConfig) -> tuple[str, bool]:
-    """(metric, minimize) the study optimizes."""
+    """(metric, minimize) the study optimizes. A language-model search over tokenizer keys is judged
+    on bits per character: a loss per token does not compare across vocabularies."""
     es = getattr(cfg.train, "early_stopping", None)  # a language model has none
-    metric = tune.metric if tune.metric != "auto" else (es.metric if es is not None else "valid.loss")
+    tokenizers = isinstance(cfg, LMConfig) and any(k.startswith("tokenizer.") for k in tune.space)
+    auto = "valid.bpc" if tokenizers else es.metric if es is not None else "valid.loss"
+    metric = tune.metric if tune.metric != "auto" else auto
+    if tokenizers and metric != "valid.bpc":
+        raise ConfigError(
+            f"tune.metric: {metric!r} is per token, and the space changes the tokenizer; use valid.bpc"
+        )
     if not metric.startswith("valid."):
         raise ConfigError(f"tune.metric: {metric!r} is not a validation metric; trials are judged on valid.*")
     if tune.direction != "auto":
@@ -215,8 +233,11 @@ def run_study(cfg: Any, folder: Path, say: Callable[[str], None]) -> StudyResult
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder.mkdir(parents=True, exist_ok=True)
+    # the last step no trial is pruned at (optuna prunes from n_warmup_steps on): warmup_epochs epochs, or
+    # for a language model as many evaluations' optimizer steps
+    warmup = tune.warmup_epochs * (cfg.train.eval_every if lm else 1)
     pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials, n_warmup_steps=tune.warmup_epochs)
+        optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials, n_warmup_steps=warmup + 1)
         if tune.pruner == "median"
         else optuna.pruners.NopPruner()
     )
@@ -249,8 +270,8 @@ def run_study(cfg: Any, folder: Path, say: Callable[[str], None]) -> StudyResult
             value = record.get(metric)
             if value is None or not math.isfinite(value):
                 return
-            reported.append(value)  # pruned by evaluation: a model's epochs, a language model's evaluations
-            trial.report(value, step=len(reported))
+            reported.append(value)  # a model's epoch, a language model's optimizer step
+            trial.report(value, step=int(record["step"]) if lm else len(reported))
             if trial.should_prune():
                 trial.set_user_attr("epochs", int(record["step" if lm else "epoch"]))
                 raise optuna.TrialPruned(f"{metric} {value:.4g} at evaluation {len(reported)}")

@@ -139,11 +139,13 @@ def tune(
 
     Prints every trial, best first; writes tune.json, best.yaml and history.png beside the study.
     """
-    from largo.api_tune import as_any_config, is_lm_config  # a model's config, or a language model's
-    from largo.config_lm import validate_lm_config
+    from largo.api_tune import is_lm_config  # a model's config, or a language model's
+    from largo.config_lm import read_lm_yaml, validate_lm_config
 
-    loaded = as_any_config(config)
-    data = apply_overrides(loaded.model_dump(mode="json"), set_ or [])
+    raw = read_lm_yaml(config)  # as written: --set model.preset then sets the preset's sizes
+    data = apply_overrides(
+        raw if is_lm_config(raw) else load_config(config).model_dump(mode="json"), set_ or []
+    )
     if trials is not None:
         if not data.get("tune"):
             raise ConfigError(f"{config}: no tune section to set tune.trials in (tune: {{space: ...}})")

@@ -542,7 +542,11 @@ class TuneConfig(StrictModel):
         ge=0,
         description="Trials sampled at random, and never pruned against, before TPE and pruning start.",
     )
-    warmup_epochs: int = Field(2, ge=0, description="Epochs every trial runs before it can be pruned.")
+    warmup_epochs: int = Field(
+        2,
+        ge=0,
+        description="Epochs (a language model: evaluations) every trial runs before it can be pruned.",
+    )
     seed: int = Field(0, description="Seeds the sampler (trials train with train.seed).")
 
 
