@@ -36,7 +36,15 @@ from typing import Any
 
 import torch
 
-from largo.config import Config, ConfigError, SearchDimension, TuneConfig, apply_overrides, validate_config
+from largo.config import (
+    Config,
+    ConfigError,
+    SearchDimension,
+    TuneConfig,
+    apply_overrides,
+    lower_is_better,
+    validate_config,
+)
 from largo.config_lm import LMConfig, validate_lm_config
 from largo.evaluate.scoring import headline, score_outputs
 from largo.models.build import build_model
@@ -47,7 +55,6 @@ from largo.train.losses import make_loss_fn
 from largo.train.prepare import augmenter, class_weights, encode_split, fit_processors, load_splits
 
 FIXED_KEYS = ("data", "tune", "name", "runs_dir")  # what every trial must share
-LOWER_IS_BETTER = {"loss", "mse", "rmse", "mae"}
 
 
 @dataclass
@@ -166,7 +173,7 @@ def objective_metric(cfg: Any, tune: TuneConfig) -> tuple[str, bool]:
         return metric, tune.direction == "minimize"
     if es is not None and es.metric == metric:
         return metric, es.minimize  # its own mode, when one is set
-    return metric, metric.rsplit(".", 1)[-1] in LOWER_IS_BETTER | {"perplexity", "bpc"}
+    return metric, lower_is_better(metric)
 
 
 # ------------------------------------------------------------------------------------------- trial

@@ -401,6 +401,15 @@ class ScheduleConfig(StrictModel):
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="'cosine': final lr as a fraction of lr.")
 
 
+LOWER_IS_BETTER = frozenset({"loss", "mse", "rmse", "mae", "log_loss", "perplexity", "bpc"})
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value is better for a metric (`valid.rmse`, `label.mae`, `loss` …): losses,
+    errors, perplexity and bits per character."""
+    return metric.rsplit(".", 1)[-1] in LOWER_IS_BETTER
+
+
 class EarlyStoppingConfig(StrictModel):
     """Stop when a logged metric stops improving; the best weights are restored."""
 
@@ -414,8 +423,7 @@ class EarlyStoppingConfig(StrictModel):
         """Whether a smaller value of the metric is better."""
         if self.mode != "auto":
             return self.mode == "min"
-        last = self.metric.rsplit(".", 1)[-1]
-        return last in {"loss", "mse", "rmse", "mae", "perplexity"}
+        return lower_is_better(self.metric)
 
 
 class CheckpointConfig(StrictModel):

@@ -39,6 +39,7 @@ from largo.config import (
     StrictModel,
     apply_overrides,
     format_validation_error,
+    lower_is_better,
     validate_config,
 )
 from largo.data.clean import clean_table
@@ -63,7 +64,6 @@ from largo.train.prepare import augmenter, class_weights, encode_split, fit_proc
 
 CANDIDATE = "candidate"
 RECORD = "update.json"
-LOWER_IS_BETTER = {"mse", "rmse", "mae", "log_loss", "loss", "perplexity"}
 METRICS = {
     "category": ("accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro"),
     "number": ("rmse", "mse", "mae", "r2"),
@@ -367,7 +367,7 @@ def gate_metric(gate: GateConfig, cfg: Config) -> tuple[str, str]:
 
 def gain(metric: str, old: float, new: float) -> float:
     """How much better new is than old (positive: better; an error metric improves by going down)."""
-    return old - new if metric in LOWER_IS_BETTER else new - old
+    return old - new if lower_is_better(metric) else new - old
 
 
 def judge(
