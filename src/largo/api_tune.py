@@ -30,7 +30,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from largo.config import (
     validate_config,
 )
 from largo.config_lm import LMConfig, validate_lm_config
+from largo.deploy.metadata import read_json
 from largo.evaluate.scoring import headline, score_outputs
 from largo.models.build import build_model
 from largo.train.checkpoint import seed_everything
@@ -68,7 +69,6 @@ class StudyResult:
     best_config: Config | LMConfig | None
     folder: Path
     unit: str = "epochs"  # what a trial's length counts: epochs (a model), steps (a language model)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------- space
@@ -104,9 +104,9 @@ def check_space(cfg: Any, tune: TuneConfig) -> None:
                 f"tune.space.{key}: a fine-tuning search (train.init_from) keeps the base model's "
                 "architecture and tokenizer; tune train keys"
             )
-        if key.split(".", 1)[0] in FIXED_KEYS:
+        if section in FIXED_KEYS:
             raise ConfigError(
-                f"tune.space.{key}: the {key.split('.', 1)[0]} section is the same for every trial "
+                f"tune.space.{key}: the {section} section is the same for every trial "
                 "(one split judges them all); tune model, train, tokenizer or feature keys"
             )
         for value in extremes(dim):
@@ -222,13 +222,11 @@ def import_optuna() -> Any:
 
 
 def run_study(cfg: Any, folder: Path, say: Callable[[str], None]) -> StudyResult:
-    """Run (or continue) the study of `cfg.tune` in `folder`; the best trial's config comes back."""
+    """Run (or continue) the study of `cfg.tune` in `folder` (`tune()` has checked the space); the best
+    trial's config comes back."""
     optuna = import_optuna()
 
     tune = cfg.tune
-    if tune is None:
-        raise ConfigError("tune: the config has no tune section (tune: {space: {KEY: {type, low, high}}})")
-    check_space(cfg, tune)
     metric, minimize = objective_metric(cfg, tune)
     lm = isinstance(cfg, LMConfig)
     tables = processors = None
@@ -307,16 +305,14 @@ def run_study(cfg: Any, folder: Path, say: Callable[[str], None]) -> StudyResult
         # a combination of values the config refuses (heads that do not divide dim …) fails alone
         study.optimize(objective, n_trials=remaining, timeout=tune.timeout_s, callbacks=[show],
                        catch=(ConfigError,))  # fmt: skip
-    result = _result(study, cfg, metric, minimize, folder)
-    result.unit = "steps" if lm else "epochs"
-    return result
+    return _result(study, cfg, metric, minimize, folder, "steps" if lm else "epochs")
 
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _result(study: Any, cfg: Any, metric: str, minimize: bool, folder: Path) -> StudyResult:
+def _result(study: Any, cfg: Any, metric: str, minimize: bool, folder: Path, unit: str) -> StudyResult:
     optuna = import_optuna()
 
     trials = []
@@ -334,7 +330,8 @@ def _result(study: Any, cfg: Any, metric: str, minimize: bool, folder: Path) -> 
         values = decoded(cfg.tune.space, top.params)
         best = {"number": top.number, "value": top.value, "values": values}
         best_config = with_values(cfg, values, source="the best trial's config")
-    return StudyResult(metric, "minimize" if minimize else "maximize", trials, best, best_config, folder)
+    direction = "minimize" if minimize else "maximize"
+    return StudyResult(metric, direction, trials, best, best_config, folder, unit)
 
 
 # --------------------------------------------------------------------------------------------- api
@@ -369,10 +366,6 @@ class TuneResult:
             shown = ", ".join(f"{k}={_short(v)}" for k, v in s.best["values"].items())
             lines.append(f"best: trial {s.best['number']}, {s.metric} {s.best['value']:.4f} ({shown})")
         return "\n".join(lines)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _changes(a: Config, b: Config) -> list[str]:
@@ -453,10 +446,8 @@ def tune(
                 f"resume: this config differs from the search in {folder} at {', '.join(changed)}; "
                 "only tune.trials and tune.timeout_s may change (start a new search without --resume)"
             )
-        (folder / "config.yaml").write_text(dump(cfg), encoding="utf-8")
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.yaml").write_text(dump(cfg), encoding="utf-8")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(dump(cfg), encoding="utf-8")
     log(f"search folder: {folder}")
     study = run_study(cfg, folder, log)
     record = {
@@ -469,12 +460,12 @@ def tune(
         (folder / "best.yaml").write_text(dump(study.best_config), encoding="utf-8")
     write_tune_plot(folder / "history.png", study.trials, study.metric, study.direction == "minimize")
     path = metrics = None
-    earlier = _read_json(folder / "tune.json")
+    earlier = read_json(folder / "tune.json")
     if (earlier.get("best") or {}).get("number") == (study.best or {}).get("number") and earlier.get(
         "bundle"
     ):
         path = Path(earlier["bundle"])  # a resumed search whose best trial already has its bundle
-        metrics = _read_json(path / "metrics.json") or None
+        metrics = read_json(path / "metrics.json") or None
         record["bundle"] = str(path)
     elif retrain and study.best_config is not None:
         result = (pretrain if lm else train)(study.best_config)
