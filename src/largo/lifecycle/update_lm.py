@@ -175,10 +175,7 @@ def stream_loss(model: GPT, tokens: Any, mask: Any, config: LMConfig) -> dict[st
     result = evaluate_lm(model, tokens, context, train.micro_batch, train.eval_batches, nothing, mask)
     if result is None:
         return None
-    length = min(context, len(tokens) - 1)
-    count = train.micro_batch * train.eval_batches
-    windows = min(count, (len(tokens) - 1) // length)  # as evaluate_lm draws them
-    return _scores(result["loss"], result["tokens"], windows)
+    return _scores(result["loss"], result["tokens"], result["windows"])
 
 
 def score(

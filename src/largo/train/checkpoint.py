@@ -99,24 +99,19 @@ def restore_sharded(ckpt: dict[str, Any], model: Any, optimizer: Any, **stateful
     restore(ckpt, **stateful)
 
 
-class Fixed:
-    """An object whose state_dict() is a dict computed already (what `save_checkpoint_from_rank0` saves)."""
-
-    def __init__(self, state: dict[str, Any]):
-        self.state = state
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.state
-
-
 def save_checkpoint_from_rank0(directory: str | Path, progress: dict[str, Any], **stateful: Any) -> None:
     """What every rank calls to checkpoint, the counterpart of `restore`: the ranks' RNG states are
     gathered, rank 0 writes `progress` and each object's `state_dict()` under its name (model=…,
-    optimizer=…; None objects are skipped) with them, and all wait until the file is on disk (a rank
+    optimizer=…; a dict is a state dict made already, e.g. gathered from shards; None objects are
+    skipped) with them, and all wait until the file is on disk (a rank
     may resume from it next)."""
     rngs = _rng_states_of_all_ranks()  # a collective: every rank takes part
     if is_main_process():
-        states = {name: obj.state_dict() for name, obj in stateful.items() if obj is not None}
+        states = {
+            name: obj if isinstance(obj, dict) else obj.state_dict()
+            for name, obj in stateful.items()
+            if obj is not None
+        }
         save_checkpoint(directory, {**progress, **states, "rng": rngs[0], "rng_by_rank": rngs})
     barrier()
 

@@ -33,7 +33,6 @@ from tqdm import tqdm
 from largo.config_lm import LMTrainConfig
 from largo.data.corpus import IGNORE, TokenData, windows
 from largo.train.checkpoint import (
-    Fixed,
     full_state_dict,
     load_checkpoint,
     restore,
@@ -180,7 +179,8 @@ def evaluate_lm(
     amp: Any,
     mask: np.ndarray | None = None,
 ) -> dict[str, float] | None:
-    """Mean token loss and perplexity on held-out windows (the same windows at every evaluation).
+    """Mean token loss, perplexity, the tokens counted and the windows read, on held-out windows (the
+    same windows at every evaluation).
 
     A held-out stream shorter than the asked windows is read once, end to end, in windows of the
     context (or its own length). None when it holds fewer than two tokens. With a target `mask` (a
@@ -197,6 +197,7 @@ def evaluate_lm(
         starts = np.arange(0, n - length, length)
     else:
         starts = np.sort(np.random.default_rng(0).integers(0, n - length, size=count))
+    windows_read = len(starts)
     me, world = group_rank_and_size()
     # every rank runs the same number of forward passes (a sharded model all-gathers in each): the
     # ranks with one window fewer add a blank one, whose targets are all IGNORE
@@ -217,7 +218,8 @@ def evaluate_lm(
     if counted == 0:  # a pairs stream whose windows hold no completion token: nothing to score
         return None
     loss = loss_sum / counted
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(counted)}
+    perplexity = math.exp(min(loss, 50.0))
+    return {"loss": loss, "perplexity": perplexity, "tokens": int(counted), "windows": windows_read}
 
 
 def pretrain_fit(
@@ -293,7 +295,7 @@ def pretrain_fit(
         states: dict[str, Any] = {"model": model, "optimizer": optimizer}
         if sharded:  # gathered whole (a collective), written by rank 0 like any other checkpoint
             whole, optim = full_state_dict(model, optimizer)
-            states = {"model": Fixed(whole), "optimizer": Fixed(optim)}
+            states = {"model": whole, "optimizer": optim}
         progress = {**st, "sharded": sharded}
         save_checkpoint_from_rank0(checkpoint_dir, progress, **states, scheduler=scheduler, scaler=scaler)
 
