@@ -524,14 +524,23 @@ def update(registry: Registry, ref: str, upd: UpdateConfig) -> UpdateResult:
         raise
 
     # 4. register as candidate, promote when the gate passes
-    version = registry.register(parent.name, run_dir, parent=parent.version, feedback_ids=fb.train_ids)
-    registry.set_alias(parent.name, CANDIDATE, version.version)
-    if verdict.passed:
-        registry.promote(parent.name, version.version)
+    version = register_candidate(registry, parent, run_dir, fb.train_ids, verdict.passed)
     return UpdateResult(
         parent.name, parent.version, version.version, version.path, verdict.passed, verdict, scores, rows,
         fb.skipped, upd.mode,
     )  # fmt: skip
+
+
+def register_candidate(
+    registry: Registry, parent: Version, run_dir: Path, feedback_ids: list[str], passed: bool
+) -> Version:
+    """Register an update's bundle as the next version (lineage: its parent and the feedback rows it
+    trained on), point `candidate` at it, and promote it to production when the gate passed."""
+    version = registry.register(parent.name, run_dir, parent=parent.version, feedback_ids=feedback_ids)
+    registry.set_alias(parent.name, CANDIDATE, version.version)
+    if passed:
+        registry.promote(parent.name, version.version)
+    return version
 
 
 def _write_bundle(

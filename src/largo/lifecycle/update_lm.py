@@ -44,16 +44,17 @@ from largo.config import ConfigError
 from largo.config_lm import CorpusConfig, LMConfig, validate_lm_config
 from largo.data.corpus import EOT, prepare_corpus, special_id
 from largo.deploy.generator import LMBundle, read_lm_bundle
+from largo.deploy.metadata import read_json
 from largo.lifecycle.feedback import lm_feedback_texts, write_jsonl
 from largo.lifecycle.registry import Registry, Version, path_sha256
 from largo.lifecycle.update import (
-    CANDIDATE,
     RECORD,
     UpdateConfig,
     UpdateError,
     UpdateResult,
     in_holdout,
     judge,
+    register_candidate,
     run_layout,
 )
 from largo.models.gpt import GPT, IGNORE
@@ -70,7 +71,7 @@ def reference_of(parent: Version, config: LMConfig) -> dict[str, Any]:
     stream judges regressions; its files must hash as recorded."""
     record = parent.path / RECORD
     if record.is_file():  # an updated version: the reference its own update was judged on
-        reference = json.loads(record.read_text(encoding="utf-8"))["reference"]
+        reference = read_json(record)["reference"]
     else:
         lineage = [d for d in parent.lineage.get("data") or [] if d.get("split") == "corpus"]
         reference = {"data": config.data.model_dump(mode="json"), "lineage": lineage}
@@ -337,12 +338,7 @@ def update_lm(registry: Registry, parent: Version, upd: UpdateConfig) -> UpdateR
         raise
 
     # 5. register as candidate, promote when the gate passes
-    version = registry.register(
-        parent.name, run_dir, parent=parent.version, feedback_ids=record["feedback_ids"]["train"]
-    )
-    registry.set_alias(parent.name, CANDIDATE, version.version)
-    if verdict.passed:
-        registry.promote(parent.name, version.version)
+    version = register_candidate(registry, parent, run_dir, record["feedback_ids"]["train"], verdict.passed)
     sections = {"sections": (reference_label, "feedback slice"), "units": ("windows", "texts")}
     return UpdateResult(
         parent.name, parent.version, version.version, version.path, verdict.passed, verdict, scores, rows,
