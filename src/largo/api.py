@@ -1,5 +1,6 @@
-"""The Python API: train(), load(), predict(), evaluate(), info(), infer_config(), serve(), export(); and,
-from `api_lm.py`, pretrain() and generate().
+"""The Python API: train(), load(), predict(), evaluate(), info(), infer_config(), serve(), export(); from
+`api_lm.py`, pretrain() and generate(); from `api_seq2seq.py`, translate() (and train() on a seq2seq
+config, load() / predict() / evaluate() / info() on a seq2seq bundle go there).
 
 Each function reads top to bottom through the stages (data → models → train → evaluate → deploy);
 the CLI calls these and nothing else.
@@ -16,8 +17,10 @@ import pyarrow as pa
 import torch
 
 from largo.api_lm import generate, pretrain  # noqa: F401 - the language-model half of this API
+from largo.api_seq2seq import evaluate_pairs, predict_pairs, train_seq2seq, translate  # noqa: F401
 from largo.api_tune import tune  # noqa: F401 - the search half of this API
 from largo.config import Config, ConfigError, load_config, validate_config
+from largo.config_seq2seq import Seq2SeqConfig, read_config_yaml
 from largo.data.features import Processor
 from largo.data.infer import Inferred, default_config, infer_features
 from largo.data.loader import Batch
@@ -30,8 +33,9 @@ from largo.deploy.bundle import (
     write_run_start,
 )
 from largo.deploy.generator import TextGenerator
-from largo.deploy.metadata import is_lm_bundle
+from largo.deploy.metadata import is_lm_bundle, is_seq2seq_bundle
 from largo.deploy.predictor import Predictor, Records
+from largo.deploy.translator import Translator
 from largo.evaluate.report import write_metrics_json, write_report
 from largo.evaluate.scoring import headline, score_outputs
 from largo.models.build import build_model
@@ -79,11 +83,14 @@ def _as_config(config: Config | dict | str | Path) -> Config:
 # ------------------------------------------------------------------------------------------ train
 
 
-def train(config: Config | dict | str | Path, *, resume: bool | str | Path = False) -> TrainResult:
+def train(
+    config: Config | Seq2SeqConfig | dict | str | Path, *, resume: bool | str | Path = False
+) -> TrainResult:
     """Train a model from a config and write its bundle.
 
     Args:
-        config: a Config, the same as a dict, or a YAML file path.
+        config: a Config, the same as a dict, or a YAML file path; a config with `task: seq2seq`
+            (a Seq2SeqConfig) trains an encoder-decoder (see `api_seq2seq.train_seq2seq`).
         resume: True to continue the newest unfinished run of this config's name, or a run folder.
 
     Returns:
@@ -93,10 +100,21 @@ def train(config: Config | dict | str | Path, *, resume: bool | str | Path = Fal
     train data-parallel (see `train/loop.py`); rank 0 picks the run folder, fits the preprocessing (the
     others read it from the folder), validates and writes every file.
     """
+    if _task(config) == "seq2seq":
+        return train_seq2seq(config, resume=resume)
     cfg = _as_config(config)
     _check_lora(cfg)
     with process_group(cfg.train.device):
         return _train(cfg, resume)
+
+
+def _task(config: Any) -> str | None:
+    """The `task` key of a config given as a model, a dict or a YAML path."""
+    if isinstance(config, Seq2SeqConfig):
+        return "seq2seq"
+    if isinstance(config, str | Path):
+        config = read_config_yaml(config)
+    return config.get("task") if isinstance(config, dict) else None
 
 
 def _train(cfg: Config, resume: bool | str | Path) -> TrainResult:
@@ -229,11 +247,14 @@ def infer_config(
     return cfg, inferred
 
 
-def load(path: str | Path, **kwargs: Any) -> Predictor | TextGenerator:
-    """Load a bundle: a Predictor (`largo.load(path).predict([{...}])`), or for a language model a
-    TextGenerator (`largo.load(path).generate("prompt")`)."""
+def load(path: str | Path, **kwargs: Any) -> Predictor | TextGenerator | Translator:
+    """Load a bundle: a Predictor (`largo.load(path).predict([{...}])`), for a language model a
+    TextGenerator (`largo.load(path).generate("prompt")`), for a seq2seq model a Translator
+    (`largo.load(path).translate(["text"])`)."""
     if is_lm_bundle(path):
         return TextGenerator.load(path, **kwargs)
+    if is_seq2seq_bundle(path):
+        return Translator.load(path, **kwargs)
     return Predictor.load(path, **kwargs)
 
 
@@ -260,8 +281,11 @@ def predict(
     """Predict from a file (csv/tsv/jsonl/parquet/image folder), from records, or from texts.
 
     A string that is not an existing file is a text to classify (for a model with one text input).
+    A seq2seq bundle answers `{"source", "output"}` per source text (see `api_seq2seq.predict_pairs`).
     """
-    predictor = bundle if isinstance(bundle, Predictor) else load(bundle)
+    predictor = bundle if isinstance(bundle, Predictor | Translator) else load(bundle)
+    if isinstance(predictor, Translator):
+        return predict_pairs(predictor, Path(data) if _is_path(data) else data)
     inputs = predictor.config.inputs
     one_text = len(inputs) == 1 and inputs[0].type == "text"
     if isinstance(data, str) and not one_text and not _is_path(data):
@@ -274,9 +298,12 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, report_dir: str |
     """Score a bundle on a labelled file; writes metrics.json and report.html to report_dir.
 
     Returns:
-        {"test": {output: metrics}, "rows": n, "cleaning": counts, "report": path}.
+        {"test": {output: metrics}, "rows": n, "cleaning": counts, "report": path}. A seq2seq bundle
+        is scored on pairs (see `api_seq2seq.evaluate_pairs`).
     """
-    predictor = bundle if isinstance(bundle, Predictor) else load(bundle)
+    predictor = bundle if isinstance(bundle, Predictor | Translator) else load(bundle)
+    if isinstance(predictor, Translator):
+        return evaluate_pairs(predictor, data, report_dir)
     cfg, processors = predictor.config, predictor.bundle.processors
     table, counts = read_clean(str(data), cfg)
     if table.num_rows == 0:
@@ -318,6 +345,8 @@ def info(bundle: str | Path) -> dict[str, Any]:
     """What a bundle holds: features, label sets, parameter count, headline metrics, versions."""
     if is_lm_bundle(bundle):
         return TextGenerator.load(bundle).info()
+    if is_seq2seq_bundle(bundle):
+        return Translator.load(bundle).info()
     predictor = load(bundle)
     b, labels = predictor.bundle, predictor.labels
     test = b.metrics.get("test") or {}

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from largo.config_lm import LMConfig, read_lm_yaml, validate_lm_config
 from largo.deploy.bundle import environment, run_folder
 from largo.deploy.generator import TextGenerator
+from largo.deploy.metadata import is_seq2seq_bundle
 from largo.train.checkpoint import seed_everything
 from largo.train.distributed import is_main_process, log, main_first, process_group
 
@@ -165,17 +166,24 @@ def generate(
     precision: str = "fp32",
     **sampling: Any,
 ) -> str | Iterator[str]:
-    """Continue `prompt` with a language-model bundle.
+    """Continue `prompt` with a language-model bundle (a seq2seq bundle: write the prompt's target,
+    greedy or sampled token by token; `translate()` runs its beam search).
 
     Args:
-        bundle: an LM bundle folder or a loaded TextGenerator.
+        bundle: an LM or seq2seq bundle folder, or a loaded TextGenerator or Translator.
         prompt: the text to continue.
         max_new_tokens: most tokens to generate.
         stream: return an iterator of text pieces as they are generated, instead of the whole text.
         precision: fp32, or bf16 (weights and KV cache in bf16: faster) for a bundle folder.
         sampling: temperature (0 = greedy), top_k, top_p, seed, use_cache, stop_at_eot.
     """
-    gen = bundle if isinstance(bundle, TextGenerator) else TextGenerator.load(bundle, precision=precision)
+    gen = bundle if hasattr(bundle, "stream") else None
+    if gen is None and is_seq2seq_bundle(bundle):
+        from largo.deploy.translator import Translator
+
+        gen = Translator.load(bundle, precision=precision)
+    if gen is None:
+        gen = TextGenerator.load(bundle, precision=precision)
     if stream:
         return gen.stream(prompt, max_new_tokens, **sampling)
     return gen.generate(prompt, max_new_tokens, **sampling)

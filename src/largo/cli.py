@@ -15,8 +15,9 @@ from typing import Annotated, Any
 import typer
 
 from largo.config import ConfigError, apply_overrides, dump_config, load_config, validate_config
+from largo.config_seq2seq import load_seq2seq_config, read_config_yaml, validate_seq2seq_config
 from largo.data.readers import DataError
-from largo.deploy.metadata import BundleError, ParityError
+from largo.deploy.metadata import BundleError, ParityError, is_seq2seq_bundle
 
 
 class _LazyApi:
@@ -59,7 +60,8 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _print_scores(split: str, outputs: dict[str, Any]) -> None:
     """One line of headline metrics per output: `test label: accuracy=…  f1_macro=…`."""
     for output, m in outputs.items():
-        shown = {k: m[k] for k in ("accuracy", "f1_macro", "mse", "mae", "r2") if m.get(k) is not None}
+        keys = ("accuracy", "f1_macro", "mse", "mae", "r2", "bleu", "chrf", "exact_match", "perplexity")
+        shown = {k: m[k] for k in keys if m.get(k) is not None}
         typer.echo(f"{split} {output}: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
 
 
@@ -86,7 +88,10 @@ def train(
 ) -> None:
     """Train a model and write a bundle. With a data file and --target, the config is inferred."""
     path = Path(source)
-    if path.suffix in (".yaml", ".yml"):
+    seq2seq = path.suffix in (".yaml", ".yml") and read_config_yaml(path).get("task") == "seq2seq"
+    if seq2seq:  # text pairs → an encoder-decoder
+        data = load_seq2seq_config(path).model_dump(mode="json")
+    elif path.suffix in (".yaml", ".yml"):
         data = load_config(path).model_dump(mode="json")
     else:
         if not target:
@@ -105,8 +110,9 @@ def train(
     if runs_dir:
         data["runs_dir"] = runs_dir
     data.setdefault("train", {})["progress"] = progress and data.get("train", {}).get("progress", True)
-    cfg = validate_config(apply_overrides(data, set_ or []), source=str(path))
-    result = api.train(cfg, resume=resume_from or resume)
+    data = apply_overrides(data, set_ or [])
+    validate = validate_seq2seq_config if seq2seq else validate_config
+    result = api.train(validate(data, source=str(path)), resume=resume_from or resume)
     if not _main_process():  # under torchrun, rank 0 reports
         return
     resolved = result.path / "config.yaml"
@@ -182,6 +188,7 @@ def evaluate(
     result = api.evaluate(bundle, data, report_dir)
     for output, m in result["test"].items():
         keys = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "mse", "rmse", "mae", "r2")
+        keys += ("bleu", "chrf", "exact_match", "perplexity", "token_accuracy")  # a seq2seq bundle
         typer.echo(f"{output}: " + "  ".join(f"{k}={m[k]:.4f}" for k in keys if m.get(k) is not None))
     typer.echo(f"rows: {result['rows']}  report: {result['report']}")
 
@@ -442,10 +449,19 @@ def pretrain(
 @app.command()
 @_friendly
 def generate(
-    bundle: Annotated[str, typer.Argument(help="A language-model bundle folder.")],
-    prompt: Annotated[str, typer.Argument(help="The text to continue.")] = "",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most new tokens.")] = 100,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.8,
+    bundle: Annotated[str, typer.Argument(help="A language-model (or seq2seq) bundle folder.")],
+    prompt: Annotated[str, typer.Argument(help="The text to continue (a seq2seq model: to translate).")] = "",
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option("--max-new-tokens", "-n", help="Most new tokens (default: 100; seq2seq: the bundle's)."),
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Sampling temperature; 0 is greedy (default: 0.8; seq2seq: 0).")
+    ] = None,
+    beams: Annotated[
+        int | None,
+        typer.Option(min=1, help="A seq2seq bundle: beam width (default: the bundle's); 1 streams."),
+    ] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Sample among the k likeliest tokens.")] = 50,
     top_p: Annotated[
         float | None, typer.Option("--top-p", help="Sample within this probability mass (nucleus).")
@@ -456,21 +472,28 @@ def generate(
         str, typer.Option(help="fp32, or bf16: weights and KV cache in bf16 (faster, same greedy text here).")
     ] = "fp32",
 ) -> None:
-    """Continue a prompt with a language-model bundle (KV-cached sampling)."""
+    """Continue a prompt with a language-model bundle (KV-cached sampling); with a seq2seq bundle, write
+    the prompt's target (beam search, or greedy / sampled tokens streamed with --beams 1)."""
+    seq2seq = is_seq2seq_bundle(bundle)
+    if seq2seq and beams != 1 and temperature is None:
+        typer.echo(api.translate(bundle, prompt, beams=beams, max_new_tokens=max_new_tokens)[0])
+        return
+    gen = api.load(bundle, precision=precision)
+    if max_new_tokens is None:
+        max_new_tokens = gen.config.max_new_tokens if seq2seq else 100
     sampling = {
-        "temperature": temperature,
+        "temperature": (0.0 if seq2seq else 0.8) if temperature is None else temperature,
         "top_k": top_k,
         "top_p": top_p,
         "seed": seed,
-        "precision": precision,
     }
     if stream:
-        for piece in api.generate(bundle, prompt, max_new_tokens, stream=True, **sampling):
+        for piece in api.generate(gen, prompt, max_new_tokens, stream=True, **sampling):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:
-        typer.echo(api.generate(bundle, prompt, max_new_tokens, **sampling))
+        typer.echo(api.generate(gen, prompt, max_new_tokens, **sampling))
 
 
 @app.command("config")

@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from largo.data.samples import write_news_csv
+from largo.data.samples import write_news_csv, write_number_pairs
 
 # The child wraps train_step (test-side only) to print a line per micro-batch and slow down a little,
 # so the parent can kill it at a chosen micro-batch; the wrapper does not change any result.
@@ -73,6 +73,32 @@ def _config(data: Path, runs: Path, accumulate: int, feature: dict = IMAGE) -> d
     }
 
 
+def _seq2seq_config(data: Path, runs: Path, accumulate: int) -> dict:
+    """An encoder-decoder on number pairs: the same loop, a tokenizer fit on both columns, and greedy
+    decoding scores in every epoch's record."""
+    return {
+        "task": "seq2seq",
+        "name": "resume",
+        "runs_dir": str(runs),
+        "data": {"train": str(data), "source": "english", "target": "chinese", "valid": 0.1, "test": 0.05},
+        "tokenizer": {"vocab_size": 300, "max_source_length": 24, "max_target_length": 16},
+        "model": {"dim": 32, "encoder_layers": 1, "decoder_layers": 1, "heads": 2, "dropout": 0.1},
+        "train": {
+            "epochs": 3,
+            "batch_size": 32,
+            "accumulate": accumulate,
+            "optimizer": {"name": "adamw", "lr": 2e-3},
+            "schedule": {"name": "cosine", "warmup": 0.1},
+            "early_stopping": {"metric": "valid.chrf", "patience": 5},
+            "clip_grad_norm": 1.0,
+            "checkpoint": {"every_steps": 4, "keep": True},
+            "eval_generate": 40,
+            "deterministic": True,
+        },
+        "decode": {"beams": 2},
+    }
+
+
 def _run(script: Path, cfg: Path, mode: str, kill_at: int | None) -> tuple[int, int]:
     """Run the child; kill it with SIGKILL after `kill_at` micro-batches. Returns (returncode, batches)."""
     proc = subprocess.Popen(
@@ -99,7 +125,7 @@ def _checkpoint_position(run: Path) -> tuple[int, int, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "accumulate"), [("image", 1), ("image", 2), ("text", 1)])
+@pytest.mark.parametrize(("kind", "accumulate"), [("image", 1), ("image", 2), ("text", 1), ("seq2seq", 2)])
 def test_sigkill_resume_gives_identical_weights(
     digits_folder: Path, tmp_path: Path, kind: str, accumulate: int
 ) -> None:
@@ -114,6 +140,10 @@ def test_sigkill_resume_gives_identical_weights(
     ref_cfg = tmp_path / "ref.yaml"
     configs = {}
     for name in ("ref", "killed"):
+        if kind == "seq2seq":
+            pairs = write_number_pairs(tmp_path / "pairs.tsv", n=1200)
+            configs[name] = _seq2seq_config(pairs, tmp_path / name, accumulate)
+            continue
         configs[name] = _config(data, tmp_path / name, accumulate, feature)
         if kind == "text":  # the averaged weights resume exactly too
             configs[name]["train"]["ema"] = 0.95

@@ -1,4 +1,5 @@
-"""Sample data written from scikit-learn's bundled copies (no download), for the quickstart and tests."""
+"""Sample data for the quickstart, the examples and tests, made here or from scikit-learn's bundled copies
+(no download): digit images, a bilingual news CSV, and English → Chinese number pairs."""
 
 from __future__ import annotations
 
@@ -110,4 +111,57 @@ def write_news_csv(path: str | Path, n: int = 2000, seed: int = 0) -> Path:
         writer = csv.DictWriter(f, fieldnames=_words("text label"))
         writer.writeheader()
         writer.writerows(news_rows(n, seed))
+    return path
+
+
+# English number words → Chinese numerals: a small, exactly checkable translation task (seq2seq)
+_ONES = _words(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen"
+)
+_TENS = _words("_ _ twenty thirty forty fifty sixty seventy eighty ninety")
+_ZH_DIGITS = "零一二三四五六七八九"
+
+
+def english_number(n: int) -> str:
+    """0 ≤ n < 1,000,000 in English words: 'four thousand two hundred forty-two'."""
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else "-" + _ONES[n % 10])
+    if n < 1000:
+        return _ONES[n // 100] + " hundred" + ("" if n % 100 == 0 else " " + english_number(n % 100))
+    return english_number(n // 1000) + " thousand" + ("" if n % 1000 == 0 else " " + english_number(n % 1000))
+
+
+def chinese_number(n: int) -> str:
+    """0 ≤ n < 10,000 in Chinese numerals: 四千二百四十二, 一千零五, 十五."""
+    if n == 0:
+        return "零"
+    if 10 <= n < 20:
+        return "十" + ("" if n == 10 else _ZH_DIGITS[n % 10])
+    digits = [int(d) for d in str(n)]
+    units = ["千", "百", "十", ""][-len(digits) :]
+    out, gap = "", False
+    for d, unit in zip(digits, units, strict=True):
+        if d == 0:
+            gap = True
+            continue
+        out += ("零" if gap and out else "") + _ZH_DIGITS[d] + unit
+        gap = False
+    return out
+
+
+def number_pairs(n: int, seed: int = 0, below: int = 10_000) -> list[dict[str, str]]:
+    """`n` distinct numbers below `below` as {"english": words, "chinese": numerals} rows."""
+    numbers = np.random.default_rng(seed).choice(below, size=n, replace=False)
+    return [{"english": english_number(int(k)), "chinese": chinese_number(int(k))} for k in numbers]
+
+
+def write_number_pairs(path: str | Path, n: int = 4000, seed: int = 0) -> Path:
+    """Write `number_pairs` as a UTF-8 TSV with the columns english and chinese."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["english\tchinese"] + [f"{r['english']}\t{r['chinese']}" for r in number_pairs(n, seed)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

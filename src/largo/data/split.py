@@ -2,16 +2,22 @@
 
 Two stages with scikit-learn's `train_test_split`: carve the test rows from all rows, then the valid rows
 from the rest. Classes too rare to stratify go to train; when stratifying is still impossible the split
-falls back to a plain seeded shuffle.
+falls back to a plain seeded shuffle. `split_tables` applies it to a run's files (or takes the valid and
+test files given).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from sklearn.model_selection import train_test_split
+
+from largo.config import DataConfig
+from largo.data.readers import DataError
 
 
 def split_indices(
@@ -73,3 +79,33 @@ def _carve(idx: np.ndarray, size: int, seed: int, codes: np.ndarray | None) -> t
                 pass  # e.g. fewer rows in a part than classes: stratifying is impossible
     rest, part = train_test_split(idx, test_size=size, random_state=seed, shuffle=True)
     return rest, part
+
+
+def split_tables(
+    data: DataConfig,
+    read: Callable[[str], tuple[pa.Table, dict[str, int]]],
+    stratify: str | None = None,
+) -> tuple[dict[str, pa.Table], dict[str, Any]]:
+    """Read and split a run's data: {'train', 'valid', 'test'} tables and the cleaning counts per file.
+
+    `read(path)` reads and cleans one file. `data.valid` / `data.test` are fractions carved out of the
+    train file (stratified on the column `stratify` when given) or paths of their own files.
+    """
+    train, counts = read(data.train)
+    cleaning: dict[str, Any] = {"train": counts}
+    tables: dict[str, pa.Table] = {}
+    for split in ("valid", "test"):
+        value = getattr(data, split)
+        if isinstance(value, str):
+            tables[split], cleaning[split] = read(value)
+    labels = None
+    if stratify is not None:
+        labels = np.array([str(v) for v in train.column(stratify).to_pylist()])
+    valid, test = (v if isinstance(v, float) else 0.0 for v in (data.valid, data.test))
+    idx = split_indices(train.num_rows, valid=valid, test=test, seed=data.split_seed, stratify=labels)
+    for split in ("train", "valid", "test"):
+        if split == "train" or split not in tables:
+            tables[split] = take_split(train, idx[split])
+    if tables["train"].num_rows == 0:
+        raise DataError(f"{data.train}: no rows left for training after cleaning and splitting")
+    return tables, cleaning

@@ -48,13 +48,25 @@ def check_files(path: Path, names: tuple[str, ...]) -> None:
         raise BundleError(f"{path}: not a complete bundle, missing {', '.join(missing)}{hint}")
 
 
-def is_lm_bundle(path: str | Path) -> bool:
-    """Whether a folder's config.yaml is a language model's (`task: lm`), read without torch."""
+def bundle_task(path: str | Path) -> str | None:
+    """The `task` of a folder's config.yaml, read without torch: "lm", "seq2seq", or None (a model of
+    input and output features, or no config)."""
     file = Path(path) / "config.yaml"
     if not file.is_file():
-        return False
+        return None
     data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    return isinstance(data, dict) and data.get("task") == "lm"
+    task = data.get("task") if isinstance(data, dict) else None
+    return task if isinstance(task, str) else None
+
+
+def is_lm_bundle(path: str | Path) -> bool:
+    """Whether a folder's config.yaml is a language model's (`task: lm`), read without torch."""
+    return bundle_task(path) == "lm"
+
+
+def is_seq2seq_bundle(path: str | Path) -> bool:
+    """Whether a folder's config.yaml is a sequence-to-sequence model's (`task: seq2seq`)."""
+    return bundle_task(path) == "seq2seq"
 
 
 def read_config(path: Path) -> Config:

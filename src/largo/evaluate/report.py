@@ -343,6 +343,8 @@ def render_html(metrics: dict, images: list[tuple[str, str]]) -> str:
     if isinstance(metrics.get("cleaning"), dict) and metrics["cleaning"]:
         parts.append("<h2>Cleaning</h2>" + _key_value_table(_flatten(metrics["cleaning"]), "rule", "rows"))
 
+    if isinstance(metrics.get("examples"), list) and metrics["examples"]:
+        parts.append(f"<h2>Sample outputs ({split_name})</h2>" + _examples_table(metrics["examples"]))
     for out_name, result in outputs.items():
         if isinstance(result, dict) and isinstance(result.get("per_class"), dict):
             parts.append(f"<h2>Per-class scores — {_esc(out_name)} ({split_name})</h2>")
@@ -430,6 +432,21 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 def _key_value_table(data: dict, key_header: str, value_header: str) -> str:
     rows = "".join(f'<tr><td class="l">{_esc(k)}</td><td>{_fmt(v)}</td></tr>' for k, v in data.items())
     return f'<table><tr><th class="l">{key_header}</th><th>{value_header}</th></tr>{rows}</table>'
+
+
+def _examples_table(examples: list) -> str:
+    """Rows of generated text beside its source and reference (a seq2seq run's first test rows)."""
+    rows = [e for e in examples if isinstance(e, dict)]
+    columns = [c for c in ("source", "reference", "output") if any(c in e for e in rows)]
+    head = "".join(f'<th class="l">{c}</th>' for c in columns)
+    lines = [f'<div class="scroll"><table><tr>{head}</tr>']
+    for e in rows:
+        mark = "" if e.get("output") == e.get("reference") else ' style="color:#b00"'
+        cells = "".join(
+            f'<td class="l"{mark if c == "output" else ""}>{_esc(e.get(c, ""))}</td>' for c in columns
+        )
+        lines.append(f"<tr>{cells}</tr>")
+    return "\n".join(lines) + "</table></div>"
 
 
 def _per_class_table(per_class: dict) -> str:

@@ -18,39 +18,7 @@ from torch import nn
 
 from largo.config_lm import GPTConfig
 from largo.data.corpus import IGNORE  # a target the loss skips
-
-
-def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of RoPE's rotation angles → two [length, head_dim / 2] tables."""
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (first half, second half) of x [b, h, t, d] by the angles of its positions."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # [b, h, t, d/2] each
-    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.type_as(x)
-
-
-class KVCache:
-    """Keys and values of every layer for the positions seen so far, preallocated to `length`."""
-
-    def __init__(self, layers: int, batch: int, heads: int, length: int, head_dim: int, like: torch.Tensor):
-        shape = (batch, heads, length, head_dim)
-        self.k = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(layers)]
-        self.length = length
-        self.pos = 0  # positions filled
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [b, h, t_new, d] at the next positions; return all keys and values so far."""
-        t = k.shape[2]
-        self.k[layer][:, :, self.pos : self.pos + t] = k
-        self.v[layer][:, :, self.pos : self.pos + t] = v
-        end = self.pos + t
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+from largo.models.layers import KVCache, SwiGLU, apply_rope, rope_tables, sample_next  # noqa: F401
 
 
 class CausalSelfAttention(nn.Module):
@@ -86,17 +54,6 @@ class CausalSelfAttention(nn.Module):
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
         return self.proj(y.transpose(1, 2).reshape(b, t, c))
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
-        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
-        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
@@ -181,31 +138,6 @@ class GPT(nn.Module):
         like = like if like is not None else self.embed.weight
         c = self.cfg
         return KVCache(c.layers, batch, c.heads, length or c.context, c.dim // c.heads, like)
-
-
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Next token ids [b] from last-position logits [b, vocab]: greedy at temperature 0, else sampled
-    from the temperature-scaled distribution cut to the top k tokens and to the top-p probability mass."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # the mass before a token already reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
-        logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all: ~4% faster per token than no_grad on a CPU

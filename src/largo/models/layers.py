@@ -1,10 +1,12 @@
-"""The only pieces model families share: activations, an MLP stack, weight init, masked pooling."""
+"""The only pieces model families share: activations, an MLP stack, weight init, masked pooling, and the
+Transformer parts of the GPT and the encoder-decoder (RoPE, SwiGLU)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -111,3 +113,79 @@ def masked_pool(x: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tens
     if pooling == "mean_max":
         return torch.cat([masked_mean(x, mask), masked_max(x, mask)], dim=-1)
     raise ValueError(f"unknown pooling {pooling!r}; allowed: mean, max, mean_max")
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE's rotation angles → two [length, head_dim / 2] tables."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (first half, second half) of x [b, h, t, d] by the angles of its positions."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # [b, h, t, d/2] each
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.type_as(x)
+
+
+class SwiGLU(nn.Module):
+    """The gated MLP of LLaMA-style blocks: w2(silu(w1 x) · w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated to `length`."""
+
+    def __init__(self, layers: int, batch: int, heads: int, length: int, head_dim: int, like: torch.Tensor):
+        shape = (batch, heads, length, head_dim)
+        self.k = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(layers)]
+        self.length = length
+        self.pos = 0  # positions filled
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [b, h, t_new, d] at the next positions; return all keys and values so far."""
+        t = k.shape[2]
+        self.k[layer][:, :, self.pos : self.pos + t] = k
+        self.v[layer][:, :, self.pos : self.pos + t] = v
+        end = self.pos + t
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the cached rows at `index` [b'] (beam search: the beams that survive a step)."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids [b] from last-position logits [b, vocab]: greedy at temperature 0, else sampled
+    from the temperature-scaled distribution cut to the top k tokens and to the top-p probability mass."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # the mass before a token already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+        logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

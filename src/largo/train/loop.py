@@ -2,8 +2,8 @@
 
 fit: build optimizer and schedule → resume if asked → for each epoch: train steps (autocast,
 backward, accumulate, clip, step, schedule) → validate → log → checkpoint → early stop.
-Extension points are explicit arguments (`score_fn`, `transform`, `on_epoch_end`), not callbacks
-found at run time.
+Extension points are explicit arguments (`score_fn`, `model_score_fn`, `transform`, `on_epoch_end`), not
+callbacks found at run time.
 """
 
 from __future__ import annotations
@@ -46,10 +46,12 @@ _SHOWN = (
     "valid.f1_macro",
     "valid.mae",
     "valid.r2",
+    "valid.chrf",
     "lr",
     "time_s",
 )
 ScoreFn = Callable[[dict[str, torch.Tensor]], dict[str, float]]
+ModelScoreFn = Callable[[nn.Module], dict[str, float]]
 
 
 @dataclass
@@ -193,6 +195,7 @@ def fit(
     loss_fn: LossFn,
     *,
     score_fn: ScoreFn | None = None,
+    model_score_fn: ModelScoreFn | None = None,
     transform: Callable[[Batch, torch.Generator], Batch] | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
@@ -205,7 +208,10 @@ def fit(
         train, valid: encoded splits (valid may be None: no validation metrics, no early stopping).
         cfg: the train section of the config.
         loss_fn: summed loss over a batch (see `losses.make_loss_fn`).
-        score_fn: validation outputs → metrics ({"accuracy": …}); logged as valid.<name>.
+        score_fn: validation outputs → metrics ({"accuracy": …}); logged as valid.<name> (a "loss"
+            replaces the loop's own valid.loss, a per-example mean of loss_fn).
+        model_score_fn: the validated model (the averaged one with train.ema) → metrics that need the
+            model itself, e.g. decoding outputs; logged as valid.<name>.
         transform: (inputs, generator) → inputs, e.g. augmentation; seeded per batch for exact resume.
         checkpoint_dir: where last.pt goes; None disables checkpoints.
         resume: continue from checkpoint_dir/last.pt when it exists.
@@ -226,6 +232,7 @@ def fit(
             loss_fn,
             device,
             score_fn,
+            model_score_fn,
             transform,
             checkpoint_dir,
             resume,
@@ -256,6 +263,7 @@ def _fit(
     loss_fn: LossFn,
     device: torch.device,
     score_fn: ScoreFn | None,
+    model_score_fn: ModelScoreFn | None,
     transform: Callable[[Batch, torch.Generator], Batch] | None,
     checkpoint_dir: str | Path | None,
     resume: bool,
@@ -396,6 +404,8 @@ def _fit(
             record["valid.loss"] = float(vloss) / len(valid)
             if score_fn is not None:
                 record.update({f"valid.{k}": v for k, v in score_fn(outputs).items()})
+            if model_score_fn is not None:
+                record.update({f"valid.{k}": v for k, v in model_score_fn(judged).items()})
         record["time_s"] = time.perf_counter() - t_start
         # rank 0 validates; every rank takes its figures, so early stopping decides the same everywhere
         record = broadcast_object(record)

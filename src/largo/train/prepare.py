@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import torch
 
@@ -16,8 +15,8 @@ from largo.data.augment import augment_images, drop_tokens, is_active
 from largo.data.clean import clean_table
 from largo.data.features import Processor, encode_inputs, make_processor, sequence_pads
 from largo.data.loader import Batch, EncodedSplit
-from largo.data.readers import DataError, read_table, source_dir
-from largo.data.split import split_indices, take_split
+from largo.data.readers import read_table, source_dir
+from largo.data.split import split_tables
 from largo.data.text import check_text_column
 from largo.train.distributed import log
 
@@ -43,28 +42,9 @@ def by_feature(table: pa.Table, features: list) -> dict[str, pa.ChunkedArray]:
 
 def load_splits(cfg: Config) -> tuple[dict[str, pa.Table], dict[str, Any]]:
     """Read, clean and split the data: {'train', 'valid', 'test'} tables and the cleaning counts."""
-    d = cfg.data
-    train, counts = read_clean(d.train, cfg)
-    cleaning: dict[str, Any] = {"train": counts}
-    tables: dict[str, pa.Table] = {}
-    for split in ("valid", "test"):
-        value = getattr(d, split)
-        if isinstance(value, str):
-            tables[split], cleaning[split] = read_clean(value, cfg)
-    fractions = {s: (v if isinstance(v, float) else 0.0) for s, v in (("valid", d.valid), ("test", d.test))}
     strat = next((f for f in cfg.outputs if f.type == "category"), None)
-    labels = None
-    if d.stratify and strat is not None:
-        labels = np.array([str(v) for v in train.column(strat.source).to_pylist()])
-    idx = split_indices(
-        train.num_rows, valid=fractions["valid"], test=fractions["test"], seed=d.split_seed, stratify=labels
-    )
-    for split in ("train", "valid", "test"):
-        if split == "train" or split not in tables:
-            tables[split] = take_split(train, idx[split])
-    if tables["train"].num_rows == 0:
-        raise DataError(f"{d.train}: no rows left for training after cleaning and splitting")
-    return tables, cleaning
+    stratify = strat.source if cfg.data.stratify and strat is not None else None
+    return split_tables(cfg.data, lambda path: read_clean(path, cfg), stratify)
 
 
 def encode_split(

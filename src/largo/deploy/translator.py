@@ -1,0 +1,194 @@
+"""Sequence-to-sequence bundles: write and read them, and `Translator` (source text → target text).
+
+runs/<name>/v<N>/ of a seq2seq run holds config.yaml (a Seq2SeqConfig, `task: seq2seq`),
+model.safetensors, tokenizer.json (the shared byte-level BPE, a standard HF tokenizers file),
+metrics.json (per-epoch history, test BLEU / chrF / perplexity, sample outputs) and report.html.
+Weights are safetensors only; nothing here unpickles.
+
+`Translator` has two faces: `translate()` decodes many sources in length-sorted batches with beam
+search (the quality path, used by `largo predict` and the test scores), and `stream_ids()` / `stream()` /
+`generate()` decode one source greedily or sampled, token by token, with the same signature as the
+language model's `TextGenerator`, so `largo serve` streams a seq2seq bundle over POST /generate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_model, save_model
+from tokenizers import Tokenizer
+
+from largo.config_seq2seq import Seq2SeqConfig, dump_seq2seq_config, validate_seq2seq_config
+from largo.data.pairs import encode_sources
+from largo.deploy.generator import TOKENIZER, text_pieces
+from largo.deploy.metadata import WEIGHTS, BundleError, check_files, read_json
+from largo.evaluate.report import write_metrics_json, write_report
+from largo.models.seq2seq import EOS, Seq2SeqTransformer, beam_search, stream_ids
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def write_seq2seq_start(run_dir: Path, config: Seq2SeqConfig, tokenizer: Tokenizer) -> None:
+    """The resolved config and the tokenizer, written before training starts (what resume reads)."""
+    (run_dir / "config.yaml").write_text(dump_seq2seq_config(config), encoding="utf-8")
+    tokenizer.save(str(run_dir / TOKENIZER))
+
+
+def write_seq2seq_bundle(run_dir: Path, model: Seq2SeqTransformer, metrics: dict[str, Any]) -> Path:
+    """Weights (the tied embedding once), metrics.json and report.html; returns the report's path."""
+    save_model(model, str(run_dir / WEIGHTS))
+    write_metrics_json(run_dir, metrics)
+    return write_report(run_dir, metrics)
+
+
+def read_seq2seq_config(path: str | Path) -> Seq2SeqConfig:
+    """A seq2seq bundle's resolved config."""
+    path = Path(path)
+    check_files(path, ("config.yaml",))
+    data = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or data.get("task") != "seq2seq":
+        raise BundleError(f"{path}: not a seq2seq bundle (config.yaml has no 'task: seq2seq')")
+    return validate_seq2seq_config(data, str(path / "config.yaml"))
+
+
+class Translator:
+    """A loaded seq2seq bundle: `translate(["text", ...])` → target texts.
+
+    `precision="bf16"` keeps the weights and the cache in bf16 (faster on CPUs with bf16 units and on
+    GPUs); beam scores are summed in fp32 either way.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        config: Seq2SeqConfig,
+        tokenizer: Tokenizer,
+        model: Seq2SeqTransformer,
+        metrics: dict[str, Any] | None = None,
+        precision: str = "fp32",
+        device: str | torch.device = "cpu",
+    ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
+        self.path, self.config, self.tokenizer = Path(path), config, tokenizer
+        self.metrics = metrics or {}
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        if precision == "bf16":
+            self.model = self.model.to(torch.bfloat16)
+        self.precision = precision
+        self.eot = EOS  # generation stops here (the name TextGenerator's users read)
+
+    @classmethod
+    def load(cls, path: str | Path, **kwargs: Any) -> Translator:
+        """Read a seq2seq bundle folder (weights from safetensors)."""
+        path = Path(path)
+        check_files(path, ("config.yaml", TOKENIZER, WEIGHTS))
+        config = read_seq2seq_config(path)
+        model = Seq2SeqTransformer(config.model)
+        load_model(model, str(path / WEIGHTS))
+        tokenizer = Tokenizer.from_file(str(path / TOKENIZER))
+        return cls(path, config, tokenizer, model, read_json(path / "metrics.json"), **kwargs)
+
+    @property
+    def context(self) -> int:
+        """The longest source in tokens."""
+        return self.config.tokenizer.max_source_length
+
+    def encode(self, text: str) -> list[int]:
+        """A source's token ids as the encoder reads them (EOS last, cut to the longest source)."""
+        return encode_sources(self.tokenizer, [text], self.config)[0].tolist()
+
+    def decode(self, ids: list[int]) -> str:
+        """Target ids → text."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def translate(
+        self,
+        texts: str | list[str],
+        *,
+        beams: int | None = None,
+        length_penalty: float | None = None,
+        max_new_tokens: int | None = None,
+        batch_size: int = 32,
+    ) -> list[str]:
+        """The target text of each source, by beam search (defaults: the bundle's `decode` section).
+
+        Sources are decoded in batches of similar length (less padding), results in input order.
+        """
+        items = [texts] if isinstance(texts, str) else list(texts)
+        d = self.config.decode
+        beams = d.beams if beams is None else beams
+        if beams < 1:
+            raise ValueError(f"beams: must be ≥ 1 (got {beams})")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be ≥ 1 (got {max_new_tokens})")
+        penalty = d.length_penalty if length_penalty is None else length_penalty
+        limit = max_new_tokens or self.config.max_new_tokens
+        ids = encode_sources(self.tokenizer, items, self.config)
+        lengths = (ids != 0).sum(1)
+        order = torch.argsort(lengths, descending=True, stable=True).tolist()
+        out: list[str] = [""] * len(items)
+        for lo in range(0, len(order), batch_size):
+            index = order[lo : lo + batch_size]
+            batch = ids[index, : int(lengths[index].max())].to(self.device)
+            for i, row in zip(index, beam_search(self.model, batch, limit, beams, penalty), strict=True):
+                out[i] = self.decode(row)
+        return out
+
+    def stream_ids(
+        self,
+        prompt: str,
+        max_new_tokens: int = 100,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = 0,
+        use_cache: bool = True,
+        stop_at_eot: bool = True,
+    ) -> Iterator[int]:
+        """Yield the target's token ids one at a time for the source `prompt`: greedy at temperature 0
+        (the default), else sampled (seeded). `use_cache` is accepted for `TextGenerator`'s callers: the
+        decoder always caches. Without `stop_at_eot` the EOS id is yielded and ends the stream."""
+        del use_cache
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k: must be ≥ 1 (got {top_k})")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p: must be in (0, 1] (got {top_p})")
+        source = torch.tensor([self.encode(prompt)], device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
+        for nxt in stream_ids(
+            self.model, source, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            generator=generator,
+        ):  # fmt: skip
+            token = int(nxt[0])
+            if token == EOS:
+                if not stop_at_eot:
+                    yield token
+                return
+            yield token
+
+    def stream(self, prompt: str, max_new_tokens: int = 100, **sampling: Any) -> Iterator[str]:
+        """Yield the target text piece by piece as tokens arrive (pieces end on whole characters)."""
+        return text_pieces(self.stream_ids(prompt, max_new_tokens, **sampling), self.tokenizer)
+
+    def generate(self, prompt: str, max_new_tokens: int = 100, **sampling: Any) -> str:
+        """The target text of one source, greedy or sampled (see `stream_ids`); `translate` for beams."""
+        return "".join(self.stream(prompt, max_new_tokens, **sampling))
+
+    def info(self) -> dict[str, Any]:
+        """What the bundle holds: sizes, parameter count, test scores."""
+        return {
+            "path": str(self.path),
+            "name": self.config.name,
+            "task": "seq2seq",
+            "model": self.config.model.model_dump(mode="json"),
+            "parameters": self.model.num_parameters(),
+            "vocab_size": self.tokenizer.get_vocab_size(),
+            "test": self.metrics.get("test"),
+            "decode": self.config.decode.model_dump(mode="json"),
+        }

@@ -1,0 +1,298 @@
+"""An encoder-decoder Transformer (translation, summarization, any text → text) in one sitting.
+
+source ids [b, s] → embedding → N × encoder block (bidirectional self-attention over real tokens, SwiGLU)
+→ norm = memory [b, s, dim]. target ids [b, t] → the same embedding → M × decoder block (causal
+self-attention, cross-attention into the memory, SwiGLU) → norm → logits [b, t, vocab] through the tied
+embedding. Pre-norm RMSNorm blocks, RoPE on the self-attentions (cross-attention has no positions to
+rotate: it looks up memory by content), `scaled_dot_product_attention` throughout.
+
+Decoding keeps the decoder's keys and values in a `KVCache` and computes every layer's cross-attention
+keys and values once per source, so a step costs one token's work. `beam_search` ranks beams by
+log-probability / length^penalty; `stream_ids` is greedy or sampled and yields ids as they come.
+Init: N(0, 0.02), residual projections 0.02 / sqrt(2·blocks) (GPT-2's rule, over both stacks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from largo.config_seq2seq import Seq2SeqModelConfig
+from largo.models.layers import KVCache, SwiGLU, apply_rope, rope_tables, sample_next
+
+PAD, BOS, EOS = 0, 1, 2  # the tokenizer's first ids (data/pairs.py trains it so)
+NEVER = [PAD, BOS]  # never a target, so never generated
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: Seq2SeqModelConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.dim // cfg.heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        b, t, c = x.shape  # batch, time, channels
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [b, h, t, d]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # decoding one token at a time: it sees every cached position
+            k, v = cache.update(layer, k, v)
+            causal = causal and t > 1
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: Seq2SeqModelConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.dim // cfg.heads
+        self.q = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.kv = nn.Linear(cfg.dim, 2 * cfg.dim, bias=False)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+
+    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory's keys and values [b, h, s, d] (computed once per source when decoding)."""
+        b, s, _ = memory.shape
+        k, v = self.kv(memory).view(b, s, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+    ) -> torch.Tensor:
+        b, t, c = x.shape
+        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, *kv, attn_mask=mask, dropout_p=drop)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg: Seq2SeqModelConfig):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.dim, eps=1e-5), nn.RMSNorm(cfg.dim, eps=1e-5)
+        self.attn = SelfAttention(cfg)
+        self.mlp = SwiGLU(cfg.dim, cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, mask=mask))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: Seq2SeqModelConfig):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.dim, eps=1e-5), nn.RMSNorm(cfg.dim, eps=1e-5)
+        self.norm3 = nn.RMSNorm(cfg.dim, eps=1e-5)
+        self.attn = SelfAttention(cfg)
+        self.cross = CrossAttention(cfg)
+        self.mlp = SwiGLU(cfg.dim, cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, kv, mask, cache: KVCache | None, i: int) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, causal=True, cache=cache, layer=i))
+        x = x + self.drop(self.cross(self.norm2(x), kv, mask))
+        return x + self.drop(self.mlp(self.norm3(x)))
+
+
+class Seq2SeqTransformer(nn.Module):
+    """forward({"source", "target"}) → {"nll": summed loss per example [b], "tokens": targets per example}.
+
+    `target` holds BOS, the target's tokens and EOS, right-padded with PAD; each position predicts the
+    next. In training the loss is label-smoothed (`label_smoothing`); in eval mode it is the plain
+    negative log-likelihood, so validation reports a true perplexity.
+    """
+
+    def __init__(self, cfg: Seq2SeqModelConfig, label_smoothing: float = 0.0):
+        super().__init__()
+        if cfg.vocab_size is None or cfg.context is None:
+            raise ValueError("model.vocab_size and model.context: not set (they come from the tokenizer)")
+        self.cfg, self.label_smoothing = cfg, label_smoothing
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.encoder_layers))
+        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.decoder_layers))
+        self.enc_norm, self.dec_norm = nn.RMSNorm(cfg.dim, eps=1e-5), nn.RMSNorm(cfg.dim, eps=1e-5)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head.weight = self.embed.weight  # tied input and output embeddings
+        self.drop = nn.Dropout(cfg.dropout)
+        cos, sin = rope_tables(cfg.dim // cfg.heads, cfg.context + 1, cfg.rope_theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.own_init = True
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.02); the projections into the residual stream scaled down by sqrt(2·blocks)."""
+        blocks = self.cfg.encoder_layers + self.cfg.decoder_layers
+        for name, p in self.named_parameters():
+            if p.ndim < 2:
+                continue  # norm scales stay 1
+            residual = name.endswith(("proj.weight", "w2.weight"))
+            nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * blocks) if residual else 0.02)
+
+    def num_parameters(self) -> int:
+        """Parameter count (the tied embedding once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def encode(self, source: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Source ids [b, s] → every decoder layer's cross-attention keys and values, and the mask
+        [b, 1, 1, s] of real source tokens they attend to."""
+        s = source.shape[1]
+        mask = (source != PAD)[:, None, None, :]
+        x = self.drop(self.embed(source))
+        for block in self.encoder:
+            x = block(x, self.cos[:s], self.sin[:s], mask)
+        memory = self.enc_norm(x)
+        return [block.cross.keys_values(memory) for block in self.decoder], mask
+
+    def decode(self, target: torch.Tensor, kv: list, mask: torch.Tensor, cache: KVCache | None = None):
+        """Target ids [b, t] (after `cache.pos` cached ones) → logits [b, t, vocab]."""
+        t = target.shape[1]
+        start = cache.pos if cache is not None else 0
+        if start + t > self.cfg.context + 1:
+            raise ValueError(f"{start + t} target tokens exceed the model's {self.cfg.context + 1}")
+        cos, sin = self.cos[start : start + t], self.sin[start : start + t]
+        x = self.drop(self.embed(target))
+        for i, block in enumerate(self.decoder):
+            x = block(x, cos, sin, kv[i], mask, cache, i)
+        if cache is not None:
+            cache.pos += t
+        return self.head(self.dec_norm(x))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        kv, mask = self.encode(batch["source"])
+        target = batch["target"]
+        logits = self.decode(target[:, :-1], kv, mask).float()
+        labels = target[:, 1:]
+        smoothing = self.label_smoothing if self.training else 0.0
+        nll = F.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=PAD, label_smoothing=smoothing, reduction="none"
+        )  # [b, t]
+        real = labels != PAD
+        correct = (logits.argmax(-1) == labels) & real
+        return {"nll": nll.sum(1), "tokens": real.sum(1), "correct": correct.sum(1)}
+
+    def new_cache(self, batch: int, like: torch.Tensor) -> KVCache:
+        """An empty decoder KV cache for `batch` sequences of up to the context (+ BOS)."""
+        c = self.cfg
+        return KVCache(c.decoder_layers, batch, c.heads, c.context + 1, c.dim // c.heads, like)
+
+
+def _strip(row: list[int]) -> list[int]:
+    """Generated ids up to (without) the first EOS."""
+    return row[: row.index(EOS)] if EOS in row else row
+
+
+@torch.inference_mode()
+def stream_ids(
+    model: Seq2SeqTransformer,
+    source: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token ids [b] of the targets of source [b, s], greedy (temperature 0) or sampled;
+    stops after `max_new_tokens`, at the context's end, or when every row has produced EOS."""
+    model.eval()
+    kv, mask = model.encode(source)
+    cache = model.new_cache(source.shape[0], kv[0][0])
+    step = torch.full((source.shape[0], 1), BOS, dtype=torch.long, device=source.device)
+    done = torch.zeros(source.shape[0], dtype=torch.bool, device=source.device)
+    for _ in range(min(max_new_tokens, model.cfg.context)):
+        logits = model.decode(step, kv, mask, cache)[:, -1]
+        logits[:, NEVER] = -math.inf
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = nxt.masked_fill(done, PAD)
+        yield nxt
+        done |= nxt == EOS
+        if bool(done.all()):
+            return
+        step = nxt[:, None]
+
+
+def greedy(model: Seq2SeqTransformer, source: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
+    """The greedy target ids of each source row (EOS and padding cut)."""
+    steps = list(stream_ids(model, source, max_new_tokens))
+    if not steps:
+        return [[] for _ in range(source.shape[0])]
+    return [_strip(row) for row in torch.stack(steps, 1).tolist()]
+
+
+@torch.inference_mode()
+def beam_search(
+    model: Seq2SeqTransformer,
+    source: torch.Tensor,
+    max_new_tokens: int,
+    beams: int = 4,
+    length_penalty: float = 1.0,
+) -> list[list[int]]:
+    """The best target ids of each source row [b, s] by beam search (EOS cut).
+
+    Every step each of the `beams` live hypotheses of a row proposes its best tokens; of the 2·beams
+    best extensions, those ending in EOS (ranked among the first `beams`) become finished hypotheses,
+    scored log p / length^length_penalty, and the first `beams` others live on. A row is done when it
+    holds `beams` finished hypotheses and its best live one, at its current length, cannot beat the
+    worst of them.
+    """
+    if beams == 1:
+        return greedy(model, source, max_new_tokens)
+    model.eval()
+    b, k, device = source.shape[0], beams, source.device
+    kv, mask = model.encode(source.repeat_interleave(k, 0))  # row i's beams are rows i·k … i·k + k − 1
+    cache = model.new_cache(b * k, kv[0][0])
+    seqs = torch.full((b * k, 1), BOS, dtype=torch.long, device=device)
+    scores = torch.full((b, k), -math.inf, device=device)
+    scores[:, 0] = 0.0  # one live beam at first, so the first step does not pick the same token k times
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
+    done = [False] * b
+    steps = min(max_new_tokens, model.cfg.context)
+    for step in range(steps):
+        logits = model.decode(seqs[:, -1:], kv, mask, cache)[:, -1].float()
+        logits[:, NEVER] = -math.inf
+        logp = logits.log_softmax(-1)  # [b·k, V]
+        vocab = logp.shape[-1]
+        cand = (scores[..., None] + logp.view(b, k, vocab)).view(b, -1)
+        top, index = cand.topk(min(2 * k, cand.shape[-1]), dim=-1)  # [b, 2k]
+        beam, token = index // vocab, index % vocab
+        norm = (step + 1) ** length_penalty
+        is_eos = (token == EOS) | (step == steps - 1)  # the last step ends every hypothesis
+        for i, j in (is_eos[:, :k] & torch.isfinite(top[:, :k])).nonzero().tolist():
+            if not done[i]:
+                ids = seqs[i * k + beam[i, j], 1:].tolist() + (
+                    [] if token[i, j] == EOS else [int(token[i, j])]
+                )
+                finished[i].append((float(top[i, j]) / norm, ids))
+        # the first k extensions that do not end, in rank order (a stable sort puts them first)
+        keep = torch.argsort(is_eos.int(), dim=1, stable=True)[:, :k]
+        scores = top.gather(1, keep).masked_fill(is_eos.gather(1, keep), -math.inf)
+        rows = (torch.arange(b, device=device)[:, None] * k + beam.gather(1, keep)).view(-1)
+        seqs = torch.cat([seqs[rows], token.gather(1, keep).view(-1, 1)], dim=1)
+        cache.reorder(rows)
+        for i in range(b):
+            if not done[i] and len(finished[i]) >= k:
+                worst = sorted(s for s, _ in finished[i])[-k]
+                done[i] = float(scores[i, 0]) / norm <= worst
+        if all(done):
+            break
+    return [_strip(max(f)[1]) if f else [] for f in finished]
