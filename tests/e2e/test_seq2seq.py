@@ -143,3 +143,41 @@ def test_config_errors_name_the_key() -> None:
         largo.train({**base, "model": {"dim": 30, "heads": 4}})
     with pytest.raises(largo.ConfigError, match="stratify"):
         largo.train({**base, "data": {**base["data"], "stratify": True}})
+
+
+def test_served_over_post_generate(trained: tuple[Path, largo.TrainResult], tmp_path: Path) -> None:
+    import httpx
+
+    from largo.deploy.generate_service import create_generate_app, load_generator
+    from largo.deploy.server import serve_in_thread
+
+    _, result = trained
+    translator = load_generator(result.path, "torch", "cpu")
+    assert type(translator).__name__ == "Translator"
+    app = create_generate_app(translator, max_new_tokens_limit=32, api_key="k", sink=None)
+    source = "three thousand twenty"
+    greedy = translator.translate(source, beams=1)[0]
+    auth = {"Authorization": "Bearer k"}
+    with serve_in_thread(app) as url:
+        health = httpx.get(f"{url}/health").json()
+        assert health["task"] == "seq2seq" and health["context"] == 24
+        # no temperature: the model's default, greedy, so the text is the greedy translation
+        r = httpx.post(f"{url}/generate", json={"prompt": source, "max_new_tokens": 16}, headers=auth)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["text"] == greedy and body["finish_reason"] == "stop"
+        streamed = httpx.post(
+            f"{url}/generate", json={"prompt": source, "max_new_tokens": 16, "stream": True}, headers=auth
+        )
+        blocks = [b for b in streamed.text.split("\n\n") if b.strip()]
+        assert blocks[-1].startswith("event: done") and len(blocks) >= 2
+        assert json.loads(blocks[-1].split("data: ", 1)[1])["text"] == greedy
+        # the usual limits: no key is 401, too many tokens 422 naming the field
+        assert httpx.post(f"{url}/generate", json={"prompt": source}).status_code == 401
+        bad = httpx.post(f"{url}/generate", json={"prompt": source, "max_new_tokens": 99}, headers=auth)
+        assert bad.status_code == 422 and "max_new_tokens" in bad.text
+        # a correction of the generation is accepted as feedback
+        fb = {"prediction_id": body["id"], "completion": chinese_number(3020)}
+        assert httpx.post(f"{url}/feedback", json=fb, headers=auth).status_code == 200
+    logged = (result.path / "serving").glob("*.jsonl")
+    assert any(chinese_number(3020) in p.read_text(encoding="utf-8") for p in logged)

@@ -47,6 +47,10 @@ generations finish (its graceful timeout), then the lifespan stops the worker th
 Torch-free at import, like server.py: the generator is any object shaped like `TextGenerator`
 (`stream_ids`, `encode`, `eot`, `tokenizer`, `context`, `config.name`, `path`, `info()`), and only
 `load_generator()` imports torch.
+
+A seq2seq bundle is served the same way by its `Translator`: the prompt is the source, the text is its
+target (greedy unless the request names a temperature; the end-of-sequence token stops it, and a
+source longer than `context` keeps its start). Beam search is a batch job for `largo predict`.
 """
 
 from __future__ import annotations
@@ -91,7 +95,12 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field(..., description="The text to continue (may be empty); a too long one keeps its end.")
     max_new_tokens: int = Field(100, ge=0, description="Most tokens to generate (≤ the server's limit).")
-    temperature: float = Field(0.8, ge=0, description="0 is greedy; higher is more varied.")
+    temperature: float | None = Field(
+        None,
+        ge=0,
+        description="0 is greedy; higher is more varied; null: the model's default (0.8 for a language "
+        "model, 0 for a seq2seq model, whose outputs have one right answer).",
+    )
     top_k: int | None = Field(50, ge=1, description="Sample among the k likeliest tokens (null: all).")
     top_p: float | None = Field(
         None, gt=0, le=1, description="Sample among the likeliest tokens of this mass."
@@ -126,17 +135,27 @@ def generate_app_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_generator(path: str | Path, runtime: str = "auto", device: str = "auto") -> Any:
-    """An LM bundle's `TextGenerator` to serve: fp32 weights (bf16 weights and KV cache for torch-bf16),
-    on `device` as `predictor.serving_device` reads it (auto: the GPU if there is one)."""
+    """An LM bundle's `TextGenerator` (a seq2seq bundle's `Translator`) to serve: fp32 weights (bf16
+    weights and KV cache for torch-bf16), on `device` as `predictor.serving_device` reads it (auto: the
+    GPU if there is one)."""
     if runtime not in LM_RUNTIMES:
         raise ValueError(
             f"runtime {runtime!r}: a language model serves on torch only ({', '.join(LM_RUNTIMES)})"
         )
     from largo.deploy.generator import TextGenerator
+    from largo.deploy.metadata import is_seq2seq_bundle
     from largo.deploy.predictor import serving_device
+    from largo.deploy.translator import Translator
 
     precision = "bf16" if runtime == "torch-bf16" else "fp32"
-    return TextGenerator.load(path, precision=precision, device=serving_device(device))
+    kind = Translator if is_seq2seq_bundle(path) else TextGenerator
+    return kind.load(path, precision=precision, device=serving_device(device))
+
+
+def default_temperature(generator: Any) -> float:
+    """The temperature a request that names none gets: the generator's `default_temperature` (a
+    `TextGenerator`: 0.8; a seq2seq `Translator`: 0, greedy)."""
+    return float(getattr(generator, "default_temperature", 0.8))
 
 
 # ------------------------------------------------------------------------------------ a generation
@@ -362,6 +381,8 @@ class GenerateService:
         accept = request.headers.get("accept", "")
         stream = body.stream if body.stream is not None else "text/event-stream" in accept
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        if body.temperature is None:  # the served model's default, written into the logged row too
+            body = body.model_copy(update={"temperature": default_temperature(self.generator)})
         await self._admit()
         job = Generation(body, seed, asyncio.get_running_loop())
         self._start(job)
@@ -488,7 +509,7 @@ class GenerateService:
             "status": "ok",
             "model": self.name,
             "version": version,
-            "task": "lm",
+            "task": generator.info().get("task", "lm"),
             "bundle": str(generator.path),
             "context": generator.context,
             "parameters": self.parameters,
@@ -587,6 +608,12 @@ def create_generate_app(
     app.get("/health", summary="Liveness and generations")(service.health)
     app.get("/metrics", dependencies=key, response_class=PlainTextResponse)(service.prometheus)
     app.api_route("/predict", methods=["GET", "POST"], include_in_schema=False)(service.not_here)
-    page = render_lm_page(service.name, generator.context, max_new_tokens_limit, auth=api_key is not None)
+    page = render_lm_page(
+        service.name,
+        generator.context,
+        max_new_tokens_limit,
+        auth=api_key is not None,
+        temperature=default_temperature(generator),
+    )
     app.get("/", response_class=HTMLResponse, include_in_schema=False)(lambda: HTMLResponse(page))
     return app

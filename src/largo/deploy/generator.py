@@ -199,6 +199,8 @@ class TextGenerator:
     autocast over fp32 weights gave 1.25×) with the same greedy tokens; the sampler works in fp32.
     """
 
+    default_temperature = 0.8  # what a served request that names no temperature gets
+
     def __init__(self, bundle: LMBundle, precision: str = "fp32", device: str | torch.device = "cpu"):
         if precision not in GENERATOR_PRECISIONS:
             raise ValueError(f"precision {precision!r}: one of {', '.join(GENERATOR_PRECISIONS)}")

@@ -169,7 +169,8 @@ _LM_PAGE = """<!doctype html>
 <form id="form"><label for="prompt">Prompt</label><textarea id="prompt"></textarea>
 <div class="pair"><div><label for="max">Max new tokens</label>
 <input id="max" type="number" min="0" value="100"></div>
-<div><label for="temp">Temperature</label><input id="temp" type="number" min="0" step="0.1" value="0.8"></div>
+<div><label for="temp">Temperature</label><input id="temp" type="number" min="0" step="0.1" value="__TEMP__">
+</div>
 </div><div id="keybox" hidden><label for="apikey">API key</label>
 <input id="apikey" type="password" autocomplete="off"></div>
 <button type="submit" id="send">Generate</button></form>
@@ -259,8 +260,9 @@ if (query.has("submit")) generate(new Event("submit")).then(() => {
 """
 
 
-def render_lm_page(title: str, context: int, limit: int, auth: bool) -> str:
-    """The page for a language model: type a prompt, watch the continuation stream in."""
+def render_lm_page(title: str, context: int, limit: int, auth: bool, temperature: float = 0.8) -> str:
+    """The page for a language model (or a seq2seq model): type a prompt, watch the output stream in."""
     spec = {"context": context, "limit": limit, "auth": auth}
     spec_json = json.dumps(spec, ensure_ascii=False).replace("<", "\\u003c")
-    return _LM_PAGE.replace("__TITLE__", html.escape(title)).replace("__SPEC__", spec_json)
+    page = _LM_PAGE.replace("__TITLE__", html.escape(title)).replace("__SPEC__", spec_json)
+    return page.replace("__TEMP__", f"{temperature:g}")

@@ -443,19 +443,20 @@ def serve_bundle(
 
     On shutdown uvicorn stops accepting connections, lets in-flight requests finish (at most
     `graceful_timeout_s`), then the lifespan drains the batcher. `app_options` go to `create_app()`.
-    A language-model bundle (`task: lm`) is served by `generate_service.create_generate_app()`
-    instead (POST /generate), which takes `app_options` but the batching ones.
+    A language-model bundle (`task: lm`) or a seq2seq one (`task: seq2seq`: the prompt is the source) is
+    served by `generate_service.create_generate_app()` instead (POST /generate), which takes
+    `app_options` but the batching ones.
     """
     import uvicorn
 
-    from largo.deploy.metadata import is_lm_bundle
+    from largo.deploy.metadata import bundle_task
 
-    if is_lm_bundle(path):
+    if bundle_task(path) in ("lm", "seq2seq"):  # POST /generate
         from largo.deploy.generate_service import create_generate_app, generate_app_options, load_generator
 
         served: Any = load_generator(path, runtime, device)
         app = create_generate_app(served, **generate_app_options(app_options))
-        what = f"TextGenerator on {served.device}"
+        what = f"{type(served).__name__} on {served.device}"
     else:
         from largo.deploy.predictor import load_predictor  # here, not at import: torch stays optional
 

@@ -17,19 +17,25 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 import yaml
 from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 
 from largo.config_seq2seq import Seq2SeqConfig, dump_seq2seq_config, validate_seq2seq_config
-from largo.data.pairs import encode_sources
+from largo.data.pairs import encode_pairs, encode_sources, texts
 from largo.deploy.generator import TOKENIZER, text_pieces
 from largo.deploy.metadata import WEIGHTS, BundleError, check_files, read_json
+from largo.evaluate.metrics import generation_metrics
 from largo.evaluate.report import write_metrics_json, write_report
 from largo.models.seq2seq import EOS, Seq2SeqTransformer, beam_search, stream_ids
+from largo.train.distributed import log
+from largo.train.loop import forward_in_batches
+from largo.train.seq2seq import token_scores
 
 PRECISIONS = ("fp32", "bf16")
+EXAMPLES = 20  # rows shown beside their references in a report and metrics.json
 
 
 def write_seq2seq_start(run_dir: Path, config: Seq2SeqConfig, tokenizer: Tokenizer) -> None:
@@ -61,6 +67,8 @@ class Translator:
     `precision="bf16"` keeps the weights and the cache in bf16 (faster on CPUs with bf16 units and on
     GPUs); beam scores are summed in fp32 either way.
     """
+
+    default_temperature = 0.0  # served requests decode greedily unless they ask otherwise
 
     def __init__(
         self,
@@ -139,6 +147,22 @@ class Translator:
             for i, row in zip(index, beam_search(self.model, batch, limit, beams, penalty), strict=True):
                 out[i] = self.decode(row)
         return out
+
+    def score(self, table: pa.Table, label: str = "data") -> tuple[dict[str, Any], list[dict[str, str]]]:
+        """Score the model on a cleaned table of pairs: `{target column: {"type": "text", loss,
+        perplexity, token_accuracy, bleu, chrf, exact_match, bleu_tokenize, support}}` (token figures
+        from the references, text figures from beam-searched outputs) and its first `EXAMPLES` rows as
+        {source, reference, output}."""
+        d = self.config.data
+        split = encode_pairs(table, self.config, self.tokenizer, label, log)
+        batch = self.config.train.eval_batch_size
+        outputs = forward_in_batches(self.model, split.inputs, batch, self.precision, pad=split.pad)
+        sources, references = texts(table, d.source), texts(table, d.target)
+        hyps = self.translate(sources)
+        scores = {"type": "text", **token_scores(outputs), **generation_metrics(hyps, references)}
+        rows = zip(sources, references, hyps, strict=True)
+        examples = [{"source": s, "reference": r, "output": h} for s, r, h in list(rows)[:EXAMPLES]]
+        return {d.target: scores}, examples
 
     def stream_ids(
         self,

@@ -20,7 +20,10 @@ the generated text of one rated good (kind "rated good"); a generation only rate
 left out. Ratings and corrections come as separate requests, so each is kept on its own: a generation's
 latest completion makes it a correction whatever it was rated after; else its latest rating counts.
 The file is what `largo pretrain FILE --config lm.yaml` reads (its `text` field), with `train.init_from`
-the served bundle.
+the served bundle. A seq2seq model's feedback (its POST /generate prompts are sources) is written as
+pairs under the bundle's own column names, `{<source>: prompt, <target>: completion, "kind",
+"prediction_id", "version"}`, a JSONL file `largo train` reads as data (`largo update` uses them
+directly).
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from largo.data.features import CategoryProcessor
 from largo.data.readers import DataError, read_table
-from largo.deploy.metadata import BundleInfo, is_lm_bundle, read_bundle_info
+from largo.deploy.metadata import BundleInfo, bundle_task, read_bundle_info
 from largo.lifecycle.registry import Registry, Version
 
 SHOWN = 5  # bad rows named in one error
@@ -171,9 +176,9 @@ def lm_feedback_texts(registry: Registry, name: str) -> tuple[list[dict[str, Any
     versions = registry.versions(name)  # an unknown name raises, naming the registered ones
     if not versions[-1].path.is_dir():
         raise FileNotFoundError(f"{versions[-1].ref}: its bundle folder {versions[-1].path} is missing")
-    if not is_lm_bundle(versions[-1].path):
+    if bundle_task(versions[-1].path) not in ("lm", "seq2seq"):
         raise ValueError(
-            f"{name!r} is not a language model: its feedback trains through `largo update {name}`"
+            f"{name!r} is not a language or seq2seq model: its feedback trains through `largo update {name}`"
         )
     latest: dict[str, dict[str, Any]] = {}  # generation id → its latest completion and latest rating
     for row in registry.store.feedback_rows(name):  # oldest first
@@ -215,5 +220,12 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
 def export_lm_feedback(registry: Registry, name: str, path: str | Path) -> ExportResult:
     """Write a registered language model's feedback as a JSONL fine-tuning corpus (see the module doc)."""
     texts, counts = lm_feedback_texts(registry, name)
-    out = write_jsonl(path, [{k: v for k, v in t.items() if k != "feedback_ids"} for t in texts])
+    rows = [{k: v for k, v in t.items() if k != "feedback_ids"} for t in texts]
+    bundle = registry.versions(name)[-1].path
+    if bundle_task(bundle) == "seq2seq":  # pairs under the bundle's column names
+        data = yaml.safe_load((bundle / "config.yaml").read_text(encoding="utf-8"))["data"]
+        source, target = data.get("source", "source"), data.get("target", "target")
+        kept = ("kind", "prediction_id", "version")
+        rows = [{source: r["prompt"], target: r["completion"], **{k: r[k] for k in kept}} for r in rows]
+    out = write_jsonl(path, rows)
     return ExportResult(counts["correction"], counts["rated good"], counts["rated bad"], out)

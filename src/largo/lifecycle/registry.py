@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 import yaml
 
-from largo.deploy.metadata import ADAPTER_RECORD, is_lm_bundle
+from largo.deploy.metadata import ADAPTER_RECORD, bundle_task
 from largo.lifecycle.store import Store, alias_history
 
 PRODUCTION = "production"
@@ -178,7 +178,7 @@ class Registry:
         """
         _check_name(name)
         path = Path(bundle).resolve()
-        lm = is_lm_bundle(path)  # a language model: its tokenizer instead of preprocessors
+        lm = bundle_task(path) in ("lm", "seq2seq")  # a tokenizer instead of preprocessors
         needed = ("config.yaml", "tokenizer.json") if lm else ("config.yaml", "preprocessors.json")
         missing = [f for f in needed if not (path / f).is_file()]
         if not path.is_dir() or missing:

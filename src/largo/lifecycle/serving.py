@@ -27,7 +27,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from largo.deploy.metadata import is_lm_bundle
+from largo.deploy.metadata import bundle_task
 from largo.deploy.predictor import load_predictor
 from largo.deploy.server import create_app
 from largo.lifecycle.registry import PRODUCTION, VERSION_RE, Registry, Version
@@ -149,7 +149,7 @@ def registered_app(
     version = _lookup(registry, ref)
     sink = StoreSink(registry.store, version.name, version.version)
     tag = {"sink": sink, "name": version.name, "version": version.version}
-    if is_lm_bundle(version.path):  # POST /generate
+    if bundle_task(version.path) in ("lm", "seq2seq"):  # POST /generate
         from largo.deploy.generate_service import create_generate_app, generate_app_options, load_generator
 
         def load(path: Path) -> Any:

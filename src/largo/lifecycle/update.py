@@ -14,7 +14,8 @@
 5. the bundle (with update.json) is registered as `candidate` with its lineage and promoted to
    `production` only when the gate passes
 
-A language model takes the same steps on its own terms (feedback texts, perplexity): update_lm.py.
+A language model takes the same steps on its own terms (feedback texts, perplexity): update_lm.py; a
+seq2seq model too (feedback pairs, chrF): update_seq2seq.py.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from largo.deploy.bundle import (
     write_bundle,
     write_run_start,
 )
-from largo.deploy.metadata import BundleInfo, is_lm_bundle
+from largo.deploy.metadata import BundleInfo, is_lm_bundle, is_seq2seq_bundle
 from largo.evaluate.scoring import headline, score_outputs
 from largo.lifecycle.registry import Registry, Version, data_lineage
 from largo.models.build import build_model
@@ -68,6 +69,7 @@ METRICS = {
     "category": ("accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro"),
     "number": ("rmse", "mse", "mae", "r2"),
     "lm": ("loss", "perplexity"),
+    "text": ("chrf", "bleu", "exact_match", "loss", "perplexity"),  # a seq2seq model's target
 }
 DEFAULT_METRIC = {"category": "accuracy", "number": "rmse"}
 
@@ -83,9 +85,10 @@ class GateConfig(StrictModel):
     """When a new version may replace production."""
 
     metric: Literal["auto", "accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro",
-                    "rmse", "mse", "mae", "r2", "loss"] = Field(
+                    "rmse", "mse", "mae", "r2", "loss", "chrf", "bleu", "exact_match", "perplexity"] = Field(
         "auto", description="Metric compared; auto: accuracy for a category output, rmse for a number, "
-        "loss (mean token loss in nats: a gain of 0.01 is 1% lower perplexity) for a language model."
+        "loss (mean token loss in nats: a gain of 0.01 is 1% lower perplexity) for a language model, "
+        "chrf (0-100) of beam-searched outputs for a seq2seq model."
     )  # fmt: skip
     output: str | None = Field(None, description="The output judged; default: the first output.")
     min_gain: float = Field(
@@ -470,6 +473,10 @@ def update(registry: Registry, ref: str, upd: UpdateConfig) -> UpdateResult:
         from largo.lifecycle.update_lm import update_lm
 
         return update_lm(registry, parent, upd)
+    if is_seq2seq_bundle(parent.path):  # its pairs plus feedback pairs, judged on chrF
+        from largo.lifecycle.update_seq2seq import update_seq2seq
+
+        return update_seq2seq(registry, parent, upd)
     registry.verify(parent)
     check_data(parent)
     info = read_bundle_info(parent.path)
