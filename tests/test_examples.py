@@ -10,6 +10,7 @@ import pytest
 
 from largo import load_config
 from largo.config_lm import read_lm_yaml, validate_lm_config
+from largo.config_seq2seq import load_seq2seq_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -24,6 +25,12 @@ def test_example_config_validates(path: Path) -> None:
 def test_example_lm_config_validates(path: Path) -> None:
     cfg = validate_lm_config(read_lm_yaml(path), str(path))
     assert cfg.task == "lm" and cfg.data.paths
+
+
+@pytest.mark.parametrize("path", sorted((EXAMPLES / "seq2seq").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_seq2seq_config_validates(path: Path) -> None:
+    cfg = load_seq2seq_config(path)
+    assert cfg.task == "seq2seq" and cfg.data.source != cfg.data.target
 
 
 @pytest.mark.slow
