@@ -136,9 +136,11 @@ def translate(bundle: str | Path | Translator, texts: str | list[str], **options
     return translator.translate(texts, **options)
 
 
-def predict_pairs(translator: Translator, data: Any) -> list[dict[str, str]]:
+def predict_pairs(translator: Translator, data: Any) -> list[dict[str, str]] | dict[str, str]:
     """Outputs for a file's source column, a list of texts, a text, or records with the source field:
-    one `{"source": …, "output": …}` per source."""
+    one `{"source": …, "output": …}` per source (one record in: one answer out, not a list)."""
+    if isinstance(data, dict):
+        return predict_pairs(translator, [data])[0]
     from largo.data.pairs import texts
     from largo.data.readers import DataError, read_table
 
@@ -151,10 +153,10 @@ def predict_pairs(translator: Translator, data: Any) -> list[dict[str, str]]:
     elif isinstance(data, str):
         sources = [data]
     else:
-        sources = [r[column] if isinstance(r, dict) else r for r in data]
+        sources = [r.get(column) if isinstance(r, dict) else r for r in data]
         bad = next((i for i, s in enumerate(sources) if not isinstance(s, str)), None)
         if bad is not None:
-            raise DataError(f"record {bad}: needs a text {column!r} (got {sources[bad]!r})")
+            raise DataError(f"record {bad}: needs a text {column!r} (got {data[bad]!r})")
     return [{"source": s, "output": o} for s, o in zip(sources, translator.translate(sources), strict=True)]
 
 

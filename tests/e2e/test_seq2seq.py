@@ -89,6 +89,15 @@ def test_predict_and_evaluate(trained: tuple[Path, largo.TrainResult], tmp_path:
     assert [r["source"] for r in rows] == ["seven thousand eight hundred eight", "twelve"]
     assert all(isinstance(r["output"], str) for r in rows)
     assert rows[0]["output"] == "七千八百零八"
+    one = largo.predict(result.path, {"english": "seven thousand eight hundred eight"})
+    assert one == {"source": "seven thousand eight hundred eight", "output": "七千八百零八"}
+    with pytest.raises(largo.DataError, match="needs a text 'english'"):
+        largo.predict(result.path, [{"en": "five"}])
+    # the commands for models of input and output features say what the bundle is
+    from largo.deploy.metadata import BundleError
+
+    with pytest.raises(BundleError, match="a seq2seq bundle"):
+        largo.export(result.path)
     pairs = tmp_path / "some.tsv"
     pairs.write_text("\n".join(data.read_text(encoding="utf-8").split("\n")[:101]) + "\n", encoding="utf-8")
     scores = largo.evaluate(result.path, pairs, tmp_path / "eval")

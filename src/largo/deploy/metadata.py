@@ -23,6 +23,7 @@ PREPROCESSORS = "preprocessors.json"
 ADAPTER_RECORD = "adapter.json"  # an adapter-only LoRA bundle: the base bundle it applies to
 EXPORT_RECORD = "export.json"  # what `largo export` wrote, its parity checks and runtime timings
 FORMAT_VERSION = 1
+TASK_NAMES = {"lm": "language-model", "seq2seq": "seq2seq"}  # bundles without input/output features
 
 
 class BundleError(ValueError):
@@ -106,6 +107,12 @@ class BundleInfo:
 def read_bundle_info(path: str | Path, required: tuple[str, ...] = (WEIGHTS,)) -> BundleInfo:
     """Config, processors and metrics of a bundle; `required` names the model files it must hold."""
     path = Path(path)
+    task = bundle_task(path)
+    if task in TASK_NAMES:  # a bundle of another shape: say so rather than name a missing file
+        raise BundleError(
+            f"{path}: a {TASK_NAMES[task]} bundle (task: {task}); this works on models of input and output "
+            "features (a config with inputs: and outputs:)"
+        )
     check_files(path, ("config.yaml", PREPROCESSORS, *required))
     config = read_config(path)
     return BundleInfo(path, config, read_processors(path, config), read_json(path / "metrics.json"))
