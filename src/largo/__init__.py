@@ -30,7 +30,10 @@ _EXPORTS = {
     "pretrain": "largo.api",
     "generate": "largo.api",
     "tune": "largo.api",
+    "translate": "largo.api",
     "TextGenerator": "largo.deploy.generator",
+    "Translator": "largo.deploy.translator",
+    "Seq2SeqConfig": "largo.config_seq2seq",
     "LMConfig": "largo.config_lm",
     "export": "largo.api",
     "compress": "largo.api",
@@ -51,8 +54,10 @@ __all__ = [  # the names of _EXPORTS (a test keeps the two equal) and the versio
     "DataError",
     "LMConfig",
     "Predictor",
+    "Seq2SeqConfig",
     "TextGenerator",
     "TrainResult",
+    "Translator",
     "__version__",
     "compress",
     "evaluate",
@@ -66,6 +71,7 @@ __all__ = [  # the names of _EXPORTS (a test keeps the two equal) and the versio
     "pretrain",
     "serve",
     "train",
+    "translate",
     "tune",
     "validate_config",
 ]
@@ -84,14 +90,17 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
         pretrain,
         serve,
         train,
+        translate,
         tune,
     )
     from largo.config import Config, ConfigError, load_config, validate_config
     from largo.config_lm import LMConfig
+    from largo.config_seq2seq import Seq2SeqConfig
     from largo.data.readers import DataError
     from largo.deploy.bundle import BundleError
     from largo.deploy.generator import TextGenerator
     from largo.deploy.predictor import Predictor
+    from largo.deploy.translator import Translator
 
 
 def __getattr__(name: str) -> Any:

@@ -19,8 +19,8 @@ import torch
 from largo.api_lm import generate, pretrain  # noqa: F401 - the language-model half of this API
 from largo.api_seq2seq import evaluate_pairs, predict_pairs, train_seq2seq, translate  # noqa: F401
 from largo.api_tune import tune  # noqa: F401 - the search half of this API
-from largo.config import Config, ConfigError, load_config, validate_config
-from largo.config_seq2seq import Seq2SeqConfig, read_config_yaml
+from largo.config import Config, ConfigError, load_config, read_yaml_mapping, validate_config
+from largo.config_seq2seq import Seq2SeqConfig
 from largo.data.features import Processor
 from largo.data.infer import Inferred, default_config, infer_features
 from largo.data.loader import Batch
@@ -113,7 +113,7 @@ def _task(config: Any) -> str | None:
     if isinstance(config, Seq2SeqConfig):
         return "seq2seq"
     if isinstance(config, str | Path):
-        config = read_config_yaml(config)
+        config = read_yaml_mapping(config)
     return config.get("task") if isinstance(config, dict) else None
 
 

@@ -53,9 +53,10 @@ def _train(cfg: Seq2SeqConfig, resume: bool | str | Path) -> TrainResult:
     from tokenizers import Tokenizer
 
     from largo.api import TrainResult  # here: largo.api imports this module
-    from largo.data.pairs import load_pairs, train_pair_tokenizer
+    from largo.data.pairs import literal_specials, load_pairs, train_pair_tokenizer, truncated
     from largo.deploy.generator import TOKENIZER
     from largo.deploy.translator import write_seq2seq_bundle, write_seq2seq_start
+    from largo.train.distributed import pick_device
     from largo.train.seq2seq import fit_pairs, new_model
 
     # 1. the run folder: a new version, or the unfinished one being resumed (with its own config)
@@ -81,9 +82,10 @@ def _train(cfg: Seq2SeqConfig, resume: bool | str | Path) -> TrainResult:
         cfg = cfg.model_copy(update={"model": model_cfg})
         write_seq2seq_start(run_dir, cfg, tokenizer)
     barrier()
+    if not resume and not is_main_process():
+        cfg = load_seq2seq_config(run_dir / "config.yaml")  # with the vocabulary size rank 0 wrote
     if resume or not is_main_process():
-        cfg = load_seq2seq_config(run_dir / "config.yaml")
-        tokenizer = Tokenizer.from_file(str(run_dir / TOKENIZER))
+        tokenizer = literal_specials(Tokenizer.from_file(str(run_dir / TOKENIZER)))
 
     # 3. the model, seeded, and 4. train (train/seq2seq.py: the objective and the per-epoch scores)
     model = new_model(cfg)
@@ -93,8 +95,8 @@ def _train(cfg: Seq2SeqConfig, resume: bool | str | Path) -> TrainResult:
     # 5. scores on valid and test (token figures, then beam-searched outputs), and the bundle (rank 0)
     if not is_main_process():
         return TrainResult(run_dir, {"history": result.history}, run_dir / "report.html")
-    model.cpu().eval()
-    translator = Translator(run_dir, cfg, tokenizer, model)
+    # decoded where it trained (a GPU decodes the splits much faster), saved from the CPU
+    translator = Translator(run_dir, cfg, tokenizer, model, device=pick_device(cfg.train.device))
     metrics: dict[str, Any] = {
         "name": cfg.name,
         "version": run_dir.name,
@@ -107,6 +109,7 @@ def _train(cfg: Seq2SeqConfig, resume: bool | str | Path) -> TrainResult:
         "parameters": model.num_parameters(),
         "splits": sizes,
         "cleaning": cleaning,
+        "truncated": {name: truncated(t, cfg, tokenizer) for name, t in tables.items()},
         "seed": cfg.train.seed,
         "versions": environment(),
         "config": cfg.model_dump(mode="json"),
@@ -115,7 +118,7 @@ def _train(cfg: Seq2SeqConfig, resume: bool | str | Path) -> TrainResult:
         if sizes[split]:
             log(f"{split}: decoding {sizes[split]} sources (beams {cfg.decode.beams})")
             metrics[split], metrics["examples"] = translator.score(tables[split], split)
-    report = write_seq2seq_bundle(run_dir, model, metrics)
+    report = write_seq2seq_bundle(run_dir, model.cpu(), metrics)
     if not cfg.train.checkpoint.keep:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return TrainResult(run_dir, metrics, report)

@@ -14,10 +14,17 @@ from typing import Annotated, Any
 
 import typer
 
-from largo.config import ConfigError, apply_overrides, dump_config, load_config, validate_config
-from largo.config_seq2seq import load_seq2seq_config, read_config_yaml, validate_seq2seq_config
+from largo.config import (
+    ConfigError,
+    apply_overrides,
+    dump_config,
+    load_config,
+    read_yaml_mapping,
+    validate_config,
+)
+from largo.config_seq2seq import load_seq2seq_config, validate_seq2seq_config
 from largo.data.readers import DataError
-from largo.deploy.metadata import BundleError, ParityError, is_seq2seq_bundle
+from largo.deploy.metadata import BundleError, ParityError, bundle_task
 
 
 class _LazyApi:
@@ -88,7 +95,7 @@ def train(
 ) -> None:
     """Train a model and write a bundle. With a data file and --target, the config is inferred."""
     path = Path(source)
-    seq2seq = path.suffix in (".yaml", ".yml") and read_config_yaml(path).get("task") == "seq2seq"
+    seq2seq = path.suffix in (".yaml", ".yml") and read_yaml_mapping(path).get("task") == "seq2seq"
     if seq2seq:  # text pairs → an encoder-decoder
         data = load_seq2seq_config(path).model_dump(mode="json")
     elif path.suffix in (".yaml", ".yml"):
@@ -473,20 +480,21 @@ def generate(
     ] = "fp32",
 ) -> None:
     """Continue a prompt with a language-model bundle (KV-cached sampling); with a seq2seq bundle, write
-    the prompt's target (beam search, or greedy / sampled tokens streamed with --beams 1)."""
-    seq2seq = is_seq2seq_bundle(bundle)
-    if seq2seq and beams != 1 and temperature is None:
-        typer.echo(api.translate(bundle, prompt, beams=beams, max_new_tokens=max_new_tokens)[0])
-        return
+    the prompt's target (beam search; greedy or sampled tokens, streamed, with --beams 1 or --temperature)."""
+    task = bundle_task(bundle)
+    if task not in ("lm", "seq2seq"):
+        raise BundleError(f"{bundle}: not a language-model or seq2seq bundle (largo predict uses it)")
     gen = api.load(bundle, precision=precision)
+    if task == "seq2seq" and beams != 1:
+        if temperature is not None and beams is not None:
+            raise ConfigError("--beams N searches deterministically; to sample (--temperature) use --beams 1")
+        if temperature is None:  # the whole output at once: beam search
+            typer.echo(gen.translate(prompt, beams=beams, max_new_tokens=max_new_tokens)[0])
+            return
     if max_new_tokens is None:
-        max_new_tokens = gen.config.max_new_tokens if seq2seq else 100
-    sampling = {
-        "temperature": (0.0 if seq2seq else 0.8) if temperature is None else temperature,
-        "top_k": top_k,
-        "top_p": top_p,
-        "seed": seed,
-    }
+        max_new_tokens = gen.config.max_new_tokens if task == "seq2seq" else 100
+    temperature = gen.default_temperature if temperature is None else temperature
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
     if stream:
         for piece in api.generate(gen, prompt, max_new_tokens, stream=True, **sampling):
             sys.stdout.write(piece)

@@ -674,21 +674,38 @@ def validate_config(data: dict[str, Any], source: str = "config") -> Config:
     return validate_model(Config, data, source)
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a dict (any task), raising `ConfigError` for bad YAML or a non-mapping."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid {path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def resolve_data_paths(data: dict[str, Any], folder: Path) -> None:
+    """Relative `data.train` / `valid` / `test` paths of a YAML file are relative to its folder (unless
+    only the path as written exists), in place."""
+    section = data.get("data")
+    if not isinstance(section, dict):
+        return
+    for key in ("train", "valid", "test"):
+        value = section.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            candidate = folder / value
+            if candidate.exists() or not Path(value).exists():
+                section[key] = str(candidate)
+
+
 def load_config(path: str | Path) -> Config:
     """Read a YAML config file; relative data paths are resolved against the file's folder."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), dict):
-        for key in ("train", "valid", "test"):
-            value = data["data"].get(key)
-            if isinstance(value, str) and not Path(value).is_absolute():
-                candidate = path.parent / value
-                if candidate.exists() or not Path(value).exists():
-                    data["data"][key] = str(candidate)
-    for feature in data.get("inputs") or [] if isinstance(data, dict) else []:
+    data = read_yaml_mapping(path)
+    resolve_data_paths(data, path.parent)
+    for feature in data.get("inputs") or []:
         _resolve_model_paths(feature, path.parent)
     return validate_config(data, source=str(path))
 

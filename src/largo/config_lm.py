@@ -14,12 +14,12 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from largo.config import (
-    ConfigError,
     LoraConfig,
     OptimizerConfig,
     ScheduleConfig,
     StrictModel,
     TuneConfig,
+    read_yaml_mapping,
     validate_model,
 )
 
@@ -203,12 +203,7 @@ def validate_lm_config(data: dict[str, Any], source: str = "config") -> LMConfig
 def read_lm_yaml(path: str | Path) -> dict[str, Any]:
     """An LM config file as a dict; relative corpus and bundle paths are made relative to its folder."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"invalid {path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path)
 
     def resolve(value: Any) -> Any:
         if isinstance(value, str) and not Path(value).is_absolute() and (path.parent / value).exists():

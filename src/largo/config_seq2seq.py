@@ -16,10 +16,13 @@ from pydantic import Field, field_validator, model_validator
 
 from largo.config import (
     CleanConfig,
-    ConfigError,
     DataConfig,
+    OptimizerConfig,
+    ScheduleConfig,
     StrictModel,
     TrainConfig,
+    read_yaml_mapping,
+    resolve_data_paths,
     validate_model,
 )
 
@@ -66,7 +69,9 @@ class Seq2SeqTokenizerConfig(StrictModel):
     vocab_size: int = Field(8000, ge=260, le=1 << 20, description="Vocabulary size, special tokens included.")
     min_frequency: int = Field(2, ge=1, description="Merges seen fewer times are not learned.")
     nfkc: bool = Field(
-        True, description="Unicode NFKC before tokenizing (full-width letters and digits → half-width)."
+        True,
+        description="Unicode NFKC on the sources (full-width letters, digits and punctuation → half-width); "
+        "targets are learned as written.",
     )
     max_source_length: int = Field(
         128, ge=2, description="Longest source in tokens; longer ones keep their start."
@@ -105,8 +110,17 @@ class Seq2SeqModelConfig(StrictModel):
 
 
 class Seq2SeqTrainConfig(TrainConfig):
-    """The classifier's training loop (epochs, batches, schedules, early stopping, resume) and the two
-    keys a text output adds."""
+    """The classifier's training loop (epochs, batches, schedules, early stopping, resume) with defaults
+    for Transformers (AdamW with decay, cosine with warmup, clipping), and the two keys a text output
+    adds."""
+
+    epochs: int = Field(20, ge=1, description="Number of passes over the train split.")
+    batch_size: int = Field(32, ge=1, description="Pairs per optimizer micro-batch.")
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(name="adamw", lr=5e-4, weight_decay=0.01)
+    )
+    schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(name="cosine", warmup=0.05))
+    clip_grad_norm: float | None = Field(1.0, gt=0.0, description="Clip the global gradient norm.")
 
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="Label smoothing of the token loss.")
     eval_generate: int = Field(
@@ -143,15 +157,7 @@ class Seq2SeqConfig(StrictModel):
     data: PairDataConfig
     tokenizer: Seq2SeqTokenizerConfig = Field(default_factory=Seq2SeqTokenizerConfig)
     model: Seq2SeqModelConfig = Field(default_factory=Seq2SeqModelConfig)
-    train: Seq2SeqTrainConfig = Field(
-        default_factory=lambda: Seq2SeqTrainConfig(
-            epochs=20,
-            batch_size=32,
-            optimizer={"name": "adamw", "lr": 5e-4, "weight_decay": 0.01},
-            schedule={"name": "cosine", "warmup": 0.05},
-            clip_grad_norm=1.0,
-        )
-    )
+    train: Seq2SeqTrainConfig = Field(default_factory=Seq2SeqTrainConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
 
     @model_validator(mode="after")
@@ -183,27 +189,15 @@ def validate_seq2seq_config(data: dict[str, Any], source: str = "config") -> Seq
     return validate_model(Seq2SeqConfig, data, source)
 
 
-def read_config_yaml(path: str | Path) -> dict[str, Any]:
-    """A config file as a dict (any task), raising `ConfigError` for bad YAML or a non-mapping."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"invalid {path}: expected a mapping at the top level")
-    return data
-
-
 def load_seq2seq_config(path: str | Path) -> Seq2SeqConfig:
     """Read a seq2seq YAML file; relative data and tokenizer paths are resolved against its folder."""
     path = Path(path)
-    data = read_config_yaml(path)
-    holders = [(data.get("data"), k) for k in ("train", "valid", "test")] + [(data.get("tokenizer"), "path")]
-    for holder, key in holders:
-        value = holder.get(key) if isinstance(holder, dict) else None
-        if isinstance(value, str) and not Path(value).is_absolute() and (path.parent / value).exists():
-            holder[key] = str(path.parent / value)
+    data = read_yaml_mapping(path)
+    resolve_data_paths(data, path.parent)
+    tokenizer = data.get("tokenizer")
+    given = tokenizer.get("path") if isinstance(tokenizer, dict) else None
+    if isinstance(given, str) and not Path(given).is_absolute() and (path.parent / given).exists():
+        tokenizer["path"] = str(path.parent / given)
     return validate_seq2seq_config(data, str(path))
 
 

@@ -128,6 +128,14 @@ def test_cli_train_generate_and_predict(tmp_path: Path) -> None:
     gen = subprocess.run([*cli, "generate", str(bundle), "three"], capture_output=True, text=True)
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout == largo.load(bundle).translate("three", beams=2)[0] + "\n"  # the bundle's beams
+    other = subprocess.run([*cli, "generate", str(tmp_path), "three"], capture_output=True, text=True)
+    assert other.returncode == 2 and "not a language-model or seq2seq bundle" in other.stderr
+    sampled = subprocess.run(
+        [*cli, "generate", str(bundle), "three", "--beams", "2", "--temperature", "1"],
+        capture_output=True,
+        text=True,
+    )
+    assert sampled.returncode == 2 and "--beams 1" in sampled.stderr
     pred = subprocess.run(
         [*cli, "predict", str(bundle), "--text", "three", "--text", "four"], capture_output=True, text=True
     )

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from largo.evaluate.metrics import classification_metrics, perplexity, regression_metrics
+from largo.evaluate.metrics import classification_metrics, generation_metrics, perplexity, regression_metrics
 
 LABELS = ["cat", "dog", "bird"]
 # true:  0 0 0 1 1 2
@@ -109,3 +109,22 @@ def test_perplexity_exact_and_capped() -> None:
     assert perplexity(math.log(7.0)) == pytest.approx(7.0)
     big = perplexity(1e6)
     assert math.isfinite(big) and type(big) is float
+
+
+def test_generation_metrics_split_chinese_into_characters() -> None:
+    refs = ["今天天气很好", "我们去公园"]
+    perfect = generation_metrics(refs, refs)
+    assert perfect["bleu"] == pytest.approx(100.0) and perfect["chrf"] == pytest.approx(100.0)
+    assert perfect["exact_match"] == 1.0 and perfect["bleu_tokenize"] == "zh" and perfect["support"] == 2
+    # one character wrong: with words (13a) a whole "word" would be lost, by characters only one of six
+    near = generation_metrics(["今天天气很坏", "我们去公园"], refs)
+    assert 60 < near["bleu"] < 100 and near["exact_match"] == 0.5
+
+
+def test_generation_metrics_english_and_edge_cases() -> None:
+    m = generation_metrics(["the cat sat on the mat"], ["the cat sat on a mat"])
+    assert m["bleu_tokenize"] == "13a" and 0 < m["bleu"] < 100 and 0 < m["chrf"] < 100
+    assert generation_metrics([], [])["bleu"] is None
+    assert generation_metrics([" a b "], ["a b"])["exact_match"] == 1.0  # outer spaces do not count
+    with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
+        generation_metrics(["a", "b"], ["a"])

@@ -7,8 +7,10 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from largo.config_seq2seq import Seq2SeqModelConfig
+from largo.models.layers import KVCache
 from largo.models.seq2seq import BOS, EOS, PAD, Seq2SeqTransformer, beam_search, greedy, stream_ids
 
 
@@ -38,14 +40,51 @@ def test_padding_does_not_change_an_example() -> None:
     assert alone["nll"][0] > 0
 
 
-def test_label_smoothing_only_in_training() -> None:
+def test_the_loss_is_label_smoothed_in_training_only_and_padding_adds_nothing() -> None:
     model = tiny()
     model.label_smoothing = 0.2
     batch = {"source": torch.tensor([[5, 6, EOS]]), "target": torch.tensor([[BOS, 7, 8, EOS]])}
-    plain = model.eval()(batch)["nll"]
-    smoothed = model.train()(batch)["nll"]
-    assert not torch.allclose(plain, smoothed)
-    assert torch.allclose(model.eval()(batch)["nll"], plain)
+    padded = {
+        "source": torch.tensor([[5, 6, EOS, PAD]]),
+        "target": torch.tensor([[BOS, 7, 8, EOS, PAD, PAD]]),
+    }
+    kv, mask = model.encode(batch["source"])
+    with torch.no_grad():
+        logits = model.decode(batch["target"][:, :-1], kv, mask)[0].float()
+    labels = batch["target"][0, 1:]
+    for train, smoothing in ((False, 0.0), (True, 0.2)):
+        model.train(train)
+        want = F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction="sum")
+        for b in (batch, padded):
+            with torch.no_grad():
+                got = model(b)
+            assert torch.allclose(got["nll"][0], want, atol=1e-4), (train, b)
+            assert int(got["tokens"][0]) == 3
+    model.eval()
+
+
+def test_kv_cache_reorder_keeps_the_chosen_rows() -> None:
+    like = torch.zeros(1)
+    cache = KVCache(layers=2, batch=3, heads=1, length=4, head_dim=2, like=like)
+    for layer in range(2):
+        k = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 2, 2) + 10 * layer
+        cache.update(layer, k, -k)
+    cache.pos = 2
+    cache.reorder(torch.tensor([2, 2, 0]))
+    assert cache.k[1][:, 0, 0, 0].tolist() == [12.0, 12.0, 10.0]
+    assert cache.v[0][:, 0, 1, 1].tolist() == [-2.0, -2.0, 0.0]
+
+
+def test_a_chunk_after_a_cached_prefix_sees_only_earlier_positions() -> None:
+    model = tiny()
+    source = torch.tensor([[5, 6, 7, EOS]])
+    target = torch.tensor([[BOS, 11, 12, 13, 14]])
+    kv, mask = model.encode(source)
+    with torch.no_grad():
+        full = model.decode(target, kv, mask)
+        cache = model.new_cache(1, kv[0][0])
+        parts = [model.decode(target[:, a:b], kv, mask, cache) for a, b in ((0, 2), (2, 4), (4, 5))]
+    assert torch.allclose(full, torch.cat(parts, dim=1), atol=1e-4)
 
 
 def test_cached_decoding_equals_full_decoding() -> None:
@@ -124,3 +163,32 @@ def test_sampled_stream_is_seeded() -> None:
 
     assert draw(1) == draw(1)
     assert len({tuple(draw(s)) for s in range(6)}) > 1
+
+
+def _eos_prone(seed: int) -> Seq2SeqTransformer:
+    """A random model whose EOS is likely at every step, so beams finish at many different lengths."""
+    model = tiny(vocab=12, seed=seed)
+    with torch.no_grad():
+        model.embed.weight[EOS] *= 1.5
+    return model
+
+
+def test_beam_search_with_the_cache_equals_rerunning_the_whole_prefix() -> None:
+    lengths = []
+    for seed in range(12):
+        model = tiny(vocab=30, seed=seed)
+        source = torch.tensor([[5, 6, 7, 8, EOS], [9, 10, EOS, PAD, PAD]])
+        cached = beam_search(model, source, 9, beams=3)
+        assert cached == beam_search(model, source, 9, beams=3, use_cache=False), seed
+        lengths += [len(r) for r in cached]
+    assert max(lengths) >= 5  # long enough that surviving beams were reordered many times
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
+def test_stopping_early_never_changes_the_answer(length_penalty: float) -> None:
+    for seed in range(25):
+        model = _eos_prone(seed)
+        source = torch.tensor([[3, 4, 5, 6, EOS], [7, 8, EOS, PAD, PAD]])
+        early = beam_search(model, source, 8, beams=2, length_penalty=length_penalty)
+        full = beam_search(model, source, 8, beams=2, length_penalty=length_penalty, early_stopping=False)
+        assert early == full, (seed, early, full)

@@ -1,20 +1,26 @@
 """Text pairs for sequence-to-sequence models: a table → cleaned, split pairs → one shared tokenizer → ids.
 
-The table (csv, tsv, jsonl, parquet; UTF-8 or GBK) is read and cleaned like a classifier's and split
-with the same seeded rule. One byte-level BPE is trained on both columns of the train split (a shared
-vocabulary lets the tied embedding serve both sides and copies names and numbers through); any text
-round-trips exactly, Chinese and English alike. Its first ids are PAD, BOS and EOS. A source becomes
+The table (csv, tsv, jsonl, parquet; UTF-8 or GBK) is read (both columns as text: "007" stays "007")
+and cleaned like a classifier's, and split with the same seeded rule. One byte-level BPE is trained on
+both columns of the train split (a shared vocabulary lets the tied embedding serve both sides and copies
+names and numbers through); any text round-trips exactly, Chinese and English alike. Its first ids are
+PAD, BOS and EOS; the same strings inside a text are ordinary text, never those ids. A source becomes
 its tokens + EOS, a target BOS + tokens + EOS; longer texts keep their start, and the cut ones are
 counted and reported, never dropped silently.
+
+`tokenizer.nfkc` normalizes sources only (full-width letters, digits and punctuation → half-width, so
+"ＡＢＣ" and "ABC" read the same); targets are learned as written, so outputs match their references
+(a Chinese target keeps its "，" and "！").
 """
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 import pyarrow as pa
 import torch
-from tokenizers import Tokenizer, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, pre_tokenizers, trainers
 
 from largo.config_seq2seq import Seq2SeqConfig
 from largo.data.clean import clean_table
@@ -30,7 +36,7 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: models.seq2seq's PAD, 
 def read_pairs(path: str, cfg: Seq2SeqConfig) -> tuple[pa.Table, dict[str, int]]:
     """Read a pairs file and clean it; both text columns are checked first."""
     d = cfg.data
-    table = read_table(path, format=d.format, encoding=d.encoding)
+    table = read_table(path, format=d.format, encoding=d.encoding, text_columns=(d.source, d.target))
     for column in (d.source, d.target):
         if column in table.column_names:
             check_text_column(table.column(column), column, path)
@@ -58,10 +64,8 @@ def train_pair_tokenizer(train: pa.Table, cfg: Seq2SeqConfig) -> Tokenizer:
             raise DataError(
                 f"tokenizer.path: {t.path} has {found} at ids 0-2; a seq2seq tokenizer needs {SPECIAL_TOKENS}"
             )
-        return tok
+        return literal_specials(tok)
     tok = new_byte_bpe()
-    if t.nfkc:
-        tok.normalizer = normalizers.NFKC()
     trainer = trainers.BpeTrainer(
         vocab_size=t.vocab_size,
         min_frequency=t.min_frequency,
@@ -69,8 +73,25 @@ def train_pair_tokenizer(train: pa.Table, cfg: Seq2SeqConfig) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts(train, cfg.data.source) + texts(train, cfg.data.target), trainer)
+    tok.train_from_iterator(sources(train, cfg) + texts(train, cfg.data.target), trainer)
+    return literal_specials(tok)
+
+
+def literal_specials(tok: Tokenizer) -> Tokenizer:
+    """`tok` reading "<pad>" or "</s>" inside a text as text, not as the special ids (set again after
+    loading a tokenizer file: the setting is not saved in it)."""
+    tok.encode_special_tokens = True
     return tok
+
+
+def normalize_sources(items: list[str], cfg: Seq2SeqConfig) -> list[str]:
+    """Sources as the encoder reads them: NFKC when `tokenizer.nfkc` (targets are never normalized)."""
+    return [unicodedata.normalize("NFKC", x) for x in items] if cfg.tokenizer.nfkc else items
+
+
+def sources(table: pa.Table, cfg: Seq2SeqConfig) -> list[str]:
+    """The table's source texts, normalized as the encoder reads them."""
+    return normalize_sources(texts(table, cfg.data.source), cfg)
 
 
 def encode_texts(tok: Tokenizer, items: list[str], limit: int, bos: bool) -> tuple[torch.Tensor, int]:
@@ -92,7 +113,7 @@ def encode_pairs(table: pa.Table, cfg: Seq2SeqConfig, tok: Tokenizer, label: str
     """A cleaned pairs table → an EncodedSplit: inputs {"source", "target"} (both trimmed per batch to
     their longest row), targets {"tokens": target tokens per example} (what the loss counts)."""
     t = cfg.tokenizer
-    source, src_cut = encode_texts(tok, texts(table, cfg.data.source), t.max_source_length, bos=False)
+    source, src_cut = encode_texts(tok, sources(table, cfg), t.max_source_length, bos=False)
     target, tgt_cut = encode_texts(tok, texts(table, cfg.data.target), t.max_target_length, bos=True)
     if src_cut or tgt_cut:
         log(
@@ -104,5 +125,14 @@ def encode_pairs(table: pa.Table, cfg: Seq2SeqConfig, tok: Tokenizer, label: str
 
 
 def encode_sources(tok: Tokenizer, items: list[str], cfg: Seq2SeqConfig) -> torch.Tensor:
-    """Sources to translate → right-padded ids [n, longest]."""
-    return encode_texts(tok, items, cfg.tokenizer.max_source_length, bos=False)[0]
+    """Sources to translate → right-padded ids [n, longest] (normalized as in training)."""
+    return encode_texts(tok, normalize_sources(items, cfg), cfg.tokenizer.max_source_length, bos=False)[0]
+
+
+def truncated(table: pa.Table, cfg: Seq2SeqConfig, tok: Tokenizer) -> dict[str, int]:
+    """How many sources and targets of a table are longer than their limits (and are cut)."""
+    t = cfg.tokenizer
+    return {
+        "sources": encode_texts(tok, sources(table, cfg), t.max_source_length, bos=False)[1],
+        "targets": encode_texts(tok, texts(table, cfg.data.target), t.max_target_length, bos=True)[1],
+    }

@@ -132,13 +132,21 @@ def _resolve_encoding(path: Path, encoding: str) -> str:
 # -------------------------------------------------------------------------------------------- entry
 
 
-def read_table(path: str | os.PathLike[str], *, format: str = "auto", encoding: str = "auto") -> pa.Table:
+def read_table(
+    path: str | os.PathLike[str],
+    *,
+    format: str = "auto",
+    encoding: str = "auto",
+    text_columns: tuple[str, ...] = (),
+) -> pa.Table:
     """Read csv, tsv, jsonl, parquet or an image folder into a table tagged with its source path.
 
     Args:
         path: a file, or a folder with one sub-folder of images per class.
         format: auto (from the suffix; a folder is images), csv, tsv, jsonl, parquet or images.
         encoding: auto (UTF-8 with or without BOM, else GBK/GB18030), utf-8, utf-8-sig, gbk or gb18030.
+        text_columns: columns read as strings whatever they look like: a csv/tsv cell "007" stays
+            "007" (not the number 7); numbers in a jsonl or parquet column become their text.
 
     Returns:
         The table; columns whose values are all null are strings.
@@ -159,7 +167,12 @@ def read_table(path: str | os.PathLike[str], *, format: str = "auto", encoding: 
     elif fmt == "jsonl":
         table = _read_jsonl(source, _resolve_encoding(source, encoding))
     else:
-        table = _read_delimited(source, _resolve_encoding(source, encoding), "," if fmt == "csv" else "\t")
+        delimiter = "," if fmt == "csv" else "\t"
+        table = _read_delimited(source, _resolve_encoding(source, encoding), delimiter, text_columns)
+    for name in text_columns:
+        if name in table.column_names and not pa.types.is_string(table.schema.field(name).type):
+            i = table.column_names.index(name)
+            table = table.set_column(i, pa.field(name, pa.string()), table.column(i).cast(pa.string()))
     return with_source(_nulls_as_strings(table), source)
 
 
@@ -191,7 +204,7 @@ def _nulls_as_strings(table: pa.Table) -> pa.Table:
 # ------------------------------------------------------------------------------------------ csv/tsv
 
 
-def _read_delimited(path: Path, encoding: str, delimiter: str) -> pa.Table:
+def _read_delimited(path: Path, encoding: str, delimiter: str, text_columns: tuple[str, ...]) -> pa.Table:
     invalid: list[pa_csv.InvalidRow] = []
 
     def on_invalid(row: pa_csv.InvalidRow) -> str:
@@ -204,8 +217,11 @@ def _read_delimited(path: Path, encoding: str, delimiter: str) -> pa.Table:
     parse_options = pa_csv.ParseOptions(
         delimiter=delimiter, newlines_in_values=True, invalid_row_handler=on_invalid
     )
+    convert_options = pa_csv.ConvertOptions(column_types=dict.fromkeys(text_columns, pa.string()))
     try:
-        table = pa_csv.read_csv(path, read_options=read_options, parse_options=parse_options)
+        table = pa_csv.read_csv(
+            path, read_options=read_options, parse_options=parse_options, convert_options=convert_options
+        )
     except (pa.ArrowException, UnicodeDecodeError) as exc:
         if "Empty CSV file" in str(exc):
             raise DataError("empty file: no header row", path=path) from None

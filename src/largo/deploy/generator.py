@@ -190,6 +190,16 @@ def text_pieces(tokens: Iterable[int], tokenizer: Tokenizer) -> Iterator[str]:
         yield final[len(shown) :]
 
 
+def check_sampling(max_new_tokens: int, top_k: int | None, top_p: float | None) -> None:
+    """ValueError naming the first sampling setting out of range (shared by the LM and seq2seq)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: must be ≥ 0 (got {max_new_tokens})")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k: must be ≥ 1 (got {top_k})")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: must be in (0, 1] (got {top_p})")
+
+
 class TextGenerator:
     """A loaded LM bundle that continues prompts: `generate()` returns text, `stream()` yields pieces.
 
@@ -242,12 +252,7 @@ class TextGenerator:
         stop_at_eot: bool = True,
     ) -> Iterator[int]:
         """Yield generated token ids one at a time (see `stream` for the arguments)."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: must be ≥ 0 (got {max_new_tokens})")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k: must be ≥ 1 (got {top_k})")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p: must be in (0, 1] (got {top_p})")
+        check_sampling(max_new_tokens, top_k, top_p)
         prompt_ids = torch.tensor([self.encode(prompt)], device=self.device)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(0 if seed is None else seed)

@@ -24,8 +24,10 @@ from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 
 from largo.config_seq2seq import Seq2SeqConfig, dump_seq2seq_config, validate_seq2seq_config
-from largo.data.pairs import encode_pairs, encode_sources, texts
-from largo.deploy.generator import TOKENIZER, text_pieces
+from largo.data.pairs import encode_pairs, encode_sources, literal_specials, texts
+from largo.data.readers import DataError
+from largo.data.text import text_lengths
+from largo.deploy.generator import TOKENIZER, check_sampling, text_pieces
 from largo.deploy.metadata import WEIGHTS, BundleError, check_files, read_json
 from largo.evaluate.metrics import generation_metrics
 from largo.evaluate.report import write_metrics_json, write_report
@@ -82,7 +84,7 @@ class Translator:
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
-        self.path, self.config, self.tokenizer = Path(path), config, tokenizer
+        self.path, self.config, self.tokenizer = Path(path), config, literal_specials(tokenizer)
         self.metrics = metrics or {}
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
@@ -95,8 +97,8 @@ class Translator:
     def load(cls, path: str | Path, **kwargs: Any) -> Translator:
         """Read a seq2seq bundle folder (weights from safetensors)."""
         path = Path(path)
-        check_files(path, ("config.yaml", TOKENIZER, WEIGHTS))
-        config = read_seq2seq_config(path)
+        config = read_seq2seq_config(path)  # first: a bundle of another task is named as such
+        check_files(path, (TOKENIZER, WEIGHTS))
         model = Seq2SeqTransformer(config.model)
         load_model(model, str(path / WEIGHTS))
         tokenizer = Tokenizer.from_file(str(path / TOKENIZER))
@@ -126,19 +128,25 @@ class Translator:
     ) -> list[str]:
         """The target text of each source, by beam search (defaults: the bundle's `decode` section).
 
-        Sources are decoded in batches of similar length (less padding), results in input order.
+        Sources are decoded in batches of similar length (less padding), results in input order. An
+        output is at most `max_new_tokens` long, and never longer than the model's context.
         """
         items = [texts] if isinstance(texts, str) else list(texts)
+        bad = next((i for i, x in enumerate(items) if not isinstance(x, str)), None)
+        if bad is not None:
+            raise DataError(f"source {bad}: expected a text, got {type(items[bad]).__name__} {items[bad]!r}")
         d = self.config.decode
         beams = d.beams if beams is None else beams
-        if beams < 1:
-            raise ValueError(f"beams: must be ≥ 1 (got {beams})")
+        penalty = d.length_penalty if length_penalty is None else length_penalty
+        checks = (("beams", beams, 1), ("batch_size", batch_size, 1), ("length_penalty", penalty, 0))
+        for key, value, least in checks:
+            if value < least:
+                raise ValueError(f"{key}: must be ≥ {least} (got {value})")
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be ≥ 1 (got {max_new_tokens})")
-        penalty = d.length_penalty if length_penalty is None else length_penalty
         limit = max_new_tokens or self.config.max_new_tokens
         ids = encode_sources(self.tokenizer, items, self.config)
-        lengths = (ids != 0).sum(1)
+        lengths = text_lengths(ids, 0)
         order = torch.argsort(lengths, descending=True, stable=True).tolist()
         out: list[str] = [""] * len(items)
         for lo in range(0, len(order), batch_size):
@@ -179,10 +187,7 @@ class Translator:
         (the default), else sampled (seeded). `use_cache` is accepted for `TextGenerator`'s callers: the
         decoder always caches. Without `stop_at_eot` the EOS id is yielded and ends the stream."""
         del use_cache
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k: must be ≥ 1 (got {top_k})")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p: must be in (0, 1] (got {top_p})")
+        check_sampling(max_new_tokens, top_k, top_p)
         source = torch.tensor([self.encode(prompt)], device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
         for nxt in stream_ids(

@@ -3,7 +3,8 @@
 tokens [b, t] → embedding (tied with the output layer) → L × (x + attn(norm(x)), x + mlp(norm(x)))
 → norm → logits [b, t, vocab]. Attention is `scaled_dot_product_attention` with the causal flag (flash
 / memory-efficient kernels where the device has them). A `KVCache` keeps each layer's keys and values
-so generation costs one token's work per step; `sample_next` and `generate_ids` are the sampler.
+so generation costs one token's work per step; `generate_ids` is the sampler (`sample_next`, the cache and
+RoPE live in layers.py, shared with the encoder-decoder).
 Residual projections start at 0.02 / sqrt(2·layers) (GPT-2), everything else at N(0, 0.02).
 """
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from largo.config_lm import GPTConfig
 from largo.data.corpus import IGNORE  # a target the loss skips
-from largo.models.layers import KVCache, SwiGLU, apply_rope, rope_tables, sample_next  # noqa: F401
+from largo.models.layers import KVCache, SwiGLU, apply_rope, rope_tables, sample_next
 
 
 class CausalSelfAttention(nn.Module):

@@ -49,9 +49,15 @@ class SelfAttention(nn.Module):
         b, t, c = x.shape  # batch, time, channels
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [b, h, t, d]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # decoding one token at a time: it sees every cached position
+        if cache is not None and cache.pos > 0:  # after a cached prefix: query i sees keys to pos + i
+            start = cache.pos
             k, v = cache.update(layer, k, v)
-            causal = causal and t > 1
+            if causal and t > 1:  # (one new token sees every cached position: no mask needed)
+                rows = torch.arange(start, start + t, device=x.device)[:, None]
+                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= rows
+            causal = False
+        elif cache is not None:
+            k, v = cache.update(layer, k, v)
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
         return self.proj(y.transpose(1, 2).reshape(b, t, c))
@@ -246,21 +252,27 @@ def beam_search(
     max_new_tokens: int,
     beams: int = 4,
     length_penalty: float = 1.0,
+    *,
+    early_stopping: bool = True,
+    use_cache: bool = True,
 ) -> list[list[int]]:
     """The best target ids of each source row [b, s] by beam search (EOS cut).
 
     Every step each of the `beams` live hypotheses of a row proposes its best tokens; of the 2·beams
     best extensions, those ending in EOS (ranked among the first `beams`) become finished hypotheses,
-    scored log p / length^length_penalty, and the first `beams` others live on. A row is done when it
-    holds `beams` finished hypotheses and its best live one, at its current length, cannot beat the
-    worst of them.
+    scored log p / length^length_penalty, and the first `beams` others live on. With `early_stopping` a
+    row is done once it holds `beams` finished hypotheses and the best score its best live one could
+    still reach cannot beat the worst of them: log-probabilities only fall as a hypothesis grows, so
+    that best is its score now over the largest length norm it can reach (the longest length when
+    length_penalty > 0). Without the cache every step runs the whole prefix again (for checking the
+    cache, and the benchmark).
     """
     if beams == 1:
         return greedy(model, source, max_new_tokens)
     model.eval()
     b, k, device = source.shape[0], beams, source.device
     kv, mask = model.encode(source.repeat_interleave(k, 0))  # row i's beams are rows i·k … i·k + k − 1
-    cache = model.new_cache(b * k, kv[0][0])
+    cache = model.new_cache(b * k, kv[0][0]) if use_cache else None
     seqs = torch.full((b * k, 1), BOS, dtype=torch.long, device=device)
     scores = torch.full((b, k), -math.inf, device=device)
     scores[:, 0] = 0.0  # one live beam at first, so the first step does not pick the same token k times
@@ -268,7 +280,8 @@ def beam_search(
     done = [False] * b
     steps = min(max_new_tokens, model.cfg.context)
     for step in range(steps):
-        logits = model.decode(seqs[:, -1:], kv, mask, cache)[:, -1].float()
+        step_ids = seqs[:, -1:] if cache is not None else seqs
+        logits = model.decode(step_ids, kv, mask, cache)[:, -1].float()
         logits[:, NEVER] = -math.inf
         logp = logits.log_softmax(-1)  # [b·k, V]
         vocab = logp.shape[-1]
@@ -288,11 +301,15 @@ def beam_search(
         scores = top.gather(1, keep).masked_fill(is_eos.gather(1, keep), -math.inf)
         rows = (torch.arange(b, device=device)[:, None] * k + beam.gather(1, keep)).view(-1)
         seqs = torch.cat([seqs[rows], token.gather(1, keep).view(-1, 1)], dim=1)
-        cache.reorder(rows)
+        if cache is not None:
+            cache.reorder(rows)
+        if not early_stopping:
+            continue
+        reachable = max(norm, steps**length_penalty)  # the largest norm a live hypothesis can still get
         for i in range(b):
             if not done[i] and len(finished[i]) >= k:
                 worst = sorted(s for s, _ in finished[i])[-k]
-                done[i] = float(scores[i, 0]) / norm <= worst
+                done[i] = float(scores[i, 0]) / reachable <= worst
         if all(done):
             break
     return [_strip(max(f)[1]) if f else [] for f in finished]

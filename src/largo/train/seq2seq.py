@@ -6,8 +6,10 @@ resume and DDP as a classifier. Shared by `largo train` (api_seq2seq.py) and `la
 (lifecycle/update_seq2seq.py).
 
 The objective: the model returns each example's summed token loss; `loss_fn` divides by the train
-split's mean target length, and fit() divides by the examples of a whole optimizer step, so the step's
-gradient is that of a per-token mean, and accumulated micro-batches of any lengths reproduce it exactly.
+split's mean target length (a constant), and fit() divides by the examples of a whole optimizer step.
+Accumulated micro-batches of any lengths so reproduce one big batch exactly, and the loss is a per-token
+mean on average: every token weighs the same in every step, so a step of long targets moves the weights
+more than one of short targets.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def token_scores(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
 def _probe(valid: EncodedSplit, references: list[str], count: int) -> tuple[torch.Tensor, list[str]]:
     """The first `count` validation sources (ids, trimmed to their longest) and their references."""
     sources = valid.inputs["source"][:count]
-    longest = int((sources != 0).sum(1).max()) if len(sources) else 1
+    longest = int(valid.lengths["source"][:count].max()) if len(sources) else 1
     return sources[:, :longest], references[:count]
 
 
