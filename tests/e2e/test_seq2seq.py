@@ -59,6 +59,7 @@ def test_the_model_learns_to_translate(trained: tuple[Path, largo.TrainResult]) 
     # the report shows the scores and sample outputs beside their references
     html = result.report.read_text(encoding="utf-8")
     assert "Sample outputs" in html and m["examples"][0]["reference"] in html
+    assert (result.path / "text_scores.png").stat().st_size > 5_000 and "text_scores.png" in html
     bundle = result.path
     assert {"config.yaml", "model.safetensors", "tokenizer.json", "metrics.json"} <= {
         p.name for p in bundle.iterdir()

@@ -1,5 +1,6 @@
 """Data-parallel pretraining under torchrun (2 CPU processes, Gloo): the same steps as one process,
-exact resume with per-rank dropout RNG, and `largo pretrain` writing one bundle from rank 0."""
+exact resume with per-rank dropout RNG, and `largo pretrain` (and `largo train` on a classifier and a
+seq2seq model) writing one bundle from rank 0."""
 
 from __future__ import annotations
 
@@ -330,6 +331,49 @@ def test_largo_train_under_torchrun_takes_the_steps_of_one_process(tmp_path):
     one = load_file(single.path / "model.safetensors")
     for name, w in load_file(tmp_path / "ddp" / "iris" / "v1" / "model.safetensors").items():
         assert torch.allclose(w, one[name], atol=1e-6, rtol=1e-5), name
+
+
+@pytest.mark.slow
+def test_a_seq2seq_run_under_torchrun_takes_the_steps_of_one_process(tmp_path):
+    import largo
+    from largo.data.samples import write_number_pairs
+
+    pairs = write_number_pairs(tmp_path / "pairs.tsv", n=300)
+
+    def config(runs: str, accumulate: int) -> dict:
+        return {
+            "task": "seq2seq",
+            "name": "numbers",
+            "runs_dir": str(tmp_path / runs),
+            "data": {"train": str(pairs), "source": "english", "target": "chinese", "test": 0.1},
+            "tokenizer": {"vocab_size": 300, "max_source_length": 24, "max_target_length": 16},
+            "model": {"dim": 32, "encoder_layers": 1, "decoder_layers": 1, "heads": 2, "dropout": 0.0},
+            "train": {
+                "epochs": 2, "batch_size": 16, "accumulate": accumulate, "device": "cpu", "progress": False,
+                "optimizer": {"name": "sgd", "lr": 0.5}, "schedule": {"name": "constant"},
+                "label_smoothing": 0.0, "eval_generate": 8,
+            },
+            "decode": {"beams": 2},
+        }  # fmt: skip
+
+    (tmp_path / "ddp.yaml").write_text(json.dumps(config("ddp", 1)), encoding="utf-8")
+    done = _torchrun(["-m", "largo.cli", "train", str(tmp_path / "ddp.yaml")], tmp_path)
+    assert done.stdout.count("bundle:") == 1 and "test chinese:" in done.stdout  # rank 0 reports
+    assert sorted(p.name for p in (tmp_path / "ddp" / "numbers").iterdir()) == ["v1"]
+    bundle = tmp_path / "ddp" / "numbers" / "v1"
+    ddp = json.loads((bundle / "metrics.json").read_text())
+
+    single = largo.train(config("one", 2))  # two accumulated batches per step instead of one per rank
+    assert ddp["steps"] == single.metrics["steps"]
+    for a, b in zip(ddp["history"], single.metrics["history"], strict=True):
+        assert a["train.loss"] == pytest.approx(b["train.loss"], rel=1e-5)
+        assert a["valid.loss"] == pytest.approx(b["valid.loss"], rel=1e-5)
+        assert a["valid.chrf"] == pytest.approx(b["valid.chrf"], abs=1e-6)  # rank 0 decoded the probe
+    one = load_file(single.path / "model.safetensors")
+    for name, w in load_file(bundle / "model.safetensors").items():
+        assert torch.allclose(w, one[name], atol=1e-6, rtol=1e-5), name
+    # the tokenizer rank 0 trained is the one both ranks encoded with
+    assert (bundle / "tokenizer.json").read_text() == (single.path / "tokenizer.json").read_text()
 
 
 FIT_WORKER = textwrap.dedent(

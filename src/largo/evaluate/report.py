@@ -158,7 +158,8 @@ def _series(history: list[dict], key: str) -> np.ndarray:
 
 
 def _history_plots(out: Path, history: list[dict]) -> list[tuple[str, str]]:
-    """loss.png, metrics.png and lr.png from the per-epoch history; files with nothing to draw are skipped."""
+    """loss.png, metrics.png, text_scores.png and lr.png from the per-epoch history; files with nothing
+    to draw are skipped."""
     if not history:
         return []
     keys: list[str] = []
@@ -171,10 +172,13 @@ def _history_plots(out: Path, history: list[dict]) -> list[tuple[str, str]]:
 
     loss_keys = [k for k in keys if k == "loss" or k.endswith(".loss") or k.endswith("_loss")]
     loss_keys.sort(key=lambda k: (not k.startswith("train."), not k.startswith("valid."), k))
-    metric_keys = [k for k in keys if k.startswith("valid.") and k not in loss_keys]
+    # scores of generated text are on a 0-100 scale: drawn apart from the 0-1 metrics they would flatten
+    text_keys = [k for k in keys if k.startswith("valid.") and k.endswith((".bleu", ".chrf"))]
+    metric_keys = [k for k in keys if k.startswith("valid.") and k not in loss_keys and k not in text_keys]
     plots = [
         ("loss.png", "Loss", loss_keys, False),
         ("metrics.png", "Validation metrics", metric_keys, False),
+        ("text_scores.png", "Generated text: BLEU and chrF (0-100)", text_keys, False),
         ("lr.png", "Learning rate", ["lr"] if "lr" in keys else [], True),
     ]
     written = []
