@@ -283,3 +283,36 @@ def test_the_cli_runs_a_language_model_search_and_resumes_it(tmp_path: Path) -> 
     again = CliRunner().invoke(cli, ["tune", str(path), "--trials", "3", "--resume"])
     assert again.exit_code == 0, again.output
     assert "of 3 trials" in again.output and "valid: loss=" in again.output and "bundle:" in again.output
+
+
+def test_a_seq2seq_search_judges_trials_on_chrf_and_its_bundle_reproduces_the_best(tmp_path: Path) -> None:
+    from largo.data.samples import write_number_pairs
+
+    pairs = write_number_pairs(tmp_path / "pairs.tsv", n=500)
+    cfg = {
+        "task": "seq2seq",
+        "name": "numbers",
+        "runs_dir": str(tmp_path / "runs"),
+        "data": {"train": str(pairs), "source": "english", "target": "chinese", "valid": 0.1, "test": 0.1},
+        "tokenizer": {"vocab_size": 300, "max_source_length": 24, "max_target_length": 16},
+        "model": {"dim": 32, "encoder_layers": 1, "decoder_layers": 1, "heads": 2, "dropout": 0.0},
+        "train": {"epochs": 2, "eval_generate": 20, "progress": False,
+                  "early_stopping": {"metric": "valid.chrf", "patience": 3}},
+        "decode": {"beams": 1},
+        "tune": {"space": {"train.optimizer.lr": {"type": "float", "low": 3e-4, "high": 3e-3, "log": True},
+                           "tokenizer.vocab_size": {"type": "choice", "choices": [280, 300]}},
+                 "trials": 2, "sampler": "random", "startup_trials": 1},
+    }  # fmt: skip
+    result = largo.tune(cfg)
+    study = result.study
+    assert study.metric == "valid.chrf" and study.direction == "maximize" and study.unit == "epochs"
+    assert len(study.trials) == 2 and study.best["value"] == max(t["value"] for t in study.trials)
+    # the best config trained again: the same validation chrF at its best epoch, its vocabulary
+    best = next(r for r in result.metrics["history"] if r["epoch"] == result.metrics["best_epoch"])
+    assert best["valid.chrf"] == pytest.approx(study.best["value"], abs=1e-9)
+    bundle_cfg = yaml.safe_load((result.path / "config.yaml").read_text(encoding="utf-8"))
+    assert bundle_cfg["tokenizer"]["vocab_size"] == study.best["values"]["tokenizer.vocab_size"]
+    with pytest.raises(
+        ConfigError, match=r"tune.metric: 'valid.accuracy' is not logged; allowed: valid.loss"
+    ):
+        largo.tune({**cfg, "tune": {**cfg["tune"], "metric": "valid.accuracy"}})

@@ -10,6 +10,7 @@ beam-searched outputs) → bundle.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,14 +73,7 @@ def _train(cfg: Seq2SeqConfig, resume: bool | str | Path) -> TrainResult:
     log("split sizes: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
     if not resume and is_main_process():
         tokenizer = train_pair_tokenizer(tables["train"], cfg)
-        t = cfg.tokenizer
-        model_cfg = cfg.model.model_copy(
-            update={
-                "vocab_size": tokenizer.get_vocab_size(),
-                "context": max(t.max_source_length, t.max_target_length),
-            }
-        )
-        cfg = cfg.model_copy(update={"model": model_cfg})
+        cfg = with_sizes(cfg, tokenizer)
         write_seq2seq_start(run_dir, cfg, tokenizer)
     barrier()
     if not resume and not is_main_process():
@@ -122,6 +116,36 @@ def _train(cfg: Seq2SeqConfig, resume: bool | str | Path) -> TrainResult:
     if not cfg.train.checkpoint.keep:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return TrainResult(run_dir, metrics, report)
+
+
+def with_sizes(cfg: Seq2SeqConfig, tokenizer: Any) -> Seq2SeqConfig:
+    """The config with the model's vocabulary size (the tokenizer's) and context (the longest text)."""
+    t = cfg.tokenizer
+    context = max(t.max_source_length, t.max_target_length)
+    sizes = {"vocab_size": tokenizer.get_vocab_size(), "context": context}
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update=sizes)})
+
+
+def seq2seq_trial(
+    cfg: Seq2SeqConfig,
+    tables: dict[str, Any],
+    tokenizers: dict[str, Any],
+    on_epoch_end: Callable[[dict[str, float]], None],
+) -> tuple[list[dict[str, float]], int | None]:
+    """Fit one `largo tune` trial on the shared split, no files written; returns (history, best epoch).
+    The tokenizer is trained once per distinct `tokenizer:` section and kept in `tokenizers`."""
+    import json
+
+    from largo.data.pairs import train_pair_tokenizer
+    from largo.train.seq2seq import fit_pairs, new_model
+
+    key = json.dumps(cfg.tokenizer.model_dump(mode="json"))
+    if key not in tokenizers:
+        tokenizers[key] = train_pair_tokenizer(tables["train"], cfg)
+    tokenizer = tokenizers[key]
+    cfg = with_sizes(cfg, tokenizer)
+    result = fit_pairs(new_model(cfg), tokenizer, cfg, tables, on_epoch_end=on_epoch_end)
+    return result.history, result.best_epoch
 
 
 def translate(bundle: str | Path | Translator, texts: str | list[str], **options: Any) -> list[str]:

@@ -18,6 +18,10 @@ stopped (`resume=True`;
 best.yaml (the config that reproduces the best trial) and history.png. Then `train()` runs best.yaml
 into the run's next version (same seed and split: its validation score is the best trial's).
 
+A seq2seq config (`task: seq2seq`) searches the same way on its pairs (read and split once), with its
+tokenizer trained once per distinct `tokenizer:` section; a search over tokenizer keys is judged on
+generated text (valid.chrf, valid.bleu), as a language model's is on bits per character.
+
 Why optuna: TPE sampling, median pruning and a resumable SQLite study are what a search needs, kept
 up by a wide user base; writing them by hand would be a worse copy.
 """
@@ -36,6 +40,7 @@ from typing import Any
 
 import torch
 
+from largo.api_seq2seq import as_seq2seq_config, seq2seq_trial
 from largo.config import (
     Config,
     ConfigError,
@@ -46,6 +51,8 @@ from largo.config import (
     validate_config,
 )
 from largo.config_lm import LMConfig, validate_lm_config
+from largo.config_seq2seq import Seq2SeqConfig, validate_seq2seq_config
+from largo.data.pairs import load_pairs
 from largo.deploy.metadata import read_json
 from largo.evaluate.scoring import headline, score_outputs
 from largo.models.build import build_model
@@ -66,7 +73,7 @@ class StudyResult:
     direction: str
     trials: list[dict[str, Any]]  # number, state, value, params, epochs, seconds
     best: dict[str, Any] | None
-    best_config: Config | LMConfig | None
+    best_config: Config | LMConfig | Seq2SeqConfig | None
     folder: Path
     unit: str = "epochs"  # what a trial's length counts: epochs (a model), steps (a language model)
 
@@ -87,8 +94,14 @@ def with_values(cfg: Any, values: dict[str, Any], source: str = "tune trial") ->
         data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in values.items()])
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("--set", "tune.space:")) from None
-    validate = validate_lm_config if isinstance(cfg, LMConfig) else validate_config
-    return validate(data, source=source)
+    return validator(cfg)(data, source=source)
+
+
+def validator(cfg: Any) -> Callable[..., Any]:
+    """The validating function of a config's kind (a model's, a language model's, a seq2seq model's)."""
+    if isinstance(cfg, LMConfig):
+        return validate_lm_config
+    return validate_seq2seq_config if isinstance(cfg, Seq2SeqConfig) else validate_config
 
 
 def check_space(cfg: Any, tune: TuneConfig) -> None:
@@ -167,6 +180,16 @@ def objective_metric(cfg: Any, tune: TuneConfig) -> tuple[str, bool]:
         raise ConfigError(
             f"tune.metric: {metric!r} is per token, and the space changes the tokenizer; use valid.bpc"
         )
+    per_token = ("valid.loss", "valid.perplexity", "valid.token_accuracy")
+    if (
+        isinstance(cfg, Seq2SeqConfig)
+        and metric in per_token
+        and any(k.startswith("tokenizer.") for k in tune.space)
+    ):
+        raise ConfigError(
+            f"tune.metric: {metric!r} is per token, and the space changes the tokenizer; use valid.chrf or "
+            "valid.bleu (with train.eval_generate > 0)"
+        )
     if not metric.startswith("valid."):
         raise ConfigError(f"tune.metric: {metric!r} is not a validation metric; trials are judged on valid.*")
     if tune.direction != "auto":
@@ -228,13 +251,13 @@ def run_study(cfg: Any, folder: Path, say: Callable[[str], None]) -> StudyResult
 
     tune = cfg.tune
     metric, minimize = objective_metric(cfg, tune)
-    lm = isinstance(cfg, LMConfig)
+    lm, seq2seq = isinstance(cfg, LMConfig), isinstance(cfg, Seq2SeqConfig)
     tables = processors = None
     if not lm:  # a language model's corpus is prepared (and cached) by each trial's pretrain
-        tables, _ = load_splits(cfg)
+        tables, _ = load_pairs(cfg) if seq2seq else load_splits(cfg)
         if tables["valid"].num_rows == 0:
             raise ConfigError("tune: the validation split is empty; set data.valid")
-        processors = ProcessorCache(tables["train"])
+        processors = {} if seq2seq else ProcessorCache(tables["train"])  # tokenizers, for seq2seq
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder.mkdir(parents=True, exist_ok=True)
@@ -287,7 +310,10 @@ def run_study(cfg: Any, folder: Path, say: Callable[[str], None]) -> StudyResult
                 kept = history[-1] if history else {}  # the final weights' evaluation
                 trial.set_user_attr("epochs", int(kept.get("step", 0)))
             else:
-                history, best_epoch = train_trial(trial_cfg, tables, processors.get(trial_cfg), report)
+                if seq2seq:
+                    history, best_epoch = seq2seq_trial(trial_cfg, tables, processors, report)
+                else:
+                    history, best_epoch = train_trial(trial_cfg, tables, processors.get(trial_cfg), report)
                 kept = next((r for r in history if r["epoch"] == best_epoch), history[-1])
                 trial.set_user_attr("epochs", len(history))
         trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
@@ -392,15 +418,20 @@ def tune_folder(runs_dir: str | Path, name: str, resume: bool) -> Path:
     return root / f"tune-{(numbers[-1] if numbers else 0) + 1}"
 
 
-def as_any_config(config: Config | LMConfig | dict | str | Path) -> Config | LMConfig:
-    """A model's Config or (`task: lm`) a language model's LMConfig, from either, a dict or a YAML file."""
+def as_any_config(
+    config: Config | LMConfig | Seq2SeqConfig | dict | str | Path,
+) -> Config | LMConfig | Seq2SeqConfig:
+    """A model's Config, (`task: lm`) a language model's LMConfig or (`task: seq2seq`) a Seq2SeqConfig,
+    from one of them, a dict or a YAML file."""
     from largo.api import _as_config
     from largo.api_lm import _as_lm_config
     from largo.config_lm import read_lm_yaml
 
-    if isinstance(config, Config | LMConfig):
+    if isinstance(config, Config | LMConfig | Seq2SeqConfig):
         return config
     data = config if isinstance(config, dict) else read_lm_yaml(config)  # each loader reads the file itself
+    if data.get("task") == "seq2seq":
+        return as_seq2seq_config(config)
     return _as_lm_config(config) if is_lm_config(data) else _as_config(config)
 
 
@@ -411,13 +442,16 @@ def is_lm_config(data: dict[str, Any]) -> bool:
 
 
 def tune(
-    config: Config | LMConfig | dict | str | Path, *, resume: bool = False, retrain: bool = True
+    config: Config | LMConfig | Seq2SeqConfig | dict | str | Path,
+    *,
+    resume: bool = False,
+    retrain: bool = True,
 ) -> TuneResult:
     """Search the config's `tune.space`, then train the best config into a bundle.
 
     Args:
-        config: a Config or an LMConfig (`task: lm`: trials pretrain, judged on held-out loss) with a
-            `tune:` section, the same as a dict, or a YAML file path.
+        config: a Config, an LMConfig (`task: lm`: trials pretrain, judged on held-out loss) or a
+            Seq2SeqConfig (`task: seq2seq`) with a `tune:` section, the same as a dict, or a YAML file.
         resume: continue the newest search of this config's name (its study, its remaining trials).
         retrain: train the best trial's config into the run's next version (a bundle) at the end.
 
@@ -427,11 +461,12 @@ def tune(
     from largo.api import pretrain, train
     from largo.config import dump_config
     from largo.config_lm import dump_lm_config
+    from largo.config_seq2seq import dump_seq2seq_config
     from largo.evaluate.report import write_tune_plot
 
     cfg = as_any_config(config)
     lm = isinstance(cfg, LMConfig)
-    dump = dump_lm_config if lm else dump_config
+    dump = dump_lm_config if lm else dump_seq2seq_config if isinstance(cfg, Seq2SeqConfig) else dump_config
     import_optuna()
     if cfg.tune is None:
         raise ConfigError("tune: the config has no tune section (tune: {space: {KEY: {type, low, high}}})")

@@ -156,8 +156,11 @@ def tune(
     from largo.config_lm import read_lm_yaml, validate_lm_config
 
     raw = read_lm_yaml(config)  # as written: --set model.preset then sets the preset's sizes
+    seq2seq = raw.get("task") == "seq2seq"
+    if seq2seq:
+        raw = load_seq2seq_config(config).model_dump(mode="json")
     data = apply_overrides(
-        raw if is_lm_config(raw) else load_config(config).model_dump(mode="json"), set_ or []
+        raw if is_lm_config(raw) or seq2seq else load_config(config).model_dump(mode="json"), set_ or []
     )
     if trials is not None:
         if not data.get("tune"):
@@ -165,6 +168,7 @@ def tune(
         data["tune"]["trials"] = trials
     try:
         validate = validate_lm_config if is_lm_config(data) else validate_config
+        validate = validate_seq2seq_config if seq2seq else validate
         result = api.tune(validate(data, source=config), resume=resume, retrain=retrain)
     except ImportError as exc:  # optuna missing: say how to install it
         raise ConfigError(str(exc)) from None

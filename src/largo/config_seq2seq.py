@@ -21,6 +21,7 @@ from largo.config import (
     ScheduleConfig,
     StrictModel,
     TrainConfig,
+    TuneConfig,
     read_yaml_mapping,
     resolve_data_paths,
     validate_model,
@@ -159,6 +160,9 @@ class Seq2SeqConfig(StrictModel):
     model: Seq2SeqModelConfig = Field(default_factory=Seq2SeqModelConfig)
     train: Seq2SeqTrainConfig = Field(default_factory=Seq2SeqTrainConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    tune: TuneConfig | None = Field(
+        None, description="The search `largo tune` runs (`largo train` ignores it)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Seq2SeqConfig:
@@ -172,6 +176,9 @@ class Seq2SeqConfig(StrictModel):
             )
         if self.train.lora is not None:
             raise ValueError("train.lora: a seq2seq model is trained whole (LoRA adapts pretrained encoders)")
+        judged = [m for m in allowed if m.startswith("valid.")]
+        if self.tune is not None and self.tune.metric not in ("auto", *judged):
+            raise ValueError(f"tune.metric: {self.tune.metric!r} is not logged; allowed: {', '.join(judged)}")
         return self
 
     def metric_names(self) -> list[str]:

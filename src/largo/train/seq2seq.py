@@ -14,6 +14,7 @@ more than one of short targets.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ def fit_pairs(
     *,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Train `model` in place on tables["train"], validating on tables["valid"] (may be empty) after
     every epoch: token loss, perplexity and accuracy, and with `train.eval_generate` the BLEU, chrF and
@@ -88,6 +90,7 @@ def fit_pairs(
         model_score_fn=model_score_fn if probe is not None else None,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
+        on_epoch_end=on_epoch_end,
     )
 
 
