@@ -21,7 +21,9 @@ the norms), 5% warmup + cosine, gradient clipping at 1.0.
                  of largo's loop itself (goal >= 0.97), largo / hand what a user gets over the hand loop
 
 2. Decoding the 256 test sources in length-sorted batches of 32 (as `Translator.translate` does) with the
-model of part 3: tokens/s counts the output tokens (EOS included when it was produced).
+model of part 3: tokens/s counts the output tokens (EOS included when it was produced); steps/batch is
+the number of decoder passes per batch (counted in an extra, untimed pass): greedy stops when every row
+has produced EOS, a beam search when every row has `beams` finished hypotheses that no live one can beat.
 
     greedy        beam_search(beams=1), which is greedy decoding with the KV cache
     b2, b4        beam search, 2 and 4 beams, with the cache (length penalty 1, early stopping)
@@ -37,7 +39,7 @@ The machine is shared and noisy: every round runs each variant once in a rotated
 a fixed matmul ("peak probe") shows how fast the machine was in each round, and the script reports
 medians and the median and range of the per-round ratios.
 
-    .venv/bin/python bench/seq2seq.py                  # 3,000 pairs, 4 + 3 rounds (~3-4 min on 2 cores)
+    .venv/bin/python bench/seq2seq.py                  # 3,000 pairs, 5 + 5 rounds (~2-3 min on 2 cores)
     .venv/bin/python bench/seq2seq.py --rounds 6 --decode-rounds 5
     .venv/bin/python bench/seq2seq.py --quick          # smoke test: 600 pairs, dim 64, 2 rounds (< 1 min)
 """
@@ -62,7 +64,7 @@ from largo.data.loader import EncodedSplit, epoch_order
 from largo.data.pairs import encode_pairs, train_pair_tokenizer
 from largo.data.samples import number_pairs
 from largo.evaluate.metrics import generation_metrics
-from largo.models.seq2seq import EOS, Seq2SeqTransformer, beam_search
+from largo.models.seq2seq import Seq2SeqTransformer, beam_search
 from largo.train.seq2seq import fit_pairs
 from probe import peak_probe
 
@@ -93,8 +95,8 @@ DECODE_RATIOS = (
 )
 DECODE_BATCH = 32
 SIZES = {
-    "full": {"pairs": 3000, "test": 256, "dim": 128, "rounds": 4, "decode_rounds": 3, "epochs": 8},
-    "quick": {"pairs": 600, "test": 64, "dim": 64, "rounds": 2, "decode_rounds": 2, "epochs": 2},
+    "full": {"pairs": 3000, "test": 256, "dim": 128, "rounds": 5, "decode_rounds": 5, "epochs": 8},
+    "quick": {"pairs": 600, "test": 64, "dim": 64, "rounds": 2, "decode_rounds": 2, "epochs": 6},
 }
 
 
@@ -147,7 +149,9 @@ def _quiet() -> contextlib.AbstractContextManager:
 # ----------------------------------------------------------------------------------------- epochs
 
 
-def hand_epoch(model: Seq2SeqTransformer, data: EncodedSplit, cfg: Seq2SeqConfig, order: torch.Tensor) -> None:
+def hand_epoch(
+    model: Seq2SeqTransformer, data: EncodedSplit, cfg: Seq2SeqConfig, order: torch.Tensor
+) -> None:
     """One epoch of a minimal hand-written loop over `order`, with fit()'s objective and optimizer."""
     t = cfg.train
     source, target = data.inputs["source"], data.inputs["target"]
@@ -157,7 +161,10 @@ def hand_epoch(model: Seq2SeqTransformer, data: EncodedSplit, cfg: Seq2SeqConfig
     # weight decay on the matrices only, not on the (tied) embedding or the norm scales
     decay = [p for p in model.parameters() if p.ndim >= 2 and p is not model.embed.weight]
     rest = [p for p in model.parameters() if p.ndim < 2 or p is model.embed.weight]
-    groups = [{"params": decay, "weight_decay": t.optimizer.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": t.optimizer.weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=t.optimizer.lr, betas=tuple(t.optimizer.betas), fused=True)
     steps = math.ceil(n / bs)
     warmup = int(t.schedule.warmup * steps)
@@ -165,11 +172,16 @@ def hand_epoch(model: Seq2SeqTransformer, data: EncodedSplit, cfg: Seq2SeqConfig
     model.train()
     for step, lo in enumerate(range(0, n, bs)):
         s = step - warmup  # linear warmup, then cosine to 0
-        lr_factor = (step + 1) / (warmup + 1) if s < 0 else 0.5 * (1 + math.cos(math.pi * s / max(1, steps - warmup)))
+        lr_factor = (
+            (step + 1) / (warmup + 1) if s < 0 else 0.5 * (1 + math.cos(math.pi * s / max(1, steps - warmup)))
+        )
         for g in opt.param_groups:
             g["lr"] = t.optimizer.lr * lr_factor
         idx = order[lo : lo + bs]
-        batch = {"source": source[idx, : int(src_len[idx].max())], "target": target[idx, : int(tgt_len[idx].max())]}
+        batch = {
+            "source": source[idx, : int(src_len[idx].max())],
+            "target": target[idx, : int(tgt_len[idx].max())],
+        }
         loss = model(batch)["nll"].sum() / mean_tokens
         (loss * (1.0 / len(idx))).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
@@ -219,7 +231,10 @@ def interleaved(
         for v in list(variants[r % len(variants) :]) + list(variants[: r % len(variants)]):
             rates[v].append(run(v))
         shown = "  ".join(f"{v}={rates[v][-1]:,.0f}" for v in variants)
-        print(f"  round {r + 1}: {shown} {unit}   probe {probes[-1]:.0f} GFLOP/s   load {_load():.1f}", flush=True)
+        print(
+            f"  round {r + 1}: {shown} {unit}   probe {probes[-1]:.0f} GFLOP/s   load {_load():.1f}",
+            flush=True,
+        )
     return rates, probes
 
 
@@ -230,16 +245,20 @@ def ratio_lines(rates: dict[str, list[float]], pairs: tuple) -> dict[str, float]
         xs = [x / y for x, y in zip(rates[a], rates[b], strict=True)]
         medians[label] = statistics.median(xs)
         print(
-            f"{label:<19} {'(' + note + ')':<32} median {medians[label]:.3f}  [{min(xs):.3f}..{max(xs):.3f}]  "
-            f"rounds {' '.join(f'{x:.3f}' for x in xs)}"
+            f"{label:<19} {'(' + note + ')':<32} median {medians[label]:.3f}  "
+            f"[{min(xs):.3f}..{max(xs):.3f}]  rounds {' '.join(f'{x:.3f}' for x in xs)}"
         )
     return medians
 
 
 def probe_line(probes: list[float]) -> str:
     p = probes
-    spread = (max(p) - min(p)) / statistics.median(p)
-    return f"peak probe {statistics.median(p):.0f} GFLOP/s (min {min(p):.0f}, max {max(p):.0f}; spread {spread:.0%})"
+    spread = (max(p) - min(p)) / statistics.median(p)  # of the machine's speed while measuring
+    middle = statistics.median(p)
+    line = f"peak probe {middle:.0f} GFLOP/s (min {min(p):.0f}, max {max(p):.0f}; spread {spread:.0%})"
+    if spread > 0.5 and torch.get_num_threads() > 1:
+        line += "\n  note: the machine's speed swung widely; other processes hold the cores: try --threads 1"
+    return line
 
 
 # ------------------------------------------------------------------------------------------ parts
@@ -251,17 +270,24 @@ def max_weight_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
-def train_part(cfg: Seq2SeqConfig, tokenizer: object, tables: dict, model0: Seq2SeqTransformer, rounds: int) -> dict:
+def train_part(
+    cfg: Seq2SeqConfig, tokenizer: object, tables: dict, model0: Seq2SeqTransformer, rounds: int
+) -> dict:
     """Part 1: interleaved one-epoch rounds of every training variant; prints the table and ratios."""
-    t = time.perf_counter()
     data = encode_pairs(tables["train"], cfg, tokenizer, "train", print)
-    encode_s = time.perf_counter() - t
     n = len(data)
     runners = train_runners(cfg, tokenizer, tables, data)
     warm = {k: v.slice(0, 256) for k, v in tables.items()}
-    warm_runners = train_runners(cfg, tokenizer, warm, encode_pairs(warm["train"], cfg, tokenizer, "warm", print))
+    warm_runners = train_runners(
+        cfg, tokenizer, warm, encode_pairs(warm["train"], cfg, tokenizer, "warm", print)
+    )
     for v in TRAIN_VARIANTS:  # warm-up: allocator, kernels, lazy imports
         warm_runners[v](copy.deepcopy(model0))
+    encode_s = []
+    for _ in range(3):  # fit_pairs encodes the train split inside largo's time: how long that takes
+        t = time.perf_counter()
+        encode_pairs(tables["train"], cfg, tokenizer, "train", print)
+        encode_s.append(time.perf_counter() - t)
     last: dict[str, Seq2SeqTransformer] = {}
 
     def run(v: str) -> float:
@@ -273,14 +299,14 @@ def train_part(cfg: Seq2SeqConfig, tokenizer: object, tables: dict, model0: Seq2
         return rate
 
     src, tgt = data.lengths["source"].float(), data.lengths["target"].float()
+    steps = math.ceil(n / cfg.train.batch_size)
     print(
-        f"\n== TRAINING: {n:,} pairs, {math.ceil(n / cfg.train.batch_size)} steps of batch {cfg.train.batch_size}, "
+        f"\n== TRAINING: {n:,} pairs, {steps} steps of batch {cfg.train.batch_size}, "
         f"source {src.mean():.1f} / target {tgt.mean():.1f} tokens on average (BOS, EOS included), "
         f"{rounds} rounds of 1 epoch"
     )
     rates, probes = interleaved(TRAIN_VARIANTS, run, rounds, "pairs/s")
     print(f"\n{'variant':<13} {'median pairs/s':>15} {'min':>8} {'max':>8} {'ms/step':>8}")
-    steps = math.ceil(n / cfg.train.batch_size)
     for v in TRAIN_VARIANTS:
         xs = rates[v]
         ms = 1000 * n / statistics.median(xs) / steps
@@ -289,11 +315,18 @@ def train_part(cfg: Seq2SeqConfig, tokenizer: object, tables: dict, model0: Seq2
     medians = ratio_lines(rates, TRAIN_RATIOS)
     diff = max_weight_diff(last["largo"], last["hand-bucket"])
     print(f"same batches → same weights: largo vs hand-bucket max |Δw| = {diff:.1e}")
-    print(f"encode_pairs of the train split (inside largo's time): {1000 * encode_s:.0f} ms")
+    enc = statistics.median(encode_s)
+    xs = [n / (n / a - enc) / b for a, b in zip(rates["largo"], rates["hand-bucket"], strict=True)]
+    print(
+        f"encode_pairs of the train split (inside largo's time): {1000 * enc:.0f} ms; without it "
+        f"largo/hand-bucket would be {statistics.median(xs):.3f} [{min(xs):.3f}..{max(xs):.3f}]"
+    )
     return {"medians": medians, "diff": diff}
 
 
-def decode_all(model: Seq2SeqTransformer, source: torch.Tensor, lengths: torch.Tensor, variant: str, limit: int):
+def decode_all(
+    model: Seq2SeqTransformer, source: torch.Tensor, lengths: torch.Tensor, variant: str, limit: int
+):
     """Decode every source in length-sorted batches (as Translator.translate); outputs in input order."""
     beams, use_cache, _ = DECODE_VARIANTS[variant]
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
@@ -307,7 +340,25 @@ def decode_all(model: Seq2SeqTransformer, source: torch.Tensor, lengths: torch.T
     return out
 
 
-def decode_part(cfg: Seq2SeqConfig, tokenizer, model: Seq2SeqTransformer, test: pa.Table, rounds: int) -> dict:
+def decoder_steps(model: Seq2SeqTransformer, run: Callable[[], object]) -> int:
+    """How many decoder forward passes `run()` makes (a hook on the decoder's final norm counts them)."""
+    calls = 0
+
+    def count(*_: object) -> None:
+        nonlocal calls
+        calls += 1
+
+    handle = model.dec_norm.register_forward_hook(count)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return calls
+
+
+def decode_part(
+    cfg: Seq2SeqConfig, tokenizer, model: Seq2SeqTransformer, test: pa.Table, rounds: int
+) -> dict:
     """Parts 2 and 3: interleaved decoding rounds, then the quality of each variant's outputs."""
     data = encode_pairs(test, cfg, tokenizer, "test", print)
     source, lengths = data.inputs["source"], data.lengths["source"]
@@ -326,23 +377,25 @@ def decode_part(cfg: Seq2SeqConfig, tokenizer, model: Seq2SeqTransformer, test: 
         return sum(min(len(o) + 1, limit) for o in outputs[v]) / elapsed  # + the EOS when it came
 
     print(
-        f"\n== DECODING: {len(source)} test sources, batches of {DECODE_BATCH} sorted by length, up to {limit} "
-        f"new tokens, length penalty 1, {rounds} rounds"
+        f"\n== DECODING: {len(source)} test sources, batches of {DECODE_BATCH} sorted by length, "
+        f"up to {limit} new tokens, length penalty 1, {rounds} rounds"
     )
     variants = list(DECODE_VARIANTS)
     rates, probes = interleaved(variants, run, rounds, "tok/s")
     references = [str(x) for x in test.column("chinese").to_pylist()]
+    batches = math.ceil(len(source) / DECODE_BATCH)
     print(
         f"\n{'variant':<12} {'median tok/s':>12} {'min':>8} {'max':>8} {'sources/s':>10} {'tokens':>7} "
-        f"{'BLEU':>6} {'chrF':>6} {'exact':>6}"
+        f"{'steps/batch':>11} {'BLEU':>6} {'chrF':>6} {'exact':>6}"
     )
     for v in variants:
         xs = rates[v]
         tokens = sum(min(len(o) + 1, limit) for o in outputs[v])
+        steps = decoder_steps(models[v], lambda v=v: decode_all(models[v], source, lengths, v, limit))
         scores = generation_metrics([tokenizer.decode(o) for o in outputs[v]], references)
         print(
             f"{v:<12} {statistics.median(xs):>12,.0f} {min(xs):>8,.0f} {max(xs):>8,.0f} "
-            f"{statistics.median(xs) * len(source) / tokens:>10,.1f} {tokens:>7} "
+            f"{statistics.median(xs) * len(source) / tokens:>10,.1f} {tokens:>7} {steps / batches:>11.1f} "
             f"{scores['bleu']:>6.1f} {scores['chrf']:>6.1f} {scores['exact_match']:>6.3f}"
         )
     print(probe_line(probes))
@@ -358,9 +411,9 @@ def decode_part(cfg: Seq2SeqConfig, tokenizer, model: Seq2SeqTransformer, test: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=0, help="training rounds (0: 4, quick 2)")
-    parser.add_argument("--decode-rounds", type=int, default=0, help="decoding rounds (0: 3, quick 2)")
-    parser.add_argument("--epochs", type=int, default=0, help="epochs of the decoded model (0: 8, quick 2)")
+    parser.add_argument("--rounds", type=int, default=0, help="training rounds (0: 5, quick 2)")
+    parser.add_argument("--decode-rounds", type=int, default=0, help="decoding rounds (0: 5, quick 2)")
+    parser.add_argument("--epochs", type=int, default=0, help="epochs of the decoded model (0: 8, quick 6)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 600 pairs, dim 64, 2 rounds")
     args = parser.parse_args()
@@ -378,10 +431,16 @@ def main() -> None:
     model0 = Seq2SeqTransformer(cfg.model, cfg.train.label_smoothing)
     m = cfg.model
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, load {_load():.1f}\n"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
+        f"load {_load():.1f}\n"
         f"model: dim {m.dim}, {m.encoder_layers}+{m.decoder_layers} layers, {m.heads} heads, vocabulary "
         f"{m.vocab_size:,}, context {m.context}: {model0.num_parameters():,} parameters"
     )
+    if _load() > (os.cpu_count() or 1) - 0.5 and torch.get_num_threads() > 1:
+        print(
+            "  note: other processes are using the CPUs; with 2 threads a busy core can stall an epoch "
+            "10x (OpenMP spin-waits), so compare rounds, or try --threads 1"
+        )
     train = train_part(cfg, tokenizer, tables, model0, rounds)
 
     model = copy.deepcopy(model0)
@@ -401,8 +460,9 @@ def main() -> None:
     same = all(decode["checks"][k] == 0 for k in ("b2 vs b2-nc", "b4 vs b4-nc"))
     print(
         f"DECODING: KV cache {dm['b2/b2-nc']:.2f}x (2 beams), {dm['b4/b4-nc']:.2f}x (4 beams), "
-        f"{'same outputs' if same else 'OUTPUTS DIFFER'}; 4 beams cost {1 / dm['b4/greedy']:.2f}x greedy's time "
-        f"per token; bf16 weights {dm['greedy-bf16/greedy']:.2f}x (greedy), {dm['b4-bf16/b4']:.2f}x (4 beams)"
+        f"{'same outputs' if same else 'OUTPUTS DIFFER'}; 4 beams cost {1 / dm['b4/greedy']:.2f}x "
+        f"greedy's time per token; bf16 weights {dm['greedy-bf16/greedy']:.2f}x (greedy), "
+        f"{dm['b4-bf16/b4']:.2f}x (4 beams)"
     )
 
 

@@ -626,18 +626,23 @@ def feedback_import(
 @feedback_app.command("export")
 @_friendly
 def feedback_export(
-    name: Annotated[str, typer.Argument(help="A registered language model.")],
-    out: Annotated[str, typer.Argument(help='The JSONL file to write (one {"text": ...} per line).')],
+    name: Annotated[str, typer.Argument(help="A registered language (or seq2seq) model.")],
+    out: Annotated[
+        str, typer.Argument(help='The JSONL file to write ({"text": ...} lines; seq2seq: pairs).')
+    ],
     db: DbOption = None,
 ) -> None:
-    """Write a language model's feedback as a corpus to fine-tune on: corrections and texts rated good."""
+    """Write a language model's feedback as a corpus to fine-tune on: corrections and texts rated good
+    (a seq2seq model's: as pairs of its source and target columns)."""
     r = _lifecycle().feedback_export(name, out, db)
     written = r.corrections + r.rated_good
     typer.echo(
         f"wrote {written} texts to {r.path} ({r.corrections} corrections, "
         f"{r.rated_good} rated good; {r.rated_bad} only rated bad, left out)"
     )
-    if written:
+    if written and r.task == "seq2seq":
+        typer.echo(f"train on them: largo update {name} (the original pairs plus these, gated on chrF)")
+    elif written:
         typer.echo(
             f"fine-tune on them: largo pretrain {r.path} --config lm.yaml with train.init_from: the bundle"
         )

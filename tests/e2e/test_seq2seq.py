@@ -184,6 +184,16 @@ def test_served_over_post_generate(trained: tuple[Path, largo.TrainResult], tmp_
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["text"] == greedy and body["finish_reason"] == "stop"
+        # the encoder read the source's tokens and its EOS, nothing cut
+        read = len(translator.encode(source))
+        assert body["prompt_tokens"] == read and body["prompt_truncated"] is False
+        long = httpx.post(f"{url}/generate", json={"prompt": source * 10, "max_new_tokens": 4}, headers=auth)
+        assert long.json()["prompt_tokens"] == 24 and long.json()["prompt_truncated"] is True  # its start
+        endless = {"prompt": source, "max_new_tokens": 8, "stop_at_eot": False}
+        no_end = httpx.post(f"{url}/generate", json=endless, headers=auth)
+        assert no_end.status_code == 422 and "stop_at_eot" in no_end.text
+        here = httpx.post(f"{url}/predict", json={"english": source}, headers=auth)
+        assert here.status_code == 404 and "seq2seq model" in here.text
         streamed = httpx.post(
             f"{url}/generate", json={"prompt": source, "max_new_tokens": 16, "stream": True}, headers=auth
         )
@@ -197,5 +207,8 @@ def test_served_over_post_generate(trained: tuple[Path, largo.TrainResult], tmp_
         # a correction of the generation is accepted as feedback
         fb = {"prediction_id": body["id"], "completion": chinese_number(3020)}
         assert httpx.post(f"{url}/feedback", json=fb, headers=auth).status_code == 200
-    logged = (result.path / "serving").glob("*.jsonl")
-    assert any(chinese_number(3020) in p.read_text(encoding="utf-8") for p in logged)
+    logged = {p.name: p.read_text(encoding="utf-8") for p in (result.path / "serving").glob("*.jsonl")}
+    assert any(chinese_number(3020) in text for text in logged.values())  # the feedback row
+    rows = [json.loads(line) for line in logged["predictions.jsonl"].splitlines()]
+    first = next(r for r in rows if r["id"] == body["id"])
+    assert first["inputs"]["temperature"] == 0.0 and first["outputs"]["text"] == greedy  # greedy by default

@@ -80,10 +80,10 @@ def test_an_update_learns_the_corrections_and_a_strict_gate_blocks_the_next(
 ) -> None:
     registry = _registry(base, tmp_path)
     ids = _corrections(registry.store, THOUSANDS)
-    held = [pid for pid in ids if in_holdout(pid, 0.2)]
+    held = [n for n in THOUSANDS if in_holdout(english_number(n), 0.2)]  # the coin is tossed per source
     assert 0 < len(held) < len(ids)
     cfg = UpdateConfig.model_validate(
-        {"epochs": 6, "lr": 2e-3, "feedback_weight": 3, "gate": {"min_gain": 5.0, "max_regression": 5.0}}
+        {"epochs": 8, "lr": 2e-3, "feedback_weight": 5, "gate": {"min_gain": 5.0, "max_regression": 5.0}}
     )
     first = update(registry, "numbers", cfg)
     assert first.promoted and first.version == 2, first.table()
@@ -91,7 +91,7 @@ def test_an_update_learns_the_corrections_and_a_strict_gate_blocks_the_next(
     fb = {side: first.scores["feedback"][side]["chinese"] for side in ("old", "new")}
     assert fb["new"]["chrf"] > fb["old"]["chrf"] + 20, first.table()
     assert first.rows["feedback_held_out"] == len(held)
-    assert first.rows["train"] == 800 + 3 * (len(ids) - len(held))
+    assert first.rows["train"] == 800 + 5 * (len(ids) - len(held))
     record = json.loads((first.path / "update.json").read_text(encoding="utf-8"))
     assert record["gate"]["passed"] and record["gate"]["metric"] == "chrf"
     assert len(record["feedback_ids"]["held_out"]) == len(held)  # one feedback row per generation here
@@ -122,3 +122,71 @@ def test_refusals_and_the_feedback_export(base: Path, tmp_path: Path) -> None:
         english_number(n) for n in THOUSANDS[:5]
     }
     assert {line["chinese"] for line in lines} == {chinese_number(n) for n in THOUSANDS[:5]}
+
+
+def test_feedback_pairs_never_put_one_source_on_both_sides(base: Path, tmp_path: Path) -> None:
+    from largo.data.pairs import load_pairs, texts
+    from largo.deploy.translator import Translator
+    from largo.lifecycle.update_seq2seq import feedback_pairs
+
+    registry = _registry(base, tmp_path)
+    cfg = Translator.load(base).config
+    tables, _ = load_pairs(cfg)
+    test_source = texts(tables["test"], "english")[0]
+    store, now = registry.store, time.time()
+    # the same source corrected in many generations, a frozen-test source corrected, an empty correction
+    prompts = ["twenty one"] * 12 + [f"twenty  one {i}" for i in range(12)] + [test_source, "five"]
+    completions = ["二十一"] * 24 + ["零", "  "]
+    store.add_predictions(
+        [
+            {"id": f"g{i}", "model": "numbers", "version": 1, "time": now + i, "latency_ms": 1.0,
+             "input": {"prompt": p}, "output": {"text": "x", "tokens": 1}}
+            for i, p in enumerate(prompts)
+        ]
+    )  # fmt: skip
+    store.add_feedback(
+        [
+            {"prediction_id": f"g{i}", "model": "numbers", "output": "text", "time": now + i, "source": "api",
+             "label": {"completion": c}, "predicted": "x", "input": None}
+            for i, c in enumerate(completions)
+        ]
+    )  # fmt: skip
+    fb, ids, counts = feedback_pairs(registry, "numbers", cfg, 0.5, tables["train"], tables["test"])
+    train, held = set(texts(fb["train"], "english")), set(texts(fb["held_out"], "english"))
+    assert not train & held and train | held == set(prompts) - {"five"}
+    assert test_source in held and counts["left out"] == 1  # "five" had only spaces to learn
+    assert len(ids["train"]) + len(ids["held_out"]) == 25
+    assert "twenty one" in train or "twenty one" in held  # all 12 copies on one side
+    assert texts(fb["train"], "english").count("twenty one") in (0, 12)
+
+
+def test_a_failed_update_leaves_no_version_behind(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import largo.lifecycle.update_seq2seq as module
+
+    registry = _registry(base, tmp_path)
+    _corrections(registry.store, THOUSANDS)
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(module, "fit_pairs", out_of_memory)
+    with pytest.raises(MemoryError):
+        update(registry, "numbers", UpdateConfig())
+    assert sorted(p.name for p in (tmp_path / "runs" / "numbers").iterdir()) == ["v1"]
+    assert [v.version for v in registry.versions("numbers")] == [1]
+    with pytest.raises(ConfigError, match="update.steps"):
+        update(registry, "numbers", UpdateConfig.model_validate({"steps": 10}))
+
+
+def test_a_name_holds_models_of_one_task(base: Path, tmp_path: Path) -> None:
+    from largo.lifecycle.registry import RegistryError
+
+    registry = _registry(base, tmp_path)
+    other = tmp_path / "classifier"
+    other.mkdir()
+    for name in ("config.yaml", "preprocessors.json", "model.safetensors"):
+        (other / name).write_text("{}" if name != "config.yaml" else "name: c\n", encoding="utf-8")
+    with pytest.raises(RegistryError, match="a model of input/output features, but numbers@1 is a seq2seq"):
+        registry.register("numbers", other)

@@ -169,8 +169,9 @@ def read_table(
     else:
         delimiter = "," if fmt == "csv" else "\t"
         table = _read_delimited(source, _resolve_encoding(source, encoding), delimiter, text_columns)
-    for name in text_columns:
-        if name in table.column_names and not pa.types.is_string(table.schema.field(name).type):
+    for name in text_columns:  # numbers and booleans as their text (lists, objects: check_text_column)
+        kind = table.schema.field(name).type if name in table.column_names else pa.string()
+        if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
             i = table.column_names.index(name)
             table = table.set_column(i, pa.field(name, pa.string()), table.column(i).cast(pa.string()))
     return with_source(_nulls_as_strings(table), source)

@@ -93,7 +93,11 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(..., description="The text to continue (may be empty); a too long one keeps its end.")
+    prompt: str = Field(
+        ...,
+        description="The text to continue (may be empty; a too long one keeps its end), or a seq2seq "
+        "model's source (a too long one keeps its start).",
+    )
     max_new_tokens: int = Field(100, ge=0, description="Most tokens to generate (≤ the server's limit).")
     temperature: float | None = Field(
         None,
@@ -219,8 +223,7 @@ def run_generation(generator: Any, job: Generation) -> None:
                 yield token
 
     try:
-        n = len(generator.encode(s.prompt))
-        job.prompt_tokens = n if n < generator.context else generator.context - 1
+        job.prompt_tokens, truncated = generator.prompt_tokens(s.prompt)
         pieces: list[str] = []
         for piece in text_pieces(tokens(), generator.tokenizer):
             pieces.append(piece)
@@ -231,7 +234,7 @@ def run_generation(generator: Any, job: Generation) -> None:
             "tokens": job.tokens,
             "finish_reason": job.finish_reason,
             "prompt_tokens": job.prompt_tokens,
-            "prompt_truncated": job.prompt_tokens < n,
+            "prompt_truncated": truncated,
             "seed": job.seed,
             "version": job.version,
         }
@@ -353,6 +356,7 @@ class GenerateService:
         self.generator, self.version, self.sink = generator, version, sink
         self.name = name or generator.config.name
         self.parameters = generator.info().get("parameters")
+        self.task = generator.info().get("task", "lm")  # a swap keeps it: the registry holds one task a name
         self._swap_lock = threading.Lock()
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # generation id → its outputs
         self._recent_lock = threading.Lock()  # written by the workers, read by /feedback
@@ -381,6 +385,9 @@ class GenerateService:
         accept = request.headers.get("accept", "")
         stream = body.stream if body.stream is not None else "text/event-stream" in accept
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        if not body.stop_at_eot and self.task == "seq2seq":
+            msg = "a seq2seq model's output ends at its end-of-sequence token; leave stop_at_eot true"
+            raise InputError([{"loc": ["body", "stop_at_eot"], "msg": msg, "type": "value_error"}])
         if body.temperature is None:  # the served model's default, written into the logged row too
             body = body.model_copy(update={"temperature": default_temperature(self.generator)})
         await self._admit()
@@ -528,7 +535,8 @@ class GenerateService:
         """/predict belongs to classifier bundles: say where to go instead."""
         raise HTTPException(
             404,
-            f"{request.url.path} is not served here: this server serves a language model (task lm); "
+            f"{request.url.path} is not served here: this server serves a "
+            f"{'seq2seq' if self.task == 'seq2seq' else 'language'} model (task {self.task}); "
             'use POST /generate with {"prompt": "..."}',
         )
 
@@ -614,6 +622,7 @@ def create_generate_app(
         max_new_tokens_limit,
         auth=api_key is not None,
         temperature=default_temperature(generator),
+        task=service.task,
     )
     app.get("/", response_class=HTMLResponse, include_in_schema=False)(lambda: HTMLResponse(page))
     return app

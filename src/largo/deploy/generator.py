@@ -240,6 +240,13 @@ class TextGenerator:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         return ids or [self.eot]
 
+    def prompt_tokens(self, prompt: str) -> tuple[int, bool]:
+        """(tokens of the prompt the model reads, whether it was cut): a prompt longer than the context
+        keeps its last `context - 1` tokens, leaving room for one generated."""
+        n = len(self.encode(prompt))
+        read = n if n < self.context else self.context - 1
+        return read, read < n
+
     def stream_ids(
         self,
         prompt: str,

@@ -206,7 +206,8 @@ function message(r, data) { let d = data.detail;
   return r.status + " " + (typeof d === "string" ? d : JSON.stringify(d)); }
 function finished(data) {  // the "done" event's summary, or the whole JSON answer
   out.dataset.state = "done"; lastId = data.id; $("rate").hidden = false;
-  const cut = data.prompt_truncated ? " (the prompt kept its last " + data.prompt_tokens + ")" : "";
+  const end = spec.task === "seq2seq" ? "first " : "last ";  // a source keeps its start, a prompt its end
+  const cut = data.prompt_truncated ? " (the prompt kept its " + end + data.prompt_tokens + ")" : "";
   $("stats").textContent = data.tokens + " tokens, " + data.finish_reason + ", seed " + data.seed + cut;
 }
 async function generate(ev) {
@@ -260,9 +261,11 @@ if (query.has("submit")) generate(new Event("submit")).then(() => {
 """
 
 
-def render_lm_page(title: str, context: int, limit: int, auth: bool, temperature: float = 0.8) -> str:
+def render_lm_page(
+    title: str, context: int, limit: int, auth: bool, temperature: float = 0.8, task: str = "lm"
+) -> str:
     """The page for a language model (or a seq2seq model): type a prompt, watch the output stream in."""
-    spec = {"context": context, "limit": limit, "auth": auth}
+    spec = {"context": context, "limit": limit, "auth": auth, "task": task}
     spec_json = json.dumps(spec, ensure_ascii=False).replace("<", "\\u003c")
     page = _LM_PAGE.replace("__TITLE__", html.escape(title)).replace("__SPEC__", spec_json)
     return page.replace("__TEMP__", f"{temperature:g}")

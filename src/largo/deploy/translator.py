@@ -24,7 +24,7 @@ from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 
 from largo.config_seq2seq import Seq2SeqConfig, dump_seq2seq_config, validate_seq2seq_config
-from largo.data.pairs import encode_pairs, encode_sources, literal_specials, texts
+from largo.data.pairs import encode_pairs, encode_sources, literal_specials, normalize_sources, texts
 from largo.data.readers import DataError
 from largo.data.text import text_lengths
 from largo.deploy.generator import TOKENIZER, check_sampling, text_pieces
@@ -112,6 +112,13 @@ class Translator:
     def encode(self, text: str) -> list[int]:
         """A source's token ids as the encoder reads them (EOS last, cut to the longest source)."""
         return encode_sources(self.tokenizer, [text], self.config)[0].tolist()
+
+    def prompt_tokens(self, prompt: str) -> tuple[int, bool]:
+        """(tokens of the source the encoder reads, EOS included; whether it was cut): a source longer
+        than max_source_length keeps its start."""
+        text = normalize_sources([prompt], self.config)[0]
+        n = len(self.tokenizer.encode(text, add_special_tokens=False).ids) + 1
+        return min(n, self.context), n > self.context
 
     def decode(self, ids: list[int]) -> str:
         """Target ids → text."""

@@ -102,6 +102,13 @@ def _version_for(registry: Registry, ref: str) -> Version:
 def build_rows(registry: Registry, ref: str, path: str | Path) -> tuple[list[dict[str, Any]], Version]:
     """Read and check a corrections file; returns the feedback rows to store and the version used."""
     version = _version_for(registry, ref)
+    task = bundle_task(version.path)
+    if task in ("lm", "seq2seq"):
+        raise ValueError(
+            f"{ref}: a {'language' if task == 'lm' else 'seq2seq'} model takes feedback on its generations: "
+            'POST /feedback {"prediction_id": ..., "completion": "the right text"} (or "rating") on its '
+            "server; `largo feedback export` then writes it out"
+        )
     info = read_bundle_info(version.path)
     labels = _labels(info)
     table = read_table(path)
@@ -166,6 +173,7 @@ class ExportResult:
     rated_good: int
     rated_bad: int  # only rated bad: no text to learn from
     path: Path
+    task: str = "lm"  # the model's: lm, or seq2seq (pairs written)
 
 
 def lm_feedback_texts(registry: Registry, name: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
@@ -228,4 +236,5 @@ def export_lm_feedback(registry: Registry, name: str, path: str | Path) -> Expor
         kept = ("kind", "prediction_id", "version")
         rows = [{source: r["prompt"], target: r["completion"], **{k: r[k] for k in kept}} for r in rows]
     out = write_jsonl(path, rows)
-    return ExportResult(counts["correction"], counts["rated good"], counts["rated bad"], out)
+    task = bundle_task(bundle) or "lm"
+    return ExportResult(counts["correction"], counts["rated good"], counts["rated bad"], out, task)

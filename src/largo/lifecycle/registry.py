@@ -29,6 +29,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 ALIAS_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 VERSION_RE = re.compile(r"v?(\d+)")
 CHUNK = 1 << 20
+TASK_KINDS = {"lm": "language model", "seq2seq": "seq2seq model", None: "model of input/output features"}
 
 
 class RegistryError(ValueError):
@@ -194,12 +195,26 @@ class Registry:
             raise RegistryError(f"{bundle}: no model.safetensors (an unfinished run?)")
         if parent is not None:
             self.get(name, parent)
+        self._check_task(name, path)
         files = hash_files(path, UNHASHED_DIRS)
         lineage = {"data": data_lineage(path), "parent": parent, "feedback_ids": list(feedback_ids or [])}
         number = self.store.add_version(
             name, str(path), files, combined_hash(files), _summary_metrics(path), lineage
         )
         return self.get(name, number)
+
+    def _check_task(self, name: str, path: Path) -> None:
+        """A name holds models of one task: a language model, a seq2seq model or a model of features
+        (its server, its feedback and its updates all depend on which)."""
+        if not self.store.versions(name):
+            return
+        latest = self.versions(name)[-1]
+        new, old = bundle_task(path), bundle_task(latest.path) if latest.path.is_dir() else None
+        if latest.path.is_dir() and new != old:
+            raise RegistryError(
+                f"{path}: a {TASK_KINDS[new]}, but {latest.ref} is a {TASK_KINDS[old]}; register it under "
+                "another name"
+            )
 
     def names(self) -> list[str]:
         """Every registered model name."""

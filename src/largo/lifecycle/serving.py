@@ -27,7 +27,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from largo.deploy.metadata import bundle_task
+from largo.deploy.metadata import BundleError, bundle_task
 from largo.deploy.predictor import load_predictor
 from largo.deploy.server import create_app
 from largo.lifecycle.registry import PRODUCTION, VERSION_RE, Registry, Version
@@ -149,10 +149,13 @@ def registered_app(
     version = _lookup(registry, ref)
     sink = StoreSink(registry.store, version.name, version.version)
     tag = {"sink": sink, "name": version.name, "version": version.version}
-    if bundle_task(version.path) in ("lm", "seq2seq"):  # POST /generate
+    task = bundle_task(version.path)
+    if task in ("lm", "seq2seq"):  # POST /generate
         from largo.deploy.generate_service import create_generate_app, generate_app_options, load_generator
 
         def load(path: Path) -> Any:
+            if bundle_task(path) != task:  # the watcher logs it and keeps serving the old model
+                raise BundleError(f"{path}: not a {task} bundle like the served {version.ref}; not swapped")
             return load_generator(path, runtime, device)
 
         app = create_generate_app(load(version.path), **tag, **generate_app_options(app_options))

@@ -5,8 +5,9 @@ The classifier's steps (update.py) on a seq2seq bundle's terms:
    depend on them)
 2. data: the parent's splits re-created from its config, and the feedback POST /generate collected:
    each corrected generation (or one rated good) is a pair (its prompt as the source, the correction or
-   the generated text as the target). A hash of the generation's id puts each pair, for good, in the
-   train part or in the held-out slice (`holdout`); train pairs are repeated `feedback_weight` times
+   the generated text as the target). A hash of the source text puts each pair, for good, in the
+   train part or in the held-out slice (`holdout`; a source of the frozen test split is always held
+   out); train pairs are repeated `feedback_weight` times
 3. train: `finetune` starts from the parent's weights, `retrain` from fresh ones (both keep its
    tokenizer, so old and new read the same tokens), through the same `fit_pairs` as `largo train`:
    5 epochs by default (finetune) at the parent's learning rate × 0.3
@@ -24,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 
 from largo.config_seq2seq import Seq2SeqConfig, validate_seq2seq_config
+from largo.data.clean import clean_table
 from largo.data.pairs import load_pairs
 from largo.deploy.bundle import environment, new_run_dir
 from largo.deploy.translator import Translator, write_seq2seq_bundle, write_seq2seq_start
@@ -68,41 +70,71 @@ def run_config(cfg: Seq2SeqConfig, upd: UpdateConfig) -> Seq2SeqConfig:
 
 
 def feedback_pairs(
-    registry: Registry, name: str, cfg: Seq2SeqConfig, holdout: float, like: pa.Table
+    registry: Registry, name: str, cfg: Seq2SeqConfig, holdout: float, like: pa.Table, test: pa.Table
 ) -> tuple[dict[str, pa.Table], dict[str, list[str]], dict[str, int]]:
-    """The feedback as train and held-out tables of pairs (columns and types of `like`), the feedback
-    row ids behind each, and the counts of corrections, rated good and rated bad."""
+    """The feedback as train and held-out tables of pairs (columns and types of `like`, cleaned as the
+    config cleans data), the feedback row ids behind each, and the counts of corrections, rated good,
+    rated bad and left out.
+
+    The held-out coin is tossed per source text (whitespace-normalized), not per generation, so a
+    source corrected twice is never on both sides; a feedback pair whose source is in the frozen test
+    split is held out too, so the test side of the gate never scores a pair the new model trained on.
+    """
     texts, counts = lm_feedback_texts(registry, name)
     source, target = cfg.data.source, cfg.data.target
+    test_sources = {_key(x) for x in test.column(source).to_pylist() if isinstance(x, str)}
     parts: dict[str, list[dict[str, Any]]] = {"train": [], "held_out": []}
     ids: dict[str, list[str]] = {"train": [], "held_out": []}
+    counts["left out"] = 0
     for t in texts:
-        part = "held_out" if in_holdout(t["prediction_id"], holdout) else "train"
+        if not t["prompt"].strip() or not t["completion"].strip():  # nothing to read or to learn
+            counts["left out"] += 1
+            continue
+        key = _key(t["prompt"])
+        part = "held_out" if key in test_sources or in_holdout(key, holdout) else "train"
         parts[part].append({source: t["prompt"], target: t["completion"]})
         ids[part] += t["feedback_ids"]
-    tables = {
-        k: pa.table({c: pa.array([r[c] for r in rows], like.schema.field(c).type) for c in (source, target)})
-        for k, rows in parts.items()
-    }
+    tables = {}
+    for k, rows in parts.items():
+        columns = {c: pa.array([r[c] for r in rows], like.schema.field(c).type) for c in (source, target)}
+        table = pa.table(columns)
+        tables[k] = clean_table(table, inputs=[source], targets=[target], config=cfg.data.clean)[0]
     return tables, ids, counts
+
+
+def _key(text: str) -> str:
+    """A source as the holdout coin sees it: whitespace collapsed."""
+    return " ".join(text.split())
+
+
+def check_settings(upd: UpdateConfig, cfg: Seq2SeqConfig) -> str:
+    """The update settings a seq2seq model cannot take (ConfigError naming the key); the gate's metric."""
+    if upd.steps is not None:
+        raise ConfigError("update.steps: a seq2seq model trains for update.epochs (passes over its pairs)")
+    if upd.gate.output not in (None, cfg.data.target):
+        raise ConfigError(
+            f"update.gate.output: {upd.gate.output!r} is not an output; allowed: {cfg.data.target}"
+        )
+    return gate_metric(upd)
 
 
 def update_seq2seq(registry: Registry, parent: Version, upd: UpdateConfig) -> UpdateResult:
     """Fine-tune (or retrain) a registered seq2seq model on its pairs plus feedback, compare, register,
     promote if the gate passes (see the module doc)."""
     # 1. the parent, its unchanged data, the gate's metric and where the next version goes
-    metric = gate_metric(upd)
     registry.verify(parent)
     check_data(parent)
     runs, name = run_layout(parent)
     old = Translator.load(parent.path)
     cfg = old.config
+    metric = check_settings(upd, cfg)
 
     # 2. data: the frozen splits and the feedback pairs
     tables, _ = load_pairs(cfg)
     columns = [cfg.data.source, cfg.data.target]
     train_part = tables["train"].select(columns)
-    fb, fb_ids, counts = feedback_pairs(registry, parent.name, cfg, upd.holdout, train_part)
+    test = tables["test"] if tables["test"].num_rows else tables["valid"]
+    fb, fb_ids, counts = feedback_pairs(registry, parent.name, cfg, upd.holdout, train_part, test)
     if not fb["train"].num_rows:
         raise UpdateError(
             f"{parent.name}: no feedback pairs to train on ({fb['held_out'].num_rows} held out, "
@@ -113,7 +145,6 @@ def update_seq2seq(registry: Registry, parent: Version, upd: UpdateConfig) -> Up
             f"{parent.name}: no held-out feedback to judge a gain on ({fb['train'].num_rows} pairs, "
             f"update.holdout = {upd.holdout}); collect more feedback or raise update.holdout"
         )
-    test = tables["test"] if tables["test"].num_rows else tables["valid"]
     data = {
         "train": pa.concat_tables([train_part] + [fb["train"]] * upd.feedback_weight),
         "valid": tables["valid"].select(columns),
@@ -139,7 +170,7 @@ def update_seq2seq(registry: Registry, parent: Version, upd: UpdateConfig) -> Up
             "feedback_train": fb["train"].num_rows,
             "feedback_held_out": fb["held_out"].num_rows,
         }
-        skipped = {"rated bad": counts["rated bad"]}
+        skipped = {"rated bad": counts["rated bad"], "empty source or target": counts["left out"]}
         metrics = {
             "name": run_cfg.name,
             "version": run_dir.name,
