@@ -11,7 +11,7 @@ the norms), 5% warmup + cosine, gradient clipping at 1.0.
 
     largo        `fit_pairs(model, tokenizer, cfg, tables)`: fit() with length buckets and the per-token
                  loss, no validation split, no checkpoints; timed around the whole call (its encoding of
-                 the train pairs included, ~1%; printed)
+                 the train pairs included, 2-3% here; printed)
     largo-bf16   the same with train.precision bf16 (autocast)
     hand         a minimal hand-written loop on the same encoded tensors: shuffled index batches, each
                  cut to its longest source and target, loss `model(batch)["nll"].sum() / mean_tokens` per
@@ -40,6 +40,7 @@ a fixed matmul ("peak probe") shows how fast the machine was in each round, and 
 medians and the median and range of the per-round ratios.
 
     .venv/bin/python bench/seq2seq.py                  # 3,000 pairs, 5 + 5 rounds (~2-3 min on 2 cores)
+    .venv/bin/python bench/seq2seq.py --threads 1      # when other processes hold the cores (2 threads stall)
     .venv/bin/python bench/seq2seq.py --rounds 6 --decode-rounds 5
     .venv/bin/python bench/seq2seq.py --quick          # smoke test: 600 pairs, dim 64, 2 rounds (< 1 min)
 """
@@ -58,6 +59,7 @@ from collections.abc import Callable
 
 import pyarrow as pa
 import torch
+from tokenizers import Tokenizer
 
 from largo.config_seq2seq import Seq2SeqConfig, validate_seq2seq_config
 from largo.data.loader import EncodedSplit, epoch_order
@@ -103,7 +105,7 @@ SIZES = {
 # ------------------------------------------------------------------------------------------- data
 
 
-def make_config(dim: int, epochs: int, precision: str = "fp32") -> Seq2SeqConfig:
+def make_config(dim: int, epochs: int) -> Seq2SeqConfig:
     """The run config: the seq2seq defaults, a small model, CPU, no progress bar, no decoding per epoch."""
     return validate_seq2seq_config(
         {
@@ -112,7 +114,6 @@ def make_config(dim: int, epochs: int, precision: str = "fp32") -> Seq2SeqConfig
             "model": {"dim": dim, "encoder_layers": 2, "decoder_layers": 2, "heads": 4},
             "train": {
                 "epochs": epochs,
-                "precision": precision,
                 "device": "cpu",
                 "progress": False,
                 "eval_generate": 0,
@@ -190,7 +191,7 @@ def hand_epoch(
 
 
 def train_runners(
-    cfg: Seq2SeqConfig, tokenizer: object, tables: dict[str, pa.Table], data: EncodedSplit
+    cfg: Seq2SeqConfig, tokenizer: Tokenizer, tables: dict[str, pa.Table], data: EncodedSplit
 ) -> dict[str, Callable[[Seq2SeqTransformer], None]]:
     """Each training variant as model → one epoch on the train pairs (see the module docstring)."""
     n, seed, bs = len(data), cfg.train.seed, cfg.train.batch_size
@@ -252,6 +253,7 @@ def ratio_lines(rates: dict[str, list[float]], pairs: tuple) -> dict[str, float]
 
 
 def probe_line(probes: list[float]) -> str:
+    """The peak probes' median and spread, with a hint when the machine's speed swung widely."""
     p = probes
     spread = (max(p) - min(p)) / statistics.median(p)  # of the machine's speed while measuring
     middle = statistics.median(p)
@@ -271,7 +273,7 @@ def max_weight_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 
 def train_part(
-    cfg: Seq2SeqConfig, tokenizer: object, tables: dict, model0: Seq2SeqTransformer, rounds: int
+    cfg: Seq2SeqConfig, tokenizer: Tokenizer, tables: dict, model0: Seq2SeqTransformer, rounds: int
 ) -> dict:
     """Part 1: interleaved one-epoch rounds of every training variant; prints the table and ratios."""
     data = encode_pairs(tables["train"], cfg, tokenizer, "train", print)
@@ -321,12 +323,12 @@ def train_part(
         f"encode_pairs of the train split (inside largo's time): {1000 * enc:.0f} ms; without it "
         f"largo/hand-bucket would be {statistics.median(xs):.3f} [{min(xs):.3f}..{max(xs):.3f}]"
     )
-    return {"medians": medians, "diff": diff}
+    return {"medians": medians, "diff": diff, "no_encode": statistics.median(xs)}
 
 
 def decode_all(
     model: Seq2SeqTransformer, source: torch.Tensor, lengths: torch.Tensor, variant: str, limit: int
-):
+) -> list[list[int]]:
     """Decode every source in length-sorted batches (as Translator.translate); outputs in input order."""
     beams, use_cache, _ = DECODE_VARIANTS[variant]
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
@@ -357,7 +359,7 @@ def decoder_steps(model: Seq2SeqTransformer, run: Callable[[], object]) -> int:
 
 
 def decode_part(
-    cfg: Seq2SeqConfig, tokenizer, model: Seq2SeqTransformer, test: pa.Table, rounds: int
+    cfg: Seq2SeqConfig, tokenizer: Tokenizer, model: Seq2SeqTransformer, test: pa.Table, rounds: int
 ) -> dict:
     """Parts 2 and 3: interleaved decoding rounds, then the quality of each variant's outputs."""
     data = encode_pairs(test, cfg, tokenizer, "test", print)
@@ -406,7 +408,7 @@ def decode_part(
         checks[f"{a} vs {b}"] = differ
         verdict = "identical" if not differ else f"{differ} of {len(source)} outputs differ"
         print(f"outputs {a} vs {b}: {verdict}")
-    return {"medians": medians, "checks": checks, "outputs": outputs}
+    return {"medians": medians, "checks": checks}
 
 
 def main() -> None:
@@ -454,7 +456,8 @@ def main() -> None:
     tm, dm = train["medians"], decode["medians"]
     verdict = "ok" if tm["largo/hand-bucket"] >= GOAL else "BELOW GOAL"
     print(
-        f"TRAINING: largo/hand-bucket = {tm['largo/hand-bucket']:.3f}x (goal >= {GOAL}) {verdict}; "
+        f"TRAINING: largo/hand-bucket = {tm['largo/hand-bucket']:.3f}x (goal >= {GOAL}) {verdict}, "
+        f"{train['no_encode']:.3f}x without fit_pairs' encoding; "
         f"largo/hand = {tm['largo/hand']:.3f}x; bf16/fp32 = {tm['largo-bf16/largo']:.3f}x"
     )
     same = all(decode["checks"][k] == 0 for k in ("b2 vs b2-nc", "b4 vs b4-nc"))
