@@ -401,6 +401,17 @@ class ScheduleConfig(StrictModel):
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="'cosine': final lr as a fraction of lr.")
 
 
+def check_head_size(dim: int, heads: int) -> None:
+    """A RoPE Transformer's width must split into `heads` whole, even-sized heads (ValueError)."""
+    if dim % heads or (dim // heads) % 2:
+        raise ValueError(f"dim ({dim}) / heads ({heads}) must be a whole, even head size")
+
+
+def swiglu_width(dim: int, ff_dim: int | None) -> int:
+    """The SwiGLU hidden width: `ff_dim`, else ~8/3·dim rounded up to a multiple of 64 (LLaMA's rule)."""
+    return ff_dim or 64 * ((8 * dim // 3 + 63) // 64)
+
+
 LOWER_IS_BETTER = frozenset({"loss", "mse", "rmse", "mae", "log_loss", "perplexity", "bpc"})
 
 

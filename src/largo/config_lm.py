@@ -19,7 +19,9 @@ from largo.config import (
     ScheduleConfig,
     StrictModel,
     TuneConfig,
+    check_head_size,
     read_yaml_mapping,
+    swiglu_width,
     validate_model,
 )
 
@@ -107,14 +109,13 @@ class GPTConfig(StrictModel):
 
     @model_validator(mode="after")
     def _heads_divide(self) -> GPTConfig:
-        if self.dim % self.heads or (self.dim // self.heads) % 2:
-            raise ValueError(f"dim ({self.dim}) / heads ({self.heads}) must be a whole, even head size")
+        check_head_size(self.dim, self.heads)
         return self
 
     @property
     def hidden(self) -> int:
         """The SwiGLU hidden width."""
-        return self.ff_dim or 64 * ((8 * self.dim // 3 + 63) // 64)
+        return swiglu_width(self.dim, self.ff_dim)
 
 
 class LMTrainConfig(StrictModel):

@@ -22,8 +22,10 @@ from largo.config import (
     StrictModel,
     TrainConfig,
     TuneConfig,
+    check_head_size,
     read_yaml_mapping,
     resolve_data_paths,
+    swiglu_width,
     validate_model,
 )
 
@@ -100,14 +102,13 @@ class Seq2SeqModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _heads_divide(self) -> Seq2SeqModelConfig:
-        if self.dim % self.heads or (self.dim // self.heads) % 2:
-            raise ValueError(f"dim ({self.dim}) / heads ({self.heads}) must be a whole, even head size")
+        check_head_size(self.dim, self.heads)
         return self
 
     @property
     def hidden(self) -> int:
         """The SwiGLU hidden width."""
-        return self.ff_dim or 64 * ((8 * self.dim // 3 + 63) // 64)
+        return swiglu_width(self.dim, self.ff_dim)
 
 
 class Seq2SeqTrainConfig(TrainConfig):

@@ -20,13 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tokenizers import Tokenizer
 
 from largo.config_lm import LMConfig, dump_lm_config, validate_lm_config
 from largo.data.corpus import EOT, special_id
-from largo.deploy.metadata import ADAPTER_RECORD, WEIGHTS, BundleError, check_files, read_json
+from largo.deploy.metadata import (
+    ADAPTER_RECORD,
+    WEIGHTS,
+    BundleError,
+    check_files,
+    read_json,
+    read_task_config,
+)
 from largo.evaluate.report import write_metrics_json, write_report
 from largo.models.gpt import GPT, generate_ids
 
@@ -107,12 +113,7 @@ class LMBundle:
 
 def read_lm_config(path: str | Path) -> LMConfig:
     """The LM bundle's resolved config."""
-    path = Path(path)
-    check_files(path, ("config.yaml",))
-    data = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or data.get("task") != "lm":
-        raise BundleError(f"{path}: not a language-model bundle (config.yaml has no 'task: lm')")
-    return validate_lm_config(data, str(path / "config.yaml"))
+    return read_task_config(path, "lm", validate_lm_config)
 
 
 def read_lm_bundle(path: str | Path) -> LMBundle:

@@ -70,6 +70,16 @@ def is_seq2seq_bundle(path: str | Path) -> bool:
     return bundle_task(path) == "seq2seq"
 
 
+def read_task_config(path: str | Path, task: str, validate: Any) -> Any:
+    """A bundle's config.yaml validated by `validate`, when its `task` is `task` (else BundleError)."""
+    path = Path(path)
+    check_files(path, ("config.yaml",))
+    data = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or data.get("task") != task:
+        raise BundleError(f"{path}: not a {TASK_NAMES[task]} bundle (config.yaml has no 'task: {task}')")
+    return validate(data, str(path / "config.yaml"))
+
+
 def read_config(path: Path) -> Config:
     """The bundle's resolved config.yaml."""
     return validate_config(yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")), str(path))

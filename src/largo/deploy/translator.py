@@ -19,7 +19,6 @@ from typing import Any
 
 import pyarrow as pa
 import torch
-import yaml
 from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 
@@ -28,7 +27,7 @@ from largo.data.pairs import encode_pairs, encode_sources, literal_specials, nor
 from largo.data.readers import DataError
 from largo.data.text import text_lengths
 from largo.deploy.generator import TOKENIZER, check_sampling, text_pieces
-from largo.deploy.metadata import WEIGHTS, BundleError, check_files, read_json
+from largo.deploy.metadata import WEIGHTS, check_files, read_json, read_task_config
 from largo.evaluate.metrics import generation_metrics
 from largo.evaluate.report import write_metrics_json, write_report
 from largo.models.seq2seq import EOS, Seq2SeqTransformer, beam_search, stream_ids
@@ -55,12 +54,7 @@ def write_seq2seq_bundle(run_dir: Path, model: Seq2SeqTransformer, metrics: dict
 
 def read_seq2seq_config(path: str | Path) -> Seq2SeqConfig:
     """A seq2seq bundle's resolved config."""
-    path = Path(path)
-    check_files(path, ("config.yaml",))
-    data = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or data.get("task") != "seq2seq":
-        raise BundleError(f"{path}: not a seq2seq bundle (config.yaml has no 'task: seq2seq')")
-    return validate_seq2seq_config(data, str(path / "config.yaml"))
+    return read_task_config(path, "seq2seq", validate_seq2seq_config)
 
 
 class Translator:

@@ -273,13 +273,14 @@ def _clean(table: pa.Table, cfg: Config) -> pa.Table:
 # -------------------------------------------------------------------------------------------- train
 
 
-def update_run_config(cfg: Config, upd: UpdateConfig) -> Config:
-    """The parent's config with the update's epochs and lr (data untouched: the splits stay frozen)."""
+def update_run_config(cfg: Any, upd: UpdateConfig, validate: Any = validate_config) -> Any:
+    """The parent's config (a model's; a seq2seq model's with its `validate`) with the update's epochs
+    and lr (data untouched: the splits stay frozen)."""
     data = cfg.model_dump(mode="json")
     finetune = upd.mode == "finetune"
     data["train"]["epochs"] = upd.epochs or (5 if finetune else cfg.train.epochs)
     data["train"]["optimizer"]["lr"] = upd.lr or cfg.train.optimizer.lr * (0.3 if finetune else 1.0)
-    return validate_config(data, source="update run config")
+    return validate(data, source="update run config")
 
 
 def _score(model: Any, cfg: Config, processors: dict, table: pa.Table, label: str) -> dict[str, Any] | None:

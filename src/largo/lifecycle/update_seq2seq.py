@@ -43,6 +43,7 @@ from largo.lifecycle.update import (
     judge,
     register_candidate,
     run_layout,
+    update_run_config,
 )
 from largo.train.seq2seq import fit_pairs, new_model
 
@@ -58,15 +59,6 @@ def gate_metric(upd: UpdateConfig) -> str:
             f"{', '.join(METRICS['text'])}"
         )
     return metric
-
-
-def run_config(cfg: Seq2SeqConfig, upd: UpdateConfig) -> Seq2SeqConfig:
-    """The parent's config with the update's epochs and lr (data and tokenizer untouched)."""
-    data = cfg.model_dump(mode="json")
-    finetune = upd.mode == "finetune"
-    data["train"]["epochs"] = upd.epochs or (5 if finetune else cfg.train.epochs)
-    data["train"]["optimizer"]["lr"] = upd.lr or cfg.train.optimizer.lr * (0.3 if finetune else 1.0)
-    return validate_seq2seq_config(data, source="update run config")
 
 
 def feedback_pairs(
@@ -151,7 +143,7 @@ def update_seq2seq(registry: Registry, parent: Version, upd: UpdateConfig) -> Up
     }
 
     # 3. train the new version into the run's next folder (removed again if anything fails)
-    run_cfg = run_config(cfg, upd)
+    run_cfg = update_run_config(cfg, upd, validate_seq2seq_config)
     run_dir = new_run_dir(runs, name)
     try:
         write_seq2seq_start(run_dir, run_cfg, old.tokenizer)

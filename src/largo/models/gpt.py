@@ -19,55 +19,20 @@ from torch import nn
 
 from largo.config_lm import GPTConfig
 from largo.data.corpus import IGNORE  # a target the loss skips
-from largo.models.layers import KVCache, SwiGLU, apply_rope, rope_tables, sample_next
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.heads, self.head_dim = cfg.heads, cfg.dim // cfg.heads
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
-        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.dropout = cfg.dropout
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: KVCache | None = None,
-        layer: int = 0,
-    ) -> torch.Tensor:
-        b, t, c = x.shape  # batch, time, channels
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [b, h, t, d]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        start = 0
-        if cache is not None:
-            start = cache.pos
-            k, v = cache.update(layer, k, v)
-        if start == 0:  # the whole prefix at once: the causal flag picks the fused kernels
-            mask, causal = None, True
-        elif t == 1:  # one new token attends to every cached position
-            mask, causal = None, False
-        else:  # a chunk after a cached prefix: query i sees keys up to start + i
-            rows = torch.arange(start, start + t, device=x.device)[:, None]
-            mask, causal = torch.arange(k.shape[2], device=x.device)[None, :] <= rows, False
-        drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
-        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+from largo.models.layers import KVCache, SelfAttention, SwiGLU, rope_tables, sample_next
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.norm1 = nn.RMSNorm(cfg.dim, eps=1e-5)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = SelfAttention(cfg.dim, cfg.heads, cfg.dropout)
         self.norm2 = nn.RMSNorm(cfg.dim, eps=1e-5)
         self.mlp = SwiGLU(cfg.dim, cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, i: int):
-        x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, i))
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, causal=True, cache=cache, layer=i))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 

@@ -189,3 +189,42 @@ def sample_next(
         logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with RoPE (`scaled_dot_product_attention`): bidirectional under a
+    boolean `mask` of the keys each query may see, or causal; with a `KVCache` it attends over the
+    cached positions too (GPT generation, the seq2seq decoder)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.dropout = dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        b, t, c = x.shape  # batch, time, channels
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [b, h, t, d]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(layer, k, v)
+        if causal and start > 0:  # after a cached prefix the causal flag would align queries wrongly:
+            if t > 1:  # a chunk: query i sees keys up to start + i (one new token sees them all)
+                rows = torch.arange(start, start + t, device=x.device)[:, None]
+                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= rows
+            causal = False
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))

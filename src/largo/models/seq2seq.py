@@ -22,45 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from largo.config_seq2seq import Seq2SeqModelConfig
-from largo.models.layers import KVCache, SwiGLU, apply_rope, rope_tables, sample_next
+from largo.models.layers import KVCache, SelfAttention, SwiGLU, rope_tables, sample_next
 
 PAD, BOS, EOS = 0, 1, 2  # the tokenizer's first ids (data/pairs.py trains it so)
 NEVER = [PAD, BOS]  # never a target, so never generated
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: Seq2SeqModelConfig):
-        super().__init__()
-        self.heads, self.head_dim = cfg.heads, cfg.dim // cfg.heads
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
-        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.dropout = cfg.dropout
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        causal: bool = False,
-        cache: KVCache | None = None,
-        layer: int = 0,
-    ) -> torch.Tensor:
-        b, t, c = x.shape  # batch, time, channels
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [b, h, t, d]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None and cache.pos > 0:  # after a cached prefix: query i sees keys to pos + i
-            start = cache.pos
-            k, v = cache.update(layer, k, v)
-            if causal and t > 1:  # (one new token sees every cached position: no mask needed)
-                rows = torch.arange(start, start + t, device=x.device)[:, None]
-                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= rows
-            causal = False
-        elif cache is not None:
-            k, v = cache.update(layer, k, v)
-        drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
-        return self.proj(y.transpose(1, 2).reshape(b, t, c))
 
 
 class CrossAttention(nn.Module):
@@ -92,7 +57,7 @@ class EncoderBlock(nn.Module):
     def __init__(self, cfg: Seq2SeqModelConfig):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(cfg.dim, eps=1e-5), nn.RMSNorm(cfg.dim, eps=1e-5)
-        self.attn = SelfAttention(cfg)
+        self.attn = SelfAttention(cfg.dim, cfg.heads, cfg.dropout)
         self.mlp = SwiGLU(cfg.dim, cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -108,7 +73,7 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(cfg.dim, eps=1e-5), nn.RMSNorm(cfg.dim, eps=1e-5)
         self.norm3 = nn.RMSNorm(cfg.dim, eps=1e-5)
-        self.attn = SelfAttention(cfg)
+        self.attn = SelfAttention(cfg.dim, cfg.heads, cfg.dropout)
         self.cross = CrossAttention(cfg)
         self.mlp = SwiGLU(cfg.dim, cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
