@@ -22,7 +22,7 @@ from largo.api_tune import tune  # noqa: F401 - the search half of this API
 from largo.config import Config, ConfigError, load_config, read_yaml_mapping, validate_config
 from largo.config_seq2seq import Seq2SeqConfig
 from largo.data.features import Processor
-from largo.data.infer import Inferred, default_config, infer_features
+from largo.data.infer import Inferred, default_config, infer_features, seq2seq_config
 from largo.data.loader import Batch
 from largo.data.readers import DataError, read_table, source_dir
 from largo.deploy.bundle import (
@@ -235,11 +235,22 @@ def _regression_pairs(cfg: Config, outputs: Batch, targets: Batch, processors: d
 
 def infer_config(
     data: str | Path, target: str | list[str], name: str | None = None
-) -> tuple[Config, Inferred]:
-    """Read a data file or image folder and build a default config for predicting `target`."""
+) -> tuple[Config | Seq2SeqConfig, Inferred]:
+    """Read a data file or image folder and build a default config for predicting `target`: a
+    Seq2SeqConfig when the target is free text written from one text column (a translation, a
+    summary), else a Config of inferred features."""
     path = Path(data)
     targets = [target] if isinstance(target, str) else list(target)
     table = read_table(path)
+    pairs = (
+        seq2seq_config(str(path), table, targets[0], name or path.stem or "run")
+        if len(targets) == 1
+        else None
+    )
+    if pairs is not None:
+        from largo.config_seq2seq import validate_seq2seq_config
+
+        return validate_seq2seq_config(pairs), Inferred(rows=table.num_rows)
     inferred = infer_features(table, targets)
     if not inferred.inputs:
         raise ConfigError(f"{path}: no usable input columns besides {targets}; skipped: {inferred.skipped}")

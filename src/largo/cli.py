@@ -22,7 +22,7 @@ from largo.config import (
     read_yaml_mapping,
     validate_config,
 )
-from largo.config_seq2seq import load_seq2seq_config, validate_seq2seq_config
+from largo.config_seq2seq import dump_seq2seq_config, load_seq2seq_config, validate_seq2seq_config
 from largo.data.readers import DataError
 from largo.deploy.metadata import BundleError, ParityError, bundle_task
 
@@ -109,6 +109,12 @@ def train(
         cfg, inferred = api.infer_config(path, target, name)
         for column, why in inferred.skipped.items():
             typer.echo(f"note: column {column!r} not used: {why}", err=True)
+        seq2seq = getattr(cfg, "task", None) == "seq2seq"
+        if seq2seq:
+            typer.echo(
+                f"note: {target[0]!r} is free text: a seq2seq model writes it from {cfg.data.source!r}",
+                err=True,
+            )
         data = cfg.model_dump(mode="json")
     if name:
         data["name"] = name
@@ -516,7 +522,7 @@ def show_config(
 ) -> None:
     """Print the config `largo train DATA --target ...` would use, to save and edit."""
     cfg, _ = api.infer_config(data, target)
-    typer.echo(dump_config(cfg))
+    typer.echo(dump_seq2seq_config(cfg) if getattr(cfg, "task", None) == "seq2seq" else dump_config(cfg))
 
 
 # ------------------------------------------------------------------ registry and feedback (lifecycle)

@@ -212,3 +212,22 @@ def test_served_over_post_generate(trained: tuple[Path, largo.TrainResult], tmp_
     rows = [json.loads(line) for line in logged["predictions.jsonl"].splitlines()]
     first = next(r for r in rows if r["id"] == body["id"])
     assert first["inputs"]["temperature"] == 0.0 and first["outputs"]["text"] == greedy  # greedy by default
+
+
+def test_a_free_text_target_beside_one_text_column_is_inferred_as_seq2seq(tmp_path: Path) -> None:
+    data = write_number_pairs(tmp_path / "pairs.tsv", n=300)
+    cfg, _ = largo.infer_config(data, "chinese")
+    assert isinstance(cfg, largo.Seq2SeqConfig)
+    assert (cfg.data.source, cfg.data.target) == ("english", "chinese")
+    assert 16 <= cfg.tokenizer.max_target_length <= 32 and cfg.tokenizer.max_source_length >= 16
+    shown = subprocess.run(
+        [sys.executable, "-m", "largo.cli", "config", str(data), "--target", "chinese"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert shown.returncode == 0 and yaml.safe_load(shown.stdout)["task"] == "seq2seq"
+    # a label column stays a classifier's output
+    labels = tmp_path / "labels.csv"
+    rows = [f"{english_number(n)},{'big' if n > 5000 else 'small'}" for n in range(0, 10_000, 37)]
+    labels.write_text("text,size\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    classifier, _ = largo.infer_config(labels, "size")
+    assert isinstance(classifier, largo.Config) and classifier.outputs[0].type == "category"

@@ -3,7 +3,8 @@
 A string column is text when its values read like sentences: three or more words on average, or
 mostly Chinese characters. Its tokenizer, max length (covering 95% of the texts) and encoder follow
 the language and the data size (`default_text_feature`): a fast bag of words below `LARGE_TEXT_ROWS`
-rows, a Transformer above.
+rows, a Transformer above. A free-text target with one text column beside it is a seq2seq task
+(`seq2seq_config`): translation, summarization, rewriting.
 """
 
 from __future__ import annotations
@@ -193,6 +194,43 @@ def infer_features(table: pa.Table, targets: list[str]) -> Inferred:
         else:
             result.skipped[name] = f"unsupported column type {t}"
     return result
+
+
+def is_free_text(col: pa.ChunkedArray) -> bool:
+    """A string column of mostly distinct values that read like text (a translation, a summary), not
+    labels: what a seq2seq model writes rather than a class to pick."""
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)) or _is_image_column(col):
+        return False
+    values = pc.drop_null(col)
+    unique = pc.count_distinct(values).as_py()
+    return unique > MAX_CATEGORY_UNIQUE or (unique > 50 and unique > 0.5 * max(1, len(values)))
+
+
+def seq2seq_config(data: str, table: pa.Table, target: str, name: str) -> dict[str, Any] | None:
+    """A `task: seq2seq` config when `target` is free text and exactly one other column is text (the
+    source), else None. Lengths cover 95% of each column (a byte-level BPE of 8,000 writes ~1 token per
+    Chinese character and ~0.3 per character of English)."""
+    if not is_free_text(table.column(target)):
+        return None
+    sources = [
+        c for c in table.column_names
+        if c != target and (is_free_text(table.column(c)) or (
+            pa.types.is_string(table.column(c).type) and text_profile(table.column(c)).is_text))
+    ]  # fmt: skip
+    if len(sources) != 1:
+        return None
+
+    def tokens(column: str) -> int:
+        profile = text_profile(table.column(column))
+        per_char = 1.0 if profile.cjk >= 0.3 else 0.3
+        return int(min(512, max(16, 16 * math.ceil(profile.chars_p95 * per_char * 1.2 / 16))))
+
+    return {
+        "task": "seq2seq",
+        "name": name,
+        "data": {"train": data, "source": sources[0], "target": target, "valid": 0.05, "test": 0.05},
+        "tokenizer": {"max_source_length": tokens(sources[0]), "max_target_length": tokens(target)},
+    }
 
 
 def default_config(data: str, inferred: Inferred, name: str) -> dict[str, Any]:
