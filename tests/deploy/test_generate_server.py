@@ -244,6 +244,11 @@ def test_bad_fields_are_422_naming_the_field(live: str) -> None:
     assert httpx.post(f"{live}/generate", json={"prompt": "a", "max_new_tokens": 60}).status_code == 200
 
 
+def test_beam_search_is_refused_for_a_language_model(live: str) -> None:
+    r = httpx.post(f"{live}/generate", json={"prompt": "The", "max_new_tokens": 4, "beams": 2})
+    assert r.status_code == 422 and "beam search is for a seq2seq model" in r.text
+
+
 def test_api_key_and_body_limit(generator: TextGenerator) -> None:
     app = create_generate_app(generator, api_key="k-123", max_body_bytes=2000)
     key = {"Authorization": "Bearer k-123"}

@@ -192,6 +192,13 @@ def test_served_over_post_generate(trained: tuple[Path, largo.TrainResult], tmp_
         endless = {"prompt": source, "max_new_tokens": 8, "stop_at_eot": False}
         no_end = httpx.post(f"{url}/generate", json=endless, headers=auth)
         assert no_end.status_code == 422 and "stop_at_eot" in no_end.text
+        beam = httpx.post(
+            f"{url}/generate", json={"prompt": source, "max_new_tokens": 16, "beams": 3}, headers=auth
+        )
+        assert beam.status_code == 200 and beam.json()["text"] == translator.translate(source, beams=3)[0]
+        assert beam.json()["finish_reason"] == "stop"
+        hot = {"prompt": source, "max_new_tokens": 16, "beams": 3, "temperature": 0.7}
+        assert httpx.post(f"{url}/generate", json=hot, headers=auth).status_code == 422
         here = httpx.post(f"{url}/predict", json={"english": source}, headers=auth)
         assert here.status_code == 404 and "seq2seq model" in here.text
         streamed = httpx.post(

@@ -50,7 +50,8 @@ Torch-free at import, like server.py: the generator is any object shaped like `T
 
 A seq2seq bundle is served the same way by its `Translator`: the prompt is the source, the text is its
 target (greedy unless the request names a temperature; the end-of-sequence token stops it, and a
-source longer than `context` keeps its start). Beam search is a batch job for `largo predict`.
+source longer than `context` keeps its start). `"beams": N` asks it for beam search instead: the text
+comes whole when the search ends (one `token` event when streamed), as `largo predict` writes it.
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63, description="Sampling seed; null: a new one, answered.")
     stop_at_eot: bool = Field(True, description="Stop at the end-of-text token.")
     stream: bool | None = Field(None, description="Server-sent events; default: when Accept asks for them.")
+    beams: int | None = Field(
+        None,
+        ge=1,
+        le=16,
+        description="A seq2seq model only: beam search with this many beams (better outputs; the text "
+        "comes whole, as one piece, when the search ends); null or 1: tokens as they are generated.",
+    )
 
 
 class GenerationFeedback(BaseModel):
@@ -208,8 +216,17 @@ def run_generation(generator: Any, job: Generation) -> None:
     s = job.settings
     sampling = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": job.seed}
 
+    def generated() -> Iterator[int]:
+        if (s.beams or 1) > 1:  # a seq2seq beam search: its tokens come at once, then its end
+            found = generator.beam_ids(s.prompt, s.max_new_tokens, s.beams)
+            yield from found
+            if len(found) < s.max_new_tokens:
+                yield generator.eot
+            return
+        yield from generator.stream_ids(s.prompt, s.max_new_tokens, stop_at_eot=False, **sampling)
+
     def tokens() -> Iterator[int]:
-        ids = generator.stream_ids(s.prompt, s.max_new_tokens, stop_at_eot=False, **sampling)
+        ids = generated()
         with contextlib.closing(ids):
             for token in ids:
                 if s.stop_at_eot and token == generator.eot:
@@ -253,6 +270,8 @@ def log_generation(sink: Any, job: Generation, summary: dict[str, Any]) -> None:
     s = job.settings
     inputs = {"prompt": s.prompt, "max_new_tokens": s.max_new_tokens, "temperature": s.temperature}
     inputs |= {"top_k": s.top_k, "top_p": s.top_p, "seed": job.seed, "stop_at_eot": s.stop_at_eot}
+    if s.beams is not None:
+        inputs["beams"] = s.beams
     row = {
         "id": job.id,
         "time": time.time(),
@@ -388,6 +407,13 @@ class GenerateService:
         if not body.stop_at_eot and self.task == "seq2seq":
             msg = "a seq2seq model's output ends at its end-of-sequence token; leave stop_at_eot true"
             raise InputError([{"loc": ["body", "stop_at_eot"], "msg": msg, "type": "value_error"}])
+        if (body.beams or 1) > 1 and (self.task != "seq2seq" or body.temperature not in (None, 0)):
+            msg = (
+                "beam search is for a seq2seq model (this one is a language model: sample instead)"
+                if self.task != "seq2seq"
+                else "beam search is deterministic: leave temperature out (or use beams 1 to sample)"
+            )
+            raise InputError([{"loc": ["body", "beams"], "msg": msg, "type": "value_error"}])
         if body.temperature is None:  # the served model's default, written into the logged row too
             body = body.model_copy(update={"temperature": default_temperature(self.generator)})
         await self._admit()

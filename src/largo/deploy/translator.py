@@ -173,6 +173,11 @@ class Translator:
         examples = [{"source": s, "reference": r, "output": h} for s, r, h in list(rows)[:EXAMPLES]]
         return {d.target: scores}, examples
 
+    def beam_ids(self, prompt: str, max_new_tokens: int, beams: int) -> list[int]:
+        """The target ids of one source by beam search (the bundle's length penalty; EOS cut)."""
+        source = torch.tensor([self.encode(prompt)], device=self.device)
+        return beam_search(self.model, source, max_new_tokens, beams, self.config.decode.length_penalty)[0]
+
     def stream_ids(
         self,
         prompt: str,
