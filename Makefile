@@ -60,7 +60,10 @@ bench: $(STAMP) bench-data
 	$(BIN)/python bench/serve_load.py
 	$(BIN)/python bench/lm_mfu.py
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/generate_serve.py
 	$(BIN)/python bench/lm_corpora.py
+	$(BIN)/python bench/seq2seq.py
+	$(BIN)/python bench/seq2seq_segment.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

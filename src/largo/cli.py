@@ -289,7 +289,13 @@ def serve(
         str | None,
         typer.Option("--api-key-env", help="Environment variable holding the API key clients must send."),
     ] = None,
-    max_batch: Annotated[int, typer.Option("--max-batch", help="Most records per forward pass.")] = 32,
+    max_batch: Annotated[
+        int,
+        typer.Option(
+            "--max-batch",
+            help="Most records per forward pass (an LM or seq2seq: generations decoded together).",
+        ),
+    ] = 32,
     max_wait_ms: Annotated[
         float, typer.Option("--max-wait-ms", help="Longest wait for a batch to fill, in ms.")
     ] = 5.0,

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 import largo
 from largo.cli import app as cli
-from largo.deploy.generate_service import create_generate_app
+from largo.deploy.generate_service import create_generate_app, generate_app_options
 from largo.deploy.generator import TextGenerator
 from largo.deploy.server import free_port, serve_in_thread, wait_until_serving
 
@@ -68,35 +68,91 @@ def live(generator: TextGenerator) -> Iterator[str]:
 class Gated:
     """The real generator with test knobs: once a piece of text is out, each further token waits for
     `gate` (so a test can hold a generation in flight); prompt "boom" fails at once, "boom later" at the
-    token after its first whole piece of text (whatever the drawn seed's first bytes are)."""
+    token after its first whole piece of text (whatever the drawn seed's first bytes are).
 
-    def __init__(self, generator: TextGenerator):
+    With `batching` the service decodes it in its continuous-batching loop (`decode_rows`, the knobs in
+    `GatedRows`); without, each generation runs `stream_ids` in a worker thread. `yielded` counts the
+    tokens this model produced either way."""
+
+    def __init__(self, generator: TextGenerator, batching: bool = True):
         self.generator = generator
+        self.batching = batching
         self.gate = threading.Event()
         self.gate.set()
         self.yielded = 0
 
     def __getattr__(self, name: str) -> Any:
+        if name == "decode_rows":
+            if not self.batching:
+                raise AttributeError(name)  # the service falls back to a worker thread per generation
+            return lambda slots: GatedRows(self, self.generator.decode_rows(slots))
         return getattr(self.generator, name)
+
+    def piece_out(self, ids: list[int]) -> bool:
+        text = self.generator.tokenizer.decode(ids, skip_special_tokens=False)
+        return bool(text) and not text.endswith("\ufffd")
 
     def stream_ids(self, prompt: str, *args: Any, **kwargs: Any) -> Iterator[int]:
         if prompt == "boom":
             raise RuntimeError("the model exploded")
         ids: list[int] = []
         for token in self.generator.stream_ids(prompt, *args, **kwargs):
-            text = self.generator.tokenizer.decode(ids, skip_special_tokens=False)
-            if text and not text.endswith("\ufffd") and not self.gate.wait(20):
+            if self.piece_out(ids) and not self.gate.wait(20):
                 raise TimeoutError("the test never opened the gate")
-            if prompt == "boom later" and text and not text.endswith("\ufffd"):  # a piece is out
+            if prompt == "boom later" and self.piece_out(ids):
                 raise RuntimeError("the model exploded mid-way")
             ids.append(token)
             self.yielded += 1
             yield token
 
 
-@pytest.fixture
-def gated(generator: TextGenerator) -> Iterator[Gated]:
-    g = Gated(generator)
+class GatedRows:
+    """`Gated`'s knobs on the batched rows: each row's prompt and the tokens fed to it are mirrored, so a
+    step waits at the gate once a row has a piece of text out, and fails for a "boom later" row then."""
+
+    def __init__(self, gated: Gated, rows: Any):
+        self.gated, self.inner = gated, rows
+        self.prompts: list[list[int]] = []
+        self.fed: list[list[int]] = []
+        self.boom = gated.generator.prompt_ids("boom")
+        self.boom_later = gated.generator.prompt_ids("boom later")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def add(self, ids: list[int]) -> Any:
+        if ids == self.boom:
+            raise RuntimeError("the model exploded")
+        logits = self.inner.add(ids)
+        self.prompts.append(ids)
+        self.fed.append([])
+        self.gated.yielded += 1
+        return logits
+
+    def step(self, tokens: Any) -> Any:
+        for fed, token in zip(self.fed, tokens.tolist(), strict=True):
+            fed.append(token)
+        if any(self.gated.piece_out(fed) for fed in self.fed) and not self.gated.gate.wait(20):
+            raise TimeoutError("the test never opened the gate")
+        if any(
+            p == self.boom_later and self.gated.piece_out(f)
+            for p, f in zip(self.prompts, self.fed, strict=True)
+        ):
+            raise RuntimeError("the model exploded mid-way")
+        logits = self.inner.step(tokens)
+        self.gated.yielded += len(self.fed)
+        return logits
+
+    def remove(self, row: int) -> None:
+        self.inner.remove(row)
+        for mirror in (self.prompts, self.fed):
+            mirror[row] = mirror[-1]
+            mirror.pop()
+
+
+@pytest.fixture(params=[True, False], ids=["batched", "threads"])
+def gated(generator: TextGenerator, request: pytest.FixtureRequest) -> Iterator[Gated]:
+    g = Gated(generator, batching=request.param)
     yield g
     g.gate.set()  # never leave a worker thread waiting
 
@@ -139,6 +195,7 @@ def test_health_says_lm_and_predict_points_to_generate(live: str, generator: Tex
     h = health(live)
     assert h["task"] == "lm" and h["model"] == "lm" and h["context"] == 64
     assert h["parameters"] == generator.info()["parameters"] and h["active"] == 0 and h["queued"] == 0
+    assert h["batching"] is True  # a TextGenerator decodes in the continuous-batching loop
     r = httpx.post(f"{live}/predict", json={"text": "hi"})
     assert r.status_code == 404 and "/generate" in r.json()["detail"]
     page = httpx.get(live)
@@ -181,6 +238,54 @@ def test_streamed_json_and_in_process_texts_agree(
     }
     assert row["outputs"]["text"] == expected and row["outputs"]["tokens"] == done["tokens"]
     assert row["outputs"]["finish_reason"] == done["finish_reason"] and row["latency_ms"] > 0
+
+
+def test_concurrent_generations_are_decoded_together_and_each_gets_its_own_text(
+    generator: TextGenerator,
+) -> None:
+    """Continuous batching: requests that arrive while others run join their batch (the decode-batch
+    histogram sees steps of several rows), and each text is the one its settings give alone, greedy or
+    sampled, whatever else ran beside it; one that ends early frees its row for a later one."""
+    gated = Gated(generator)
+    app = create_generate_app(gated, max_concurrent=4, max_queued=8)
+    bodies = [
+        {"prompt": "The quick", "max_new_tokens": 24, "seed": 1, "stop_at_eot": False},
+        {"prompt": "从前", "max_new_tokens": 17, "seed": 2, "temperature": 1.2, "top_k": None},
+        {"prompt": "A bird in the hand", "max_new_tokens": 30, "temperature": 0, "stop_at_eot": False},
+        {"prompt": "", "max_new_tokens": 9, "seed": 4, "top_p": 0.9, "stop_at_eot": False},
+        {"prompt": "Once", "max_new_tokens": 12, "seed": 5},  # waits for a row, then takes one
+        {"prompt": "The lazy dog", "max_new_tokens": 0, "seed": 6},
+    ]
+    answers: dict[int, httpx.Response] = {}
+    with serve_in_thread(app) as url:
+        gated.gate.clear()  # hold the first steps so the others arrive and queue up for the batch
+        threads = [
+            threading.Thread(
+                target=lambda i=i, b=b: answers.update({i: httpx.post(f"{url}/generate", json=b, timeout=60)})
+            )
+            for i, b in enumerate(bodies)
+        ]
+        for t in threads:
+            t.start()
+        # every request admitted or answered (the 0-token one ends at once, without a step)
+        until(lambda: sum(health(url)[k] for k in ("active", "queued")) + len(answers) == len(bodies))
+        gated.gate.set()
+        for t in threads:
+            t.join(60)
+        assert sorted(answers) == list(range(len(bodies)))
+        rows = metric(url, "largo_decode_batch_size_sum") / metric(url, "largo_decode_batch_size_count")
+        assert rows > 2.0, rows  # steps ran several generations at once
+        assert metric(url, "largo_decode_batch_size_bucket", le="4") == metric(
+            url, "largo_decode_batch_size_count"
+        )  # never more rows than max_concurrent
+    for i, body in enumerate(bodies):
+        out = answers[i].json()
+        sampling = {k: body[k] for k in ("seed", "temperature", "top_k", "top_p", "stop_at_eot") if k in body}
+        sampling.setdefault("temperature", 0.8)
+        alone = generator.generate(body["prompt"], body["max_new_tokens"], **sampling)
+        assert answers[i].status_code == 200 and out["text"] == alone, (i, out["text"], alone)
+        if not body.get("stop_at_eot", True) or i == 5:
+            assert out["tokens"] == body["max_new_tokens"] and out["finish_reason"] == "length"
 
 
 def test_no_seed_draws_one_that_repeats_the_text(live: str) -> None:
@@ -312,7 +417,7 @@ def test_a_swap_serves_new_requests_while_a_running_generation_finishes_on_the_o
         )
         running.start()
         until(lambda: gated.yielded > 0)  # held after its first piece of text, on the old model
-        fresh = Gated(generator)  # the same weights in another object: which one ran is counted
+        fresh = Gated(generator, gated.batching)  # the same weights in another object: counts its own
         app.state.service.swap(fresh, 2)
         new = httpx.post(f"{url}/generate", json=body, timeout=30)  # runs beside the held one
         assert new.json()["version"] == 2 and fresh.yielded == 20 and health(url)["version"] == 2
@@ -418,6 +523,11 @@ def test_graceful_shutdown_lets_a_generation_finish(gated: Gated) -> None:
     assert events(answer[0].text)[-1][1]["tokens"] == 20
 
 
+def test_the_batching_options_of_a_classifier_server_map_to_the_decode_batch() -> None:
+    options = {"max_batch": 5, "max_wait_ms": 2.0, "api_key": "k", "max_body_bytes": 10}
+    assert generate_app_options(options) == {"max_concurrent": 5, "api_key": "k", "max_body_bytes": 10}
+
+
 def test_largo_serve_serves_an_lm_bundle(lm_bundle: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
@@ -430,7 +540,8 @@ def test_largo_serve_serves_an_lm_bundle(lm_bundle: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(url, proc, timeout=60, output=lambda: proc.stdout.read())
-        assert health(url)["task"] == "lm"
+        h = health(url)
+        assert h["task"] == "lm" and h["batching"] is True and h["max_concurrent"] == 32  # --max-batch
         r = httpx.post(
             f"{url}/generate", json={"prompt": "从前", "max_new_tokens": 8, "seed": 0, "stream": False}
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,17 @@ def test_served_over_post_generate(trained: tuple[Path, largo.TrainResult], tmp_
         # a correction of the generation is accepted as feedback
         fb = {"prediction_id": body["id"], "completion": chinese_number(3020)}
         assert httpx.post(f"{url}/feedback", json=fb, headers=auth).status_code == 200
+        # concurrent sources of different lengths are decoded as rows of one batch, each its own greedy text
+        sources = [english_number(n) for n in (7, 15_204, 318, 99_999, 4_010, 60, 2_222_222)]
+
+        def post(src: str) -> httpx.Response:
+            body = {"prompt": src, "max_new_tokens": 24}
+            return httpx.post(f"{url}/generate", json=body, headers=auth, timeout=60)
+
+        with ThreadPoolExecutor(len(sources)) as pool:
+            answers = list(pool.map(post, sources))
+        assert httpx.get(f"{url}/health").json()["batching"] is True
+        assert [a.json()["text"] for a in answers] == translator.translate(sources, beams=1)
     logged = {p.name: p.read_text(encoding="utf-8") for p in (result.path / "serving").glob("*.jsonl")}
     assert any(chinese_number(3020) in text for text in logged.values())  # the feedback row
     rows = [json.loads(line) for line in logged["predictions.jsonl"].splitlines()]

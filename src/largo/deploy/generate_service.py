@@ -38,11 +38,17 @@ generated text, time}`; an id this server did not generate (nor, with a store, t
 
 Limits, as on /predict: a body over `max_body_bytes` is 413, a missing or wrong API key 401, a bad field
 422 naming it (a `max_new_tokens` over the server's `max_new_tokens_limit` too). At most
-`max_concurrent` generations run, each in a worker thread (torch releases the GIL, so the event loop
-keeps serving; pieces come back through an asyncio queue with `call_soon_threadsafe`), and at most
-`max_queued` wait for a slot; one more, or one that waited `queue_timeout_s`, is 503 with Retry-After.
-A client that disconnects stops its generation at the next token. On shutdown uvicorn lets in-flight
-generations finish (its graceful timeout), then the lifespan stops the worker threads.
+`max_concurrent` generations run, and at most `max_queued` wait for a slot; one more, or one that waited
+`queue_timeout_s`, is 503 with Retry-After. A client that disconnects stops its generation at the next
+token. On shutdown uvicorn lets in-flight generations finish (its graceful timeout), then the lifespan
+stops the threads.
+
+Continuous batching: the running generations are rows of one batch, decoded together in one thread
+(`decode_loop.DecodeLoop`: one forward pass per step for all of them; a request joins between two steps
+and leaves the step it is done), so N concurrent generations cost about one forward pass per token
+rather than N (`bench/generate_serve.py`). A beam search, or a generator without `decode_rows` (or
+`batching=False`), runs in a worker thread per generation instead. Either way torch releases the GIL, so
+the event loop keeps serving, and pieces come back through an asyncio queue with `call_soon_threadsafe`.
 
 Torch-free at import, like server.py: the generator is any object shaped like `TextGenerator`
 (`stream_ids`, `encode`, `eot`, `tokenizer`, `context`, `config.name`, `path`, `info()`), and only
@@ -76,7 +82,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from largo.deploy.metrics import LATENCY_BUCKETS, Histogram, ServerMetrics
+from largo.deploy.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram, ServerMetrics
 from largo.deploy.middleware import BodyLimit, NumpyJSONResponse, RequestMetrics
 from largo.deploy.page import render_lm_page
 from largo.deploy.schema import InputError
@@ -141,9 +147,13 @@ class GenerationFeedback(BaseModel):
 
 
 def generate_app_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The server options that `create_generate_app` takes: those of `create_app` without the batching
-    ones (max_batch, max_wait_ms), which an LM has no batcher for (the CLI always passes them)."""
-    return {k: v for k, v in options.items() if k not in ("max_batch", "max_wait_ms")}
+    """The server options that `create_generate_app` takes, from those of `create_app`: `max_batch`
+    (most records per forward pass) is the most generations decoded together, `max_concurrent`; a
+    generation joins the running batch at once, so there is no `max_wait_ms` to wait for one to fill."""
+    out = {k: v for k, v in options.items() if k not in ("max_batch", "max_wait_ms")}
+    if "max_batch" in options:
+        out["max_concurrent"] = options["max_batch"]
+    return out
 
 
 def load_generator(path: str | Path, runtime: str = "auto", device: str = "auto") -> Any:
@@ -194,9 +204,16 @@ class Generation:
     finish_reason: str = "length"
     version: int | None = None  # the registered version generating it (set when it starts)
     on_done: Callable[[Generation, dict[str, Any]], None] | None = None  # in the worker, before "done"
+    outbox: list | None = None  # the decode loop's: events wait there to go over in one call per step
+    stream: bool = True  # False: a JSON answer, which needs no token events (nor the loop's wake-ups)
 
     def push(self, kind: str, value: Any) -> None:
         """From the worker thread: hand one event to the event loop (a closed loop: stop generating)."""
+        if kind == "token" and not self.stream:
+            return
+        if self.outbox is not None:
+            self.outbox.append((self, kind, value))
+            return
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:
@@ -245,24 +262,29 @@ def run_generation(generator: Any, job: Generation) -> None:
         for piece in text_pieces(tokens(), generator.tokenizer):
             pieces.append(piece)
             job.push("token", piece)
-        summary = {
-            "id": job.id,
-            "text": "".join(pieces),
-            "tokens": job.tokens,
-            "finish_reason": job.finish_reason,
-            "prompt_tokens": job.prompt_tokens,
-            "prompt_truncated": truncated,
-            "seed": job.seed,
-            "version": job.version,
-        }
-        job.ended = time.perf_counter()
-        if job.on_done is not None:
-            job.on_done(job, summary)
-        job.push("done", summary)
+        end_generation(job, "".join(pieces), truncated)
     except Exception as exc:  # noqa: BLE001 - answered as a model error; the server keeps serving
         job.push("error", exc)
     finally:
         job.ended = job.ended or time.perf_counter()
+
+
+def end_generation(job: Generation, text: str, truncated: bool) -> None:
+    """A finished generation: its summary to `job.on_done` (logging), then the "done" event."""
+    summary = {
+        "id": job.id,
+        "text": text,
+        "tokens": job.tokens,
+        "finish_reason": job.finish_reason,
+        "prompt_tokens": job.prompt_tokens,
+        "prompt_truncated": truncated,
+        "seed": job.seed,
+        "version": job.version,
+    }
+    job.ended = time.perf_counter()
+    if job.on_done is not None:
+        job.on_done(job, summary)
+    job.push("done", summary)
 
 
 def log_generation(sink: Any, job: Generation, summary: dict[str, Any]) -> None:
@@ -306,6 +328,13 @@ class GenerationMetrics(ServerMetrics):
         self.finished: Counter[str] = Counter()
         self.first_token = Histogram(LATENCY_BUCKETS)
         self.token_rate = Histogram(TOKEN_RATE_BUCKETS)
+        self.decode_rows = Histogram(BATCH_BUCKETS)
+        self.decode_seconds = Histogram(LATENCY_BUCKETS)
+
+    def observe_step(self, rows: int, seconds: float) -> None:
+        """One batched decode step over `rows` generations (from the decode loop's thread)."""
+        self.decode_rows.observe(rows)
+        self.decode_seconds.observe(seconds)
 
     def observe_generation(self, job: Generation) -> None:
         """One finished generation (called in the event loop once its thread is done)."""
@@ -340,6 +369,16 @@ class GenerationMetrics(ServerMetrics):
         ]
         out += self.token_rate.lines("largo_tokens_per_second", {})
         out += [
+            "# HELP largo_decode_batch_size Generations per batched decode step (continuous batching).",
+            "# TYPE largo_decode_batch_size histogram",
+        ]
+        out += self.decode_rows.lines("largo_decode_batch_size", {})
+        out += [
+            "# HELP largo_decode_step_seconds Seconds per batched decode step.",
+            "# TYPE largo_decode_step_seconds histogram",
+        ]
+        out += self.decode_seconds.lines("largo_decode_step_seconds", {})
+        out += [
             "# HELP largo_generations_active Generations running now.",
             "# TYPE largo_generations_active gauge",
             f"largo_generations_active {self.active()}",
@@ -367,6 +406,7 @@ class GenerateService:
         name: str | None = None,
         version: int | None = None,
         sink: Any = None,
+        batching: bool = True,
     ):
         if max_new_tokens_limit < 1 or max_concurrent < 1 or max_queued < 0 or queue_timeout_s <= 0:
             raise ValueError(
@@ -386,14 +426,30 @@ class GenerateService:
         self.pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="largo-generate")
         self.running: dict[str, Generation] = {}
         self.metrics = GenerationMetrics(lambda: self.active, lambda: self.queued)
+        self.batching = batching
+        self.decoder = self._new_decoder(generator)
+
+    def _new_decoder(self, generator: Any) -> Any:
+        """The continuous-batching loop for `generator` (None: one worker thread per generation, for a
+        generator without `decode_rows` or with batching off)."""
+        if not self.batching or not hasattr(generator, "decode_rows"):
+            return None
+        from largo.deploy.decode_loop import DecodeLoop  # torch: only where a torch generator is served
+
+        return DecodeLoop(generator, self.max_concurrent, self._ended_elsewhere, self.metrics.observe_step)
 
     def swap(self, generator: Any, version: int | None = None) -> None:
         """Serve `generator` (already loaded) for every request admitted from now on; generations that
         are running finish on the model they started with. Safe to call from any thread. Any language
         model may follow any other: a generation needs nothing of the served model but itself."""
         parameters = generator.info().get("parameters")
+        decoder = self._new_decoder(generator)
         with self._swap_lock:
+            old = self.decoder
             self.generator, self.version, self.parameters = generator, version, parameters
+            self.decoder = decoder
+        if old is not None:
+            old.close()  # its generations finish on the old model, then its thread stops
         log.info("now serving %s version %s from %s", self.name, version, generator.path)
 
     async def generate(self, body: GenerateRequest, request: Request) -> Any:
@@ -417,8 +473,10 @@ class GenerateService:
         if body.temperature is None:  # the served model's default, written into the logged row too
             body = body.model_copy(update={"temperature": default_temperature(self.generator)})
         await self._admit()
-        job = Generation(body, seed, asyncio.get_running_loop())
+        job = Generation(body, seed, asyncio.get_running_loop(), stream=stream)
         self._start(job)
+        if not stream:  # no token events come: only "done" or "error"
+            return await self._collect(job, request)
         try:
             first = await job.events.get()  # waited for here, so an error in the prompt's pass is a 500
         except asyncio.CancelledError:
@@ -426,10 +484,8 @@ class GenerateService:
             raise
         if first[0] == "error":
             raise self._model_error(first[1], job)
-        if stream:
-            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
-            return StreamingResponse(self._sse(job, first), media_type="text/event-stream", headers=headers)
-        return await self._collect(job, first, request)
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
+        return StreamingResponse(self._sse(job, first), media_type="text/event-stream", headers=headers)
 
     async def _admit(self) -> None:
         """Take a generation slot, waiting in the bounded queue; 503 when it is full or the wait too long."""
@@ -445,10 +501,15 @@ class GenerateService:
         self.active += 1
 
     def _start(self, job: Generation) -> None:
-        """Run the job in a worker thread; its slot is given back when the thread is done, not before."""
-        with self._swap_lock:  # the model and its version, read together
-            generator, job.version = self.generator, self.version
+        """Hand the job to the decode loop (a beam search, or a generator that cannot batch: to a worker
+        thread); its slot is given back when it has sent its last event, not before."""
         job.on_done = self._done
+        with self._swap_lock:  # the model, its version and its loop, read together
+            generator, job.version = self.generator, self.version
+            if self.decoder is not None and (job.settings.beams or 1) == 1:
+                self.running[job.id] = job
+                self.decoder.submit(job)  # under the lock: a swap closes this loop only after it
+                return
         try:
             future = job.loop.run_in_executor(self.pool, run_generation, generator, job)
         except RuntimeError:  # the pool is shut down: the server is stopping
@@ -482,10 +543,19 @@ class GenerateService:
         return {"status": "stored", **row}
 
     def _finished(self, job: Generation, future: Future) -> None:
+        self._ended(job, not future.cancelled() and future.exception() is None)
+
+    def _ended(self, job: Generation, ok: bool) -> None:
+        """In the event loop, once a generation sent its last event: free its slot, count it."""
         self.running.pop(job.id, None)
         self._release()
-        if not future.cancelled() and future.exception() is None:
+        if ok:
             self.metrics.observe_generation(job)
+
+    def _ended_elsewhere(self, job: Generation, ok: bool) -> None:
+        """`_ended`, called from the decode loop's thread."""
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: the server has stopped
+            job.loop.call_soon_threadsafe(self._ended, job, ok)
 
     def _release(self) -> None:
         self.active -= 1
@@ -509,7 +579,7 @@ class GenerateService:
         finally:
             job.cancel.set()  # Starlette cancels this generator when the client goes: stop at the next token
 
-    async def _collect(self, job: Generation, event: tuple[str, Any], request: Request) -> dict[str, Any]:
+    async def _collect(self, job: Generation, request: Request) -> dict[str, Any]:
         """The done event's summary for a JSON answer; a client that goes away meanwhile cancels the job."""
 
         async def watch() -> None:
@@ -519,8 +589,12 @@ class GenerateService:
 
         watcher = asyncio.create_task(watch())
         try:
+            event = await job.events.get()
             while event[0] == "token":
                 event = await job.events.get()
+        except asyncio.CancelledError:
+            job.cancel.set()
+            raise
         finally:
             watcher.cancel()
         if event[0] == "error":
@@ -549,6 +623,7 @@ class GenerateService:
             "active": self.active,
             "queued": self.queued,
             "max_concurrent": self.max_concurrent,
+            "batching": self.decoder is not None,
             "max_queued": self.max_queued,
             "max_new_tokens_limit": self.limit,
         }
@@ -570,6 +645,9 @@ class GenerateService:
         """Stop what still runs (clients uvicorn gave up on at its graceful timeout) and the threads."""
         for job in list(self.running.values()):
             job.cancel.set()
+        if self.decoder is not None:
+            self.decoder.close()
+            self.decoder.join(timeout=30)
         self.pool.shutdown(wait=True)
 
 
@@ -581,7 +659,7 @@ def create_generate_app(
     generator: Any,
     *,
     max_new_tokens_limit: int = 512,
-    max_concurrent: int = 4,
+    max_concurrent: int = 8,
     max_queued: int = 16,
     queue_timeout_s: float = 60.0,
     max_body_bytes: int = 1 * MiB,
@@ -589,6 +667,7 @@ def create_generate_app(
     name: str | None = None,
     version: int | None = None,
     sink: Any = None,
+    batching: bool = True,
 ) -> FastAPI:
     """A FastAPI app serving one language model: POST /generate, POST /feedback, GET /health, GET /metrics,
     GET /.
@@ -596,7 +675,8 @@ def create_generate_app(
     Args:
         generator: a `TextGenerator` (or an object shaped like one; see the module doc).
         max_new_tokens_limit: the most `max_new_tokens` a request may ask for; more is 422.
-        max_concurrent: most generations running at once, each in its own worker thread.
+        max_concurrent: most generations running at once: the rows of the continuous batch (a row's KV
+            cache is allocated when it is first used, doubling the rows held up to this many).
         max_queued: most requests waiting for a running slot; more are answered 503 with Retry-After.
         queue_timeout_s: longest a request waits for a slot before it is answered 503.
         max_body_bytes: larger request bodies are answered 413.
@@ -606,6 +686,8 @@ def create_generate_app(
         sink: gets `log_predictions(rows)` (a row per generation) and `log_feedback(row)`, from worker
             threads; with `find_prediction(id)` it also answers feedback on older generations. Default:
             `JsonlSink(<bundle>/serving)`.
+        batching: decode the running generations together (continuous batching); False runs each in a
+            worker thread of its own (what `bench/generate_serve.py` compares against).
     """
     service = GenerateService(
         generator,
@@ -616,11 +698,13 @@ def create_generate_app(
         name=name,
         version=version,
         sink=sink if sink is not None else JsonlSink(Path(generator.path) / "serving"),
+        batching=batching,
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
-        log.info("serving the language model %s (max_concurrent=%d)", generator.path, max_concurrent)
+        how = "decoded together" if service.decoder is not None else "a thread each"
+        log.info("serving %s (max_concurrent=%d, %s)", generator.path, max_concurrent, how)
         yield
         await asyncio.to_thread(service.stop)  # uvicorn stopped accepting and let in-flight requests finish
 

@@ -34,7 +34,7 @@ from largo.deploy.metadata import (
     read_task_config,
 )
 from largo.evaluate.report import write_metrics_json, write_report
-from largo.models.gpt import GPT, generate_ids
+from largo.models.gpt import GPT, GPTRows, generate_ids
 
 TOKENIZER = "tokenizer.json"
 GENERATOR_PRECISIONS = ("fp32", "bf16")  # the dtype TextGenerator keeps the weights in
@@ -176,19 +176,35 @@ def text_pieces(tokens: Iterable[int], tokenizer: Tokenizer) -> Iterator[str]:
     piece is yielded only once the text decoded so far ends on a whole character; the pieces join to
     the decoded text of all the ids.
     """
-    ids: list[int] = []
-    shown = ""
+    pieces = TextPieces(tokenizer)
     for token in tokens:
-        ids.append(token)
-        text = tokenizer.decode(ids, skip_special_tokens=False)
-        if text.endswith("\ufffd"):
-            continue  # an unfinished character: wait for its next byte
-        if len(text) > len(shown):
-            yield text[len(shown) :]
-            shown = text
-    final = tokenizer.decode(ids, skip_special_tokens=False)
-    if len(final) > len(shown):
-        yield final[len(shown) :]
+        if piece := pieces.push(token):
+            yield piece
+    if piece := pieces.end():
+        yield piece
+
+
+class TextPieces:
+    """`text_pieces` one token at a time: `push(token)` gives the new text ("" while a character is
+    unfinished), `end()` whatever is left (for a loop that serves many streams at once)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        if text.endswith("\ufffd") or len(text) <= len(self.shown):
+            return ""  # an unfinished character: wait for its next byte
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
+
+    def end(self) -> str:
+        final = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        piece, self.shown = final[len(self.shown) :], final
+        return piece
 
 
 def check_sampling(max_new_tokens: int, top_k: int | None, top_p: float | None) -> None:
@@ -247,6 +263,15 @@ class TextGenerator:
         n = len(self.encode(prompt))
         read = n if n < self.context else self.context - 1
         return read, read < n
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's ids the model reads (its last `context - 1` when it is longer, as `stream_ids`)."""
+        ids = self.encode(prompt)
+        return ids[-(self.context - 1) :] if len(ids) >= self.context else ids
+
+    def decode_rows(self, slots: int) -> GPTRows:
+        """A batch of up to `slots` sequences decoded together (the server's continuous batching)."""
+        return GPTRows(self.model, slots)
 
     def stream_ids(
         self,

@@ -30,7 +30,7 @@ from largo.deploy.generator import TOKENIZER, check_sampling, text_pieces
 from largo.deploy.metadata import WEIGHTS, check_files, read_json, read_task_config
 from largo.evaluate.metrics import generation_metrics
 from largo.evaluate.report import write_metrics_json, write_report
-from largo.models.seq2seq import EOS, Seq2SeqTransformer, beam_search, stream_ids
+from largo.models.seq2seq import EOS, Seq2SeqRows, Seq2SeqTransformer, beam_search, stream_ids
 from largo.train.distributed import log
 from largo.train.loop import forward_in_batches
 from largo.train.seq2seq import token_scores
@@ -113,6 +113,14 @@ class Translator:
         text = normalize_sources([prompt], self.config)[0]
         n = len(self.tokenizer.encode(text, add_special_tokens=False).ids) + 1
         return min(n, self.context), n > self.context
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The source ids the encoder reads (what `stream_ids` encodes)."""
+        return self.encode(prompt)
+
+    def decode_rows(self, slots: int) -> Seq2SeqRows:
+        """A batch of up to `slots` sources decoded together (the server's continuous batching)."""
+        return Seq2SeqRows(self.model, slots, self.context)
 
     def decode(self, ids: list[int]) -> str:
         """Target ids → text."""

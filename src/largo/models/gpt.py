@@ -4,7 +4,8 @@ tokens [b, t] → embedding (tied with the output layer) → L × (x + attn(norm
 → norm → logits [b, t, vocab]. Attention is `scaled_dot_product_attention` with the causal flag (flash
 / memory-efficient kernels where the device has them). A `KVCache` keeps each layer's keys and values
 so generation costs one token's work per step; `generate_ids` is the sampler (`sample_next`, the cache and
-RoPE live in layers.py, shared with the encoder-decoder).
+RoPE live in layers.py, shared with the encoder-decoder). `GPTRows` decodes many sequences at positions
+of their own in one batch (a server's continuous batching; `SlotKVCache`).
 Residual projections start at 0.02 / sqrt(2·layers) (GPT-2), everything else at N(0, 0.02).
 """
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from largo.config_lm import GPTConfig
 from largo.data.corpus import IGNORE  # a target the loss skips
-from largo.models.layers import KVCache, SelfAttention, SwiGLU, rope_tables, sample_next
+from largo.models.layers import KVCache, SelfAttention, SlotKVCache, SwiGLU, rope_tables, sample_next
 
 
 class Block(nn.Module):
@@ -73,22 +74,30 @@ class GPT(nn.Module):
         """Trainable parameter count (the tied embedding once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """The final normed hidden states [b, t, dim] of ids [b, t] (after `cache.pos` cached tokens)."""
+    def hidden(self, ids: torch.Tensor, cache: KVCache | SlotKVCache | None = None) -> torch.Tensor:
+        """The final normed hidden states [b, t, dim] of ids [b, t] (after the cached tokens: `cache.pos`
+        of a `KVCache`, each row's own of a `SlotKVCache`, which takes one token per row)."""
         t = ids.shape[1]
-        start = cache.pos if cache is not None else 0
-        if start + t > self.cfg.context:
-            raise ValueError(f"{start + t} tokens exceed the model's context of {self.cfg.context}")
-        cos, sin = self.cos[start : start + t], self.sin[start : start + t]
+        if cache is None:
+            cos, sin = self.cos[:t], self.sin[:t]
+        elif isinstance(cache, KVCache) and cache.pos + t > self.cfg.context:
+            raise ValueError(f"{cache.pos + t} tokens exceed the model's context of {self.cfg.context}")
+        else:
+            cos, sin = cache.rope(self.cos, self.sin, t)
+        if t > self.cfg.context:
+            raise ValueError(f"{t} tokens exceed the model's context of {self.cfg.context}")
         x = self.embed(ids)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i)
         if cache is not None:
-            cache.pos += t
+            cache.advance(t)
         return self.norm(x)
 
     def forward(
-        self, ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | SlotKVCache | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         h = self.hidden(ids, cache)
         if targets is None:
@@ -146,3 +155,45 @@ def generate_ids(
         else:
             ids = torch.cat([ids, nxt[:, None]], dim=1)[:, -context:]
             logits = model(ids)[:, -1]
+
+
+class GPTRows:
+    """Decode many sequences together, each at its own position (continuous batching of served
+    generations): `add` reads a prompt into a free row, `step` feeds one token to every live row, and
+    `remove` frees a row (the last row moves into it). Rows are kept in `SlotKVCache`; the logits of a
+    row are those `generate_ids` computes for the same sequence alone (up to float rounding)."""
+
+    def __init__(self, model: GPT, slots: int):
+        self.model = model.eval()
+        c = model.cfg
+        self.cache = SlotKVCache(c.layers, slots, c.heads, c.context, c.dim // c.heads, model.embed.weight)
+        self.slots = slots
+
+    @property
+    def rows(self) -> int:
+        return self.cache.rows
+
+    def full(self, row: int) -> bool:
+        """Whether the row's sequence fills the context (it can take no more tokens)."""
+        return self.cache.lengths[row] >= self.model.cfg.context
+
+    @torch.inference_mode()
+    def add(self, ids: list[int]) -> torch.Tensor:
+        """Read a prompt (at most context tokens, at least one) into the next row → its next-token
+        logits [vocab]."""
+        if not 0 < len(ids) <= self.model.cfg.context:
+            raise ValueError(f"a prompt of 1 to {self.model.cfg.context} tokens (got {len(ids)})")
+        prompt = torch.tensor([ids], dtype=torch.long, device=self.model.embed.weight.device)
+        cache = self.model.new_cache(1, len(ids))
+        logits = self.model(prompt, cache=cache)[0, -1]
+        self.cache.put(cache)
+        return logits
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed token ids [rows] (one per live row, in row order) → next-token logits [rows, vocab]."""
+        return self.model(tokens[:, None], cache=self.cache)[:, -1]
+
+    @torch.inference_mode()
+    def remove(self, row: int) -> None:
+        self.cache.remove(row)

@@ -160,10 +160,124 @@ class KVCache:
         end = self.pos + t
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def attend(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        """Store the new keys and values; (all keys, all values, attention mask, causal flag) to attend
+        with. After a cached prefix the causal flag would align the queries wrongly: a chunk of t > 1 new
+        tokens gets a mask where query i sees keys up to pos + i (one new token sees them all)."""
+        start, t = self.pos, k.shape[2]
+        k, v = self.update(layer, k, v)
+        if causal and start > 0:
+            if t > 1:
+                rows = torch.arange(start, start + t, device=k.device)[:, None]
+                mask = torch.arange(k.shape[2], device=k.device)[None, :] <= rows
+            causal = False
+        return k, v, mask, causal
+
+    def rope(self, cos: torch.Tensor, sin: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's tables [t, d/2] for the next t positions."""
+        return cos[self.pos : self.pos + t], sin[self.pos : self.pos + t]
+
+    def advance(self, t: int) -> None:
+        """The t new positions are filled (after every layer stored them)."""
+        self.pos += t
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the cached rows at `index` [b'] (beam search: the beams that survive a step)."""
         self.k = [k.index_select(0, index) for k in self.k]
         self.v = [v.index_select(0, index) for v in self.v]
+
+
+class SlotKVCache:
+    """Keys and values of up to `slots` sequences that each sit at a position of their own: continuous
+    batching, where a served generation joins and leaves the running batch at any step.
+
+    Rows 0..rows-1 are live. A new sequence takes the next row (`put` copies its prompt's `KVCache` in);
+    a finished one gives its row to the last (`remove`), so a step always works on a dense prefix. A step
+    feeds one token per row, each at its own position: RoPE's angles come per row (`rope`), the token is
+    stored at the row's own length, and the mask lets a row attend to its own tokens only. Memory grows
+    with the rows in use (doubling, up to `slots`); a row holds up to `length` tokens.
+    """
+
+    def __init__(self, layers: int, slots: int, heads: int, length: int, head_dim: int, like: torch.Tensor):
+        self.layers, self.slots, self.heads = layers, slots, heads
+        self.length, self.head_dim = length, head_dim
+        self.dtype, self.device = like.dtype, like.device
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self._allocate(min(slots, 4))
+        self.lengths: list[int] = []  # tokens cached per live row
+        self._refresh()
+
+    @property
+    def rows(self) -> int:
+        """Live rows."""
+        return len(self.lengths)
+
+    def _allocate(self, rows: int) -> None:
+        shape = (rows, self.heads, self.length, self.head_dim)
+        old_k, old_v = self.k, self.v
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        for new, old in zip(self.k + self.v, old_k + old_v, strict=False):
+            new[: old.shape[0]] = old
+
+    def put(self, cache: KVCache) -> int:
+        """Copy a one-sequence cache (a prompt's pass) into the next row; return the row."""
+        row, n = self.rows, cache.pos
+        if row >= self.slots:
+            raise RuntimeError(f"every one of the {self.slots} rows is taken")
+        if n > self.length:
+            raise ValueError(f"{n} cached tokens exceed the rows' length of {self.length}")
+        if row >= self.k[0].shape[0]:
+            self._allocate(min(self.slots, 2 * self.k[0].shape[0]))
+        for dst, src in zip(self.k + self.v, cache.k + cache.v, strict=True):
+            dst[row, :, :n] = src[0, :, :n]
+        self.lengths.append(n)
+        self._refresh()
+        return row
+
+    def remove(self, row: int) -> None:
+        """Drop a row; the last row moves into its place (the caller mirrors the move)."""
+        last = self.rows - 1
+        if row != last:
+            n = self.lengths[last]
+            for t in self.k + self.v:
+                t[row, :, :n] = t[last, :, :n]
+            self.lengths[row] = n
+        self.lengths.pop()
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """The positions [rows] the next tokens go to, and the mask [rows, 1, 1, end] of what each sees."""
+        self.positions = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
+        self.end = min(max(self.lengths, default=0) + 1, self.length)
+        keys = torch.arange(self.end, device=self.device)
+        self.mask = (keys[None, :] <= self.positions[:, None])[:, None, None, :]
+
+    def attend(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        """Store each row's new key and value [rows, h, 1, d] at its own position; (the live rows' keys,
+        values, the per-row mask, no causal flag)."""
+        del mask, causal  # one token per row: it sees its row's past and itself
+        rows = torch.arange(self.rows, device=k.device)
+        self.k[layer][rows, :, self.positions] = k[:, :, 0]
+        self.v[layer][rows, :, self.positions] = v[:, :, 0]
+        end = self.end
+        return self.k[layer][: self.rows, :, :end], self.v[layer][: self.rows, :, :end], self.mask, False
+
+    def rope(self, cos: torch.Tensor, sin: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's tables [rows, 1, 1, d/2] at each row's own position."""
+        if t != 1:
+            raise ValueError(f"a batch of rows takes one token per row at a time (got {t})")
+        return cos[self.positions][:, None, None], sin[self.positions][:, None, None]
+
+    def advance(self, t: int) -> None:
+        """Every live row took one more token."""
+        self.lengths = [n + t for n in self.lengths]
+        self._refresh()
 
 
 def sample_next(
@@ -174,21 +288,50 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next token ids [b] from last-position logits [b, vocab]: greedy at temperature 0, else sampled
-    from the temperature-scaled distribution cut to the top k tokens and to the top-p probability mass."""
+    from the temperature-scaled distribution cut to the top k tokens and to the top-p probability mass
+    (one uniform draw of `generator` per row; `sample_rows` with every row's settings the same)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # the mass before a token already reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
-        logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    b, device = logits.shape[0], logits.device
+    return sample_rows(
+        logits,
+        torch.full((b,), float(temperature), device=device),
+        torch.full((b,), top_k or 0, dtype=torch.long, device=device),
+        torch.full((b,), 1.0 if top_p is None else float(top_p), device=device),
+        torch.rand(b, generator=generator, device=device),
+    )
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    uniform: torch.Tensor,
+) -> torch.Tensor:
+    """Next token ids [n] from logits [n, vocab], each row with settings of its own (temperature [n] > 0,
+    top_k [n] with 0 for all tokens, top_p [n] with 1 for all the mass) and its own uniform draw [n] in
+    [0, 1): one pass for a continuous batch of generations with different requests.
+
+    Inverse-CDF sampling over the tokens ranked by logit: unnormalized weights exp(logit - max) are cut
+    to the first top_k and then to the smallest prefix whose mass reaches top_p (a token is dropped when
+    the mass before it already does); the token picked is where the cumulative weight passes
+    uniform × the kept total. A row's weights and prefix sums do not depend on the other rows, so a row
+    draws the same token alone or in any batch.
+    """
+    vocab = logits.shape[-1]
+    k_cap = vocab if bool((top_k <= 0).any()) else min(vocab, int(top_k.max()))
+    scaled = logits.float() / temperature[:, None]
+    values, order = torch.topk(scaled, k_cap, dim=-1)  # sorted, likeliest first
+    rank = torch.arange(k_cap, device=logits.device)
+    limit = torch.where(top_k > 0, top_k, vocab)
+    weights = (values - values[:, :1]).exp().masked_fill(rank[None, :] >= limit[:, None], 0.0)
+    cum = weights.cumsum(-1)
+    mass = torch.where(top_p[:, None] < 1.0, top_p[:, None] * cum[:, -1:], math.inf)  # 1: keep every token
+    weights = weights.masked_fill(cum - weights >= mass, 0.0)
+    cum = weights.cumsum(-1)
+    pick = torch.searchsorted(cum, uniform[:, None] * cum[:, -1:]).clamp(max=k_cap - 1)
+    return order.gather(1, pick)[:, 0]
 
 
 class SelfAttention(nn.Module):
@@ -210,21 +353,14 @@ class SelfAttention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None = None,
         causal: bool = False,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotKVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
         b, t, c = x.shape  # batch, time, channels
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [b, h, t, d]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        start = 0
         if cache is not None:
-            start = cache.pos
-            k, v = cache.update(layer, k, v)
-        if causal and start > 0:  # after a cached prefix the causal flag would align queries wrongly:
-            if t > 1:  # a chunk: query i sees keys up to start + i (one new token sees them all)
-                rows = torch.arange(start, start + t, device=x.device)[:, None]
-                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= rows
-            causal = False
+            k, v, mask, causal = cache.attend(layer, k, v, mask, causal)
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
         return self.proj(y.transpose(1, 2).reshape(b, t, c))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from largo.config_seq2seq import Seq2SeqModelConfig
-from largo.models.layers import KVCache, SelfAttention, SwiGLU, rope_tables, sample_next
+from largo.models.layers import KVCache, SelfAttention, SlotKVCache, SwiGLU, rope_tables, sample_next
 
 PAD, BOS, EOS = 0, 1, 2  # the tokenizer's first ids (data/pairs.py trains it so)
 NEVER = [PAD, BOS]  # never a target, so never generated
@@ -134,18 +134,21 @@ class Seq2SeqTransformer(nn.Module):
         memory = self.enc_norm(x)
         return [block.cross.keys_values(memory) for block in self.decoder], mask
 
-    def decode(self, target: torch.Tensor, kv: list, mask: torch.Tensor, cache: KVCache | None = None):
-        """Target ids [b, t] (after `cache.pos` cached ones) → logits [b, t, vocab]."""
+    def decode(
+        self, target: torch.Tensor, kv: list, mask: torch.Tensor, cache: KVCache | SlotKVCache | None = None
+    ) -> torch.Tensor:
+        """Target ids [b, t] (after the cached ones: `cache.pos` of a `KVCache`, each row's own of a
+        `SlotKVCache`, which takes one token per row) → logits [b, t, vocab]."""
         t = target.shape[1]
-        start = cache.pos if cache is not None else 0
+        start = cache.pos if isinstance(cache, KVCache) else 0
         if start + t > self.cfg.context + 1:
             raise ValueError(f"{start + t} target tokens exceed the model's {self.cfg.context + 1}")
-        cos, sin = self.cos[start : start + t], self.sin[start : start + t]
+        cos, sin = (self.cos[:t], self.sin[:t]) if cache is None else cache.rope(self.cos, self.sin, t)
         x = self.drop(self.embed(target))
         for i, block in enumerate(self.decoder):
             x = block(x, cos, sin, kv[i], mask, cache, i)
         if cache is not None:
-            cache.pos += t
+            cache.advance(t)
         return self.head(self.dec_norm(x))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -278,3 +281,65 @@ def beam_search(
         if all(done):
             break
     return [_strip(max(f)[1]) if f else [] for f in finished]
+
+
+class Seq2SeqRows:
+    """Decode the targets of many sources together, each at its own position (continuous batching of
+    served generations), as `GPTRows` does for a GPT: `add` encodes a source into a free row and returns
+    the logits of its first target token, `step` feeds one token to every live row, `remove` frees a row.
+
+    Each row keeps its decoder keys and values in one `SlotKVCache` and its source's cross-attention keys
+    and values in another (of up to `source_length` tokens), masked to its own source. PAD and BOS get
+    -inf logits, as in `stream_ids`.
+    """
+
+    def __init__(self, model: Seq2SeqTransformer, slots: int, source_length: int):
+        self.model = model.eval()
+        c, like = model.cfg, model.embed.weight
+        head_dim = c.dim // c.heads
+        self.cache = SlotKVCache(c.decoder_layers, slots, c.heads, c.context + 1, head_dim, like)
+        self.memory = SlotKVCache(c.decoder_layers, slots, c.heads, source_length, head_dim, like)
+        self.slots = slots
+
+    @property
+    def rows(self) -> int:
+        return self.cache.rows
+
+    def full(self, row: int) -> bool:
+        """Whether the row's target has the most tokens the model writes (its context)."""
+        return self.cache.lengths[row] >= self.model.cfg.context
+
+    @torch.inference_mode()
+    def add(self, ids: list[int]) -> torch.Tensor:
+        """Encode a source (1 to source_length ids, EOS last) into the next row → the logits [vocab] of
+        its target's first token."""
+        if not 0 < len(ids) <= self.memory.length:
+            raise ValueError(f"a source of 1 to {self.memory.length} tokens (got {len(ids)})")
+        source = torch.tensor([ids], dtype=torch.long, device=self.model.embed.weight.device)
+        kv, mask = self.model.encode(source)
+        like = kv[0][0]
+        memory = KVCache(0, 1, self.model.cfg.heads, len(ids), like.shape[-1], like)
+        memory.k, memory.v, memory.pos = [k for k, _ in kv], [v for _, v in kv], len(ids)
+        cache = self.model.new_cache(1, like)
+        bos = torch.full((1, 1), BOS, dtype=torch.long, device=source.device)
+        logits = self.model.decode(bos, kv, mask, cache)[0, -1]
+        self.memory.put(memory)
+        self.cache.put(cache)
+        logits[NEVER] = -math.inf
+        return logits
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed token ids [rows] (one per live row, in row order) → next-token logits [rows, vocab]."""
+        n, end = self.rows, max(self.memory.lengths)
+        kv = [(k[:n, :, :end], v[:n, :, :end]) for k, v in zip(self.memory.k, self.memory.v, strict=True)]
+        keys = torch.arange(end, device=tokens.device)
+        mask = (keys[None, :] < self.memory.positions[:, None])[:, None, None, :]
+        logits = self.model.decode(tokens[:, None], kv, mask, self.cache)[:, -1]
+        logits[:, NEVER] = -math.inf
+        return logits
+
+    @torch.inference_mode()
+    def remove(self, row: int) -> None:
+        self.cache.remove(row)
+        self.memory.remove(row)

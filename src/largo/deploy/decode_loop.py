@@ -1,0 +1,265 @@
+"""Continuous batching for POST /generate: one thread decodes every running generation together.
+
+Without it each generation runs alone in a worker thread, so N concurrent requests cost N forward passes
+of one token each per step, fighting over the same cores. `DecodeLoop` instead keeps the running
+generations as rows of one batch (the generator's `decode_rows`: `GPTRows` or `Seq2SeqRows`) and runs one
+forward pass per step for all of them, as vLLM and TGI do:
+
+- a request joins between two steps: its prompt is read alone (its own forward pass, which the others
+  wait for), its first token sampled, and from the next step on it is one more row;
+- every step feeds each row its last token and samples each row's next one with that request's own
+  settings (temperature, top-k, top-p) and its own seeded `torch.Generator`, so a seed gives the same
+  text as `TextGenerator.stream_ids` alone (tokens equal up to float rounding of a batched matmul);
+- a row leaves as soon as it is done (end-of-text, `max_new_tokens`, the context full, or its client
+  gone), and the next waiting request takes its row at the next step.
+
+Events go back to each request as they do from `run_generation` (`Generation.push`: token pieces cut by
+`TextPieces`, then "done" with the same summary, or "error"), so the service streams, logs and counts
+both paths alike; a step's events go over in one `call_soon_threadsafe`, so the event loop wakes once
+a step rather than once a token. A model error in a step fails the generations of that step (each gets
+the error) and the loop goes on with the next requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from largo.deploy.generate_service import Generation, end_generation
+from largo.deploy.generator import TextPieces
+from largo.models.layers import sample_rows
+
+log = logging.getLogger("largo.server")
+
+
+@dataclass(eq=False)
+class _Row:
+    """A running generation: its request, its sampler, its text so far, and the token to feed next."""
+
+    job: Generation
+    sampler: torch.Generator | None
+    pieces: TextPieces
+    text: list[str]
+    truncated: bool
+    last: int = -1
+
+
+class DecodeLoop:
+    """Decode up to `slots` generations of one generator together, in one thread of its own.
+
+    `submit(job)` hands a generation over (the service has already bounded how many run); `on_end(job,
+    ok)` is called in the loop's thread once a job has sent its last event; `on_step(rows, seconds)`
+    after every batched step (metrics). `close()` lets the running generations finish, then stops the
+    thread (a swap closes the old model's loop while the new one starts).
+    """
+
+    def __init__(
+        self,
+        generator: Any,
+        slots: int,
+        on_end: Callable[[Generation, bool], None],
+        on_step: Callable[[int, float], None] | None = None,
+    ):
+        self.generator, self.slots = generator, slots
+        self.rows = generator.decode_rows(slots)
+        self.device = getattr(generator, "device", torch.device("cpu"))
+        self.on_end, self.on_step = on_end, on_step
+        self.inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
+        self.live: list[_Row] = []  # one per row of `self.rows`, in row order
+        self.outbox: list[tuple[Generation, str, Any]] = []  # events of this step, sent together
+        self.ended: list[tuple[Generation, bool]] = []  # for `on_end`, after their last events
+        self.thread = threading.Thread(target=self._run, name="largo-decode", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Generation) -> None:
+        self.inbox.put(job)
+
+    def close(self) -> None:
+        """Finish the generations already handed over, then stop the thread."""
+        self.inbox.put(None)
+
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+
+    # ------------------------------------------------------------------------------- the thread
+
+    @torch.inference_mode()  # the rows' tensors are inference tensors: all of it runs in that mode
+    def _run(self) -> None:
+        closing = False
+        while not (closing and not self.live):
+            try:
+                closing = self._admit(closing)
+                self._flush()  # the new rows' first tokens go out before the step
+                if self.live:
+                    self._step()
+                self._flush()
+            except Exception as exc:  # noqa: BLE001 - a bug here must not leave requests hanging
+                log.exception("the decode loop failed; its running generations fail with it")
+                self._fail_all(exc)
+                self._flush()
+
+    def _admit(self, closing: bool) -> bool:
+        """Take waiting requests into free rows (waiting for one when nothing runs); whether close came."""
+        block = not self.live and not closing  # nothing to decode: wait for a request
+        while len(self.live) < self.slots:
+            try:
+                job = self.inbox.get(block=block)
+            except queue.Empty:
+                break
+            block = False
+            if job is None:
+                closing = True
+            else:
+                self._join(job)
+        if closing and not self.live:
+            with contextlib.suppress(queue.Empty):  # jobs handed over just before close
+                while (job := self.inbox.get_nowait()) is not None:
+                    self._join(job)
+        return closing
+
+    def _flush(self) -> None:
+        """Send this step's events to each event loop in one call (one wake-up of the loop a step, not one
+        a token), then report the jobs that ended."""
+        by_loop: dict[Any, list[tuple[Generation, str, Any]]] = {}
+        for item in self.outbox:
+            by_loop.setdefault(item[0].loop, []).append(item)
+        self.outbox.clear()
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: its clients are gone
+                for job, _, _ in items:
+                    job.cancel.set()
+        for job, ok in self.ended:
+            self.on_end(job, ok)
+        self.ended.clear()
+
+    def _join(self, job: Generation) -> None:
+        """Read the job's prompt into a new row and take its first token (or end it at once)."""
+        s = job.settings
+        job.outbox = self.outbox
+        try:
+            job.prompt_tokens, truncated = self.generator.prompt_tokens(s.prompt)
+            row = _Row(job, self._sampler(job), TextPieces(self.generator.tokenizer), [], truncated)
+            if job.cancel.is_set() or s.max_new_tokens == 0:
+                job.finish_reason = "cancelled" if job.cancel.is_set() else "length"
+                self._end(row)
+                return
+            logits = self.rows.add(self.generator.prompt_ids(s.prompt))
+        except Exception as exc:  # noqa: BLE001 - this request fails; the loop keeps serving
+            self._fail(job, exc)
+            return
+        self.live.append(row)
+        if self._take([row], logits[None])[0]:
+            self._drop([len(self.live) - 1])
+
+    def _sampler(self, job: Generation) -> torch.Generator | None:
+        if not job.settings.temperature:
+            return None
+        return torch.Generator(device=self.device).manual_seed(job.seed)
+
+    def _step(self) -> None:
+        """One token for every live row; the rows that are done leave."""
+        cancelled = [i for i, row in enumerate(self.live) if row.job.cancel.is_set()]
+        for i in cancelled:
+            self.live[i].job.finish_reason = "cancelled"
+        self._drop(cancelled)
+        if not self.live:
+            return
+        tokens = torch.tensor([row.last for row in self.live], dtype=torch.long, device=self.device)
+        start = time.perf_counter()
+        try:
+            logits = self.rows.step(tokens)
+        except Exception as exc:  # noqa: BLE001 - these generations fail; the loop keeps serving
+            self._fail_all(exc)
+            return
+        if self.on_step is not None:
+            self.on_step(len(self.live), time.perf_counter() - start)
+        done = self._take(self.live, logits)
+        self._drop([i for i, d in enumerate(done) if d])
+
+    def _take(self, rows: list[_Row], logits: torch.Tensor) -> list[bool]:
+        """Sample each row's next token from its logits [rows, vocab] and send its text; which are done."""
+        tokens = self._tokens(rows, logits)
+        return [self._emit(row, token, i) for i, (row, token) in enumerate(zip(rows, tokens, strict=True))]
+
+    def _tokens(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """The next token of each row: greedy rows by argmax, the sampled ones in one `sample_rows` pass
+        with each row's own settings and one draw of its own seeded generator."""
+        tokens = logits.argmax(-1)
+        sampled = [i for i, row in enumerate(rows) if row.sampler is not None]
+        if sampled:
+            settings = [rows[i].job.settings for i in sampled]
+            device = logits.device
+            tokens[sampled] = sample_rows(
+                logits[sampled],
+                torch.tensor([s.temperature for s in settings], device=device),
+                torch.tensor([s.top_k or 0 for s in settings], dtype=torch.long, device=device),
+                torch.tensor([1.0 if s.top_p is None else s.top_p for s in settings], device=device),
+                torch.cat([torch.rand(1, generator=rows[i].sampler, device=device) for i in sampled]),
+            )
+        return tokens.tolist()
+
+    def _emit(self, row: _Row, token: int, index: int) -> bool:
+        """Send one token's text (or end at the end-of-text token); whether the generation is done."""
+        job, s = row.job, row.job.settings
+        if s.stop_at_eot and token == self.generator.eot:
+            job.finish_reason = "stop"
+            return True
+        job.tokens += 1
+        job.first_token = job.first_token or time.perf_counter()
+        if piece := row.pieces.push(token):
+            row.text.append(piece)
+            job.push("token", piece)
+        row.last = token
+        if job.tokens >= s.max_new_tokens or self.rows.full(index):
+            job.finish_reason = "length"
+            return True
+        return False
+
+    def _drop(self, indexes: list[int]) -> None:
+        """End the generations at these rows and free the rows (the last row moves into each)."""
+        for i in sorted(indexes, reverse=True):
+            row = self.live[i]
+            self.rows.remove(i)
+            self.live[i] = self.live[-1]
+            self.live.pop()
+            self._end(row)
+
+    def _end(self, row: _Row) -> None:
+        if piece := row.pieces.end():
+            row.text.append(piece)
+            row.job.push("token", piece)
+        try:
+            end_generation(row.job, "".join(row.text), row.truncated)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(row.job, exc)
+            return
+        self.ended.append((row.job, True))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """Every running generation fails with `exc`; the rows are emptied for the next requests."""
+        for row in self.live:
+            self._fail(row.job, exc)
+        self.live.clear()
+        while self.rows.rows:
+            self.rows.remove(self.rows.rows - 1)
+
+    def _fail(self, job: Generation, exc: BaseException) -> None:
+        job.push("error", exc)
+        job.ended = job.ended or time.perf_counter()
+        self.ended.append((job, False))
+
+
+def _deliver(items: list[tuple[Generation, str, Any]]) -> None:
+    """In the event loop: put each event on its generation's queue."""
+    for job, kind, value in items:
+        job.events.put_nowait((kind, value))
