@@ -149,6 +149,10 @@ class GatedRows:
             mirror[row] = mirror[-1]
             mirror.pop()
 
+    def clear(self) -> None:
+        self.inner.clear()
+        self.prompts, self.fed = [], []
+
 
 @pytest.fixture(params=[True, False], ids=["batched", "threads"])
 def gated(generator: TextGenerator, request: pytest.FixtureRequest) -> Iterator[Gated]:
@@ -521,6 +525,16 @@ def test_graceful_shutdown_lets_a_generation_finish(gated: Gated) -> None:
         threading.Timer(0.3, gated.gate.set).start()  # opens while the server is shutting down
     client.join(20)
     assert events(answer[0].text)[-1][1]["tokens"] == 20
+
+
+def test_after_stop_a_new_generation_is_503_not_left_waiting(generator: TextGenerator) -> None:
+    app = create_generate_app(generator)
+    with serve_in_thread(app) as url:
+        assert httpx.post(f"{url}/generate", json={"prompt": "The", "max_new_tokens": 3}).status_code == 200
+        app.state.service.stop()  # as the lifespan does once uvicorn stopped accepting
+        late = httpx.post(f"{url}/generate", json={"prompt": "The", "max_new_tokens": 3}, timeout=10)
+        assert late.status_code == 503 and "shutting down" in late.text
+        assert health(url)["active"] == 0
 
 
 def test_the_batching_options_of_a_classifier_server_map_to_the_decode_batch() -> None:

@@ -174,3 +174,54 @@ def test_sample_rows_draws_for_each_row_what_sample_next_draws_for_it_alone():
     nucleus = probs.indices[: int((probs.values.cumsum(0) < 0.5).sum()) + 1].tolist()
     assert set(columns[2]) <= set(nucleus)  # top-p 0.5: the smallest prefix holding half the mass
     assert not {0, 1} & set(columns[4]) and len(set(columns[4])) > 10  # temperature 2 spreads widely
+
+
+def test_a_failed_read_leaves_the_rows_as_they_were(monkeypatch: pytest.MonkeyPatch):
+    """A seq2seq source whose decoder cache cannot be stored (say, out of memory) must not leave the
+    cross-attention memory a row ahead; a cache that cannot grow keeps what its rows hold."""
+    model = _seq2seq()
+    rows = Seq2SeqRows(model, slots=3, source_length=10)
+    rows.add([5, 6, 2])
+
+    def no_room(cache):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(rows.cache, "put", no_room)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        rows.add([7, 2])
+    monkeypatch.undo()
+    assert rows.rows == rows.memory.rows == 1
+    rows.add([9, 9, 2])
+    logits = rows.step(torch.tensor([4, 5]))
+    torch.testing.assert_close(logits[1], _seq2seq_alone(model, [9, 9, 2], [5]), rtol=1e-9, atol=1e-9)
+
+    slots = SlotKVCache(layers=1, slots=8, heads=1, length=3, head_dim=2, like=torch.zeros(1))
+    slots.k[0].fill_(1.0)
+    calls = []
+    real_zeros = torch.zeros
+
+    def fails_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real_zeros(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", fails_second)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        slots._allocate(8)
+    monkeypatch.undo()
+    assert slots.k[0].shape[0] == slots.v[0].shape[0] == 4 and bool((slots.k[0] == 1.0).all())
+
+
+def test_sample_rows_refuses_broken_logits_and_a_tiny_temperature_is_greedy():
+    from largo.models.layers import sample_rows
+
+    logits = torch.tensor([[0.0, 4.0, 5.0, -1.0], [1.0, float("nan"), 0.0, 0.0]])
+    settings = (torch.tensor([1e-38, 1.0]), torch.tensor([0, 0]), torch.tensor([1.0, 1.0]))
+    with pytest.raises(ValueError, match="no finite largest value"):
+        sample_rows(logits, *settings, torch.tensor([0.99, 0.5]))
+    for u in (0.0, 0.5, 0.999):
+        assert (
+            int(sample_rows(logits[:1], settings[0][:1], settings[1][:1], settings[2][:1], torch.tensor([u])))
+            == 2
+        )

@@ -55,10 +55,12 @@ class _Row:
 class DecodeLoop:
     """Decode up to `slots` generations of one generator together, in one thread of its own.
 
-    `submit(job)` hands a generation over (the service has already bounded how many run); `on_end(job,
-    ok)` is called in the loop's thread once a job has sent its last event; `on_step(rows, seconds)`
-    after every batched step (metrics). `close()` lets the running generations finish, then stops the
-    thread (a swap closes the old model's loop while the new one starts).
+    `submit(job)` hands a generation over (the service has already bounded how many run). In the loop's
+    thread: `on_done([(job, summary), ...])` gets the generations a step finished, before their "done"
+    events (the service logs them, in one sink call); `on_end(job, ok)` each job once its last event is
+    sent; `on_step(rows, seconds)` every batched step (metrics). `close()` lets the running generations
+    finish, then stops the thread (a swap closes the old model's loop while the new one starts); a job
+    submitted after it is refused with a RuntimeError.
     """
 
     def __init__(
@@ -66,12 +68,15 @@ class DecodeLoop:
         generator: Any,
         slots: int,
         on_end: Callable[[Generation, bool], None],
+        on_done: Callable[[list[tuple[Generation, dict[str, Any]]]], None] | None = None,
         on_step: Callable[[int, float], None] | None = None,
     ):
         self.generator, self.slots = generator, slots
         self.rows = generator.decode_rows(slots)
         self.device = getattr(generator, "device", torch.device("cpu"))
-        self.on_end, self.on_step = on_end, on_step
+        self.on_end, self.on_done, self.on_step = on_end, on_done, on_step
+        self.closed = False
+        self.done: list[tuple[Generation, dict[str, Any]]] = []  # finished this step, for `on_done`
         self.inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
         self.live: list[_Row] = []  # one per row of `self.rows`, in row order
         self.outbox: list[tuple[Generation, str, Any]] = []  # events of this step, sent together
@@ -80,11 +85,15 @@ class DecodeLoop:
         self.thread.start()
 
     def submit(self, job: Generation) -> None:
+        if self.closed:
+            raise RuntimeError("this decode loop is closed")
         self.inbox.put(job)
 
     def close(self) -> None:
         """Finish the generations already handed over, then stop the thread."""
-        self.inbox.put(None)
+        if not self.closed:
+            self.closed = True
+            self.inbox.put(None)
 
     def join(self, timeout: float | None = None) -> None:
         self.thread.join(timeout)
@@ -128,6 +137,10 @@ class DecodeLoop:
     def _flush(self) -> None:
         """Send this step's events to each event loop in one call (one wake-up of the loop a step, not one
         a token), then report the jobs that ended."""
+        if self.done:  # logged before their "done" events go out
+            done, self.done = self.done, []
+            if self.on_done is not None:
+                self.on_done(done)
         by_loop: dict[Any, list[tuple[Generation, str, Any]]] = {}
         for item in self.outbox:
             by_loop.setdefault(item[0].loop, []).append(item)
@@ -138,14 +151,15 @@ class DecodeLoop:
             except RuntimeError:  # that loop is closed: its clients are gone
                 for job, _, _ in items:
                     job.cancel.set()
-        for job, ok in self.ended:
+        ended, self.ended = self.ended, []
+        for job, ok in ended:
             self.on_end(job, ok)
-        self.ended.clear()
 
     def _join(self, job: Generation) -> None:
         """Read the job's prompt into a new row and take its first token (or end it at once)."""
         s = job.settings
         job.outbox = self.outbox
+        job.on_done = lambda job, summary: self.done.append((job, summary))
         try:
             job.prompt_tokens, truncated = self.generator.prompt_tokens(s.prompt)
             row = _Row(job, self._sampler(job), TextPieces(self.generator.tokenizer), [], truncated)
@@ -158,8 +172,9 @@ class DecodeLoop:
             self._fail(job, exc)
             return
         self.live.append(row)
-        if self._take([row], logits[None])[0]:
-            self._drop([len(self.live) - 1])
+        index = len(self.live) - 1
+        if self._emit(row, self._tokens([row], logits[None])[0], index):
+            self._drop([index])
 
     def _sampler(self, job: Generation) -> torch.Generator | None:
         if not job.settings.temperature:
@@ -177,19 +192,14 @@ class DecodeLoop:
         tokens = torch.tensor([row.last for row in self.live], dtype=torch.long, device=self.device)
         start = time.perf_counter()
         try:
-            logits = self.rows.step(tokens)
+            next_tokens = self._tokens(self.live, self.rows.step(tokens))  # on the host: the step is done
         except Exception as exc:  # noqa: BLE001 - these generations fail; the loop keeps serving
             self._fail_all(exc)
             return
         if self.on_step is not None:
             self.on_step(len(self.live), time.perf_counter() - start)
-        done = self._take(self.live, logits)
+        done = [self._emit(row, t, i) for i, (row, t) in enumerate(zip(self.live, next_tokens, strict=True))]
         self._drop([i for i, d in enumerate(done) if d])
-
-    def _take(self, rows: list[_Row], logits: torch.Tensor) -> list[bool]:
-        """Sample each row's next token from its logits [rows, vocab] and send its text; which are done."""
-        tokens = self._tokens(rows, logits)
-        return [self._emit(row, token, i) for i, (row, token) in enumerate(zip(rows, tokens, strict=True))]
 
     def _tokens(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """The next token of each row: greedy rows by argmax, the sampled ones in one `sample_rows` pass
@@ -250,8 +260,7 @@ class DecodeLoop:
         for row in self.live:
             self._fail(row.job, exc)
         self.live.clear()
-        while self.rows.rows:
-            self.rows.remove(self.rows.rows - 1)
+        self.rows.clear()
 
     def _fail(self, job: Generation, exc: BaseException) -> None:
         job.push("error", exc)

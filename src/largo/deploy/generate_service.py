@@ -24,8 +24,9 @@ error. `seed: null` draws a seed per request and answers it: sending it back giv
 Logging and swapping, as on /predict: every finished generation (a cancelled one too; not one that
 failed) is one row for the sink, `{id, time, inputs: {prompt, max_new_tokens, temperature, top_k, top_p,
 seed, stop_at_eot}, outputs: {text, tokens, finish_reason, prompt_tokens}, latency_ms}` and `version`
-when a registered version serves, written in the worker thread (one of up to `max_concurrent`, so the
-sink must be thread-safe) before the `done` event is sent (default sink: `JsonlSink(<bundle>/serving)`;
+when a registered version serves, written before the `done` event is sent: by the decode loop's thread,
+the rows of a step in one `log_predictions` call (a slow sink slows every running generation), or by a
+worker thread (so the sink must be thread-safe) (default sink: `JsonlSink(<bundle>/serving)`;
 `largo serve NAME` writes to the store). `GenerateService.swap(generator, version)` serves another
 language model from the next admitted request on; generations already running finish on the model they
 started with.
@@ -92,6 +93,7 @@ from largo.deploy.sink import JsonlSink
 log = logging.getLogger("largo.server")
 TOKEN_RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 LM_RUNTIMES = ("auto", "torch", "torch-bf16")
+BEAM_THREADS = 4  # beam searches at once beside a decode loop (each a worker thread)
 LM_RECENT_IDS = 10_000  # generations remembered, with their text, for /feedback (a store looks up older ones)
 
 
@@ -287,8 +289,17 @@ def end_generation(job: Generation, text: str, truncated: bool) -> None:
     job.push("done", summary)
 
 
-def log_generation(sink: Any, job: Generation, summary: dict[str, Any]) -> None:
-    """One generation's row for the sink (see the module doc); a sink that fails is logged, not raised."""
+def log_generations(sink: Any, done: list[tuple[Generation, dict[str, Any]]]) -> None:
+    """The rows of finished generations for the sink, in one call (see the module doc); a sink that fails
+    is logged, not raised."""
+    try:
+        sink.log_predictions([generation_row(job, summary) for job, summary in done])
+    except Exception:  # noqa: BLE001 - a full disk must not stop generating
+        log.exception("the sink failed to log generations %s", ", ".join(job.id for job, _ in done))
+
+
+def generation_row(job: Generation, summary: dict[str, Any]) -> dict[str, Any]:
+    """One generation's logged row."""
     s = job.settings
     inputs = {"prompt": s.prompt, "max_new_tokens": s.max_new_tokens, "temperature": s.temperature}
     inputs |= {"top_k": s.top_k, "top_p": s.top_p, "seed": job.seed, "stop_at_eot": s.stop_at_eot}
@@ -303,10 +314,7 @@ def log_generation(sink: Any, job: Generation, summary: dict[str, Any]) -> None:
     }
     if job.version is not None:
         row["version"] = job.version
-    try:
-        sink.log_predictions([row])
-    except Exception:  # noqa: BLE001 - a full disk must not stop generating
-        log.exception("the sink failed to log generation %s", job.id)
+    return row
 
 
 def _event(kind: str, data: dict[str, Any]) -> str:
@@ -423,11 +431,15 @@ class GenerateService:
         self.queue_timeout_s = queue_timeout_s
         self.active = self.queued = 0  # touched in the event loop only
         self.slots = asyncio.Semaphore(max_concurrent)
-        self.pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="largo-generate")
         self.running: dict[str, Generation] = {}
         self.metrics = GenerationMetrics(lambda: self.active, lambda: self.queued)
         self.batching = batching
         self.decoder = self._new_decoder(generator)
+        self.retired: list[Any] = []  # decode loops of swapped-out models, finishing their generations
+        self.stopping = False
+        # worker threads: every generation without batching; with it only beam searches, a few at a time
+        workers = max_concurrent if self.decoder is None else min(max_concurrent, BEAM_THREADS)
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="largo-generate")
 
     def _new_decoder(self, generator: Any) -> Any:
         """The continuous-batching loop for `generator` (None: one worker thread per generation, for a
@@ -436,7 +448,9 @@ class GenerateService:
             return None
         from largo.deploy.decode_loop import DecodeLoop  # torch: only where a torch generator is served
 
-        return DecodeLoop(generator, self.max_concurrent, self._ended_elsewhere, self.metrics.observe_step)
+        return DecodeLoop(
+            generator, self.max_concurrent, self._ended_elsewhere, self._done_many, self.metrics.observe_step
+        )
 
     def swap(self, generator: Any, version: int | None = None) -> None:
         """Serve `generator` (already loaded) for every request admitted from now on; generations that
@@ -450,6 +464,7 @@ class GenerateService:
             self.decoder = decoder
         if old is not None:
             old.close()  # its generations finish on the old model, then its thread stops
+            self.retired = [d for d in self.retired if d.thread.is_alive()] + [old]
         log.info("now serving %s version %s from %s", self.name, version, generator.path)
 
     async def generate(self, body: GenerateRequest, request: Request) -> Any:
@@ -505,6 +520,9 @@ class GenerateService:
         thread); its slot is given back when it has sent its last event, not before."""
         job.on_done = self._done
         with self._swap_lock:  # the model, its version and its loop, read together
+            if self.stopping:
+                self._release()
+                raise _busy("the server is shutting down")
             generator, job.version = self.generator, self.version
             if self.decoder is not None and (job.settings.beams or 1) == 1:
                 self.running[job.id] = job
@@ -520,9 +538,14 @@ class GenerateService:
 
     def _done(self, job: Generation, summary: dict[str, Any]) -> None:
         """In the worker, before the "done" event: log the generation and remember it for /feedback."""
-        log_generation(self.sink, job, summary)
+        self._done_many([(job, summary)])
+
+    def _done_many(self, done: list[tuple[Generation, dict[str, Any]]]) -> None:
+        """`_done` for the generations a decode step finished: one sink call for all their rows."""
+        log_generations(self.sink, done)
         with self._recent_lock:
-            self.recent[job.id] = {"text": summary["text"]}
+            for job, summary in done:
+                self.recent[job.id] = {"text": summary["text"]}
             while len(self.recent) > LM_RECENT_IDS:
                 self.recent.popitem(last=False)
 
@@ -643,11 +666,15 @@ class GenerateService:
 
     def stop(self) -> None:
         """Stop what still runs (clients uvicorn gave up on at its graceful timeout) and the threads."""
+        with self._swap_lock:  # from here on `_start` answers 503
+            self.stopping = True
+            loops = [d for d in (self.decoder, *self.retired) if d is not None]
         for job in list(self.running.values()):
             job.cancel.set()
-        if self.decoder is not None:
-            self.decoder.close()
-            self.decoder.join(timeout=30)
+        for loop in loops:
+            loop.close()
+        for loop in loops:
+            loop.join(timeout=30)
         self.pool.shutdown(wait=True)
 
 
@@ -683,9 +710,9 @@ def create_generate_app(
         api_key: when set, /generate, /feedback and /metrics need `Authorization: Bearer <key>`.
         name: the served name in /health and the page (default: the config's name).
         version: the registered version served, in /health, every answer and every logged row.
-        sink: gets `log_predictions(rows)` (a row per generation) and `log_feedback(row)`, from worker
-            threads; with `find_prediction(id)` it also answers feedback on older generations. Default:
-            `JsonlSink(<bundle>/serving)`.
+        sink: gets `log_predictions(rows)` (a row per generation) and `log_feedback(row)`, from the
+            decode loop's and worker threads; with `find_prediction(id)` it also answers feedback on
+            older generations. Default: `JsonlSink(<bundle>/serving)`.
         batching: decode the running generations together (continuous batching); False runs each in a
             worker thread of its own (what `bench/generate_serve.py` compares against).
     """

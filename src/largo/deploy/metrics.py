@@ -8,6 +8,7 @@ event loop thread only, so no locks.
 from __future__ import annotations
 
 import bisect
+import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -32,22 +33,26 @@ class Histogram:
         self.counts = [0] * (len(self.bounds) + 1)  # the last slot is +Inf
         self.sum = 0.0
         self.count = 0
+        self.lock = threading.Lock()  # observed from decode threads, read by the event loop
 
     def observe(self, value: float) -> None:
         """Count one value."""
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
+        with self.lock:
+            self.counts[bisect.bisect_left(self.bounds, value)] += 1
+            self.sum += value
+            self.count += 1
 
     def lines(self, name: str, labels: dict[str, str]) -> list[str]:
         """`name_bucket`, `name_sum` and `name_count` sample lines."""
         out, total = [], 0
-        for bound, n in zip([*self.bounds, float("inf")], self.counts, strict=True):
+        with self.lock:
+            counts, total_sum, count = list(self.counts), self.sum, self.count
+        for bound, n in zip([*self.bounds, float("inf")], counts, strict=True):
             total += n
             le = "+Inf" if bound == float("inf") else f"{bound:g}"
             out.append(f"{name}_bucket{_labels({**labels, 'le': le})} {total}")
-        out.append(f"{name}_sum{_labels(labels)} {self.sum:.6f}")
-        out.append(f"{name}_count{_labels(labels)} {self.count}")
+        out.append(f"{name}_sum{_labels(labels)} {total_sum:.6f}")
+        out.append(f"{name}_count{_labels(labels)} {count}")
         return out
 
 

@@ -197,3 +197,7 @@ class GPTRows:
     @torch.inference_mode()
     def remove(self, row: int) -> None:
         self.cache.remove(row)
+
+    def clear(self) -> None:
+        """Drop every row (after a failed step)."""
+        self.cache.clear()

@@ -197,7 +197,8 @@ class SlotKVCache:
     a finished one gives its row to the last (`remove`), so a step always works on a dense prefix. A step
     feeds one token per row, each at its own position: RoPE's angles come per row (`rope`), the token is
     stored at the row's own length, and the mask lets a row attend to its own tokens only. Memory grows
-    with the rows in use (doubling, up to `slots`); a row holds up to `length` tokens.
+    with the most rows used so far (doubling, up to `slots`; it is kept, not given back, so a busy
+    server does not reallocate); a row holds up to `length` tokens.
     """
 
     def __init__(self, layers: int, slots: int, heads: int, length: int, head_dim: int, like: torch.Tensor):
@@ -216,12 +217,19 @@ class SlotKVCache:
         return len(self.lengths)
 
     def _allocate(self, rows: int) -> None:
+        """Room for `rows` rows, the live ones copied over; the old tensors stay until all of it worked
+        (an out-of-memory error here leaves the cache as it was)."""
         shape = (rows, self.heads, self.length, self.head_dim)
-        old_k, old_v = self.k, self.v
-        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
-        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
-        for new, old in zip(self.k + self.v, old_k + old_v, strict=False):
+        k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        for new, old in zip(k + v, self.k + self.v, strict=False):
             new[: old.shape[0]] = old
+        self.k, self.v = k, v
+
+    def clear(self) -> None:
+        """Drop every live row (the memory stays)."""
+        self.lengths = []
+        self._refresh()
 
     def put(self, cache: KVCache) -> int:
         """Copy a one-sequence cache (a prompt's pass) into the next row; return the row."""
@@ -280,6 +288,9 @@ class SlotKVCache:
         self._refresh()
 
 
+MIN_TEMPERATURE = 1e-4  # the smallest temperature `sample_rows` divides by
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -321,8 +332,11 @@ def sample_rows(
     """
     vocab = logits.shape[-1]
     k_cap = vocab if bool((top_k <= 0).any()) else min(vocab, int(top_k.max()))
-    scaled = logits.float() / temperature[:, None]
+    # a temperature near 0 is greedy: below 1e-4 it is taken as 1e-4, so fp32 logits cannot overflow
+    scaled = logits.float() / temperature.clamp(min=MIN_TEMPERATURE)[:, None]
     values, order = torch.topk(scaled, k_cap, dim=-1)  # sorted, likeliest first
+    if not bool(torch.isfinite(values[:, 0]).all()):
+        raise ValueError("the logits to sample from have no finite largest value (NaN, or every one -inf)")
     rank = torch.arange(k_cap, device=logits.device)
     limit = torch.where(top_k > 0, top_k, vocab)
     weights = (values - values[:, :1]).exp().masked_fill(rank[None, :] >= limit[:, None], 0.0)

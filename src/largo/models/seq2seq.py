@@ -324,7 +324,11 @@ class Seq2SeqRows:
         bos = torch.full((1, 1), BOS, dtype=torch.long, device=source.device)
         logits = self.model.decode(bos, kv, mask, cache)[0, -1]
         self.memory.put(memory)
-        self.cache.put(cache)
+        try:
+            self.cache.put(cache)
+        except BaseException:  # the two caches keep the same rows: undo the first
+            self.memory.remove(self.memory.rows - 1)
+            raise
         logits[NEVER] = -math.inf
         return logits
 
@@ -343,3 +347,8 @@ class Seq2SeqRows:
     def remove(self, row: int) -> None:
         self.cache.remove(row)
         self.memory.remove(row)
+
+    def clear(self) -> None:
+        """Drop every row (after a failed step)."""
+        self.cache.clear()
+        self.memory.clear()
