@@ -7,13 +7,13 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from largo.cli_common import api, friendly
+from largo.cli_lifecycle import register as register_lifecycle
 from largo.config import (
     ConfigError,
     apply_overrides,
@@ -23,21 +23,7 @@ from largo.config import (
     validate_config,
 )
 from largo.config_seq2seq import dump_seq2seq_config, load_seq2seq_config, validate_seq2seq_config
-from largo.data.readers import DataError
 from largo.deploy.metadata import BundleError, ParityError, bundle_task
-
-
-class _LazyApi:
-    """`largo.api`, imported on first use: it imports torch, which a command serving an ONNX model
-    from a torch-free image must not need just to start."""
-
-    def __getattr__(self, name: str) -> Any:
-        from largo import api as module
-
-        return getattr(module, name)
-
-
-api = _LazyApi()
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="largo: data → model → bundle → predictions."
@@ -50,20 +36,6 @@ def _main_process() -> bool:
     return is_main_process()
 
 
-def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print known errors as one clear message and exit 2, without a traceback."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (ConfigError, DataError, BundleError, ValueError, FileNotFoundError) as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
 def _print_scores(split: str, outputs: dict[str, Any]) -> None:
     """One line of headline metrics per output: `test label: accuracy=…  f1_macro=…`."""
     for output, m in outputs.items():
@@ -73,7 +45,7 @@ def _print_scores(split: str, outputs: dict[str, Any]) -> None:
 
 
 @app.command()
-@_friendly
+@friendly
 def train(
     source: Annotated[str, typer.Argument(help="A config.yaml, or a data file / image folder to train on.")],
     target: Annotated[
@@ -136,7 +108,7 @@ def train(
 
 
 @app.command()
-@_friendly
+@friendly
 def tune(
     config: Annotated[
         str, typer.Argument(help="A config.yaml with a tune: section (space, metric, trials).")
@@ -193,7 +165,7 @@ def tune(
 
 
 @app.command()
-@_friendly
+@friendly
 def evaluate(
     bundle: Annotated[str, typer.Argument(help="A bundle folder.")],
     data: Annotated[str, typer.Option("--data", "-d", help="Labelled data to score.")],
@@ -221,7 +193,7 @@ def _flat(result: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.command()
-@_friendly
+@friendly
 def predict(
     bundle: Annotated[str, typer.Argument(help="A bundle folder.")],
     data: Annotated[
@@ -261,14 +233,14 @@ def predict(
 
 
 @app.command()
-@_friendly
+@friendly
 def info(bundle: Annotated[str, typer.Argument(help="A bundle folder.")]) -> None:
     """Show what a bundle holds: features, labels, parameters, test metrics."""
     typer.echo(json.dumps(api.info(bundle), indent=2, ensure_ascii=False))
 
 
 @app.command()
-@_friendly
+@friendly
 def serve(
     bundle: Annotated[
         str, typer.Argument(help="A bundle folder, or a registered model: NAME, NAME@VERSION or NAME@ALIAS.")
@@ -361,7 +333,7 @@ def _print_checks(sections: dict[str, Any]) -> None:
 
 
 @app.command()
-@_friendly
+@friendly
 def export(
     bundle: Annotated[str, typer.Argument(help="A bundle folder; the exported files go into it.")],
     format: Annotated[str, typer.Option("--format", "-f", help="onnx | torchscript | all.")] = "onnx",
@@ -404,7 +376,7 @@ def export(
 
 
 @app.command()
-@_friendly
+@friendly
 def compress(
     bundle: Annotated[str, typer.Argument(help="A bundle folder.")],
     prune: Annotated[float, typer.Option(help="Fraction of each weight matrix to zero (0..1).")] = 0.5,
@@ -424,7 +396,7 @@ def compress(
 
 
 @app.command()
-@_friendly
+@friendly
 def pretrain(
     corpus: Annotated[
         list[str] | None,
@@ -470,7 +442,7 @@ def pretrain(
 
 
 @app.command()
-@_friendly
+@friendly
 def generate(
     bundle: Annotated[str, typer.Argument(help="A language-model (or seq2seq) bundle folder.")],
     prompt: Annotated[str, typer.Argument(help="The text to continue (a seq2seq model: to translate).")] = "",
@@ -521,7 +493,7 @@ def generate(
 
 
 @app.command("config")
-@_friendly
+@friendly
 def show_config(
     data: Annotated[str, typer.Argument(help="A data file or image folder.")],
     target: Annotated[list[str], typer.Option("--target", "-t", help="Column to predict.")],
@@ -531,178 +503,7 @@ def show_config(
     typer.echo(dump_seq2seq_config(cfg) if getattr(cfg, "task", None) == "seq2seq" else dump_config(cfg))
 
 
-# ------------------------------------------------------------------ registry and feedback (lifecycle)
-
-registry_app = typer.Typer(no_args_is_help=True, help="Registered models: versions, aliases, promotion.")
-feedback_app = typer.Typer(no_args_is_help=True, help="Corrections and new labelled rows for a model.")
-app.add_typer(registry_app, name="registry")
-app.add_typer(feedback_app, name="feedback")
-
-DbOption = Annotated[
-    str | None,
-    typer.Option("--db", help="Store URL or SQLite file (default: $LARGO_DB_URL, else runs/largo.db)."),
-]
-
-
-def _lifecycle() -> Any:
-    from largo.lifecycle import api as module  # torch-free, but SQLAlchemy loads only when needed
-
-    return module
-
-
-@registry_app.command("list")
-@_friendly
-def registry_list(db: DbOption = None) -> None:
-    """Every registered model with its version count, latest version and aliases."""
-    rows = _lifecycle().registry_list(db)
-    if not rows:
-        typer.echo("no registered models (largo registry add NAME BUNDLE)")
-    for r in rows:
-        aliases = "  ".join(f"{a}={v}" for a, v in r["aliases"].items())
-        typer.echo(f"{r['name']:<24} versions={r['versions']:<4} latest={r['latest']:<4} {aliases}")
-
-
-@registry_app.command("show")
-@_friendly
-def registry_show(
-    name: Annotated[str, typer.Argument(help="A registered model name.")], db: DbOption = None
-) -> None:
-    """A model's versions (bundle, hash, metrics, lineage, aliases) and alias history, as JSON."""
-    typer.echo(json.dumps(_lifecycle().registry_show(name, db), indent=2, ensure_ascii=False))
-
-
-@registry_app.command("add")
-@_friendly
-def registry_add(
-    name: Annotated[str, typer.Argument(help="Model name (created on first use).")],
-    bundle: Annotated[str, typer.Argument(help="A finished bundle folder.")],
-    parent: Annotated[int | None, typer.Option(help="The version this bundle was trained from.")] = None,
-    db: DbOption = None,
-) -> None:
-    """Register a bundle as the next version of NAME (its files are hashed: it must not change after)."""
-    v = _lifecycle().registry_add(name, bundle, db, parent=parent)
-    typer.echo(f"registered {v.ref}: {v.path}  (sha256 {v.files_hash[:12]})")
-
-
-@registry_app.command("promote")
-@_friendly
-def registry_promote(
-    name: Annotated[str, typer.Argument(help="A registered model name.")],
-    version: Annotated[int, typer.Argument(help="The version to serve as production.")],
-    db: DbOption = None,
-) -> None:
-    """Point NAME's production alias at VERSION (rollback returns to the previous one)."""
-    v = _lifecycle().promote(name, version, db)
-    typer.echo(f"{name}@production → {v.version}  ({v.path})")
-
-
-@registry_app.command("rollback")
-@_friendly
-def registry_rollback(
-    name: Annotated[str, typer.Argument(help="A registered model name.")],
-    alias: Annotated[str, typer.Option(help="The alias to roll back.")] = "production",
-    db: DbOption = None,
-) -> None:
-    """Return NAME's production alias (or --alias) to the version it had before its latest change."""
-    v = _lifecycle().rollback(name, db, alias)
-    typer.echo(f"{name}@{alias} → {v.version}  ({v.path})")
-
-
-@registry_app.command("alias")
-@_friendly
-def registry_alias(
-    name: Annotated[str, typer.Argument(help="A registered model name.")],
-    alias: Annotated[str, typer.Argument(help="Any alias name, e.g. candidate.")],
-    version: Annotated[int, typer.Argument(help="The version it points at.")],
-    db: DbOption = None,
-) -> None:
-    """Point an alias of NAME at VERSION."""
-    v = _lifecycle().set_alias(name, alias, version, db)
-    typer.echo(f"{name}@{alias} → {v.version}  ({v.path})")
-
-
-@feedback_app.command("import")
-@_friendly
-def feedback_import(
-    name: Annotated[str, typer.Argument(help="A registered model: NAME, NAME@VERSION or NAME@ALIAS.")],
-    data: Annotated[
-        str, typer.Argument(help="csv/tsv/jsonl/parquet: prediction_id,label or inputs + label.")
-    ],
-    db: DbOption = None,
-) -> None:
-    """Store corrections of predictions (prediction_id,label) and new labelled rows (inputs, label)."""
-    r = _lifecycle().feedback_import(name, data, db)
-    typer.echo(f"imported {r.corrections} corrections and {r.new_rows} new labelled rows for {name}")
-
-
-@feedback_app.command("export")
-@_friendly
-def feedback_export(
-    name: Annotated[str, typer.Argument(help="A registered language (or seq2seq) model.")],
-    out: Annotated[
-        str, typer.Argument(help='The JSONL file to write ({"text": ...} lines; seq2seq: pairs).')
-    ],
-    db: DbOption = None,
-) -> None:
-    """Write a language model's feedback as a corpus to fine-tune on: corrections and texts rated good
-    (a seq2seq model's: as pairs of its source and target columns)."""
-    r = _lifecycle().feedback_export(name, out, db)
-    written = r.corrections + r.rated_good
-    typer.echo(
-        f"wrote {written} texts to {r.path} ({r.corrections} corrections, "
-        f"{r.rated_good} rated good; {r.rated_bad} only rated bad, left out)"
-    )
-    if written and r.task == "seq2seq":
-        typer.echo(f"train on them: largo update {name} (the original pairs plus these, gated on chrF)")
-    elif written:
-        typer.echo(
-            f"fine-tune on them: largo pretrain {r.path} --config lm.yaml with train.init_from: the bundle"
-        )
-
-
-@app.command()
-@_friendly
-def update(
-    name: Annotated[
-        str, typer.Argument(help="A registered model: NAME (its production version) or NAME@VERSION.")
-    ],
-    config: Annotated[
-        str | None, typer.Option("--config", "-c", help="update.yaml: update: {mode, epochs, lr, gate, ...}.")
-    ] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a key: --set update.mode=retrain")
-    ] = None,
-    db: DbOption = None,
-) -> None:
-    """Fine-tune or retrain on the original data plus feedback; promote only if the gate passes.
-
-    Prints old vs new on the frozen test split and the held-out feedback. A language model is
-    fine-tuned on its corrections and good-rated generations (update.steps) and judged on the held-out
-    feedback's completion loss and its corpus's held-out loss. Exits 0 whether or not the new version
-    was promoted.
-    """
-    result = _lifecycle().update(name, config, set_ or [], db)
-    typer.echo(result.table())
-    typer.echo(f"bundle:  {result.path}")
-
-
-@app.command()
-@_friendly
-def monitor(
-    name: Annotated[str, typer.Argument(help="A registered model: NAME, NAME@VERSION or NAME@ALIAS.")],
-    since: Annotated[
-        str | None, typer.Option(help="Only rows since: 7d, 24h, 30m, 2026-11-20 or an ISO time.")
-    ] = None,
-    out: Annotated[
-        str | None, typer.Option("--out", "-o", help="HTML report (default: runs/<name>/monitor.html).")
-    ] = None,
-    db: DbOption = None,
-) -> None:
-    """Input drift against the training data, predictions, confidence, feedback accuracy and latency."""
-    report = _lifecycle().monitor(name, since, out, db)
-    typer.echo(report.table())
-    typer.echo(f"report:  {report.html}")
-
+register_lifecycle(app)
 
 if __name__ == "__main__":
     app()
