@@ -20,7 +20,15 @@ from torch import nn
 
 from largo.config_lm import GPTConfig
 from largo.data.corpus import IGNORE  # a target the loss skips
-from largo.models.layers import KVCache, SelfAttention, SlotKVCache, SwiGLU, rope_tables, sample_next
+from largo.models.layers import (
+    DecodeRows,
+    KVCache,
+    SelfAttention,
+    SlotKVCache,
+    SwiGLU,
+    rope_tables,
+    sample_next,
+)
 
 
 class Block(nn.Module):
@@ -157,7 +165,7 @@ def generate_ids(
             logits = model(ids)[:, -1]
 
 
-class GPTRows:
+class GPTRows(DecodeRows):
     """Decode many sequences together, each at its own position (continuous batching of served
     generations): `add` reads a prompt into a free row, `step` feeds one token to every live row, and
     `remove` frees a row (the last row moves into it). Rows are kept in `SlotKVCache`; the logits of a
@@ -167,15 +175,7 @@ class GPTRows:
         self.model = model.eval()
         c = model.cfg
         self.cache = SlotKVCache(c.layers, slots, c.heads, c.context, c.dim // c.heads, model.embed.weight)
-        self.slots = slots
-
-    @property
-    def rows(self) -> int:
-        return self.cache.rows
-
-    def full(self, row: int) -> bool:
-        """Whether the row's sequence fills the context (it can take no more tokens)."""
-        return self.cache.lengths[row] >= self.model.cfg.context
+        self.caches, self.limit, self.slots = (self.cache,), c.context, slots
 
     @torch.inference_mode()
     def add(self, ids: list[int]) -> torch.Tensor:
@@ -193,11 +193,3 @@ class GPTRows:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed token ids [rows] (one per live row, in row order) → next-token logits [rows, vocab]."""
         return self.model(tokens[:, None], cache=self.cache)[:, -1]
-
-    @torch.inference_mode()
-    def remove(self, row: int) -> None:
-        self.cache.remove(row)
-
-    def clear(self) -> None:
-        """Drop every row (after a failed step)."""
-        self.cache.clear()

@@ -288,6 +288,33 @@ class SlotKVCache:
         self._refresh()
 
 
+class DecodeRows:
+    """What `GPTRows` and `Seq2SeqRows` share: their rows live in `caches` (`SlotKVCache`s kept row for
+    row in step, the first of them the decoder's), and a row is full once it holds `limit` tokens."""
+
+    caches: tuple[SlotKVCache, ...]
+    limit: int
+
+    @property
+    def rows(self) -> int:
+        return self.caches[0].rows
+
+    def full(self, row: int) -> bool:
+        """Whether the row holds the most tokens the model reads or writes (it can take no more)."""
+        return self.caches[0].lengths[row] >= self.limit
+
+    @torch.inference_mode()
+    def remove(self, row: int) -> None:
+        """Free a row; the last row moves into it (the caller mirrors the move)."""
+        for cache in self.caches:
+            cache.remove(row)
+
+    def clear(self) -> None:
+        """Drop every row (after a failed step)."""
+        for cache in self.caches:
+            cache.clear()
+
+
 MIN_TEMPERATURE = 1e-4  # the smallest temperature `sample_rows` divides by
 
 

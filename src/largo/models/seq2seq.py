@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from largo.config_seq2seq import Seq2SeqModelConfig
-from largo.models.layers import KVCache, SelfAttention, SlotKVCache, SwiGLU, rope_tables, sample_next
+from largo.models.layers import (
+    DecodeRows,
+    KVCache,
+    SelfAttention,
+    SlotKVCache,
+    SwiGLU,
+    rope_tables,
+    sample_next,
+)
 
 PAD, BOS, EOS = 0, 1, 2  # the tokenizer's first ids (data/pairs.py trains it so)
 NEVER = [PAD, BOS]  # never a target, so never generated
@@ -283,7 +291,7 @@ def beam_search(
     return [_strip(max(f)[1]) if f else [] for f in finished]
 
 
-class Seq2SeqRows:
+class Seq2SeqRows(DecodeRows):
     """Decode the targets of many sources together, each at its own position (continuous batching of
     served generations), as `GPTRows` does for a GPT: `add` encodes a source into a free row and returns
     the logits of its first target token, `step` feeds one token to every live row, `remove` frees a row.
@@ -299,15 +307,7 @@ class Seq2SeqRows:
         head_dim = c.dim // c.heads
         self.cache = SlotKVCache(c.decoder_layers, slots, c.heads, c.context + 1, head_dim, like)
         self.memory = SlotKVCache(c.decoder_layers, slots, c.heads, source_length, head_dim, like)
-        self.slots = slots
-
-    @property
-    def rows(self) -> int:
-        return self.cache.rows
-
-    def full(self, row: int) -> bool:
-        """Whether the row's target has the most tokens the model writes (its context)."""
-        return self.cache.lengths[row] >= self.model.cfg.context
+        self.caches, self.limit, self.slots = (self.cache, self.memory), c.context, slots  # limit: target
 
     @torch.inference_mode()
     def add(self, ids: list[int]) -> torch.Tensor:
@@ -342,13 +342,3 @@ class Seq2SeqRows:
         logits = self.model.decode(tokens[:, None], kv, mask, self.cache)[:, -1]
         logits[:, NEVER] = -math.inf
         return logits
-
-    @torch.inference_mode()
-    def remove(self, row: int) -> None:
-        self.cache.remove(row)
-        self.memory.remove(row)
-
-    def clear(self) -> None:
-        """Drop every row (after a failed step)."""
-        self.cache.clear()
-        self.memory.clear()
