@@ -1,8 +1,9 @@
 """The server's counters and histograms, rendered in the Prometheus text format (version 0.0.4).
 
 Hand-written rather than `prometheus_client`: five metrics fit in ~80 lines, and a serving image
-(possibly torch-free, installed with `largo[serve]`) carries one dependency less. Updated from the
-event loop thread only, so no locks.
+(possibly torch-free, installed with `largo[serve]`) carries one dependency less. Counters are updated
+from the event loop thread only; a `Histogram` is also observed from a generation server's decode
+threads, so it takes a lock.
 """
 
 from __future__ import annotations

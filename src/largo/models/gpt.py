@@ -86,14 +86,10 @@ class GPT(nn.Module):
         """The final normed hidden states [b, t, dim] of ids [b, t] (after the cached tokens: `cache.pos`
         of a `KVCache`, each row's own of a `SlotKVCache`, which takes one token per row)."""
         t = ids.shape[1]
-        if cache is None:
-            cos, sin = self.cos[:t], self.sin[:t]
-        elif isinstance(cache, KVCache) and cache.pos + t > self.cfg.context:
-            raise ValueError(f"{cache.pos + t} tokens exceed the model's context of {self.cfg.context}")
-        else:
-            cos, sin = cache.rope(self.cos, self.sin, t)
-        if t > self.cfg.context:
-            raise ValueError(f"{t} tokens exceed the model's context of {self.cfg.context}")
+        start = cache.pos if isinstance(cache, KVCache) else 0  # a SlotKVCache checks its own rows
+        if start + t > self.cfg.context:
+            raise ValueError(f"{start + t} tokens exceed the model's context of {self.cfg.context}")
+        cos, sin = (self.cos[:t], self.sin[:t]) if cache is None else cache.rope(self.cos, self.sin, t)
         x = self.embed(ids)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i)
