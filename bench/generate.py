@@ -9,6 +9,9 @@ init; speed does not depend on the weights' values) continues the same 32-token 
     cache-amp      the cache under bf16 autocast (weights cast to bf16 at every matmul)
     no-cache-amp   no cache, bf16 autocast
     cache-bf16     the cache with the weights stored in bf16 (`model.to(torch.bfloat16)`)
+    onnx           ONNX Runtime on the graph `largo export` writes for an LM (one step with its KV cache
+                   as inputs and outputs; `lm_onnx.OnnxRows`, what `largo serve --runtime onnx` runs)
+    onnx-int8      the same graph with int8 weights (ONNX Runtime dynamic quantization)
 
 tokens/s counts the new tokens over the whole call, prompt (prefill) included. Greedy decoding makes
 the variants comparable token for token: the script checks that cache and no-cache (fp32) produce the
@@ -27,8 +30,11 @@ import argparse
 import contextlib
 import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from largo.config_lm import GPTConfig
@@ -43,6 +49,7 @@ VARIANTS: dict[str, tuple[bool, bool, bool]] = {
     "no-cache-amp": (False, True, False),
     "cache-bf16": (True, False, True),
 }
+ONNX_VARIANTS = ("onnx", "onnx-int8")
 BASE = "no-cache"
 SIZES = {
     "full": {"model": {"preset": "gpt-14m"}, "vocab": 8192, "prompt": 32, "new": 200, "rounds": 5},
@@ -68,8 +75,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def generate(model: GPT, prompt: torch.Tensor, new_tokens: int, variant: str) -> list[int]:
+def onnx_models(model: GPT, folder: Path, threads: int) -> dict[str, object]:
+    """The model exported as `largo export` does (fp32 and int8) → variant → `OnnxLM`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from largo.deploy.export_lm import export_lm_onnx
+    from largo.deploy.lm_onnx import OnnxLM
+
+    export_lm_onnx(model, folder / "model.onnx")
+    quantize_dynamic(str(folder / "model.onnx"), str(folder / "model.int8.onnx"), weight_type=QuantType.QInt8)
+    return {
+        "onnx": OnnxLM(folder / "model.onnx", threads),
+        "onnx-int8": OnnxLM(folder / "model.int8.onnx", threads),
+    }
+
+
+def generate_onnx(lm: object, prompt: torch.Tensor, new_tokens: int, context: int) -> list[int]:
+    """Greedy new token ids on ONNX Runtime (batch 1, through `OnnxRows` as the server decodes)."""
+    from largo.deploy.lm_onnx import OnnxRows
+
+    rows = OnnxRows(lm, 1, context)
+    logits = rows.add(prompt[0].tolist())
+    out = [int(np.argmax(logits))]
+    while len(out) < new_tokens:
+        out.append(int(np.argmax(rows.step(out[-1:])[0])))
+    return out
+
+
+def generate(model: object, prompt: torch.Tensor, new_tokens: int, variant: str) -> list[int]:
     """Greedy new token ids of one variant (batch 1)."""
+    if variant in ONNX_VARIANTS:
+        return generate_onnx(model, prompt, new_tokens, prompt.shape[1] + new_tokens)
     use_cache, amp, _ = VARIANTS[variant]
     device = prompt.device
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
@@ -81,7 +117,8 @@ def generate(model: GPT, prompt: torch.Tensor, new_tokens: int, variant: str) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    every = [*VARIANTS, *ONNX_VARIANTS]
+    parser.add_argument("--variants", nargs="+", choices=every, default=every)
     parser.add_argument("--new-tokens", type=int, default=0, help="tokens to generate (0: 200, quick 48)")
     parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds (0: 5, quick 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
@@ -91,7 +128,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     size = SIZES["quick" if args.quick else "full"]
     new_tokens, rounds = args.new_tokens or size["new"], args.rounds or size["rounds"]
-    variants = [v for v in VARIANTS if v in args.variants]
+    variants = [v for v in every if v in args.variants]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = GPTConfig.model_validate({**size["model"], "vocab_size": size["vocab"]})
     if size["prompt"] + new_tokens > cfg.context:
@@ -101,7 +138,12 @@ def main() -> None:
     bf16 = GPT(cfg).to(device).eval()
     bf16.load_state_dict(fp32.state_dict())
     bf16.to(torch.bfloat16)
-    models = {v: bf16 if VARIANTS[v][2] else fp32 for v in variants}
+    models: dict[str, object] = {v: bf16 if VARIANTS[v][2] else fp32 for v in variants if v in VARIANTS}
+    if device.type == "cpu" and any(v in ONNX_VARIANTS for v in variants):
+        folder = Path(tempfile.mkdtemp(prefix="largo-bench-onnx-"))
+        exported = onnx_models(fp32, folder, torch.get_num_threads())
+        models |= {v: exported[v] for v in variants if v in ONNX_VARIANTS}
+    variants = [v for v in variants if v in models]  # ONNX Runtime is timed on the CPU only
     prompt = torch.randint(0, size["vocab"], (1, size["prompt"]), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(device)
     print(
@@ -152,7 +194,7 @@ def main() -> None:
             f"KV cache speed-up (cache / no-cache, fp32): median {statistics.median(xs):.2f}x "
             f"[{min(xs):.2f}..{max(xs):.2f}], {verdict}"
         )
-    for v in ("cache-amp", "cache-bf16"):
+    for v in ("cache-amp", "cache-bf16", "onnx", "onnx-int8"):
         if {"cache", v} <= set(variants):
             xs = [a / b for a, b in zip(rates[v], rates["cache"], strict=True)]
             print(f"{v} / cache: median {statistics.median(xs):.2f}x [{min(xs):.2f}..{max(xs):.2f}]")

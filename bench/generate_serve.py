@@ -8,6 +8,8 @@ one step: speed does not depend on the weights) is served by two `largo serve`-s
                them (`deploy/decode_loop.py`); `max_batch` 16 rows
     threads    each generation runs `TextGenerator.stream_ids` in a worker thread of its own, up to 16
                at once (what `largo serve` did before continuous batching)
+    onnx       batched, on ONNX Runtime: the bundle exported with `largo export --format onnx` and
+               served with `--runtime onnx` (`lm_onnx.OnnxRows`; no torch in that server)
 
 Clients (1, 4, 16 at once, each posting its next request as soon as the last is answered) send JSON
 POST /generate requests: a prompt of 8-64 tokens cut from a generated news corpus, 64 new tokens
@@ -15,9 +17,10 @@ sampled at temperature 0.8 with a seed per request, `stop_at_eot` false, so ever
 exactly 64 tokens. The rounds interleave the two servers (in a rotated order) and the clients, with a
 matmul probe between rounds (the machine is shared and noisy). Printed per server and client count:
 generated tokens/s, request latency p50/p99, and (batched) the mean rows per decode step from /metrics;
-then the batched/threads throughput ratio per round. Offline ceilings, measured in this process with
-the same weights: `generate_ids` on one static batch of 16 prompts of 32 tokens (the best a server can
-hope for at 16 clients, where every row starts and ends together) and on one prompt alone.
+then the batched/threads and onnx/batched throughput ratios per round. Offline ceilings, measured in
+this process with the same weights: `generate_ids` on one static batch of 16 prompts of 32 tokens (the
+best a server can hope for at 16 clients, where every row starts and ends together) and on one prompt
+alone.
 
     .venv/bin/python bench/generate_serve.py              # 3 rounds (~3 min on 2 idle cores)
     .venv/bin/python bench/generate_serve.py --rounds 5 --new-tokens 128
@@ -49,7 +52,11 @@ from serve_load import RawClient, start_server
 OUT = Path(__file__).parent / "out" / "generate_serve"
 CLIENTS = (1, 4, 16)
 SLOTS = 16
-VARIANTS = {"batched": {"max_batch": SLOTS}, "threads": {"max_batch": SLOTS, "batching": False}}
+VARIANTS = {
+    "batched": {"max_batch": SLOTS},
+    "threads": {"max_batch": SLOTS, "batching": False},
+    "onnx": {"max_batch": SLOTS, "runtime": "onnx"},
+}
 
 
 def lm_bundle() -> Path:
@@ -69,6 +76,12 @@ def lm_bundle() -> Path:
         "train": {"steps": 1, "micro_batch": 4, "eval_every": 1, "progress": False, "precision": "fp32"},
     }
     return Path(largo.pretrain(cfg).path)
+
+
+def exported(bundle: Path) -> None:
+    """model.onnx in the bundle (exported and parity-checked once)."""
+    if not (bundle / "model.onnx").exists():
+        largo.export(bundle, "onnx")
 
 
 def prompts(generator: TextGenerator, n: int = 64) -> list[str]:
@@ -157,6 +170,7 @@ def main() -> None:
         args.rounds, args.new_tokens = 1, 16
     torch.set_num_threads(2)
     bundle = lm_bundle()
+    exported(bundle)
     generator = TextGenerator.load(bundle)
     texts = prompts(generator)
     bodies = [
@@ -204,15 +218,15 @@ def main() -> None:
         shown = f"{statistics.median(rows):9.1f}" if rows else f"{'-':>9}"
         rate = statistics.median(run["rate"] for run in runs)
         print(f"{name:<9} {clients:>7} {rate:9.0f} {pct(lat, 0.5):7.2f} {pct(lat, 0.99):7.2f} {shown}")
-    print("\nbatched / threads, tokens/s per round (median [min..max]):")
-    for clients in CLIENTS:
-        ratios = [
-            b["rate"] / t["rate"]
-            for b, t in zip(results[("batched", clients)], results[("threads", clients)], strict=True)
-        ]
-        print(
-            f"  {clients:>2} clients: {statistics.median(ratios):.2f}x [{min(ratios):.2f}..{max(ratios):.2f}]"
-        )
+    for a, b in (("batched", "threads"), ("onnx", "batched")):
+        print(f"\n{a} / {b}, tokens/s per round (median [min..max]):")
+        for clients in CLIENTS:
+            ratios = [
+                x["rate"] / y["rate"]
+                for x, y in zip(results[(a, clients)], results[(b, clients)], strict=True)
+            ]
+            spread = f"[{min(ratios):.2f}..{max(ratios):.2f}]"
+            print(f"  {clients:>2} clients: {statistics.median(ratios):.2f}x {spread}")
     best = statistics.median(run["rate"] for run in results[("batched", SLOTS)])
     print(
         f"\noffline generate_ids: batch 1 {ceiling[1]:.0f} tokens/s, static batch {SLOTS} "

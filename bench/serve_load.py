@@ -71,8 +71,8 @@ JSON_HEADERS = {"content-type": "application/json"}
 GOALS = {"served/offline": 0.8, "dynamic/batch1": 4.0}
 SERVER = (
     "import json, sys; from largo.deploy.server import serve_bundle; from largo.deploy.sink import NullSink; "
-    "serve_bundle(sys.argv[1], runtime='torch', port=int(sys.argv[2]), log_level='warning', "
-    "sink=NullSink(), **json.loads(sys.argv[3]))"
+    "serve_bundle(sys.argv[1], port=int(sys.argv[2]), log_level='warning', "
+    "sink=NullSink(), **{'runtime': 'torch', **json.loads(sys.argv[3])})"
 )
 VARIANTS = {
     "digits": {"dynamic": {}, "batch1": {"max_batch": 1}, "h11": {"http": "h11", "loop": "asyncio"}},

@@ -261,11 +261,31 @@ def infer_config(
 def load(path: str | Path, **kwargs: Any) -> Predictor | TextGenerator | Translator:
     """Load a bundle: a Predictor (`largo.load(path).predict([{...}])`), for a language model a
     TextGenerator (`largo.load(path).generate("prompt")`), for a seq2seq model a Translator
-    (`largo.load(path).translate(["text"])`)."""
+    (`largo.load(path).translate(["text"])`). `runtime` picks where it runs: a classifier's as
+    `load_predictor` takes them; a language model exported to ONNX loads on ONNX Runtime with "onnx"
+    (or "onnx-int8"): an `OnnxTextGenerator`, with TextGenerator's methods; "torch-bf16" keeps the
+    weights of a language or seq2seq model in bf16."""
+    runtime = kwargs.pop("runtime", None)
+    if runtime == "torch-bf16" and (is_lm_bundle(path) or is_seq2seq_bundle(path)):
+        runtime, kwargs["precision"] = None, "bf16"
     if is_lm_bundle(path):
+        if runtime in ("onnx", "onnx-int8"):
+            from largo.deploy.lm_onnx import OnnxTextGenerator
+
+            return OnnxTextGenerator(path, runtime, **kwargs)
+        if runtime not in (None, "torch"):
+            raise ValueError(
+                f"runtime {runtime!r}: a language model loads on torch, torch-bf16, onnx, onnx-int8"
+            )
         return TextGenerator.load(path, **kwargs)
     if is_seq2seq_bundle(path):
+        if runtime not in (None, "torch"):
+            raise ValueError(f"runtime {runtime!r}: a seq2seq model loads on torch or torch-bf16")
         return Translator.load(path, **kwargs)
+    if runtime is not None:  # a classifier on any of its runtimes (onnx, torch-compile, auto, …)
+        from largo.deploy.predictor import load_predictor
+
+        return load_predictor(path, runtime, **kwargs)
     return Predictor.load(path, **kwargs)
 
 
@@ -462,12 +482,15 @@ def export(
 
     Args:
         bundle: a bundle folder; the files (model.onnx, model.int8.onnx, model.ts) go into it.
-        format: 'onnx', 'torchscript' or 'all'.
+        format: 'onnx', 'torchscript' or 'all' (a language model: 'onnx', its decoding step with the
+            KV cache; see deploy/export_lm.py).
         quantize: 'none' or 'int8' (ONNX Runtime quantization of model.onnx).
-        data: labelled rows for the parity check; default: the run's test split.
+        data: labelled rows for the parity check; default: the run's test split (a language model: a
+            text file, default: the run's validation tokens).
         exporter: 'auto' (dynamo, falling back to the TorchScript-based exporter), 'dynamo', 'torchscript'.
         max_abs_diff: the largest output difference a faithful (fp32) export may show.
-        benchmark: also time every runtime at batch 32 (what `load_predictor(path, 'auto')` reads).
+        benchmark: also time every runtime at batch 32 (what `load_predictor(path, 'auto')` reads; a
+            language model: greedy decoding at 1 and 8 rows, what `serve --runtime auto` reads).
         compile: include torch.compile in the benchmark (slow to warm up).
 
     Returns:
@@ -475,10 +498,40 @@ def export(
     """
     from largo.deploy.bundle import read_bundle
     from largo.deploy.export import export_bundle
+    from largo.deploy.metadata import bundle_task
 
+    task = bundle_task(bundle)
+    if task == "lm":
+        return _export_lm(bundle, format, quantize, data, exporter, max_abs_diff, benchmark)
     b = read_bundle(bundle)
     rows, calibration = held_out_rows(b, data)
     return export_bundle(b, rows, format, quantize, calibration, exporter, max_abs_diff, benchmark, compile)
+
+
+def _export_lm(
+    bundle: str | Path,
+    format: str,
+    quantize: str,
+    data: str | Path | None,
+    exporter: str,
+    max_abs_diff: float,
+    benchmark: bool,
+) -> dict[str, Any]:
+    """A language model's ONNX export (its decoding step with the KV cache; see deploy/export_lm.py),
+    checked on held-out windows of the run's validation tokens, or of the text file `data`."""
+    from largo.deploy.export_lm import export_lm_bundle, held_out_windows
+    from largo.deploy.generator import read_lm_bundle
+
+    if format != "onnx":
+        raise ValueError(f"format {format!r}: a language model exports to onnx only")
+    if exporter not in ("auto", "torchscript"):
+        raise ValueError(
+            f"exporter {exporter!r}: a language model is exported by the TorchScript-based exporter "
+            "(auto, torchscript)"
+        )
+    b = read_lm_bundle(bundle)
+    windows, source = held_out_windows(b, data)
+    return export_lm_bundle(b, windows, source, quantize, max_abs_diff, benchmark)
 
 
 def compress(bundle: str | Path, prune: float = 0.5, data: str | Path | None = None) -> tuple[Path, dict]:

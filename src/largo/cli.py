@@ -320,9 +320,20 @@ def serve(
 
 
 def _print_checks(sections: dict[str, Any]) -> None:
-    """One line per checked file: verdict, largest output difference, label agreement, accuracy."""
+    """One line per checked file: verdict, largest output difference, label agreement, accuracy (a
+    language model: largest logit difference, argmax agreement through the cache, perplexity)."""
     for name, section in sections.items():
         check = section["parity"]
+        if "perplexity" in check:
+            ppl, paths = check["perplexity"], [check[p] for p in ("whole", "cached", "rows") if p in check]
+            diff = max(p["max_abs_diff"] for p in paths)
+            agree = min(p["argmax_agreement"] for p in paths)
+            typer.echo(
+                f"{name:<12} {'ok' if check['passed'] else 'FAILED':<7} logits: max_abs_diff={diff:.2e}  "
+                f"agreement={agree:.4f}  perplexity {ppl['before']:.3f} → {ppl['after']:.3f} "
+                f"(worst {ppl['increase']:+.2%})  ({check['tokens']} tokens)"
+            )
+            continue
         for output, m in check["outputs"].items():
             agree = f"  agreement={m['label_agreement']:.4f}" if "label_agreement" in m else ""
             verdict = "ok" if m["passed"] else "FAILED"
@@ -340,7 +351,12 @@ def export(
     quantize: Annotated[str, typer.Option(help="none | int8 (ONNX Runtime int8 of model.onnx).")] = "none",
     data: Annotated[
         str | None,
-        typer.Option("--data", "-d", help="Labelled rows for the parity check (default: test split)."),
+        typer.Option(
+            "--data",
+            "-d",
+            help="Labelled rows for the parity check (default: test split; a language model: a text file, "
+            "default: its validation tokens).",
+        ),
     ] = None,
     exporter: Annotated[
         str, typer.Option(help="auto (dynamo, else TorchScript-based) | dynamo | torchscript.")
@@ -349,10 +365,17 @@ def export(
         float, typer.Option("--max-diff", help="Largest output difference an fp32 export may show.")
     ] = 1e-3,
     benchmark: Annotated[
-        bool, typer.Option("--benchmark", help="Time every runtime at batch 32 (what --runtime auto reads).")
+        bool,
+        typer.Option(
+            "--benchmark",
+            help="Time every runtime at batch 32 (a language model: decoding at 1 and 8 rows); "
+            "what --runtime auto reads.",
+        ),
     ] = False,
 ) -> None:
     """Export to ONNX / TorchScript (optionally int8) and check it against the eager model.
+
+    A language model exports to ONNX with its KV cache (serve it with --runtime onnx, without torch).
 
     Exits 1 when a parity check fails; the checks are in the bundle's export.json either way.
     """
@@ -369,6 +392,10 @@ def export(
     if benchmark:
         bench = record["benchmark"]
         for name, m in bench["runtimes"].items():
+            if "tokens_per_s" in m:  # a language model: greedy decoding at 1 and 8 rows
+                speeds = "  ".join(f"{rows} rows {v:,.0f} tok/s" for rows, v in m["tokens_per_s"].items())
+                typer.echo(f"{name:<14} {speeds}  {m['ratio']:.2f}x")
+                continue
             typer.echo(
                 f"{name:<14} {m['rows_per_s']:>10,.0f} rows/s  {m['ratio']:.2f}x  acc {m['accuracy']:.4f}"
             )
@@ -466,13 +493,27 @@ def generate(
     precision: Annotated[
         str, typer.Option(help="fp32, or bf16: weights and KV cache in bf16 (faster, same greedy text here).")
     ] = "fp32",
+    runtime: Annotated[
+        str, typer.Option(help="torch, or onnx / onnx-int8: a language model exported with `largo export`.")
+    ] = "torch",
 ) -> None:
     """Continue a prompt with a language-model bundle (KV-cached sampling); with a seq2seq bundle, write
     the prompt's target (beam search; greedy or sampled tokens, streamed, with --beams 1 or --temperature)."""
     task = bundle_task(bundle)
     if task not in ("lm", "seq2seq"):
         raise BundleError(f"{bundle}: not a language-model or seq2seq bundle (largo predict uses it)")
-    gen = api.load(bundle, precision=precision)
+    if runtime != "torch":
+        if task != "lm" or runtime not in ("onnx", "onnx-int8"):
+            raise ConfigError(f"--runtime {runtime}: allowed: torch; a language model also onnx, onnx-int8")
+        if precision != "fp32":
+            raise ConfigError(
+                f"--precision {precision}: a torch setting; the ONNX graph's precision is fixed"
+            )
+        from largo.deploy.lm_onnx import OnnxTextGenerator  # not through largo.api: no torch needed
+
+        gen = OnnxTextGenerator(bundle, runtime)
+    else:
+        gen = api.load(bundle, precision=precision)
     if task == "seq2seq" and beams != 1:
         if temperature is not None and beams is not None:
             raise ConfigError("--beams N searches deterministically; to sample (--temperature) use --beams 1")
@@ -484,12 +525,12 @@ def generate(
     temperature = gen.default_temperature if temperature is None else temperature
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
     if stream:
-        for piece in api.generate(gen, prompt, max_new_tokens, stream=True, **sampling):
+        for piece in gen.stream(prompt, max_new_tokens, **sampling):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:
-        typer.echo(api.generate(gen, prompt, max_new_tokens, **sampling))
+        typer.echo(gen.generate(prompt, max_new_tokens, **sampling))
 
 
 @app.command("config")

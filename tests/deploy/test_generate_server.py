@@ -130,7 +130,7 @@ class GatedRows:
         return logits
 
     def step(self, tokens: Any) -> Any:
-        for fed, token in zip(self.fed, tokens.tolist(), strict=True):
+        for fed, token in zip(self.fed, list(tokens), strict=True):
             fed.append(token)
         if any(self.gated.piece_out(fed) for fed in self.fed) and not self.gated.gate.wait(20):
             raise TimeoutError("the test never opened the gate")

@@ -2,14 +2,16 @@
 
 Without it each generation runs alone in a worker thread, so N concurrent requests cost N forward passes
 of one token each per step, fighting over the same cores. `DecodeLoop` instead keeps the running
-generations as rows of one batch (the generator's `decode_rows`: `GPTRows` or `Seq2SeqRows`) and runs one
-forward pass per step for all of them, as vLLM and TGI do:
+generations as rows of one batch (the generator's `decode_rows`: `GPTRows`, `Seq2SeqRows`, or
+`lm_onnx.OnnxRows` on ONNX Runtime) and runs one forward pass per step for all of them, as vLLM and TGI
+do:
 
 - a request joins between two steps: its prompt is read alone (its own forward pass, which the others
   wait for), its first token sampled, and from the next step on it is one more row;
 - every step feeds each row its last token and samples each row's next one with that request's own
-  settings (temperature, top-k, top-p) and its own seeded `torch.Generator`, so a seed gives the same
-  text as `TextGenerator.stream_ids` alone (tokens equal up to float rounding of a batched matmul);
+  settings (temperature, top-k, top-p) and its own seeded generator (the rows' `sampler`: a
+  `torch.Generator`, numpy's on ONNX Runtime), so a seed gives the same text as the generator's
+  `stream_ids` alone (tokens equal up to float rounding of a batched matmul);
 - a row leaves as soon as it is done (end-of-text, `max_new_tokens`, the context full, or its client
   gone), and the next waiting request takes its row at the next step.
 
@@ -31,11 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from largo.deploy.generate_service import Generation, end_generation
-from largo.deploy.generator import TextPieces
-from largo.models.layers import sample_rows
+from largo.deploy.lm_text import TextPieces
 
 log = logging.getLogger("largo.server")
 
@@ -45,7 +44,7 @@ class _Row:
     """A running generation: its request, its sampler, its text so far, and the token to feed next."""
 
     job: Generation
-    sampler: torch.Generator | None
+    sampler: Any  # the rows' seeded generator of uniform draws; None: greedy
     pieces: TextPieces
     text: list[str]
     truncated: bool
@@ -73,7 +72,6 @@ class DecodeLoop:
     ):
         self.generator, self.slots = generator, slots
         self.rows = generator.decode_rows(slots)
-        self.device = getattr(generator, "device", torch.device("cpu"))
         self.on_end, self.on_done, self.on_step = on_end, on_done, on_step
         self.closed = False
         self.done: list[tuple[Generation, dict[str, Any]]] = []  # finished this step, for `on_done`
@@ -100,7 +98,6 @@ class DecodeLoop:
 
     # ------------------------------------------------------------------------------- the thread
 
-    @torch.inference_mode()  # the rows' tensors are inference tensors: all of it runs in that mode
     def _run(self) -> None:
         closing = False
         while not (closing and not self.live):
@@ -176,10 +173,8 @@ class DecodeLoop:
         if self._emit(row, self._tokens([row], logits[None])[0], index):
             self._drop([index])
 
-    def _sampler(self, job: Generation) -> torch.Generator | None:
-        if not job.settings.temperature:
-            return None
-        return torch.Generator(device=self.device).manual_seed(job.seed)
+    def _sampler(self, job: Generation) -> Any:
+        return self.rows.sampler(job.seed) if job.settings.temperature else None
 
     def _step(self) -> None:
         """One token for every live row; the rows that are done leave."""
@@ -189,10 +184,9 @@ class DecodeLoop:
         self._drop(cancelled)
         if not self.live:
             return
-        tokens = torch.tensor([row.last for row in self.live], dtype=torch.long, device=self.device)
         start = time.perf_counter()
-        try:
-            next_tokens = self._tokens(self.live, self.rows.step(tokens))  # on the host: the step is done
+        try:  # the tokens are on the host after this: the step is done
+            next_tokens = self._tokens(self.live, self.rows.step([row.last for row in self.live]))
         except Exception as exc:  # noqa: BLE001 - these generations fail; the loop keeps serving
             self._fail_all(exc)
             return
@@ -201,22 +195,11 @@ class DecodeLoop:
         done = [self._emit(row, t, i) for i, (row, t) in enumerate(zip(self.live, next_tokens, strict=True))]
         self._drop([i for i, d in enumerate(done) if d])
 
-    def _tokens(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """The next token of each row: greedy rows by argmax, the sampled ones in one `sample_rows` pass
-        with each row's own settings and one draw of its own seeded generator."""
-        tokens = logits.argmax(-1)
-        sampled = [i for i, row in enumerate(rows) if row.sampler is not None]
-        if sampled:
-            settings = [rows[i].job.settings for i in sampled]
-            device = logits.device
-            tokens[sampled] = sample_rows(
-                logits[sampled],
-                torch.tensor([s.temperature for s in settings], device=device),
-                torch.tensor([s.top_k or 0 for s in settings], dtype=torch.long, device=device),
-                torch.tensor([1.0 if s.top_p is None else s.top_p for s in settings], device=device),
-                torch.cat([torch.rand(1, generator=rows[i].sampler, device=device) for i in sampled]),
-            )
-        return tokens.tolist()
+    def _tokens(self, rows: list[_Row], logits: Any) -> list[int]:
+        """The next token of each row, with its request's own settings and seeded sampler (the rows'
+        `next_tokens`: greedy rows by argmax, the sampled ones in one pass)."""
+        settings = [(r.job.settings.temperature, r.job.settings.top_k, r.job.settings.top_p) for r in rows]
+        return self.rows.next_tokens(logits, settings, [r.sampler for r in rows])
 
     def _emit(self, row: _Row, token: int, index: int) -> bool:
         """Send one token's text (or end at the end-of-text token); whether the generation is done."""

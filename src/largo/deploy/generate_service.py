@@ -48,12 +48,14 @@ Continuous batching: the running generations are rows of one batch, decoded toge
 (`decode_loop.DecodeLoop`: one forward pass per step for all of them; a request joins between two steps
 and leaves the step it is done), so N concurrent generations cost about one forward pass per token
 rather than N (`bench/generate_serve.py`). A beam search, or a generator without `decode_rows` (or
-`batching=False`), runs in a worker thread per generation instead. Either way torch releases the GIL, so
-the event loop keeps serving, and pieces come back through an asyncio queue with `call_soon_threadsafe`.
+`batching=False`), runs in a worker thread per generation instead. Either way torch (or ONNX Runtime)
+releases the GIL, so the event loop keeps serving, and pieces come back through an asyncio queue with
+`call_soon_threadsafe`.
 
 Torch-free at import, like server.py: the generator is any object shaped like `TextGenerator`
-(`stream_ids`, `encode`, `eot`, `tokenizer`, `context`, `config.name`, `path`, `info()`), and only
-`load_generator()` imports torch.
+(`stream_ids`, `encode`, `eot`, `tokenizer`, `context`, `config.name`, `path`, `info()`, and
+`decode_rows` to batch), and only `load_generator()` imports torch, unless it loads an exported LM on
+ONNX Runtime (`lm_onnx.OnnxTextGenerator`, `--runtime onnx`), which needs none.
 
 A seq2seq bundle is served the same way by its `Translator`: the prompt is the source, the text is its
 target (greedy unless the request names a temperature; the end-of-sequence token stops it, and a
@@ -83,6 +85,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from largo.deploy.lm_text import text_pieces
 from largo.deploy.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram, ServerMetrics
 from largo.deploy.middleware import BodyLimit, NumpyJSONResponse, RequestMetrics
 from largo.deploy.page import render_lm_page
@@ -92,7 +95,7 @@ from largo.deploy.sink import JsonlSink
 
 log = logging.getLogger("largo.server")
 TOKEN_RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
-LM_RUNTIMES = ("auto", "torch", "torch-bf16")
+LM_RUNTIMES = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")  # seq2seq: the torch ones
 BEAM_THREADS = 4  # beam searches at once beside a decode loop (each a worker thread)
 LM_RECENT_IDS = 10_000  # generations remembered, with their text, for /feedback (a store looks up older ones)
 
@@ -161,19 +164,55 @@ def generate_app_options(options: dict[str, Any]) -> dict[str, Any]:
 def load_generator(path: str | Path, runtime: str = "auto", device: str = "auto") -> Any:
     """An LM bundle's `TextGenerator` (a seq2seq bundle's `Translator`) to serve: fp32 weights (bf16
     weights and KV cache for torch-bf16), on `device` as `predictor.serving_device` reads it (auto: the
-    GPU if there is one)."""
-    if runtime not in LM_RUNTIMES:
-        raise ValueError(
-            f"runtime {runtime!r}: a language model serves on torch only ({', '.join(LM_RUNTIMES)})"
-        )
-    from largo.deploy.generator import TextGenerator
+    GPU if there is one); runtime onnx / onnx-int8 (an LM bundle exported with `largo export`) gives an
+    `OnnxTextGenerator`, which needs no torch at all. `auto` on an LM bundle is the fastest runtime that
+    `largo export --benchmark` measured (`lm_onnx.choose_lm_runtime`), torch on a GPU."""
     from largo.deploy.metadata import is_seq2seq_bundle
+
+    seq2seq = is_seq2seq_bundle(path)
+    allowed = LM_RUNTIMES[:3] if seq2seq else LM_RUNTIMES
+    if runtime not in allowed:
+        what = "a seq2seq model serves on torch only" if seq2seq else "a language model serves on"
+        raise ValueError(f"runtime {runtime!r}: {what} ({', '.join(allowed)})")
+    if runtime == "auto" and not seq2seq:
+        from largo.deploy.lm_onnx import choose_lm_runtime
+
+        runtime = choose_lm_runtime(path)
+        if runtime != "torch" and device != "cpu" and _cuda():  # the benchmark ran on the CPU
+            runtime = "torch"
+    if runtime.startswith("onnx"):
+        from largo.deploy.lm_onnx import OnnxTextGenerator
+
+        if device not in ("auto", "cpu"):
+            raise ValueError(f"device {device!r}: ONNX Runtime serves on the CPU here; a GPU serves torch")
+
+        return OnnxTextGenerator(path, runtime)
+    from largo.deploy.generator import TextGenerator
     from largo.deploy.predictor import serving_device
     from largo.deploy.translator import Translator
 
     precision = "bf16" if runtime == "torch-bf16" else "fp32"
-    kind = Translator if is_seq2seq_bundle(path) else TextGenerator
+    kind = Translator if seq2seq else TextGenerator
     return kind.load(path, precision=precision, device=serving_device(device))
+
+
+def _cuda() -> bool:
+    """Whether torch is installed and sees a GPU."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def runtime_of(generator: Any) -> str:
+    """What a generator runs on: onnx / onnx-int8, else torch or torch-bf16 (its weights' precision)."""
+    runtime = getattr(generator, "runtime", None)
+    if runtime is None:
+        runtime = "torch-bf16" if getattr(generator, "precision", "fp32") == "bf16" else "torch"
+    return runtime
 
 
 def default_temperature(generator: Any) -> float:
@@ -230,8 +269,6 @@ def run_generation(generator: Any, job: Generation) -> None:
     character), so they join to `TextGenerator.generate`'s text; the end-of-text token is looked for
     here rather than inside `stream_ids`, so that a stop and a full length are told apart.
     """
-    from largo.deploy.generator import text_pieces  # the worker runs only where torch is
-
     s = job.settings
     sampling = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": job.seed}
 
@@ -446,7 +483,7 @@ class GenerateService:
         generator without `decode_rows` or with batching off)."""
         if not self.batching or not hasattr(generator, "decode_rows"):
             return None
-        from largo.deploy.decode_loop import DecodeLoop  # torch: only where a torch generator is served
+        from largo.deploy.decode_loop import DecodeLoop
 
         return DecodeLoop(
             generator, self.max_concurrent, self._ended_elsewhere, self._done_many, self.metrics.observe_step
@@ -641,6 +678,7 @@ class GenerateService:
             "version": version,
             "task": generator.info().get("task", "lm"),
             "bundle": str(generator.path),
+            "runtime": runtime_of(generator),
             "context": generator.context,
             "parameters": self.parameters,
             "active": self.active,

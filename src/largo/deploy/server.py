@@ -456,7 +456,10 @@ def serve_bundle(
 
         served: Any = load_generator(path, runtime, device)
         app = create_generate_app(served, **generate_app_options(app_options))
+        from largo.deploy.generate_service import runtime_of
+
         what = f"{type(served).__name__} on {served.device}"
+        runtime = runtime_of(served) if runtime == "auto" else runtime
     else:
         from largo.deploy.predictor import load_predictor  # here, not at import: torch stays optional
 

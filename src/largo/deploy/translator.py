@@ -26,7 +26,8 @@ from largo.config_seq2seq import Seq2SeqConfig, dump_seq2seq_config, validate_se
 from largo.data.pairs import encode_pairs, encode_sources, literal_specials, normalize_sources, texts
 from largo.data.readers import DataError
 from largo.data.text import text_lengths
-from largo.deploy.generator import TOKENIZER, check_sampling, text_pieces
+from largo.deploy.generator import TOKENIZER
+from largo.deploy.lm_text import check_sampling, text_pieces
 from largo.deploy.metadata import WEIGHTS, check_files, read_json, read_task_config
 from largo.evaluate.metrics import generation_metrics
 from largo.evaluate.report import write_metrics_json, write_report

@@ -186,6 +186,6 @@ class GPTRows(DecodeRows):
         return logits
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor | list[int]) -> torch.Tensor:
         """Feed token ids [rows] (one per live row, in row order) → next-token logits [rows, vocab]."""
-        return self.model(tokens[:, None], cache=self.cache)[:, -1]
+        return self.model(self.tokens(tokens)[:, None], cache=self.cache)[:, -1]

@@ -314,6 +314,36 @@ class DecodeRows:
         for cache in self.caches:
             cache.clear()
 
+    def tokens(self, tokens: torch.Tensor | list[int]) -> torch.Tensor:
+        """Token ids as a long tensor on the rows' device."""
+        return torch.as_tensor(tokens, dtype=torch.long, device=self.caches[0].device)
+
+    def sampler(self, seed: int) -> torch.Generator:
+        """A request's own seeded generator of uniform draws, on the rows' device."""
+        return torch.Generator(device=self.caches[0].device).manual_seed(seed)
+
+    @torch.inference_mode()
+    def next_tokens(
+        self,
+        logits: torch.Tensor,
+        settings: list[tuple[float, int | None, float | None]],
+        samplers: list[torch.Generator | None],
+    ) -> list[int]:
+        """The next token of each row: greedy rows (sampler None) by argmax, the others sampled in one
+        `sample_rows` pass with their (temperature, top_k, top_p) and one draw of their generator."""
+        tokens = logits.argmax(-1)
+        sampled = [i for i, s in enumerate(samplers) if s is not None]
+        if sampled:
+            rows, device = [settings[i] for i in sampled], logits.device
+            tokens[sampled] = sample_rows(
+                logits[sampled],
+                torch.tensor([t for t, _, _ in rows], device=device),
+                torch.tensor([k or 0 for _, k, _ in rows], dtype=torch.long, device=device),
+                torch.tensor([1.0 if p is None else p for _, _, p in rows], device=device),
+                torch.cat([torch.rand(1, generator=samplers[i], device=device) for i in sampled]),
+            )
+        return tokens.tolist()
+
 
 MIN_TEMPERATURE = 1e-4  # the smallest temperature `sample_rows` divides by
 

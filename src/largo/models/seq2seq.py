@@ -333,8 +333,9 @@ class Seq2SeqRows(DecodeRows):
         return logits
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor | list[int]) -> torch.Tensor:
         """Feed token ids [rows] (one per live row, in row order) → next-token logits [rows, vocab]."""
+        tokens = self.tokens(tokens)
         n, end = self.rows, max(self.memory.lengths)
         kv = [(k[:n, :, :end], v[:n, :, :end]) for k, v in zip(self.memory.k, self.memory.v, strict=True)]
         keys = torch.arange(end, device=tokens.device)

@@ -1,0 +1,395 @@
+"""Export a language-model bundle to ONNX with its KV cache, quantize it to int8, and check both.
+
+The graph is one decoding step of the GPT, HF-optimum style, so it serves prompts and continuous
+batches alike without torch (`lm_onnx.OnnxTextGenerator`):
+
+    input_ids [b, t] int64, position_ids [b, t] int64, attention_mask [b, past + t] int64 (1: a real
+    token), past_key / past_value [layers, b, heads, past, head_dim] float32
+    → logits [b, t, vocab] float32, present_key / present_value [layers, b, heads, past + t, head_dim]
+
+Each row reads its own positions (RoPE) and attends to the columns its mask marks, up to its own
+place: query i of a row sits in column past + i and sees the marked columns ≤ past + i. So a prompt is
+read with past = 0, and a batch of rows at different positions steps one token each with its cache
+columns padded on the left (`lm_onnx.OnnxRows`).
+
+Parity (`LM_PARITY`, written into the bundle's export.json as for other bundles): on held-out windows
+of text (the run's validation tokens, or `data`), the graph's logits against eager fp32 three ways —
+read whole; read as a prompt half, then token by token through the cache; and as rows of a continuous
+batch (`OnnxRows`: rows joining step by step with prompts of different lengths, so they sit at
+different positions behind left padding, and leaving as their windows end) — must differ by at most
+`max_abs_diff` with ≥ 99.9% of next-token argmaxes equal; an int8 graph (dynamic quantization of its
+MatMul weights) must keep held-out perplexity on each way within `max_perplexity_increase` (relative)
+of eager's. `--benchmark` then times greedy decoding on every runtime (`benchmark_lm`), which
+`largo serve --runtime auto` reads (`lm_onnx.choose_lm_runtime`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from largo.deploy.export import _quiet, update_record
+from largo.deploy.generator import LMBundle
+from largo.deploy.lm_onnx import (
+    INPUTS,
+    LM_INT8_FILE,
+    LM_ONNX_FILE,
+    LM_ONNX_RUNTIMES,
+    OUTPUTS,
+    OnnxLM,
+    OnnxRows,
+    OnnxTextGenerator,
+    choose_lm_runtime,
+)
+from largo.deploy.metadata import EXPORT_RECORD, ParityError, read_json
+from largo.models.gpt import GPT
+
+LM_PARITY = {"max_abs_diff": 1e-3, "min_agreement": 0.999, "max_perplexity_increase": 0.05}
+LM_QUANTIZE = ("none", "int8")
+LM_BENCH_ROWS = (1, 8)  # rows decoded together in the benchmark: one client, and a busy server
+
+
+class GraphCache:
+    """What `GPT.hidden` asks of a cache (`rope`, `attend`, `advance`), as tensors in and out: the past
+    keys and values come in stacked over layers, and each layer's present ones (past + new) are kept
+    for the graph's outputs."""
+
+    def __init__(
+        self, past_k: torch.Tensor, past_v: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ):
+        self.past_k, self.past_v, self.positions = past_k, past_v, positions
+        t, past = positions.shape[1], past_k.shape[3]
+        # query i of a row sits in column past + i: it sees the marked columns up to there
+        columns = torch.arange(mask.shape[1], device=mask.device)
+        causal = columns[None, :] <= (torch.arange(t, device=mask.device) + past)[:, None]  # [t, past + t]
+        self.mask = (mask.bool()[:, None, :] & causal[None])[:, None]  # [b, 1, t, past + t]
+        self.present_k: list[torch.Tensor] = []
+        self.present_v: list[torch.Tensor] = []
+
+    def rope(self, cos: torch.Tensor, sin: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return cos[self.positions][:, None], sin[self.positions][:, None]  # [b, 1, t, d/2]
+
+    def attend(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        del mask, causal  # the graph's own mask says what each query sees
+        k = torch.cat([self.past_k[layer], k], dim=2)
+        v = torch.cat([self.past_v[layer], v], dim=2)
+        self.present_k.append(k)
+        self.present_v.append(v)
+        return k, v, self.mask, False
+
+    def advance(self, t: int) -> None:
+        pass
+
+
+class PlainRMSNorm(nn.Module):
+    """`nn.RMSNorm` in elementary ops (opset 17 has no RMSNormalization; opset 23 is too new for many
+    runtimes): x / sqrt(mean(x²) + eps) · weight."""
+
+    def __init__(self, norm: nn.RMSNorm):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class LMGraph(nn.Module):
+    """One decoding step of a GPT with positional tensor inputs and outputs, as exporters want it (a
+    copy of the model, its RMSNorms spelled out)."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = copy.deepcopy(model)
+        for parent in self.model.modules():
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.RMSNorm):
+                    setattr(parent, name, PlainRMSNorm(child))
+
+    def forward(self, ids, positions, mask, past_k, past_v):  # noqa: ANN001, ANN201 - the exporter's tensors
+        cache = GraphCache(past_k, past_v, positions, mask)
+        logits = self.model.head(self.model.hidden(ids, cache)).float()
+        return logits, torch.stack(cache.present_k), torch.stack(cache.present_v)
+
+
+def export_lm_onnx(model: GPT, path: Path) -> None:
+    """Write the model's decoding step to `path` (the TorchScript-based exporter, dynamic batch, length
+    and past axes)."""
+    c = model.cfg
+    graph = LMGraph(model.float().eval()).eval()
+    b, t, past = 2, 3, 2
+    head_dim = c.dim // c.heads
+    example = (
+        torch.ones(b, t, dtype=torch.long),
+        torch.arange(past, past + t).repeat(b, 1),
+        torch.ones(b, past + t, dtype=torch.long),
+        torch.zeros(c.layers, b, c.heads, past, head_dim),
+        torch.zeros(c.layers, b, c.heads, past, head_dim),
+    )
+    axes = {
+        "input_ids": {0: "batch", 1: "length"},
+        "position_ids": {0: "batch", 1: "length"},
+        "attention_mask": {0: "batch", 1: "total"},
+        "past_key": {1: "batch", 3: "past"},
+        "past_value": {1: "batch", 3: "past"},
+        "logits": {0: "batch", 1: "length"},
+        "present_key": {1: "batch", 3: "total"},
+        "present_value": {1: "batch", 3: "total"},
+    }
+    with torch.no_grad(), _quiet():
+        torch.onnx.export(
+            graph, example, str(path), dynamo=False, input_names=list(INPUTS), output_names=list(OUTPUTS),
+            dynamic_axes=axes, opset_version=17,
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ parity
+
+
+def held_out_windows(
+    bundle: LMBundle, data: str | Path | None, count: int = 16, length: int = 64
+) -> tuple[np.ndarray, str]:
+    """Up to `count` windows of `length` + 1 held-out token ids [n, length + 1] (spread evenly over the
+    run's validation tokens, or over the tokens of a text file `data`), and where they came from."""
+    from largo.data.corpus import iter_pieces, prepare_corpus
+    from largo.data.readers import DataError
+
+    if data is not None:  # a corpus file as `largo pretrain` reads one (.txt, .jsonl, .parquet; UTF-8 or GBK)
+        d = bundle.config.data
+        if not Path(data).is_file():
+            raise DataError(f"{data}: no such file to check the export on")
+        text = "".join(
+            p + ("\n" if end else "") for p, end in iter_pieces(Path(data), d.text_field, d.encoding)
+        )
+        tokens = np.asarray(bundle.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        source = str(data)
+    else:
+        try:
+            tokens = np.asarray(prepare_corpus(bundle.config, bundle.tokenizer)[1].valid, dtype=np.int64)
+        except (FileNotFoundError, DataError) as exc:
+            raise DataError(f"cannot re-read the run's validation tokens ({exc}); pass --data FILE") from None
+        source = "valid split"
+    length = min(length, bundle.config.model.context)
+    if len(tokens) < length + 1:
+        raise DataError(f"{source}: {len(tokens)} tokens, fewer than one window of {length + 1} to check on")
+    starts = np.linspace(0, len(tokens) - length - 1, num=min(count, len(tokens) - length)).astype(int)
+    return np.stack([tokens[s : s + length + 1] for s in np.unique(starts)]), source
+
+
+def _perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
+    t = torch.from_numpy(logits.astype(np.float32))
+    loss = F.cross_entropy(t.reshape(-1, t.shape[-1]), torch.from_numpy(targets).reshape(-1))
+    return math.exp(float(loss))
+
+
+def _through_cache(lm: OnnxLM, ids: np.ndarray) -> np.ndarray:
+    """Logits of every position: the first half read as a prompt, then one token at a time."""
+    half = ids.shape[1] // 2
+    first, past = lm.read(ids[:, :half])
+    out = [first]
+    for i in range(half, ids.shape[1]):
+        logits, past = lm.read(ids[:, i : i + 1], past=past, start=i)
+        out.append(logits)
+    return np.concatenate(out, axis=1)
+
+
+def _through_rows(lm: OnnxLM, ids: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits, and the positions they cover [n, t], of the windows decoded as the server decodes them
+    (`OnnxRows`): window i joins at step i with a prompt of its own length (8 to 31 tokens), every step
+    feeds each row its next true token, and a row leaves when its window ends (the last row moving into
+    its place), so rows sit at different positions behind left padding."""
+    n, t = ids.shape
+    out, covered = np.zeros((n, t, lm.vocab), np.float32), np.zeros((n, t), bool)
+    rows, live, at = OnnxRows(lm, n, context), [], {}
+    waiting = list(range(n))
+    while waiting or live:
+        if waiting:
+            i = waiting.pop(0)
+            p = min(t - 1, 8 + (5 * i) % 24)
+            out[i, p - 1], covered[i, p - 1] = rows.add(ids[i, :p].tolist()), True
+            live.append(i)
+            at[i] = p
+        logits = rows.step([int(ids[i, at[i]]) for i in live])
+        for r, i in enumerate(live):
+            out[i, at[i]], covered[i, at[i]] = logits[r], True
+            at[i] += 1
+        for r in reversed(range(len(live))):
+            if at[live[r]] == t:
+                rows.remove(r)
+                live[r] = live[-1]
+                live.pop()
+    return out, covered
+
+
+def lm_parity(
+    model: GPT, lm: OnnxLM, windows: np.ndarray, lossy: bool, max_abs_diff: float
+) -> dict[str, Any]:
+    """The graph against eager fp32 on held-out windows, three ways: read whole (teacher-forced), through
+    its cache token by token, and as rows of a continuous batch (`_through_rows`)."""
+    ids, targets = windows[:, :-1], windows[:, 1:]
+    with torch.inference_mode():
+        reference = model.float().eval()(torch.from_numpy(ids)).numpy()
+    every = np.ones(ids.shape, bool)
+    rows, covered = _through_rows(lm, ids, model.cfg.context)
+    paths = {
+        "whole": (lm.read(ids)[0], every),
+        "cached": (_through_cache(lm, ids), every),
+        "rows": (rows, covered),
+    }
+    before = _perplexity(reference, targets)
+    report: dict[str, Any] = {"windows": len(windows), "tokens": int(ids.size), "lossy": lossy}
+    for name, (out, mask) in paths.items():
+        ref, got = reference[mask], out[mask]
+        report[name] = {
+            "positions": int(mask.sum()),
+            "max_abs_diff": float(np.abs(got - ref).max()),
+            "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()),
+            "perplexity_increase": _perplexity(got, targets[mask]) / _perplexity(ref, targets[mask]) - 1.0,
+        }
+    worst = max(report[n]["perplexity_increase"] for n in paths)
+    after = _perplexity(paths["whole"][0], targets)
+    report["perplexity"] = {"before": before, "after": after, "increase": worst}
+    if lossy:
+        ok = worst <= LM_PARITY["max_perplexity_increase"] + 1e-9
+        report["thresholds"] = {"max_perplexity_increase": LM_PARITY["max_perplexity_increase"]}
+    else:
+        ok = all(
+            report[n]["max_abs_diff"] <= max_abs_diff
+            and report[n]["argmax_agreement"] >= LM_PARITY["min_agreement"]
+            for n in paths
+        )
+        report["thresholds"] = {"max_abs_diff": max_abs_diff, "min_agreement": LM_PARITY["min_agreement"]}
+    report["passed"] = bool(ok)
+    return report
+
+
+# --------------------------------------------------------------------------------------- benchmark
+
+
+def decode_speed(generator: Any, prompts: list[list[int]], new_tokens: int) -> float:
+    """Tokens/s of greedy decoding of the prompts as rows of one batch (the generator's `decode_rows`,
+    as the server decodes), reading the prompts included."""
+    rows = generator.decode_rows(len(prompts))
+    start = time.perf_counter()
+    last = [int(rows.add(p).argmax()) for p in prompts]
+    for _ in range(new_tokens - 1):
+        last = rows.step(last).argmax(-1).tolist()
+    return len(prompts) * new_tokens / (time.perf_counter() - start)
+
+
+def benchmark_lm(
+    path: Path,
+    windows: np.ndarray,
+    rounds: int = 3,
+    new_tokens: int = 32,
+    batches: tuple[int, ...] = LM_BENCH_ROWS,
+) -> dict[str, Any]:
+    """Greedy decoding tokens/s of every runtime the bundle has (torch, torch-bf16, onnx, onnx-int8) at
+    1 and 8 rows, prompts of 16 held-out tokens, rounds interleaved in a rotated order; ratios to torch
+    at the most rows (what `auto` compares)."""
+    from largo.deploy.generator import TextGenerator
+
+    threads = torch.get_num_threads()
+    generators: dict[str, Any] = {
+        "torch": TextGenerator.load(path),
+        "torch-bf16": TextGenerator.load(path, precision="bf16"),
+    }
+    for runtime, file in LM_ONNX_RUNTIMES.items():
+        if (path / file).exists():
+            generators[runtime] = OnnxTextGenerator(path, runtime, threads)
+    context = generators["torch"].context
+    prompt = max(1, min(16, context // 2))
+    new_tokens = max(2, min(new_tokens, context - prompt))
+    prompts = [w[:prompt].tolist() for w in windows]
+    names = list(generators)
+    for name in names:  # warm-up
+        decode_speed(generators[name], prompts[:2], 4)
+    speeds: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batches} for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            for b in batches:
+                rows = [prompts[i % len(prompts)] for i in range(b)]
+                speeds[name][b].append(decode_speed(generators[name], rows, new_tokens))
+    top = max(batches)
+    base = statistics.median(speeds["torch"][top])
+    runtimes = {
+        n: {
+            "tokens_per_s": {str(b): statistics.median(v) for b, v in speeds[n].items()},
+            "ratio": statistics.median(speeds[n][top]) / base,
+            "parity_passed": _passed(path, n, generators, windows),
+        }
+        for n in names
+    }
+    return {"rows": list(batches), "new_tokens": new_tokens, "prompt_tokens": prompt, "rounds": rounds,
+            "threads": threads, "runtimes": runtimes}  # fmt: skip
+
+
+def _passed(path: Path, runtime: str, generators: dict[str, Any], windows: np.ndarray) -> bool:
+    """Whether a runtime may serve for `auto`: torch fp32 always, an ONNX file when its check passed,
+    bf16 weights when held-out perplexity stays within `max_perplexity_increase` of fp32's."""
+    if runtime == "torch":
+        return True
+    if runtime.startswith("onnx"):
+        section = (read_json(path / EXPORT_RECORD).get("formats") or {}).get(runtime) or {}
+        return bool(section.get("parity", {}).get("passed"))
+    ids, targets = torch.from_numpy(windows[:, :-1]), windows[:, 1:]
+    with torch.inference_mode():
+        fp32 = _perplexity(generators["torch"].model(ids).float().numpy(), targets)
+        other = _perplexity(generators[runtime].model(ids).float().numpy(), targets)
+    return other / fp32 - 1.0 <= LM_PARITY["max_perplexity_increase"]
+
+
+def export_lm_bundle(
+    bundle: LMBundle,
+    windows: np.ndarray,
+    source: str,
+    quantize: str = "none",
+    max_abs_diff: float = LM_PARITY["max_abs_diff"],
+    run_benchmark: bool = False,
+) -> dict[str, Any]:
+    """model.onnx (and model.int8.onnx) into an LM bundle, each checked (and, with `run_benchmark`, every
+    runtime's decoding speed, which `largo serve --runtime auto` then reads); returns the export record.
+    Raises ParityError (after writing the record) when a check fails."""
+    if quantize not in LM_QUANTIZE:
+        raise ValueError(f"unknown quantize {quantize!r}; allowed: {', '.join(LM_QUANTIZE)}")
+    model, failed = bundle.model.float().eval(), []
+    record_path = bundle.path / EXPORT_RECORD
+    if not run_benchmark and "benchmark" in (old := read_json(record_path)):  # it timed the old files
+        del old["benchmark"]
+        record_path.write_text(json.dumps(old, indent=1), encoding="utf-8")
+    export_lm_onnx(model, bundle.path / LM_ONNX_FILE)
+
+    def check(section: str, file: str, lossy: bool, **info: Any) -> None:
+        report = lm_parity(model, OnnxLM(bundle.path / file), windows, lossy, max_abs_diff)
+        update_record(bundle.path, section, {**info, "file": file, "data": source, "parity": report})
+        if not report["passed"]:
+            failed.append(section)
+
+    check("onnx", LM_ONNX_FILE, False, exporter="torchscript")
+    if quantize == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with _quiet():
+            quantize_dynamic(
+                str(bundle.path / LM_ONNX_FILE), str(bundle.path / LM_INT8_FILE), weight_type=QuantType.QInt8
+            )
+        check("onnx-int8", LM_INT8_FILE, True, method="dynamic")
+    if run_benchmark:
+        result = benchmark_lm(bundle.path, windows)
+        update_record(bundle.path, "benchmark", result)
+        update_record(bundle.path, "benchmark", {**result, "choice": choose_lm_runtime(bundle.path)})
+    record = read_json(bundle.path / EXPORT_RECORD)
+    if failed:
+        raise ParityError(f"parity check failed for {', '.join(failed)}; see {bundle.path / EXPORT_RECORD}")
+    return record

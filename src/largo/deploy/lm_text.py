@@ -1,0 +1,113 @@
+"""The text side of a language model, without torch: prompt ids, token pieces, sampling settings.
+
+`TextGenerator` (torch) and `OnnxTextGenerator` (ONNX Runtime) share `LMText`: how a prompt becomes
+the ids a model reads (cut to the context), and how generated ids become text pieces (`text_pieces`,
+`TextPieces`: never a piece that ends inside a multi-byte character).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from tokenizers import Tokenizer
+
+
+def text_pieces(tokens: Iterable[int], tokenizer: Tokenizer) -> Iterator[str]:
+    """The text of a stream of token ids, piece by piece as the ids arrive.
+
+    A byte-level token can end inside a multi-byte character (a Chinese character is 3 bytes), so a
+    piece is yielded only once the text decoded so far ends on a whole character; the pieces join to
+    the decoded text of all the ids.
+    """
+    pieces = TextPieces(tokenizer)
+    for token in tokens:
+        if piece := pieces.push(token):
+            yield piece
+    if piece := pieces.end():
+        yield piece
+
+
+class TextPieces:
+    """`text_pieces` one token at a time: `push(token)` gives the new text ("" while a character is
+    unfinished), `end()` whatever is left (for a loop that serves many streams at once)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        if text.endswith("\ufffd") or len(text) <= len(self.shown):
+            return ""  # an unfinished character: wait for its next byte
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
+
+    def end(self) -> str:
+        final = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        piece, self.shown = final[len(self.shown) :], final
+        return piece
+
+
+def check_sampling(max_new_tokens: int, top_k: int | None, top_p: float | None) -> None:
+    """ValueError naming the first sampling setting out of range (shared by the LM and seq2seq)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: must be ≥ 0 (got {max_new_tokens})")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k: must be ≥ 1 (got {top_k})")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: must be in (0, 1] (got {top_p})")
+
+
+class LMText:
+    """Prompt handling and text streaming over `stream_ids`, for a generator with a `tokenizer`, an
+    end-of-text id `eot` and a `config` whose `model.context` is the longest sequence it reads."""
+
+    tokenizer: Tokenizer
+    eot: int
+    config: Any
+    default_temperature = 0.8  # what a served request that names no temperature gets
+
+    @property
+    def context(self) -> int:
+        """The longest sequence the model attends over, in tokens."""
+        return self.config.model.context
+
+    def encode(self, prompt: str) -> list[int]:
+        """A prompt's token ids (an empty prompt starts from the end-of-text token)."""
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        return ids or [self.eot]
+
+    def prompt_tokens(self, prompt: str) -> tuple[int, bool]:
+        """(tokens of the prompt the model reads, whether it was cut): a prompt longer than the context
+        keeps its last `context - 1` tokens, leaving room for one generated."""
+        n = len(self.encode(prompt))
+        read = n if n < self.context else self.context - 1
+        return read, read < n
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's ids the model reads (its last `context - 1` when it is longer, as `stream_ids`)."""
+        ids = self.encode(prompt)
+        return ids[-(self.context - 1) :] if len(ids) >= self.context else ids
+
+    def stream_ids(self, prompt: str, max_new_tokens: int = 100, **sampling: Any) -> Iterator[int]:
+        raise NotImplementedError
+
+    def stream(self, prompt: str, max_new_tokens: int = 100, **sampling: Any) -> Iterator[str]:
+        """Yield the generated text piece by piece as tokens arrive.
+
+        Args:
+            prompt: the text to continue.
+            max_new_tokens: most tokens to generate.
+            sampling: temperature (0 = greedy; default 0.8), top_k (50), top_p (None), seed (0),
+                use_cache (True), stop_at_eot (True).
+
+        Pieces never end inside a multi-byte character (see `text_pieces`).
+        """
+        yield from text_pieces(self.stream_ids(prompt, max_new_tokens, **sampling), self.tokenizer)
+
+    def generate(self, prompt: str, max_new_tokens: int = 100, **sampling: Any) -> str:
+        """The generated continuation of `prompt` (without the prompt); arguments as `stream`."""
+        return "".join(self.stream(prompt, max_new_tokens, **sampling))
