@@ -5,11 +5,10 @@ the bundle: one decoding step of the GPT with its KV cache as inputs and outputs
 for the graph and its parity checks). This module is what serves it, with onnxruntime, numpy and
 tokenizers only (`pip install largo[serve]`):
 
-- `OnnxLM` runs the graph: a prompt's pass, or one step of many rows through their caches;
+- `OnnxLM` runs the graph: a prompt's pass, or one step of many rows over their past keys and values;
 - `OnnxRows` is the continuous batch (`GPTRows`' contract: `add`, `step`, `remove`, `full`, `clear`,
-  `sampler`, `next_tokens`): every row
-  keeps its own positions, its cache columns padded on the left to the longest row's and masked, and
-  columns no row uses any more are dropped;
+  `sampler`, `next_tokens`): every row keeps its own positions and its keys and values in buffers the
+  graph reads in place (doubling in rows and columns as needed, masked past each row's length);
 - `sample_rows_numpy` is `models.layers.sample_rows` in numpy (same inverse-CDF rule and float32
   prefix sums, so the same uniform draws pick the same tokens, up to exact ties of two logits), with
   one `numpy.random.Generator` per request;
@@ -35,10 +34,14 @@ from largo.deploy.metadata import EXPORT_RECORD, BundleError, check_files, read_
 LM_ONNX_FILE = "model.onnx"
 LM_INT8_FILE = "model.int8.onnx"
 LM_ONNX_RUNTIMES = {"onnx": LM_ONNX_FILE, "onnx-int8": LM_INT8_FILE}
-INPUTS = ("input_ids", "position_ids", "attention_mask", "past_key", "past_value")
-OUTPUTS = ("logits", "present_key", "present_value")
+OUTPUTS = ("logits", "new_key", "new_value")  # new keys and values: [layers, b, heads, new, head_dim]
 EOT = "<|endoftext|>"  # data.corpus.EOT (which imports torch)
 MIN_TEMPERATURE = 1e-4  # models.layers.MIN_TEMPERATURE
+
+
+def input_names(layers: int) -> tuple[list[str], list[str]]:
+    """The graph's past inputs: (past_key_0.., past_value_0..), one of each per layer."""
+    return [f"past_key_{i}" for i in range(layers)], [f"past_value_{i}" for i in range(layers)]
 
 
 class OnnxLM:
@@ -50,40 +53,46 @@ class OnnxLM:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0)
         self.session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
-        shape = self.session.get_inputs()[INPUTS.index("past_key")].shape  # [layers, b, heads, past, d]
-        self.layers, self.heads, self.head_dim = shape[0], shape[2], shape[4]
+        names = [i.name for i in self.session.get_inputs()]
+        self.layers = sum(n.startswith("past_key_") for n in names)
+        self.keys, self.values = input_names(self.layers)
+        if not self.layers or names != [
+            "input_ids",
+            "position_ids",
+            "attention_mask",
+            *self.keys,
+            *self.values,
+        ]:
+            raise BundleError(f"{file}: not a graph this largo reads; export the bundle again (largo export)")
+        shape = self.session.get_inputs()[3].shape  # past_key_0: [b, heads, head_dim, past]
+        self.heads, self.head_dim = shape[1], shape[2]
         self.vocab = self.session.get_outputs()[0].shape[2]  # logits [b, t, vocab]
-
-    def empty(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """A past of no tokens for `rows` rows."""
-        shape = (self.layers, rows, self.heads, 0, self.head_dim)
-        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
 
     def run(
         self,
         ids: np.ndarray,
         positions: np.ndarray,
         mask: np.ndarray,
-        past: tuple[np.ndarray, np.ndarray],
+        keys: list[np.ndarray],
+        values: list[np.ndarray],
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(logits [b, t, vocab], present keys, present values) of one step of the graph."""
-        feed = dict(zip(INPUTS, (ids, positions, mask, *past), strict=True))
+        """(logits [b, t, vocab], new keys, new values [layers, b, heads, t, head_dim]) of ids [b, t] at
+        positions [b, t] after each layer's past keys [b, heads, head_dim, past] (transposed) and values
+        [b, heads, past, head_dim], of which mask [b, past] marks each row's own."""
+        feed = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
+        feed |= dict(zip(self.keys, keys, strict=True)) | dict(zip(self.values, values, strict=True))
         logits, k, v = self.session.run(None, feed)
         return logits, k, v
 
-    def read(
-        self, ids: np.ndarray, past: tuple[np.ndarray, np.ndarray] | None = None, start: int = 0
-    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-        """(logits [b, t, vocab], the present keys and values) of ids [b, t] at positions start.. after a
-        past every row shares (None: no past)."""
+    def read(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(logits, new keys, new values) of ids [b, t] read from position 0, with no past."""
         b, t = ids.shape
-        past = past if past is not None else self.empty(b)
-        positions = np.broadcast_to(np.arange(start, start + t, dtype=np.int64), (b, t))
-        mask = np.ones((b, past[0].shape[3] + t), dtype=np.int64)
-        logits, k, v = self.run(
-            np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(positions), mask, past
+        keys = [np.zeros((b, self.heads, self.head_dim, 0), np.float32)] * self.layers
+        values = [np.zeros((b, self.heads, 0, self.head_dim), np.float32)] * self.layers
+        positions = np.ascontiguousarray(np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)))
+        return self.run(
+            np.ascontiguousarray(ids, dtype=np.int64), positions, np.ones((b, 0), np.int64), keys, values
         )
-        return logits, (k, v)
 
 
 # ---------------------------------------------------------------------------------------- sampling
@@ -157,24 +166,37 @@ class OnnxRows:
     """Up to `slots` sequences decoded together on an `OnnxLM`, each at a position of its own (the
     server's continuous batching, as `GPTRows`).
 
-    The rows share cache columns: row r's tokens are its last `lengths[r]` columns (right-aligned), the
-    columns before are padding its mask hides. A prompt is read alone and joins right-aligned (widening
-    every row on the left when it is longer than the columns so far); a step appends one column to all;
-    a row that leaves gives its place to the last row; columns no row reaches any more are dropped.
+    Keys and values live in buffers the graph reads in place: per layer, keys transposed
+    [rows, heads, head_dim, columns] and values [rows, heads, columns, head_dim], row r's tokens in
+    its first `lengths[r]` columns (the mask hides the rest). A step passes the live rows' prefix of
+    the buffers (contiguous: no copy) and writes each row's new key and value into its next column;
+    the columns double when a row needs one more (up to the context), the rows when a request needs a
+    row (up to `slots`). A prompt is read alone and copied into its row; a row that leaves gives its
+    place to the last row.
     """
 
     def __init__(self, lm: OnnxLM, slots: int, context: int):
         self.lm, self.slots, self.limit = lm, slots, context
-        self.clear()
+        self._allocate(min(slots, 2), min(context, 32))  # doubled as rows join and grow
+        self.lengths: list[int] = []
 
     @property
     def rows(self) -> int:
         return len(self.lengths)
 
+    def _allocate(self, rows: int, columns: int) -> None:
+        """Buffers for `rows` rows of `columns` columns, the live rows copied over."""
+        lm = self.lm
+        k = np.zeros((lm.layers, rows, lm.heads, lm.head_dim, columns), np.float32)
+        v = np.zeros((lm.layers, rows, lm.heads, columns, lm.head_dim), np.float32)
+        if hasattr(self, "k"):
+            n, c = min(self.rows, rows), min(self.k.shape[4], columns)
+            k[:, :n, :, :, :c], v[:, :n, :, :c] = self.k[:, :n, :, :, :c], self.v[:, :n, :, :c]
+        self.k, self.v = k, v
+
     def clear(self) -> None:
-        """Drop every row."""
-        self.k, self.v = self.lm.empty(0)
-        self.lengths: list[int] = []
+        """Drop every row (the buffers stay)."""
+        self.lengths = []
 
     def full(self, row: int) -> bool:
         """Whether the row holds the most tokens the model reads."""
@@ -187,51 +209,60 @@ class OnnxRows:
     def next_tokens(self, logits: np.ndarray, settings: list[tuple], samplers: list[Any]) -> list[int]:
         return next_tokens_numpy(logits, settings, samplers)
 
+    def _room(self, rows: int, columns: int) -> None:
+        """Grow the buffers (doubling) to hold `rows` rows of `columns` columns."""
+        have_rows, have_columns = self.k.shape[1], self.k.shape[4]
+        if rows > have_rows or columns > have_columns:
+            while have_rows < rows:
+                have_rows = min(self.slots, 2 * have_rows)
+            while have_columns < columns:
+                have_columns = min(self.limit, 2 * have_columns)
+            self._allocate(have_rows, have_columns)
+
     def add(self, ids: list[int]) -> np.ndarray:
         """Read a prompt (1 to context tokens) into the next row → its next-token logits [vocab]."""
         if not 0 < len(ids) <= self.limit:
             raise ValueError(f"a prompt of 1 to {self.limit} tokens (got {len(ids)})")
         if self.rows >= self.slots:
             raise RuntimeError(f"every one of the {self.slots} rows is taken")
-        logits, (k, v) = self.lm.read(np.array([ids], dtype=np.int64))  # k, v: [layers, 1, heads, n, d]
-        n, width = len(ids), self.k.shape[3]
-        if n > width:  # widen every row on the left
-            pad = ((0, 0), (0, 0), (0, 0), (n - width, 0), (0, 0))
-            self.k, self.v, width = np.pad(self.k, pad), np.pad(self.v, pad), n
-        if n < width:
-            pad = ((0, 0), (0, 0), (0, 0), (width - n, 0), (0, 0))
-            k, v = np.pad(k, pad), np.pad(v, pad)
-        self.k, self.v = np.concatenate([self.k, k], axis=1), np.concatenate([self.v, v], axis=1)
+        logits, k, v = self.lm.read(np.array([ids], dtype=np.int64))  # k, v: [layers, 1, heads, n, d]
+        n, row = len(ids), self.rows
+        self._room(row + 1, min(self.limit, n + 1))
+        self.k[:, row, :, :, :n] = k[:, 0].transpose(0, 1, 3, 2)
+        self.v[:, row, :, :n] = v[:, 0]
         self.lengths.append(n)
         return logits[0, -1]
 
-    def mask(self) -> np.ndarray:
-        """[rows, columns + 1]: 1 on each row's own tokens and on the column the step appends."""
-        width = self.k.shape[3]
-        first = width - np.array(self.lengths, dtype=np.int64)
-        return (np.arange(width + 1)[None, :] >= first[:, None]).astype(np.int64)
-
     def step(self, tokens: list[int]) -> np.ndarray:
         """Feed one token id per live row (in row order) → next-token logits [rows, vocab]."""
-        ids = np.array(tokens, dtype=np.int64)[:, None]
-        positions = np.array(self.lengths, dtype=np.int64)[:, None]
-        logits, self.k, self.v = self.lm.run(ids, positions, self.mask(), (self.k, self.v))
-        self.lengths = [n + 1 for n in self.lengths]
+        n = self.rows
+        lengths = np.array(self.lengths, dtype=np.int64)
+        columns = self.k.shape[4]
+        mask = (np.arange(columns)[None, :] < lengths[:, None]).astype(np.int64)
+        logits, k, v = self.lm.run(
+            np.array(tokens, dtype=np.int64)[:, None],
+            lengths[:, None],
+            mask,
+            [self.k[i, :n] for i in range(self.lm.layers)],
+            [self.v[i, :n] for i in range(self.lm.layers)],
+        )
+        for r, at in enumerate(self.lengths):  # each row's new key and value into its next column
+            self.k[:, r, :, :, at] = k[:, r, :, 0]
+            self.v[:, r, :, at] = v[:, r, :, 0]
+        self.lengths = [at + 1 for at in self.lengths]
+        if self.lengths and max(self.lengths) < self.limit:
+            self._room(n, max(self.lengths) + 1)  # a column for the next step
         return logits[:, -1]
 
     def remove(self, row: int) -> None:
         """Free a row; the last row moves into it (the caller mirrors the move)."""
         last = self.rows - 1
         if row != last:
-            self.k[:, row], self.v[:, row] = self.k[:, last], self.v[:, last]
-            self.lengths[row] = self.lengths[last]
+            n = self.lengths[last]
+            self.k[:, row, :, :, :n] = self.k[:, last, :, :, :n]
+            self.v[:, row, :, :n] = self.v[:, last, :, :n]
+            self.lengths[row] = n
         self.lengths.pop()
-        self.k, self.v = self.k[:, :last], self.v[:, :last]
-        drop = self.k.shape[3] - max(self.lengths, default=0)
-        if drop:  # columns no row reaches
-            self.k, self.v = self.k[:, :, :, drop:], self.v[:, :, :, drop:]
-        if not self.lengths:
-            self.clear()
 
 
 def _has_torch() -> bool:

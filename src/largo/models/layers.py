@@ -430,8 +430,11 @@ class SelfAttention(nn.Module):
         b, t, c = x.shape  # batch, time, channels
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [b, h, t, d]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v, mask, causal = cache.attend(layer, k, v, mask, causal)
-        drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
+        if cache is not None and hasattr(cache, "attention"):  # the ONNX export's: past read, not copied
+            y = cache.attention(layer, q, k, v)
+        else:
+            if cache is not None:
+                k, v, mask, causal = cache.attend(layer, k, v, mask, causal)
+            drop = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
         return self.proj(y.transpose(1, 2).reshape(b, t, c))
