@@ -115,9 +115,9 @@ def test_onnx_rows_match_gpt_rows_as_rows_join_and_leave(exported: Path, torch_g
 
     add(5)
     step(3)
-    add(2)  # shorter than the columns so far: padded on the left
+    add(2)  # a short row beside longer ones
     step(2)
-    add(20)  # longer: every row is widened
+    add(20)  # longer than the columns so far: they grow
     step(4)
     remove(0)  # the last row moves into row 0
     add(1)
@@ -135,9 +135,31 @@ def test_onnx_rows_match_gpt_rows_as_rows_join_and_leave(exported: Path, torch_g
     add(60)  # runs into the context beside a short row
     step(4)
     assert onnx_rows.full(1) and torch_rows.full(1) and not onnx_rows.full(0)
-    remove(1)
-    step(2)
     assert onnx_rows.k.shape[1] == 4 and onnx_rows.k.shape[4] == 64  # rows and columns grew from 2 and 32
+    with pytest.raises(ValueError, match="one token per live row"):
+        onnx_rows.step(last)  # a full row takes no more
+    remove(1)  # the long row leaves: the short one (7 tokens) does not keep paying for its width
+    assert onnx_rows.k.shape[4] == 32
+    step(2)
+
+
+def test_the_graph_reads_a_chunk_after_a_past(exported: Path, torch_gen: TextGenerator) -> None:
+    """Several new tokens after a cached past (chunked prefill): each sees the past and the new tokens
+    before it, as the eager model reading the whole sequence does."""
+    lm = OnnxLM(exported / "model.onnx", threads=1)
+    ids = np.random.default_rng(1).integers(0, 300, size=(2, 15))
+    _, k, v = lm.read(ids[:, :10])
+    logits, new_k, _ = lm.run(
+        np.ascontiguousarray(ids[:, 10:]),
+        np.tile(np.arange(10, 15), (2, 1)),
+        np.ones((2, 10), np.int64),
+        [np.ascontiguousarray(k[i].transpose(0, 1, 3, 2)) for i in range(lm.layers)],
+        [v[i] for i in range(lm.layers)],
+    )
+    with torch.inference_mode():
+        want = torch_gen.model(torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(logits, want[:, 10:], atol=1e-4)
+    assert new_k.shape == (lm.layers, 2, lm.heads, 5, lm.head_dim)
 
 
 def test_numpy_sampling_picks_what_torch_sampling_picks() -> None:

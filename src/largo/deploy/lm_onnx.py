@@ -195,8 +195,21 @@ class OnnxRows:
         self.k, self.v = k, v
 
     def clear(self) -> None:
-        """Drop every row (the buffers stay)."""
+        """Drop every row (the buffers narrow back to their first width)."""
         self.lengths = []
+        self._narrow()
+
+    def _narrow(self) -> None:
+        """Halve the columns (down to 32) while the longest live row fills under a quarter of them:
+        every step attends over all the columns, so after a long generation leaves, the others should
+        not pay for its width (a quarter, not a half, so a row at the edge does not shrink and grow back
+        each step)."""
+        columns, need = self.k.shape[4], max(self.lengths, default=0) + 1
+        narrow = columns
+        while narrow > 32 and need <= narrow // 4:
+            narrow //= 2
+        if narrow < columns:
+            self._allocate(self.k.shape[1], narrow)
 
     def full(self, row: int) -> bool:
         """Whether the row holds the most tokens the model reads."""
@@ -230,12 +243,15 @@ class OnnxRows:
         self._room(row + 1, min(self.limit, n + 1))
         self.k[:, row, :, :, :n] = k[:, 0].transpose(0, 1, 3, 2)
         self.v[:, row, :, :n] = v[:, 0]
+        self.k[:, row, :, :, n:], self.v[:, row, :, n:] = 0.0, 0.0  # nothing of a row that left stays
         self.lengths.append(n)
         return logits[0, -1]
 
     def step(self, tokens: list[int]) -> np.ndarray:
         """Feed one token id per live row (in row order) → next-token logits [rows, vocab]."""
         n = self.rows
+        if len(tokens) != n or (n and max(self.lengths) >= self.limit):
+            raise ValueError(f"one token per live row ({n}), none of them full (got {len(tokens)})")
         lengths = np.array(self.lengths, dtype=np.int64)
         columns = self.k.shape[4]
         mask = (np.arange(columns)[None, :] < lengths[:, None]).astype(np.int64)
@@ -263,6 +279,7 @@ class OnnxRows:
             self.v[:, row, :, :n] = self.v[:, last, :, :n]
             self.lengths[row] = n
         self.lengths.pop()
+        self._narrow()
 
 
 def _has_torch() -> bool:
