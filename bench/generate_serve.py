@@ -47,7 +47,7 @@ from largo.data.samples import news_rows
 from largo.deploy.generator import TextGenerator
 from largo.models.gpt import generate_ids
 from probe import peak_probe
-from serve_load import RawClient, start_server
+from serve_load import _drive, start_server
 
 OUT = Path(__file__).parent / "out" / "generate_serve"
 CLIENTS = (1, 4, 16)
@@ -102,35 +102,11 @@ def totals(url: str, name: str) -> tuple[float, float]:
     return tuple(float(m.group(1)) if m else 0.0 for m in found)  # type: ignore[return-value]
 
 
-async def _drive(url: str, bodies: list[bytes], clients: int, n: int) -> tuple[float, list[float], int]:
-    """n requests from `clients` concurrent keep-alive clients → (seconds, latencies, tokens made)."""
-    latencies, made = [0.0] * n, [0] * n
-    next_i = 0
-
-    async def client() -> None:
-        nonlocal next_i
-        raw = RawClient(url)
-        try:
-            while next_i < n:
-                i, next_i = next_i, next_i + 1
-                t = time.perf_counter()
-                status, text = await raw.post("/generate", bodies[i % len(bodies)])
-                latencies[i] = time.perf_counter() - t
-                if status != 200:
-                    raise RuntimeError(f"{status}: {text[:200]!r}")
-                made[i] = json.loads(text)["tokens"]
-        finally:
-            raw.close()
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return time.perf_counter() - t0, latencies, sum(made)
-
-
 def served(url: str, bodies: list[bytes], clients: int) -> dict[str, Any]:
     n = max(2 * clients, 6)
     before = totals(url, "largo_decode_batch_size")
-    seconds, lat, tokens = asyncio.run(_drive(url, bodies, clients, n))
+    seconds, lat, answers = asyncio.run(_drive(url, bodies, clients, n, "raw", "/generate"))
+    tokens = sum(json.loads(text)["tokens"] for text in answers)
     after = totals(url, "largo_decode_batch_size")
     steps = after[1] - before[1]
     return {

@@ -188,9 +188,12 @@ class RawClient:
             self.writer.close()
 
 
-async def _drive(url: str, bodies: list[bytes], clients: int, n: int, kind: str) -> tuple[float, list[float]]:
-    """n requests of one record each from `clients` concurrent clients → (seconds, latencies)."""
-    latencies = [0.0] * n
+async def _drive(
+    url: str, bodies: list[bytes], clients: int, n: int, kind: str, path: str = "/predict"
+) -> tuple[float, list[float], list[bytes]]:
+    """n requests (of one record each to /predict) from `clients` concurrent clients → (seconds,
+    latencies, answers)."""
+    latencies, answers = [0.0] * n, [b""] * n
     next_i = 0
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(limits=limits, timeout=120) as http:
@@ -204,25 +207,26 @@ async def _drive(url: str, bodies: list[bytes], clients: int, n: int, kind: str)
                     body = bodies[i % len(bodies)]
                     t = time.perf_counter()
                     if kind == "raw":
-                        status, text = await raw.post("/predict", body)
+                        status, text = await raw.post(path, body)
                     else:
-                        r = await http.post(f"{url}/predict", content=body, headers=JSON_HEADERS)
+                        r = await http.post(f"{url}{path}", content=body, headers=JSON_HEADERS)
                         status, text = r.status_code, r.content
                     latencies[i] = time.perf_counter() - t
                     if status != 200:
                         raise RuntimeError(f"{status}: {text[:200]!r}")
+                    answers[i] = text
             finally:
                 raw.close()
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
-        return time.perf_counter() - t0, latencies
+        return time.perf_counter() - t0, latencies, answers
 
 
 def served(url: str, bodies: list[bytes], clients: int, n: int, kind: str) -> dict[str, Any]:
     """One measurement: throughput, latencies, mean batch size."""
     before = batch_totals(url)
-    seconds, lat = asyncio.run(_drive(url, bodies, clients, n, kind))
+    seconds, lat, _ = asyncio.run(_drive(url, bodies, clients, n, kind))
     after = batch_totals(url)
     return {
         "rate": n / seconds,

@@ -176,10 +176,14 @@ def load_generator(path: str | Path, runtime: str = "auto", device: str = "auto"
         raise ValueError(f"runtime {runtime!r}: {what} ({', '.join(allowed)})")
     if runtime == "auto" and not seq2seq:
         from largo.deploy.lm_onnx import choose_lm_runtime
+        from largo.deploy.runtime import _has_torch
 
         runtime = choose_lm_runtime(path)
-        if runtime != "torch" and device != "cpu" and _cuda():  # the benchmark ran on the CPU
-            runtime = "torch"
+        if runtime != "torch" and device != "cpu" and _has_torch():  # the benchmark ran on the CPU
+            from largo.deploy.predictor import serving_device
+
+            if serving_device(device).type == "cuda":
+                runtime = "torch"
     if runtime.startswith("onnx"):
         from largo.deploy.lm_onnx import OnnxTextGenerator
 
@@ -194,17 +198,6 @@ def load_generator(path: str | Path, runtime: str = "auto", device: str = "auto"
     precision = "bf16" if runtime == "torch-bf16" else "fp32"
     kind = Translator if seq2seq else TextGenerator
     return kind.load(path, precision=precision, device=serving_device(device))
-
-
-def _cuda() -> bool:
-    """Whether torch is installed and sees a GPU."""
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def runtime_of(generator: Any) -> str:
@@ -403,26 +396,16 @@ class GenerationMetrics(ServerMetrics):
         out += [
             f'largo_generations_total{{finish_reason="{r}"}} {n}' for r, n in sorted(self.finished.items())
         ]
-        out += [
-            "# HELP largo_time_to_first_token_seconds Request to first token, queue wait included.",
-            "# TYPE largo_time_to_first_token_seconds histogram",
-        ]
-        out += self.first_token.lines("largo_time_to_first_token_seconds", {})
-        out += [
-            "# HELP largo_tokens_per_second Tokens per second after the first, per generation.",
-            "# TYPE largo_tokens_per_second histogram",
-        ]
-        out += self.token_rate.lines("largo_tokens_per_second", {})
-        out += [
-            "# HELP largo_decode_batch_size Generations per batched decode step (continuous batching).",
-            "# TYPE largo_decode_batch_size histogram",
-        ]
-        out += self.decode_rows.lines("largo_decode_batch_size", {})
-        out += [
-            "# HELP largo_decode_step_seconds Seconds per batched decode step.",
-            "# TYPE largo_decode_step_seconds histogram",
-        ]
-        out += self.decode_seconds.lines("largo_decode_step_seconds", {})
+        out += self.first_token.block(
+            "largo_time_to_first_token_seconds", "Request to first token, queue wait included."
+        )
+        out += self.token_rate.block(
+            "largo_tokens_per_second", "Tokens per second after the first, per generation."
+        )
+        out += self.decode_rows.block(
+            "largo_decode_batch_size", "Generations per batched decode step (continuous batching)."
+        )
+        out += self.decode_seconds.block("largo_decode_step_seconds", "Seconds per batched decode step.")
         out += [
             "# HELP largo_generations_active Generations running now.",
             "# TYPE largo_generations_active gauge",

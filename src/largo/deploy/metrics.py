@@ -56,6 +56,10 @@ class Histogram:
         out.append(f"{name}_count{_labels(labels)} {count}")
         return out
 
+    def block(self, name: str, help: str) -> list[str]:
+        """An unlabelled histogram whole: its HELP and TYPE lines, then its samples."""
+        return [f"# HELP {name} {help}", f"# TYPE {name} histogram", *self.lines(name, {})]
+
 
 class ServerMetrics:
     """Requests by endpoint and status, errors by status, latency, batch sizes, queue depth."""
@@ -108,13 +112,8 @@ class ServerMetrics:
 
     def batch_lines(self) -> list[str]:
         """Batch sizes, forward passes, predictions and the queue (the dynamic batcher's side)."""
-        out = ["# HELP largo_batch_size Records per forward pass.", "# TYPE largo_batch_size histogram"]
-        out += self.batch_size.lines("largo_batch_size", {})
-        out += [
-            "# HELP largo_forward_seconds Seconds per forward pass.",
-            "# TYPE largo_forward_seconds histogram",
-        ]
-        out += self.forward_seconds.lines("largo_forward_seconds", {})
+        out = self.batch_size.block("largo_batch_size", "Records per forward pass.")
+        out += self.forward_seconds.block("largo_forward_seconds", "Seconds per forward pass.")
         out += ["# HELP largo_predictions_total Records predicted.", "# TYPE largo_predictions_total counter"]
         out.append(f"largo_predictions_total {self.predictions}")
         out += [
