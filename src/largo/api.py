@@ -33,7 +33,7 @@ from largo.deploy.bundle import (
     write_run_start,
 )
 from largo.deploy.generator import TextGenerator
-from largo.deploy.metadata import is_lm_bundle, is_seq2seq_bundle
+from largo.deploy.metadata import bundle_task, is_lm_bundle, is_seq2seq_bundle
 from largo.deploy.predictor import Predictor, Records
 from largo.deploy.translator import Translator
 from largo.evaluate.report import write_metrics_json, write_report
@@ -265,10 +265,10 @@ def load(path: str | Path, **kwargs: Any) -> Predictor | TextGenerator | Transla
     `load_predictor` takes them; a language model exported to ONNX loads on ONNX Runtime with "onnx"
     (or "onnx-int8"): an `OnnxTextGenerator`, with TextGenerator's methods; "torch-bf16" keeps the
     weights of a language or seq2seq model in bf16."""
-    runtime = kwargs.pop("runtime", None)
-    if runtime == "torch-bf16" and (is_lm_bundle(path) or is_seq2seq_bundle(path)):
+    runtime, task = kwargs.pop("runtime", None), bundle_task(path)
+    if runtime == "torch-bf16" and task in ("lm", "seq2seq"):
         runtime, kwargs["precision"] = None, "bf16"
-    if is_lm_bundle(path):
+    if task == "lm":
         if runtime in ("onnx", "onnx-int8"):
             from largo.deploy.lm_onnx import OnnxTextGenerator
 
@@ -278,7 +278,7 @@ def load(path: str | Path, **kwargs: Any) -> Predictor | TextGenerator | Transla
                 f"runtime {runtime!r}: a language model loads on torch, torch-bf16, onnx, onnx-int8"
             )
         return TextGenerator.load(path, **kwargs)
-    if is_seq2seq_bundle(path):
+    if task == "seq2seq":
         if runtime not in (None, "torch"):
             raise ValueError(f"runtime {runtime!r}: a seq2seq model loads on torch or torch-bf16")
         return Translator.load(path, **kwargs)
@@ -498,7 +498,6 @@ def export(
     """
     from largo.deploy.bundle import read_bundle
     from largo.deploy.export import export_bundle
-    from largo.deploy.metadata import bundle_task
 
     task = bundle_task(bundle)
     if task == "lm":

@@ -18,7 +18,6 @@ tokenizers only (`pip install largo[serve]`):
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from tokenizers import Tokenizer
 
 from largo.deploy.lm_text import LMText, check_sampling
 from largo.deploy.metadata import EXPORT_RECORD, BundleError, check_files, read_json, read_task_config
+from largo.deploy.runtime import _has_torch
 
 LM_ONNX_FILE = "model.onnx"
 LM_INT8_FILE = "model.int8.onnx"
@@ -280,10 +280,6 @@ class OnnxRows:
             self.lengths[row] = n
         self.lengths.pop()
         self._narrow()
-
-
-def _has_torch() -> bool:
-    return importlib.util.find_spec("torch") is not None
 
 
 def choose_lm_runtime(path: str | Path) -> str:
