@@ -35,6 +35,7 @@ from largo.deploy.bundle import (
 from largo.deploy.generator import TextGenerator
 from largo.deploy.metadata import bundle_task, is_lm_bundle, is_seq2seq_bundle
 from largo.deploy.predictor import Predictor, Records
+from largo.deploy.seq2seq_text import Seq2SeqText
 from largo.deploy.translator import Translator
 from largo.evaluate.report import write_metrics_json, write_report
 from largo.evaluate.scoring import headline, score_outputs
@@ -258,13 +259,14 @@ def infer_config(
     return cfg, inferred
 
 
-def load(path: str | Path, **kwargs: Any) -> Predictor | TextGenerator | Translator:
+def load(path: str | Path, **kwargs: Any) -> Predictor | TextGenerator | Seq2SeqText:
     """Load a bundle: a Predictor (`largo.load(path).predict([{...}])`), for a language model a
     TextGenerator (`largo.load(path).generate("prompt")`), for a seq2seq model a Translator
     (`largo.load(path).translate(["text"])`). `runtime` picks where it runs: a classifier's as
     `load_predictor` takes them; a language model exported to ONNX loads on ONNX Runtime with "onnx"
-    (or "onnx-int8"): an `OnnxTextGenerator`, with TextGenerator's methods; "torch-bf16" keeps the
-    weights of a language or seq2seq model in bf16."""
+    (or "onnx-int8"): an `OnnxTextGenerator`, with TextGenerator's methods (a seq2seq model: an
+    `OnnxTranslator`, with Translator's); "torch-bf16" keeps the weights of a language or seq2seq model
+    in bf16."""
     runtime, task = kwargs.pop("runtime", None), bundle_task(path)
     if runtime == "torch-bf16" and task in ("lm", "seq2seq"):
         runtime, kwargs["precision"] = None, "bf16"
@@ -279,8 +281,14 @@ def load(path: str | Path, **kwargs: Any) -> Predictor | TextGenerator | Transla
             )
         return TextGenerator.load(path, **kwargs)
     if task == "seq2seq":
+        if runtime in ("onnx", "onnx-int8"):
+            from largo.deploy.seq2seq_onnx import OnnxTranslator
+
+            return OnnxTranslator(path, runtime, **kwargs)
         if runtime not in (None, "torch"):
-            raise ValueError(f"runtime {runtime!r}: a seq2seq model loads on torch or torch-bf16")
+            raise ValueError(
+                f"runtime {runtime!r}: a seq2seq model loads on torch, torch-bf16, onnx, onnx-int8"
+            )
         return Translator.load(path, **kwargs)
     if runtime is not None:  # a classifier on any of its runtimes (onnx, torch-compile, auto, …)
         from largo.deploy.predictor import load_predictor
@@ -314,8 +322,8 @@ def predict(
     A string that is not an existing file is a text to classify (for a model with one text input).
     A seq2seq bundle answers `{"source", "output"}` per source text (see `api_seq2seq.predict_pairs`).
     """
-    predictor = bundle if isinstance(bundle, Predictor | Translator) else load(bundle)
-    if isinstance(predictor, Translator):
+    predictor = bundle if isinstance(bundle, Predictor | Seq2SeqText) else load(bundle)
+    if isinstance(predictor, Seq2SeqText):  # a Translator, or an OnnxTranslator
         return predict_pairs(predictor, Path(data) if _is_path(data) else data)
     inputs = predictor.config.inputs
     one_text = len(inputs) == 1 and inputs[0].type == "text"
@@ -332,8 +340,12 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, report_dir: str |
         {"test": {output: metrics}, "rows": n, "cleaning": counts, "report": path}. A seq2seq bundle
         is scored on pairs (see `api_seq2seq.evaluate_pairs`).
     """
-    predictor = bundle if isinstance(bundle, Predictor | Translator) else load(bundle)
-    if isinstance(predictor, Translator):
+    predictor = bundle if isinstance(bundle, Predictor | Seq2SeqText) else load(bundle)
+    if isinstance(predictor, Seq2SeqText):
+        if not isinstance(predictor, Translator):
+            raise ValueError(
+                "a seq2seq model is scored on torch (its token figures need the model's forward)"
+            )
         return evaluate_pairs(predictor, data, report_dir)
     cfg, processors = predictor.config, predictor.bundle.processors
     table, counts = read_clean(str(data), cfg)
@@ -483,14 +495,16 @@ def export(
     Args:
         bundle: a bundle folder; the files (model.onnx, model.int8.onnx, model.ts) go into it.
         format: 'onnx', 'torchscript' or 'all' (a language model: 'onnx', its decoding step with the
-            KV cache; see deploy/export_lm.py).
-        quantize: 'none' or 'int8' (ONNX Runtime quantization of model.onnx).
+            KV cache, see deploy/export_lm.py; a seq2seq model: 'onnx', its encoder and decoding step,
+            see deploy/export_seq2seq.py).
+        quantize: 'none' or 'int8' (ONNX Runtime quantization of the ONNX graphs).
         data: labelled rows for the parity check; default: the run's test split (a language model: a
-            text file, default: the run's validation tokens).
+            text file, default: the run's validation tokens; a seq2seq model: a pairs file).
         exporter: 'auto' (dynamo, falling back to the TorchScript-based exporter), 'dynamo', 'torchscript'.
         max_abs_diff: the largest output difference a faithful (fp32) export may show.
         benchmark: also time every runtime at batch 32 (what `load_predictor(path, 'auto')` reads; a
-            language model: greedy decoding at 1 and 8 rows, what `serve --runtime auto` reads).
+            language or seq2seq model: greedy decoding at 1 and 8 rows, what `serve --runtime auto`
+            reads, and a seq2seq model's beam-search translation).
         compile: include torch.compile in the benchmark (slow to warm up).
 
     Returns:
@@ -500,15 +514,16 @@ def export(
     from largo.deploy.export import export_bundle
 
     task = bundle_task(bundle)
-    if task == "lm":
-        return _export_lm(bundle, format, quantize, data, exporter, max_abs_diff, benchmark)
+    if task in ("lm", "seq2seq"):
+        return _export_decoder(bundle, task, format, quantize, data, exporter, max_abs_diff, benchmark)
     b = read_bundle(bundle)
     rows, calibration = held_out_rows(b, data)
     return export_bundle(b, rows, format, quantize, calibration, exporter, max_abs_diff, benchmark, compile)
 
 
-def _export_lm(
+def _export_decoder(
     bundle: str | Path,
+    task: str,
     format: str,
     quantize: str,
     data: str | Path | None,
@@ -517,17 +532,25 @@ def _export_lm(
     benchmark: bool,
 ) -> dict[str, Any]:
     """A language model's ONNX export (its decoding step with the KV cache; see deploy/export_lm.py),
-    checked on held-out windows of the run's validation tokens, or of the text file `data`."""
+    checked on held-out windows of the run's validation tokens, or of the text file `data`; a seq2seq
+    model's (its encoder and decoding step; deploy/export_seq2seq.py), on held-out pairs of the run's
+    test split, or of the pairs file `data`."""
+    what = "a language model" if task == "lm" else "a seq2seq model"
+    if format != "onnx":
+        raise ValueError(f"format {format!r}: {what} exports to onnx only")
+    if exporter not in ("auto", "torchscript"):
+        raise ValueError(
+            f"exporter {exporter!r}: {what} is exported by the TorchScript-based exporter (auto, torchscript)"
+        )
+    if task == "seq2seq":
+        from largo.deploy.export_seq2seq import export_seq2seq_bundle, held_out_pairs
+
+        translator = Translator.load(bundle)
+        pairs, source = held_out_pairs(translator, data)
+        return export_seq2seq_bundle(translator, pairs, source, quantize, max_abs_diff, benchmark)
     from largo.deploy.export_lm import export_lm_bundle, held_out_windows
     from largo.deploy.generator import read_lm_bundle
 
-    if format != "onnx":
-        raise ValueError(f"format {format!r}: a language model exports to onnx only")
-    if exporter not in ("auto", "torchscript"):
-        raise ValueError(
-            f"exporter {exporter!r}: a language model is exported by the TorchScript-based exporter "
-            "(auto, torchscript)"
-        )
     b = read_lm_bundle(bundle)
     windows, source = held_out_windows(b, data)
     return export_lm_bundle(b, windows, source, quantize, max_abs_diff, benchmark)

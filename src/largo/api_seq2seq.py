@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from largo.config_seq2seq import Seq2SeqConfig, load_seq2seq_config, validate_seq2seq_config
 from largo.deploy.bundle import environment, run_folder
+from largo.deploy.seq2seq_text import Seq2SeqText
 from largo.deploy.translator import Translator
 from largo.train.distributed import barrier, is_main_process, log, process_group
 
@@ -54,7 +55,8 @@ def _train(cfg: Seq2SeqConfig, resume: bool | str | Path) -> TrainResult:
     from tokenizers import Tokenizer
 
     from largo.api import TrainResult  # here: largo.api imports this module
-    from largo.data.pairs import literal_specials, load_pairs, train_pair_tokenizer, truncated
+    from largo.data.pair_text import literal_specials
+    from largo.data.pairs import load_pairs, train_pair_tokenizer, truncated
     from largo.deploy.generator import TOKENIZER
     from largo.deploy.translator import write_seq2seq_bundle, write_seq2seq_start
     from largo.train.distributed import pick_device
@@ -148,22 +150,22 @@ def seq2seq_trial(
     return result.history, result.best_epoch
 
 
-def translate(bundle: str | Path | Translator, texts: str | list[str], **options: Any) -> list[str]:
+def translate(bundle: str | Path | Seq2SeqText, texts: str | list[str], **options: Any) -> list[str]:
     """Translate (or summarize, or rewrite: whatever the pairs taught) texts with a seq2seq bundle.
 
     Args:
-        bundle: a seq2seq bundle folder or a loaded Translator.
+        bundle: a seq2seq bundle folder, or a loaded Translator (or OnnxTranslator).
         texts: one source text or a list of them.
         options: beams, length_penalty, max_new_tokens, batch_size (defaults: the bundle's `decode`).
 
     Returns:
         One output text per source, in order.
     """
-    translator = bundle if isinstance(bundle, Translator) else Translator.load(bundle)
+    translator = bundle if isinstance(bundle, Seq2SeqText) else Translator.load(bundle)
     return translator.translate(texts, **options)
 
 
-def predict_pairs(translator: Translator, data: Any) -> list[dict[str, str]] | dict[str, str]:
+def predict_pairs(translator: Seq2SeqText, data: Any) -> list[dict[str, str]] | dict[str, str]:
     """Outputs for a file's source column, a list of texts, a text, or records with the source field:
     one `{"source": …, "output": …}` per source (one record in: one answer out, not a list)."""
     if isinstance(data, dict):

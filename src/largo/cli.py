@@ -333,6 +333,13 @@ def _print_checks(sections: dict[str, Any]) -> None:
                 f"agreement={agree:.4f}  perplexity {ppl['before']:.3f} → {ppl['after']:.3f} "
                 f"(worst {ppl['increase']:+.2%})  ({check['tokens']} tokens)"
             )
+            if "outputs" in check:  # a seq2seq model: its beam-searched outputs beside eager's
+                out = check["outputs"]
+                typer.echo(
+                    f"{'':<20} outputs ({out['beams']} beams): {out['same']:.1%} the same  "
+                    f"chrF {out['before']['chrf']:.2f} → {out['after']['chrf']:.2f}  "
+                    f"BLEU {out['before']['bleu']:.2f} → {out['after']['bleu']:.2f}  ({check['pairs']} pairs)"
+                )
             continue
         for output, m in check["outputs"].items():
             agree = f"  agreement={m['label_agreement']:.4f}" if "label_agreement" in m else ""
@@ -348,14 +355,16 @@ def _print_checks(sections: dict[str, Any]) -> None:
 def export(
     bundle: Annotated[str, typer.Argument(help="A bundle folder; the exported files go into it.")],
     format: Annotated[str, typer.Option("--format", "-f", help="onnx | torchscript | all.")] = "onnx",
-    quantize: Annotated[str, typer.Option(help="none | int8 (ONNX Runtime int8 of model.onnx).")] = "none",
+    quantize: Annotated[
+        str, typer.Option(help="none | int8 (ONNX Runtime int8 of the ONNX graphs).")
+    ] = "none",
     data: Annotated[
         str | None,
         typer.Option(
             "--data",
             "-d",
             help="Labelled rows for the parity check (default: test split; a language model: a text file, "
-            "default: its validation tokens).",
+            "default: its validation tokens; a seq2seq model: a pairs file).",
         ),
     ] = None,
     exporter: Annotated[
@@ -375,7 +384,8 @@ def export(
 ) -> None:
     """Export to ONNX / TorchScript (optionally int8) and check it against the eager model.
 
-    A language model exports to ONNX with its KV cache (serve it with --runtime onnx, without torch).
+    A language model exports to ONNX with its KV cache, a seq2seq model as its encoder and decoding step
+    (serve either with --runtime onnx, without torch).
 
     Exits 1 when a parity check fails; the checks are in the bundle's export.json either way.
     """
@@ -394,7 +404,8 @@ def export(
         for name, m in bench["runtimes"].items():
             if "tokens_per_s" in m:  # a language model: greedy decoding at 1 and 8 rows
                 speeds = "  ".join(f"{rows} rows {v:,.0f} tok/s" for rows, v in m["tokens_per_s"].items())
-                typer.echo(f"{name:<14} {speeds}  {m['ratio']:.2f}x")
+                beams = f"  beam search {m['sources_per_s']:,.1f} sources/s" if "sources_per_s" in m else ""
+                typer.echo(f"{name:<14} {speeds}  {m['ratio']:.2f}x{beams}")
                 continue
             typer.echo(
                 f"{name:<14} {m['rows_per_s']:>10,.0f} rows/s  {m['ratio']:.2f}x  acc {m['accuracy']:.4f}"
@@ -494,7 +505,7 @@ def generate(
         str, typer.Option(help="fp32, or bf16: weights and KV cache in bf16 (faster, same greedy text here).")
     ] = "fp32",
     runtime: Annotated[
-        str, typer.Option(help="torch, or onnx / onnx-int8: a language model exported with `largo export`.")
+        str, typer.Option(help="torch, or onnx / onnx-int8: a bundle exported with `largo export`.")
     ] = "torch",
 ) -> None:
     """Continue a prompt with a language-model bundle (KV-cached sampling); with a seq2seq bundle, write
@@ -503,15 +514,20 @@ def generate(
     if task not in ("lm", "seq2seq"):
         raise BundleError(f"{bundle}: not a language-model or seq2seq bundle (largo predict uses it)")
     if runtime != "torch":
-        if task != "lm" or runtime not in ("onnx", "onnx-int8"):
-            raise ConfigError(f"--runtime {runtime}: allowed: torch; a language model also onnx, onnx-int8")
+        if runtime not in ("onnx", "onnx-int8"):
+            raise ConfigError(f"--runtime {runtime}: allowed: torch, onnx, onnx-int8")
         if precision != "fp32":
             raise ConfigError(
                 f"--precision {precision}: a torch setting; the ONNX graph's precision is fixed"
             )
-        from largo.deploy.lm_onnx import OnnxTextGenerator  # not through largo.api: no torch needed
+        if task == "lm":  # not through largo.api: no torch needed
+            from largo.deploy.lm_onnx import OnnxTextGenerator
 
-        gen = OnnxTextGenerator(bundle, runtime)
+            gen = OnnxTextGenerator(bundle, runtime)
+        else:
+            from largo.deploy.seq2seq_onnx import OnnxTranslator
+
+            gen = OnnxTranslator(bundle, runtime)
     else:
         gen = api.load(bundle, precision=precision)
     if task == "seq2seq" and beams != 1:

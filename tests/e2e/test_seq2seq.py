@@ -99,7 +99,7 @@ def test_predict_and_evaluate(trained: tuple[Path, largo.TrainResult], tmp_path:
     from largo.deploy.metadata import BundleError
 
     with pytest.raises(BundleError, match="a seq2seq bundle"):
-        largo.export(result.path)
+        largo.compress(result.path)
     pairs = tmp_path / "some.tsv"
     pairs.write_text("\n".join(data.read_text(encoding="utf-8").split("\n")[:101]) + "\n", encoding="utf-8")
     scores = largo.evaluate(result.path, pairs, tmp_path / "eval")
@@ -111,6 +111,20 @@ def test_predict_and_evaluate(trained: tuple[Path, largo.TrainResult], tmp_path:
     bad.write_text("text\tchinese\none\t一\n", encoding="utf-8")
     with pytest.raises(largo.DataError, match="english"):
         largo.predict(result.path, bad)
+
+
+def test_an_int8_onnx_export_keeps_the_translations(trained: tuple[Path, largo.TrainResult]) -> None:
+    """On a model that has learnt the task, ONNX Runtime fp32 writes torch's outputs and int8 weights
+    keep their quality (tests/deploy/test_export_seq2seq.py checks the export itself on a small model)."""
+    _, result = trained
+    formats = largo.export(result.path, "onnx", "int8")["formats"]
+    fp32, int8 = formats["onnx"]["parity"], formats["onnx-int8"]["parity"]
+    assert fp32["passed"] and int8["passed"] and fp32["outputs"]["same"] == 1.0
+    assert fp32["outputs"]["before"]["chrf"] > 95
+    assert int8["outputs"]["after"]["chrf"] > int8["outputs"]["before"]["chrf"] - 2
+    sources = ["seven thousand eight hundred eight", "twelve", "nine hundred ninety-nine thousand"]
+    assert largo.load(result.path, runtime="onnx-int8").translate(sources)[0] == "七千八百零八"
+    assert largo.load(result.path, runtime="onnx").translate(sources) == largo.translate(result.path, sources)
 
 
 def test_cli_train_generate_and_predict(tmp_path: Path) -> None:

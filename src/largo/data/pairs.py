@@ -15,7 +15,6 @@ counted and reported, never dropped silently.
 
 from __future__ import annotations
 
-import unicodedata
 from typing import Any
 
 import pyarrow as pa
@@ -26,11 +25,10 @@ from largo.config_seq2seq import Seq2SeqConfig
 from largo.data.clean import clean_table
 from largo.data.corpus import new_byte_bpe
 from largo.data.loader import EncodedSplit
+from largo.data.pair_text import SPECIAL_TOKENS, literal_specials, normalize_sources, source_ids, text_ids
 from largo.data.readers import DataError, read_table
 from largo.data.split import split_tables
 from largo.data.text import check_text_column
-
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: models.seq2seq's PAD, BOS, EOS
 
 
 def read_pairs(path: str, cfg: Seq2SeqConfig) -> tuple[pa.Table, dict[str, int]]:
@@ -77,18 +75,6 @@ def train_pair_tokenizer(train: pa.Table, cfg: Seq2SeqConfig) -> Tokenizer:
     return literal_specials(tok)
 
 
-def literal_specials(tok: Tokenizer) -> Tokenizer:
-    """`tok` reading "<pad>" or "</s>" inside a text as text, not as the special ids (set again after
-    loading a tokenizer file: the setting is not saved in it)."""
-    tok.encode_special_tokens = True
-    return tok
-
-
-def normalize_sources(items: list[str], cfg: Seq2SeqConfig) -> list[str]:
-    """Sources as the encoder reads them: NFKC when `tokenizer.nfkc` (targets are never normalized)."""
-    return [unicodedata.normalize("NFKC", x) for x in items] if cfg.tokenizer.nfkc else items
-
-
 def sources(table: pa.Table, cfg: Seq2SeqConfig) -> list[str]:
     """The table's source texts, normalized as the encoder reads them."""
     return normalize_sources(texts(table, cfg.data.source), cfg)
@@ -97,16 +83,16 @@ def sources(table: pa.Table, cfg: Seq2SeqConfig) -> list[str]:
 def encode_texts(tok: Tokenizer, items: list[str], limit: int, bos: bool) -> tuple[torch.Tensor, int]:
     """Texts → right-padded ids [n, longest] (tokens + EOS, with BOS first when `bos`); the number of
     texts cut to `limit` tokens (EOS included)."""
-    body = limit - 1  # room for EOS
-    rows, cut = [], 0
-    for enc in tok.encode_batch(items, add_special_tokens=False):
-        ids = enc.ids
-        cut += len(ids) > body
-        rows.append(([1] if bos else []) + ids[:body] + [2])
+    rows, cut = text_ids(tok, items, limit, bos)
+    return padded(rows), cut
+
+
+def padded(rows: list[list[int]]) -> torch.Tensor:
+    """Id lists → a right-padded (PAD 0) long tensor [n, longest]."""
     out = torch.zeros((len(rows), max((len(r) for r in rows), default=1)), dtype=torch.long)
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out, cut
+    return out
 
 
 def encode_pairs(table: pa.Table, cfg: Seq2SeqConfig, tok: Tokenizer, label: str, log: Any) -> EncodedSplit:
@@ -126,7 +112,7 @@ def encode_pairs(table: pa.Table, cfg: Seq2SeqConfig, tok: Tokenizer, label: str
 
 def encode_sources(tok: Tokenizer, items: list[str], cfg: Seq2SeqConfig) -> torch.Tensor:
     """Sources to translate → right-padded ids [n, longest] (normalized as in training)."""
-    return encode_texts(tok, normalize_sources(items, cfg), cfg.tokenizer.max_source_length, bos=False)[0]
+    return padded(source_ids(tok, items, cfg))
 
 
 def truncated(table: pa.Table, cfg: Seq2SeqConfig, tok: Tokenizer) -> dict[str, int]:

@@ -35,6 +35,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -296,22 +297,45 @@ def benchmark_lm(
     batches: tuple[int, ...] = LM_BENCH_ROWS,
 ) -> dict[str, Any]:
     """Greedy decoding tokens/s of every runtime the bundle has (torch, torch-bf16, onnx, onnx-int8) at
-    1 and 8 rows, prompts of 16 held-out tokens, rounds interleaved in a rotated order; ratios to torch
-    at the most rows (what `auto` compares)."""
+    1 and 8 rows, prompts of 16 held-out tokens (`benchmark_decoding`)."""
     from largo.deploy.generator import TextGenerator
 
-    threads = torch.get_num_threads()
     generators: dict[str, Any] = {
         "torch": TextGenerator.load(path),
         "torch-bf16": TextGenerator.load(path, precision="bf16"),
     }
     for runtime, file in LM_ONNX_RUNTIMES.items():
         if (path / file).exists():
-            generators[runtime] = OnnxTextGenerator(path, runtime, threads)
+            generators[runtime] = OnnxTextGenerator(path, runtime, torch.get_num_threads())
     context = generators["torch"].context
     prompt = max(1, min(16, context // 2))
     new_tokens = max(2, min(new_tokens, context - prompt))
     prompts = [w[:prompt].tolist() for w in windows]
+
+    def passed(runtime: str) -> bool:
+        if runtime != "torch-bf16":
+            return onnx_passed(path, runtime)
+        ids, targets = torch.from_numpy(windows[:, :-1]), windows[:, 1:]
+        with torch.inference_mode():
+            fp32 = _perplexity(generators["torch"].model(ids).float().numpy(), targets)
+            other = _perplexity(generators[runtime].model(ids).float().numpy(), targets)
+        return other / fp32 - 1.0 <= LM_PARITY["max_perplexity_increase"]
+
+    result = benchmark_decoding(generators, prompts, passed, new_tokens, rounds, batches)
+    return {**result, "prompt_tokens": prompt}
+
+
+def benchmark_decoding(
+    generators: dict[str, Any],
+    prompts: list[list[int]],
+    passed: Callable[[str], bool],
+    new_tokens: int,
+    rounds: int = 3,
+    batches: tuple[int, ...] = LM_BENCH_ROWS,
+) -> dict[str, Any]:
+    """Greedy decoding tokens/s of each generator (`decode_speed`: its `decode_rows`, as the server
+    decodes) at each number of rows, rounds interleaved in a rotated order after a warm-up; ratios to
+    torch at the most rows (what `auto` compares), and whether each runtime may serve (`passed`)."""
     names = list(generators)
     for name in names:  # warm-up
         decode_speed(generators[name], prompts[:2], 4)
@@ -327,27 +351,21 @@ def benchmark_lm(
         n: {
             "tokens_per_s": {str(b): statistics.median(v) for b, v in speeds[n].items()},
             "ratio": statistics.median(speeds[n][top]) / base,
-            "parity_passed": _passed(path, n, generators, windows),
+            "parity_passed": passed(n),
         }
         for n in names
     }
-    return {"rows": list(batches), "new_tokens": new_tokens, "prompt_tokens": prompt, "rounds": rounds,
-            "threads": threads, "runtimes": runtimes}  # fmt: skip
+    return {"rows": list(batches), "new_tokens": new_tokens, "rounds": rounds,
+            "threads": torch.get_num_threads(), "runtimes": runtimes}  # fmt: skip
 
 
-def _passed(path: Path, runtime: str, generators: dict[str, Any], windows: np.ndarray) -> bool:
-    """Whether a runtime may serve for `auto`: torch fp32 always, an ONNX file when its check passed,
-    bf16 weights when held-out perplexity stays within `max_perplexity_increase` of fp32's."""
+def onnx_passed(path: Path, runtime: str) -> bool:
+    """Whether a runtime may serve for `auto`: torch fp32 always, an ONNX runtime when its file's latest
+    check passed (export.json)."""
     if runtime == "torch":
         return True
-    if runtime.startswith("onnx"):
-        section = (read_json(path / EXPORT_RECORD).get("formats") or {}).get(runtime) or {}
-        return bool(section.get("parity", {}).get("passed"))
-    ids, targets = torch.from_numpy(windows[:, :-1]), windows[:, 1:]
-    with torch.inference_mode():
-        fp32 = _perplexity(generators["torch"].model(ids).float().numpy(), targets)
-        other = _perplexity(generators[runtime].model(ids).float().numpy(), targets)
-    return other / fp32 - 1.0 <= LM_PARITY["max_perplexity_increase"]
+    section = (read_json(path / EXPORT_RECORD).get("formats") or {}).get(runtime) or {}
+    return bool(section.get("parity", {}).get("passed"))
 
 
 def export_lm_bundle(

@@ -57,7 +57,8 @@ Torch-free at import, like server.py: the generator is any object shaped like `T
 `decode_rows` to batch), and only `load_generator()` imports torch, unless it loads an exported LM on
 ONNX Runtime (`lm_onnx.OnnxTextGenerator`, `--runtime onnx`), which needs none.
 
-A seq2seq bundle is served the same way by its `Translator`: the prompt is the source, the text is its
+A seq2seq bundle is served the same way by its `Translator` (`seq2seq_onnx.OnnxTranslator` on ONNX
+Runtime, torch-free too): the prompt is the source, the text is its
 target (greedy unless the request names a temperature; the end-of-sequence token stops it, and a
 source longer than `context` keeps its start). `"beams": N` asks it for beam search instead: the text
 comes whole when the search ends (one `token` event when streamed), as `largo predict` writes it.
@@ -95,7 +96,7 @@ from largo.deploy.sink import JsonlSink
 
 log = logging.getLogger("largo.server")
 TOKEN_RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
-LM_RUNTIMES = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")  # seq2seq: the torch ones
+LM_RUNTIMES = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")  # LM and seq2seq bundles alike
 BEAM_THREADS = 4  # beam searches at once beside a decode loop (each a worker thread)
 LM_RECENT_IDS = 10_000  # generations remembered, with their text, for /feedback (a store looks up older ones)
 
@@ -164,31 +165,33 @@ def generate_app_options(options: dict[str, Any]) -> dict[str, Any]:
 def load_generator(path: str | Path, runtime: str = "auto", device: str = "auto") -> Any:
     """An LM bundle's `TextGenerator` (a seq2seq bundle's `Translator`) to serve: fp32 weights (bf16
     weights and KV cache for torch-bf16), on `device` as `predictor.serving_device` reads it (auto: the
-    GPU if there is one); runtime onnx / onnx-int8 (an LM bundle exported with `largo export`) gives an
-    `OnnxTextGenerator`, which needs no torch at all. `auto` on an LM bundle is the fastest runtime that
-    `largo export --benchmark` measured (`lm_onnx.choose_lm_runtime`), torch on a GPU."""
+    GPU if there is one); runtime onnx / onnx-int8 (a bundle exported with `largo export`) gives an
+    `OnnxTextGenerator` (an `OnnxTranslator`), which needs no torch at all. `auto` is the fastest
+    runtime that `largo export --benchmark` measured (`lm_onnx.choose_lm_runtime`), torch on a GPU."""
     from largo.deploy.metadata import is_seq2seq_bundle
 
     seq2seq = is_seq2seq_bundle(path)
-    allowed = LM_RUNTIMES[:3] if seq2seq else LM_RUNTIMES
-    if runtime not in allowed:
-        what = "a seq2seq model serves on torch only" if seq2seq else "a language model serves on"
-        raise ValueError(f"runtime {runtime!r}: {what} ({', '.join(allowed)})")
-    if runtime == "auto" and not seq2seq:
-        from largo.deploy.lm_onnx import choose_lm_runtime
+    if runtime not in LM_RUNTIMES:
+        what = "a seq2seq" if seq2seq else "a language"
+        raise ValueError(f"runtime {runtime!r}: {what} model serves on {', '.join(LM_RUNTIMES)}")
+    if runtime == "auto":
+        from largo.deploy.lm_onnx import LM_ONNX_FILE, choose_lm_runtime
         from largo.deploy.runtime import _has_torch
 
-        runtime = choose_lm_runtime(path)
+        runtime = choose_lm_runtime(path, "decoder.onnx" if seq2seq else LM_ONNX_FILE)
         if runtime != "torch" and device != "cpu" and _has_torch():  # the benchmark ran on the CPU
             from largo.deploy.predictor import serving_device
 
             if serving_device(device).type == "cuda":
                 runtime = "torch"
     if runtime.startswith("onnx"):
-        from largo.deploy.lm_onnx import OnnxTextGenerator
-
         if device not in ("auto", "cpu"):
             raise ValueError(f"device {device!r}: ONNX Runtime serves on the CPU here; a GPU serves torch")
+        if seq2seq:
+            from largo.deploy.seq2seq_onnx import OnnxTranslator
+
+            return OnnxTranslator(path, runtime)
+        from largo.deploy.lm_onnx import OnnxTextGenerator
 
         return OnnxTextGenerator(path, runtime)
     from largo.deploy.generator import TextGenerator

@@ -44,15 +44,21 @@ def input_names(layers: int) -> tuple[list[str], list[str]]:
     return [f"past_key_{i}" for i in range(layers)], [f"past_value_{i}" for i in range(layers)]
 
 
+def cpu_session(file: str | Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime session on the CPU with `threads` intra-op threads (default: OMP_NUM_THREADS, else
+    ONNX Runtime's own choice)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0)
+    return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+
+
 class OnnxLM:
     """An exported GPT step on an ONNX Runtime session (CPU, `threads` intra-op threads)."""
 
     def __init__(self, file: str | Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0)
-        self.session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(file, threads)
         names = [i.name for i in self.session.get_inputs()]
         self.layers = sum(n.startswith("past_key_") for n in names)
         self.keys, self.values = input_names(self.layers)
@@ -252,16 +258,7 @@ class OnnxRows:
         n = self.rows
         if len(tokens) != n or (n and max(self.lengths) >= self.limit):
             raise ValueError(f"one token per live row ({n}), none of them full (got {len(tokens)})")
-        lengths = np.array(self.lengths, dtype=np.int64)
-        columns = self.k.shape[4]
-        mask = (np.arange(columns)[None, :] < lengths[:, None]).astype(np.int64)
-        logits, k, v = self.lm.run(
-            np.array(tokens, dtype=np.int64)[:, None],
-            lengths[:, None],
-            mask,
-            [self.k[i, :n] for i in range(self.lm.layers)],
-            [self.v[i, :n] for i in range(self.lm.layers)],
-        )
+        logits, k, v = self._run(tokens, slice(0, n))
         for r, at in enumerate(self.lengths):  # each row's new key and value into its next column
             self.k[:, r, :, :, at] = k[:, r, :, 0]
             self.v[:, r, :, at] = v[:, r, :, 0]
@@ -269,6 +266,17 @@ class OnnxRows:
         if self.lengths and max(self.lengths) < self.limit:
             self._room(n, max(self.lengths) + 1)  # a column for the next step
         return logits[:, -1]
+
+    def _run(self, tokens: list[int], rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The graph on one new token for each of `rows` (consecutive rows of the buffers, read in
+        place), at its row's next position → (logits, new keys, new values)."""
+        lengths = np.array(self.lengths[rows], dtype=np.int64)
+        mask = (np.arange(self.k.shape[4])[None, :] < lengths[:, None]).astype(np.int64)
+        layers = range(self.lm.layers)
+        ids = np.array(tokens, dtype=np.int64)[:, None]
+        return self.lm.run(
+            ids, lengths[:, None], mask, [self.k[i, rows] for i in layers], [self.v[i, rows] for i in layers]
+        )
 
     def remove(self, row: int) -> None:
         """Free a row; the last row moves into it (the caller mirrors the move)."""
@@ -282,10 +290,11 @@ class OnnxRows:
         self._narrow()
 
 
-def choose_lm_runtime(path: str | Path) -> str:
-    """The runtime `--runtime auto` serves an LM bundle on: the fastest at the most rows in the
-    `benchmark` that `largo export --benchmark` wrote into export.json, among those whose check passed
-    (torch's only when torch is installed); without a benchmark torch, or onnx without torch."""
+def choose_lm_runtime(path: str | Path, onnx_file: str = LM_ONNX_FILE) -> str:
+    """The runtime `--runtime auto` serves an LM (or seq2seq) bundle on: the fastest at the most rows in
+    the `benchmark` that `largo export --benchmark` wrote into export.json, among those whose check
+    passed (torch's only when torch is installed); without a benchmark torch, or onnx without torch
+    (when the bundle has `onnx_file`: a seq2seq bundle's is its decoder.onnx)."""
     record = read_json(Path(path) / EXPORT_RECORD)
     torch_ok = _has_torch()
     measured = (record.get("benchmark") or {}).get("runtimes") or {}
@@ -303,10 +312,10 @@ def choose_lm_runtime(path: str | Path) -> str:
         return best
     if torch_ok:
         return "torch"
-    if (Path(path) / LM_ONNX_FILE).exists():
+    if (Path(path) / onnx_file).exists():
         return "onnx"
     raise BundleError(
-        f"{path}: torch is not installed and the bundle has no {LM_ONNX_FILE}; export it where torch is "
+        f"{path}: torch is not installed and the bundle has no {onnx_file}; export it where torch is "
         f"(`largo export {path} --format onnx`) or install torch"
     )
 

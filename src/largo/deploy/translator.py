@@ -23,15 +23,15 @@ from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 
 from largo.config_seq2seq import Seq2SeqConfig, dump_seq2seq_config, validate_seq2seq_config
-from largo.data.pairs import encode_pairs, encode_sources, literal_specials, normalize_sources, texts
-from largo.data.readers import DataError
-from largo.data.text import text_lengths
+from largo.data.pair_text import EOS, literal_specials
+from largo.data.pairs import encode_pairs, padded, texts
 from largo.deploy.generator import TOKENIZER
-from largo.deploy.lm_text import check_sampling, text_pieces
+from largo.deploy.lm_text import check_sampling
 from largo.deploy.metadata import WEIGHTS, check_files, read_json, read_task_config
+from largo.deploy.seq2seq_text import Seq2SeqText
 from largo.evaluate.metrics import generation_metrics
 from largo.evaluate.report import write_metrics_json, write_report
-from largo.models.seq2seq import EOS, Seq2SeqRows, Seq2SeqTransformer, beam_search, stream_ids
+from largo.models.seq2seq import Seq2SeqRows, Seq2SeqTransformer, beam_search, stream_ids
 from largo.train.distributed import log
 from largo.train.loop import forward_in_batches
 from largo.train.seq2seq import token_scores
@@ -58,14 +58,12 @@ def read_seq2seq_config(path: str | Path) -> Seq2SeqConfig:
     return read_task_config(path, "seq2seq", validate_seq2seq_config)
 
 
-class Translator:
+class Translator(Seq2SeqText):
     """A loaded seq2seq bundle: `translate(["text", ...])` → target texts.
 
     `precision="bf16"` keeps the weights and the cache in bf16 (faster on CPUs with bf16 units and on
     GPUs); beam scores are summed in fp32 either way.
     """
-
-    default_temperature = 0.0  # served requests decode greedily unless they ask otherwise
 
     def __init__(
         self,
@@ -86,7 +84,6 @@ class Translator:
         if precision == "bf16":
             self.model = self.model.to(torch.bfloat16)
         self.precision = precision
-        self.eot = EOS  # generation stops here (the name TextGenerator's users read)
 
     @classmethod
     def load(cls, path: str | Path, **kwargs: Any) -> Translator:
@@ -99,72 +96,15 @@ class Translator:
         tokenizer = Tokenizer.from_file(str(path / TOKENIZER))
         return cls(path, config, tokenizer, model, read_json(path / "metrics.json"), **kwargs)
 
-    @property
-    def context(self) -> int:
-        """The longest source in tokens."""
-        return self.config.tokenizer.max_source_length
-
-    def encode(self, text: str) -> list[int]:
-        """A source's token ids as the encoder reads them (EOS last, cut to the longest source)."""
-        return encode_sources(self.tokenizer, [text], self.config)[0].tolist()
-
-    def prompt_tokens(self, prompt: str) -> tuple[int, bool]:
-        """(tokens of the source the encoder reads, EOS included; whether it was cut): a source longer
-        than max_source_length keeps its start."""
-        text = normalize_sources([prompt], self.config)[0]
-        n = len(self.tokenizer.encode(text, add_special_tokens=False).ids) + 1
-        return min(n, self.context), n > self.context
-
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """The source ids the encoder reads (what `stream_ids` encodes)."""
-        return self.encode(prompt)
-
     def decode_rows(self, slots: int) -> Seq2SeqRows:
         """A batch of up to `slots` sources decoded together (the server's continuous batching)."""
         return Seq2SeqRows(self.model, slots, self.context)
 
-    def decode(self, ids: list[int]) -> str:
-        """Target ids → text."""
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def translate(
-        self,
-        texts: str | list[str],
-        *,
-        beams: int | None = None,
-        length_penalty: float | None = None,
-        max_new_tokens: int | None = None,
-        batch_size: int = 32,
-    ) -> list[str]:
-        """The target text of each source, by beam search (defaults: the bundle's `decode` section).
-
-        Sources are decoded in batches of similar length (less padding), results in input order. An
-        output is at most `max_new_tokens` long, and never longer than the model's context.
-        """
-        items = [texts] if isinstance(texts, str) else list(texts)
-        bad = next((i for i, x in enumerate(items) if not isinstance(x, str)), None)
-        if bad is not None:
-            raise DataError(f"source {bad}: expected a text, got {type(items[bad]).__name__} {items[bad]!r}")
-        d = self.config.decode
-        beams = d.beams if beams is None else beams
-        penalty = d.length_penalty if length_penalty is None else length_penalty
-        checks = (("beams", beams, 1), ("batch_size", batch_size, 1), ("length_penalty", penalty, 0))
-        for key, value, least in checks:
-            if value < least:
-                raise ValueError(f"{key}: must be ≥ {least} (got {value})")
-        if max_new_tokens is not None and max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: must be ≥ 1 (got {max_new_tokens})")
-        limit = max_new_tokens or self.config.max_new_tokens
-        ids = encode_sources(self.tokenizer, items, self.config)
-        lengths = text_lengths(ids, 0)
-        order = torch.argsort(lengths, descending=True, stable=True).tolist()
-        out: list[str] = [""] * len(items)
-        for lo in range(0, len(order), batch_size):
-            index = order[lo : lo + batch_size]
-            batch = ids[index, : int(lengths[index].max())].to(self.device)
-            for i, row in zip(index, beam_search(self.model, batch, limit, beams, penalty), strict=True):
-                out[i] = self.decode(row)
-        return out
+    def search(
+        self, sources: list[list[int]], max_new_tokens: int, beams: int, length_penalty: float
+    ) -> list[list[int]]:
+        """The best target ids of each source by beam search (`models.seq2seq.beam_search`)."""
+        return beam_search(self.model, padded(sources).to(self.device), max_new_tokens, beams, length_penalty)
 
     def score(self, table: pa.Table, label: str = "data") -> tuple[dict[str, Any], list[dict[str, str]]]:
         """Score the model on a cleaned table of pairs: `{target column: {"type": "text", loss,
@@ -181,11 +121,6 @@ class Translator:
         rows = zip(sources, references, hyps, strict=True)
         examples = [{"source": s, "reference": r, "output": h} for s, r, h in list(rows)[:EXAMPLES]]
         return {d.target: scores}, examples
-
-    def beam_ids(self, prompt: str, max_new_tokens: int, beams: int) -> list[int]:
-        """The target ids of one source by beam search (the bundle's length penalty; EOS cut)."""
-        source = torch.tensor([self.encode(prompt)], device=self.device)
-        return beam_search(self.model, source, max_new_tokens, beams, self.config.decode.length_penalty)[0]
 
     def stream_ids(
         self,
@@ -215,14 +150,6 @@ class Translator:
                     yield token
                 return
             yield token
-
-    def stream(self, prompt: str, max_new_tokens: int = 100, **sampling: Any) -> Iterator[str]:
-        """Yield the target text piece by piece as tokens arrive (pieces end on whole characters)."""
-        return text_pieces(self.stream_ids(prompt, max_new_tokens, **sampling), self.tokenizer)
-
-    def generate(self, prompt: str, max_new_tokens: int = 100, **sampling: Any) -> str:
-        """The target text of one source, greedy or sampled (see `stream_ids`); `translate` for beams."""
-        return "".join(self.stream(prompt, max_new_tokens, **sampling))
 
     def info(self) -> dict[str, Any]:
         """What the bundle holds: sizes, parameter count, test scores."""

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from largo.config_seq2seq import Seq2SeqModelConfig
+from largo.data.pair_text import BOS, EOS, NEVER, PAD  # the tokenizer's first ids
+from largo.models.beams import Beams, strip_eos
 from largo.models.layers import (
     DecodeRows,
     KVCache,
@@ -31,9 +33,6 @@ from largo.models.layers import (
     rope_tables,
     sample_next,
 )
-
-PAD, BOS, EOS = 0, 1, 2  # the tokenizer's first ids (data/pairs.py trains it so)
-NEVER = [PAD, BOS]  # never a target, so never generated
 
 
 class CrossAttention(nn.Module):
@@ -178,11 +177,6 @@ class Seq2SeqTransformer(nn.Module):
         return KVCache(c.decoder_layers, batch, c.heads, c.context + 1, c.dim // c.heads, like)
 
 
-def _strip(row: list[int]) -> list[int]:
-    """Generated ids up to (without) the first EOS."""
-    return row[: row.index(EOS)] if EOS in row else row
-
-
 @torch.inference_mode()
 def stream_ids(
     model: Seq2SeqTransformer,
@@ -218,7 +212,7 @@ def greedy(model: Seq2SeqTransformer, source: torch.Tensor, max_new_tokens: int)
     steps = list(stream_ids(model, source, max_new_tokens))
     if not steps:
         return [[] for _ in range(source.shape[0])]
-    return [_strip(row) for row in torch.stack(steps, 1).tolist()]
+    return [strip_eos(row) for row in torch.stack(steps, 1).tolist()]
 
 
 @torch.inference_mode()
@@ -232,16 +226,10 @@ def beam_search(
     early_stopping: bool = True,
     use_cache: bool = True,
 ) -> list[list[int]]:
-    """The best target ids of each source row [b, s] by beam search (EOS cut).
-
-    Every step each of the `beams` live hypotheses of a row proposes its best tokens; of the 2·beams
-    best extensions, those ending in EOS (ranked among the first `beams`) become finished hypotheses,
-    scored log p / length^length_penalty, and the first `beams` others live on. With `early_stopping` a
-    row is done once it holds `beams` finished hypotheses and the best score its best live one could
-    still reach cannot beat the worst of them: log-probabilities only fall as a hypothesis grows, so
-    that best is its score now over the largest length norm it can reach (the longest length when
-    length_penalty > 0). Without the cache every step runs the whole prefix again (for checking the
-    cache, and the benchmark).
+    """The best target ids of each source row [b, s] by beam search (EOS cut), ranked, finished and
+    stopped as `models.beams` describes (the bookkeeping the ONNX runtime shares); this side computes
+    each step's log-probabilities and best candidates on the model's device. Without the cache every
+    step runs the whole prefix again (for checking the cache, and the benchmark).
     """
     if beams == 1:
         return greedy(model, source, max_new_tokens)
@@ -249,46 +237,25 @@ def beam_search(
     b, k, device = source.shape[0], beams, source.device
     kv, mask = model.encode(source.repeat_interleave(k, 0))  # row i's beams are rows i·k … i·k + k − 1
     cache = model.new_cache(b * k, kv[0][0]) if use_cache else None
-    seqs = torch.full((b * k, 1), BOS, dtype=torch.long, device=device)
-    scores = torch.full((b, k), -math.inf, device=device)
-    scores[:, 0] = 0.0  # one live beam at first, so the first step does not pick the same token k times
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
-    done = [False] * b
-    steps = min(max_new_tokens, model.cfg.context)
-    for step in range(steps):
-        step_ids = seqs[:, -1:] if cache is not None else seqs
+    search = Beams(b, k, min(max_new_tokens, model.cfg.context), length_penalty, early_stopping)
+    bos = torch.full((b * k, 1), BOS, dtype=torch.long, device=device)
+    while not search.over:
+        if search.step == 0:
+            step_ids = bos
+        elif cache is not None:
+            step_ids = torch.from_numpy(search.tokens).to(device)[:, None]
+        else:
+            step_ids = torch.cat([bos, torch.from_numpy(search.seqs).to(device)], 1)
         logits = model.decode(step_ids, kv, mask, cache)[:, -1].float()
         logits[:, NEVER] = -math.inf
         logp = logits.log_softmax(-1)  # [b·k, V]
-        vocab = logp.shape[-1]
-        cand = (scores[..., None] + logp.view(b, k, vocab)).view(b, -1)
+        scores = torch.from_numpy(search.scores).to(device)
+        cand = (scores[..., None] + logp.view(b, k, -1)).view(b, -1)
         top, index = cand.topk(min(2 * k, cand.shape[-1]), dim=-1)  # [b, 2k]
-        beam, token = index // vocab, index % vocab
-        norm = (step + 1) ** length_penalty
-        is_eos = (token == EOS) | (step == steps - 1)  # the last step ends every hypothesis
-        for i, j in (is_eos[:, :k] & torch.isfinite(top[:, :k])).nonzero().tolist():
-            if not done[i]:
-                ids = seqs[i * k + beam[i, j], 1:].tolist() + (
-                    [] if token[i, j] == EOS else [int(token[i, j])]
-                )
-                finished[i].append((float(top[i, j]) / norm, ids))
-        # the first k extensions that do not end, in rank order (a stable sort puts them first)
-        keep = torch.argsort(is_eos.int(), dim=1, stable=True)[:, :k]
-        scores = top.gather(1, keep).masked_fill(is_eos.gather(1, keep), -math.inf)
-        rows = (torch.arange(b, device=device)[:, None] * k + beam.gather(1, keep)).view(-1)
-        seqs = torch.cat([seqs[rows], token.gather(1, keep).view(-1, 1)], dim=1)
-        if cache is not None:
-            cache.reorder(rows)
-        if not early_stopping:
-            continue
-        reachable = max(norm, steps**length_penalty)  # the largest norm a live hypothesis can still get
-        for i in range(b):
-            if not done[i] and len(finished[i]) >= k:
-                worst = sorted(s for s, _ in finished[i])[-k]
-                done[i] = float(scores[i, 0]) / reachable <= worst
-        if all(done):
-            break
-    return [_strip(max(f)[1]) if f else [] for f in finished]
+        rows = search.advance(top.cpu().numpy(), index.cpu().numpy(), logp.shape[-1])
+        if cache is not None and not search.over:
+            cache.reorder(torch.from_numpy(rows).to(device))
+    return search.best()
 
 
 class Seq2SeqRows(DecodeRows):
