@@ -251,15 +251,29 @@ def lm_parity(
     before = _perplexity(reference, targets)
     report: dict[str, Any] = {"windows": len(windows), "tokens": int(ids.size), "lossy": lossy}
     for name, (out, mask) in paths.items():
-        ref, got = reference[mask], out[mask]
-        report[name] = {
-            "positions": int(mask.sum()),
-            "max_abs_diff": float(np.abs(got - ref).max()),
-            "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()),
-            "perplexity_increase": _perplexity(got, targets[mask]) / _perplexity(ref, targets[mask]) - 1.0,
-        }
-    worst = max(report[n]["perplexity_increase"] for n in paths)
+        report[name] = compare(reference[mask], out[mask], targets[mask])
     after = _perplexity(paths["whole"][0], targets)
+    return verdict(report, list(paths), before, after, lossy, max_abs_diff)
+
+
+def compare(reference: np.ndarray, got: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+    """One way of reading held-out tokens: next-token logits [positions, vocab] against eager's, and the
+    true next tokens [positions]."""
+    return {
+        "positions": len(targets),
+        "max_abs_diff": float(np.abs(got - reference).max()),
+        "argmax_agreement": float((got.argmax(-1) == reference.argmax(-1)).mean()),
+        "perplexity_increase": _perplexity(got, targets) / _perplexity(reference, targets) - 1.0,
+    }
+
+
+def verdict(
+    report: dict[str, Any], paths: list[str], before: float, after: float, lossy: bool, max_abs_diff: float
+) -> dict[str, Any]:
+    """The report with its perplexity summary, thresholds and `passed`: a lossy (int8) graph must keep
+    perplexity on every path within `max_perplexity_increase` of eager's, a faithful one its logits
+    within `max_abs_diff` with `min_agreement` of argmaxes equal on every path."""
+    worst = max(report[n]["perplexity_increase"] for n in paths)
     report["perplexity"] = {"before": before, "after": after, "increase": worst}
     if lossy:
         ok = worst <= LM_PARITY["max_perplexity_increase"] + 1e-9

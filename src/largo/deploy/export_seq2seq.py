@@ -43,7 +43,9 @@ from largo.deploy.export_lm import (
     PlainRMSNorm,
     _perplexity,
     benchmark_decoding,
+    compare,
     onnx_passed,
+    verdict,
 )
 from largo.deploy.lm_onnx import choose_lm_runtime, input_names
 from largo.deploy.metadata import EXPORT_RECORD, ParityError, read_json
@@ -253,17 +255,9 @@ def seq2seq_parity(
     report: dict[str, Any] = {"pairs": len(sources), "tokens": int(real.sum()), "lossy": lossy}
     for name, (out, covered) in paths.items():
         at = real & covered
-        ref, got = reference[at][:, keep], out[at][:, keep]
-        report[name] = {
-            "positions": int(at.sum()),
-            "max_abs_diff": float(np.abs(got - ref).max()),
-            "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()),
-            "perplexity_increase": _perplexity(got, goal[at]) / _perplexity(ref, goal[at]) - 1.0,
-        }
-    worst = max(report[n]["perplexity_increase"] for n in paths)
+        report[name] = compare(reference[at][:, keep], out[at][:, keep], goal[at])
     before = _perplexity(reference[real][:, keep], goal[real])
     after = before * (1.0 + report["whole"]["perplexity_increase"])
-    report["perplexity"] = {"before": before, "after": after, "increase": worst}
     d = cfg.decode
     eager = translator.search(sources, cfg.max_new_tokens, d.beams, d.length_penalty)
     graph = search_numpy(onnx, sources, cfg.max_new_tokens, d.beams, d.length_penalty, context, length)
@@ -274,18 +268,7 @@ def seq2seq_parity(
         "same": float(np.mean([a == b for a, b in zip(eager, graph, strict=True)])),
         **{when: {k: s[k] for k in ("bleu", "chrf")} for when, s in zip(("before", "after"), scores)},  # noqa: B905
     }
-    if lossy:
-        ok = worst <= LM_PARITY["max_perplexity_increase"] + 1e-9
-        report["thresholds"] = {"max_perplexity_increase": LM_PARITY["max_perplexity_increase"]}
-    else:
-        ok = all(
-            report[n]["max_abs_diff"] <= max_abs_diff
-            and report[n]["argmax_agreement"] >= LM_PARITY["min_agreement"]
-            for n in paths
-        )
-        report["thresholds"] = {"max_abs_diff": max_abs_diff, "min_agreement": LM_PARITY["min_agreement"]}
-    report["passed"] = bool(ok)
-    return report
+    return verdict(report, list(paths), before, after, lossy, max_abs_diff)
 
 
 # --------------------------------------------------------------------------------------- benchmark

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from largo.deploy.lm_text import LMText, check_sampling
+from largo.deploy.lm_text import LMText, Sampling, check_sampling
 from largo.deploy.metadata import EXPORT_RECORD, BundleError, check_files, read_json, read_task_config
 from largo.deploy.runtime import _has_torch
 
@@ -163,6 +163,27 @@ def next_tokens_numpy(
             np.array([samplers[i].random(dtype=np.float32) for i in sampled]),
         )
     return [int(t) for t in tokens]
+
+
+def stream_numpy(
+    rows: Any,
+    ids: list[int],
+    max_new_tokens: int,
+    sampling: Sampling,
+    seed: int,
+) -> Iterator[int]:
+    """Yield up to `max_new_tokens` token ids after `ids`, read into the one row of `rows` (an `OnnxRows`
+    or its seq2seq kind): greedy at temperature 0, else sampled with `sampling` (temperature, top_k,
+    top_p) and a generator seeded `seed`; stops where the row is full. The caller stops at its end
+    token (closing the stream: no step is computed past it)."""
+    logits = rows.add(ids)[None]
+    sampler = rows.sampler(seed) if sampling[0] > 0 else None
+    for i in range(max_new_tokens):
+        token = next_tokens_numpy(logits, [sampling], [sampler])[0]
+        yield token
+        if i + 1 == max_new_tokens or rows.full(0):
+            return
+        logits = rows.step([token])
 
 
 # ------------------------------------------------------------------------------------------ rows
@@ -368,17 +389,13 @@ class OnnxTextGenerator(LMText):
         graph always reads through its cache, so `use_cache` changes nothing)."""
         del use_cache
         check_sampling(max_new_tokens, top_k, top_p)
-        rows = self.decode_rows(1)
-        logits = rows.add(self.prompt_ids(prompt))[None]
-        sampler = rows.sampler(0 if seed is None else seed) if temperature > 0 else None
-        for i in range(max_new_tokens):
-            token = next_tokens_numpy(logits, [(temperature, top_k, top_p)], [sampler])[0]
+        sampling, seed = (temperature, top_k, top_p), 0 if seed is None else seed
+        for token in stream_numpy(
+            self.decode_rows(1), self.prompt_ids(prompt), max_new_tokens, sampling, seed
+        ):
             if stop_at_eot and token == self.eot:
                 return
             yield token
-            if i + 1 == max_new_tokens or rows.full(0):
-                return
-            logits = rows.step([token])
 
     def info(self) -> dict[str, Any]:
         """What the bundle holds: sizes, parameter count, held-out perplexity, the runtime."""

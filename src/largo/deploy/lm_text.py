@@ -12,6 +12,8 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+Sampling = tuple[float, int | None, float | None]  # (temperature, top_k, top_p) of one generation
+
 
 def text_pieces(tokens: Iterable[int], tokenizer: Tokenizer) -> Iterator[str]:
     """The text of a stream of token ids, piece by piece as the ids arrive.

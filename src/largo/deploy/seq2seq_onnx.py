@@ -35,8 +35,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from largo.data.pair_text import BOS, EOS, NEVER, PAD, literal_specials
-from largo.deploy.lm_onnx import OnnxRows, cpu_session, input_names, next_tokens_numpy
-from largo.deploy.lm_text import check_sampling
+from largo.deploy.lm_onnx import OnnxRows, cpu_session, input_names, stream_numpy
+from largo.deploy.lm_text import Sampling
 from largo.deploy.metadata import BundleError, check_files, read_json, read_task_config
 from largo.deploy.seq2seq_text import Seq2SeqText
 from largo.models.beams import Beams, log_softmax, strip_eos
@@ -280,34 +280,10 @@ class OnnxTranslator(Seq2SeqText):
             self.model, sources, max_new_tokens, beams, length_penalty, self.target_context, self.context
         )
 
-    def stream_ids(
-        self,
-        prompt: str,
-        max_new_tokens: int = 100,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = 0,
-        use_cache: bool = True,
-        stop_at_eot: bool = True,
-    ) -> Iterator[int]:
-        """Yield the target's token ids one at a time for the source `prompt` (the arguments of
-        `Translator.stream_ids`): greedy at temperature 0, else sampled with a seeded numpy generator."""
-        del use_cache
-        check_sampling(max_new_tokens, top_k, top_p)
-        rows = self.decode_rows(1)
-        logits = rows.add(self.encode(prompt))[None]
-        sampler = rows.sampler(0 if seed is None else seed) if temperature > 0 else None
-        for i in range(min(max_new_tokens, self.target_context)):
-            token = next_tokens_numpy(logits, [(temperature, top_k, top_p)], [sampler])[0]
-            if token == EOS:
-                if not stop_at_eot:
-                    yield token
-                return
-            yield token
-            if i + 1 == max_new_tokens or rows.full(0):
-                return
-            logits = rows.step([token])
+    def sample_ids(self, ids: list[int], max_new_tokens: int, sampling: Sampling, seed: int) -> Iterator[int]:
+        """Target ids of one source decoded in a row of its own (`lm_onnx.stream_numpy`: numpy sampling
+        with a generator seeded `seed`)."""
+        return stream_numpy(self.decode_rows(1), ids, max_new_tokens, sampling, seed)
 
     def info(self) -> dict[str, Any]:
         """What the bundle holds: sizes, parameter count, test scores, the runtime."""

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from largo.data.pair_text import EOS, normalize_sources, source_ids
 from largo.data.readers import DataError
-from largo.deploy.lm_text import text_pieces
+from largo.deploy.lm_text import Sampling, check_sampling, text_pieces
 
 
 class Seq2SeqText:
@@ -100,8 +100,34 @@ class Seq2SeqText:
         """The target ids of one source by beam search (the bundle's length penalty; EOS cut)."""
         return self.search([self.encode(prompt)], max_new_tokens, beams, self.config.decode.length_penalty)[0]
 
-    def stream_ids(self, prompt: str, max_new_tokens: int = 100, **sampling: Any) -> Iterator[int]:
+    def sample_ids(self, ids: list[int], max_new_tokens: int, sampling: Sampling, seed: int) -> Iterator[int]:
+        """Yield up to `max_new_tokens` target ids of the source `ids` (EOS included when it comes; the
+        caller stops there): greedy at temperature 0, else sampled with (temperature, top_k, top_p)."""
         raise NotImplementedError
+
+    def stream_ids(
+        self,
+        prompt: str,
+        max_new_tokens: int = 100,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = 0,
+        use_cache: bool = True,
+        stop_at_eot: bool = True,
+    ) -> Iterator[int]:
+        """Yield the target's token ids one at a time for the source `prompt`: greedy at temperature 0
+        (the default), else sampled (seeded). `use_cache` is accepted for `TextGenerator`'s callers: the
+        decoder always caches. Without `stop_at_eot` the EOS id is yielded and ends the stream."""
+        del use_cache
+        check_sampling(max_new_tokens, top_k, top_p)
+        seed = 0 if seed is None else seed
+        for token in self.sample_ids(self.encode(prompt), max_new_tokens, (temperature, top_k, top_p), seed):
+            if token == EOS:
+                if not stop_at_eot:
+                    yield token
+                return
+            yield token
 
     def stream(self, prompt: str, max_new_tokens: int = 100, **sampling: Any) -> Iterator[str]:
         """Yield the target text piece by piece as tokens arrive (pieces end on whole characters)."""

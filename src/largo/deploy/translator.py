@@ -23,10 +23,10 @@ from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 
 from largo.config_seq2seq import Seq2SeqConfig, dump_seq2seq_config, validate_seq2seq_config
-from largo.data.pair_text import EOS, literal_specials
+from largo.data.pair_text import literal_specials
 from largo.data.pairs import encode_pairs, padded, texts
 from largo.deploy.generator import TOKENIZER
-from largo.deploy.lm_text import check_sampling
+from largo.deploy.lm_text import Sampling
 from largo.deploy.metadata import WEIGHTS, check_files, read_json, read_task_config
 from largo.deploy.seq2seq_text import Seq2SeqText
 from largo.evaluate.metrics import generation_metrics
@@ -122,34 +122,17 @@ class Translator(Seq2SeqText):
         examples = [{"source": s, "reference": r, "output": h} for s, r, h in list(rows)[:EXAMPLES]]
         return {d.target: scores}, examples
 
-    def stream_ids(
-        self,
-        prompt: str,
-        max_new_tokens: int = 100,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = 0,
-        use_cache: bool = True,
-        stop_at_eot: bool = True,
-    ) -> Iterator[int]:
-        """Yield the target's token ids one at a time for the source `prompt`: greedy at temperature 0
-        (the default), else sampled (seeded). `use_cache` is accepted for `TextGenerator`'s callers: the
-        decoder always caches. Without `stop_at_eot` the EOS id is yielded and ends the stream."""
-        del use_cache
-        check_sampling(max_new_tokens, top_k, top_p)
-        source = torch.tensor([self.encode(prompt)], device=self.device)
-        generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
+    def sample_ids(self, ids: list[int], max_new_tokens: int, sampling: Sampling, seed: int) -> Iterator[int]:
+        """Target ids of one source as `models.seq2seq.stream_ids` decodes them (a torch generator
+        seeded `seed`)."""
+        source = torch.tensor([ids], device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        temperature, top_k, top_p = sampling
         for nxt in stream_ids(
             self.model, source, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             generator=generator,
         ):  # fmt: skip
-            token = int(nxt[0])
-            if token == EOS:
-                if not stop_at_eot:
-                    yield token
-                return
-            yield token
+            yield int(nxt[0])
 
     def info(self) -> dict[str, Any]:
         """What the bundle holds: sizes, parameter count, test scores."""
