@@ -279,8 +279,8 @@ def benchmark_seq2seq(
 ) -> dict[str, Any]:
     """Every runtime the bundle has (torch, torch-bf16, onnx, onnx-int8) two ways on the held-out
     sources: greedy decoding tokens/s at 1 and 8 rows as the server batches it (`benchmark_decoding`,
-    which `auto` compares), and sources/s of beam-search translation of all of them in one batch (the
-    bundle's beams, as `largo predict` translates)."""
+    which `auto` compares), and sources/s of beam-search translation of all of them (`translate`: the
+    bundle's beams, batches of 32, as `largo predict` translates)."""
     from largo.data.pairs import encode_pairs, texts
 
     generators: dict[str, Any] = {
@@ -306,16 +306,16 @@ def benchmark_seq2seq(
         return math.exp(losses[1] - losses[0]) - 1.0 <= LM_PARITY["max_perplexity_increase"]
 
     result = benchmark_decoding(generators, sources, passed, new_tokens, rounds, batches)
-    d, names = cfg.decode, list(generators)
+    names, items = list(generators), texts(table, cfg.data.source)
     speeds: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
-            generators[name].search(sources, cfg.max_new_tokens, d.beams, d.length_penalty)
-            speeds[name].append(len(sources) / (time.perf_counter() - start))
+            generators[name].translate(items)  # as `largo predict` translates: batches of 32
+            speeds[name].append(len(items) / (time.perf_counter() - start))
     for name in names:
         result["runtimes"][name]["sources_per_s"] = statistics.median(speeds[name])
-    return {**result, "beams": d.beams, "sources": len(sources)}
+    return {**result, "beams": cfg.decode.beams, "sources": len(sources)}
 
 
 def export_seq2seq_bundle(

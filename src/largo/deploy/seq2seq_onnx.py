@@ -195,13 +195,17 @@ class OnnxSeq2SeqRows(OnnxRows):
         self.sources = []
         super().clear()
 
-    def reorder(self, index: np.ndarray) -> None:
-        """Row r takes what row index[r] holds, for every live row (a beam search's survivors)."""
-        n = self.rows
-        for buffer in (self.k, self.v, self.mk, self.mv):
-            buffer[:, :n] = buffer[:, index]
+    def reorder(self, index: np.ndarray, memory: bool = True) -> None:
+        """Row r takes what row index[r] holds, for every live row (a beam search's survivors; its beams
+        of one source share their memory, so it passes `memory=False` and only the decoder's keys and
+        values move). Only the columns in use are copied."""
+        n, used = self.rows, max(self.lengths, default=0)
+        self.k[:, :n, :, :, :used] = self.k[:, index, :, :, :used]
+        self.v[:, :n, :, :used] = self.v[:, index, :, :used]
+        if memory:
+            self.mk[:, :n], self.mv[:, :n] = self.mk[:, index], self.mv[:, index]
+            self.sources = [self.sources[i] for i in index]
         self.lengths = [self.lengths[i] for i in index]
-        self.sources = [self.sources[i] for i in index]
 
 
 def search_numpy(
@@ -236,7 +240,7 @@ def search_numpy(
         order = search.advance(top, index, logits.shape[-1])
         if search.over:
             break
-        rows.reorder(order)
+        rows.reorder(order, memory=False)  # a source's beams stay in its rows: the same memory
         logits = rows.step(search.tokens.tolist())
     return search.best()
 
