@@ -271,6 +271,15 @@ def serve(
     max_wait_ms: Annotated[
         float, typer.Option("--max-wait-ms", help="Longest wait for a batch to fill, in ms.")
     ] = 5.0,
+    prefill_chunk: Annotated[
+        int,
+        typer.Option(
+            "--prefill-chunk",
+            min=0,
+            help="An LM: read prompts at most this many tokens per pass between decoding steps, so running "
+            "streams wait one chunk for a long prompt (0: a whole prompt per pass).",
+        ),
+    ] = 128,
     db: Annotated[
         str | None,
         typer.Option(
@@ -306,6 +315,7 @@ def serve(
         "api_key": api_key,
         "max_batch": max_batch,
         "max_wait_ms": max_wait_ms,
+        "prefill_chunk": prefill_chunk,
     }
     # what api.serve() calls, called directly: largo.api imports torch, and an ONNX-only serving image
     # has none (the one verb that cannot go through the API module). A path is a bundle; else a name.

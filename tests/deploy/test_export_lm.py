@@ -143,6 +143,22 @@ def test_onnx_rows_match_gpt_rows_as_rows_join_and_leave(exported: Path, torch_g
     step(2)
 
 
+def test_onnx_rows_read_a_prompt_in_chunks_between_steps(exported: Path, torch_gen: TextGenerator) -> None:
+    """Chunked prefill on ONNX Runtime: a prompt read 5 tokens a pass while another row steps joins with
+    the logits torch gives the whole prompt, and both rows then step as torch's do."""
+    rows, want = OnnxRows(OnnxLM(exported / "model.onnx"), 4, 64), GPTRows(torch_gen.model, 4)
+    first, prompt = torch_gen.encode("the cat sat"), torch_gen.encode(PROMPTS[3])
+    np.testing.assert_allclose(rows.add(first), want.add(first).numpy(), atol=1e-4)
+    reader, fed = rows.reader(prompt, chunk=5), 7
+    while (logits := next(reader)) is None:
+        assert rows.rows == 1
+        np.testing.assert_allclose(rows.step([fed]), want.step([fed]).numpy(), atol=1e-4)
+        fed += 1
+    assert fed - 7 == -(-len(prompt) // 5) - 1 and rows.rows == 2
+    np.testing.assert_allclose(logits, want.add(prompt).numpy(), atol=1e-4)
+    np.testing.assert_allclose(rows.step([3, 4]), want.step([3, 4]).numpy(), atol=1e-4)
+
+
 def test_the_graph_reads_a_chunk_after_a_past(exported: Path, torch_gen: TextGenerator) -> None:
     """Several new tokens after a cached past (chunked prefill): each sees the past and the new tokens
     before it, as the eager model reading the whole sequence does."""

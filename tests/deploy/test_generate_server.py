@@ -120,6 +120,10 @@ class GatedRows:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
+    def reader(self, ids: list[int], chunk: int | None = None) -> Iterator[Any]:
+        """The decode loop reads prompts through this: in one pass here, mirrored as `add` mirrors."""
+        yield self.add(ids)
+
     def add(self, ids: list[int]) -> Any:
         if ids == self.boom:
             raise RuntimeError("the model exploded")
@@ -290,6 +294,64 @@ def test_concurrent_generations_are_decoded_together_and_each_gets_its_own_text(
         assert answers[i].status_code == 200 and out["text"] == alone, (i, out["text"], alone)
         if not body.get("stop_at_eot", True) or i == 5:
             assert out["tokens"] == body["max_new_tokens"] and out["finish_reason"] == "length"
+
+
+class Recording:
+    """The real generator whose rows log each call: ("read", prompt tokens) per pass over a prompt and
+    ("step", rows) per step, each step held 5 ms so a generation runs long enough for another to join."""
+
+    def __init__(self, generator: TextGenerator):
+        self.generator, self.calls = generator, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.generator, name)
+
+    def decode_rows(self, slots: int) -> Any:
+        rows, calls = self.generator.decode_rows(slots), self.calls
+
+        class Rows:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(rows, name)
+
+            def reader(self, ids: list[int], chunk: int | None = None) -> Iterator[Any]:
+                for out in rows.reader(ids, chunk):
+                    calls.append(("read", len(ids)))
+                    yield out
+
+            def step(self, tokens: list[int]) -> Any:
+                calls.append(("step", len(tokens)))
+                time.sleep(0.005)
+                return rows.step(tokens)
+
+        return Rows()
+
+
+def test_a_long_prompt_is_read_in_chunks_while_running_generations_step(generator: TextGenerator) -> None:
+    """Chunked prefill: a long prompt that arrives while a generation runs is read 4 tokens a pass, the
+    running row stepping between the passes; both texts are the ones they get alone."""
+    recording = Recording(generator)
+    app = create_generate_app(recording, max_concurrent=4, prefill_chunk=4)
+    first = {"prompt": "The", "max_new_tokens": 60, "temperature": 0, "stop_at_eot": False}
+    long = {"prompt": SENTENCES[0] + " " + SENTENCES[2], "max_new_tokens": 5, "temperature": 0}
+    answers: dict[str, dict] = {}
+    with serve_in_thread(app) as url:
+        assert health(url)["prefill_chunk"] == 4
+        thread = threading.Thread(
+            target=lambda: answers.update(first=httpx.post(f"{url}/generate", json=first, timeout=60).json())
+        )
+        thread.start()
+        until(lambda: sum(kind == "step" for kind, _ in recording.calls) >= 3)
+        answers["long"] = httpx.post(f"{url}/generate", json=long, timeout=60).json()
+        thread.join(60)
+    for name, body in (("first", first), ("long", long)):
+        settings = {"temperature": 0, "stop_at_eot": body.get("stop_at_eot", True)}
+        assert answers[name]["text"] == generator.generate(body["prompt"], body["max_new_tokens"], **settings)
+    tokens = answers["long"]["prompt_tokens"]
+    assert tokens > 12
+    passes = [i for i, (kind, n) in enumerate(recording.calls) if kind == "read" and n == tokens]
+    assert len(passes) == -(-tokens // 4)  # ceil: 4 tokens a pass
+    between = recording.calls[passes[0] : passes[-1]]
+    assert sum(kind == "step" for kind, _ in between) == len(passes) - 1  # one step of the running row each
 
 
 def test_no_seed_draws_one_that_repeats_the_text(live: str) -> None:

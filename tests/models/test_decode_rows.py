@@ -84,6 +84,35 @@ def test_gpt_rows_match_each_sequence_alone_as_rows_join_and_leave():
     assert rows.rows == 0
 
 
+def test_a_prompt_read_in_chunks_between_steps_is_the_prompt_read_at_once():
+    """Chunked prefill: a long prompt read 3 tokens a pass, the live rows stepping between the passes;
+    it becomes a row only after its last pass, with the logits of the whole prompt, and the live rows
+    are those they would be without it."""
+    model = _gpt()
+    rows = GPTRows(model, slots=3)
+    first = [1, 2, 3]
+    rows.add(first)
+    prompt = [9, 8, 7, 6, 5, 4, 3, 2, 1, 9, 8]
+    reader = rows.reader(prompt, chunk=3)
+    fed = []
+    for _ in range(3):  # three passes of three tokens, each followed by a step of the live row
+        assert next(reader) is None and rows.rows == 1
+        fed.append(5 + len(fed))
+        torch.testing.assert_close(
+            rows.step([fed[-1]])[0], _gpt_alone(model, first + fed), rtol=1e-9, atol=1e-9
+        )
+    logits = next(reader)  # the last two tokens: the row joins
+    assert rows.rows == 2
+    torch.testing.assert_close(logits, _gpt_alone(model, prompt), rtol=1e-9, atol=1e-9)
+    both = rows.step([11, 12])
+    torch.testing.assert_close(both[0], _gpt_alone(model, [*first, *fed, 11]), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(both[1], _gpt_alone(model, [*prompt, 12]), rtol=1e-9, atol=1e-9)
+    with pytest.raises(StopIteration):
+        next(reader)
+    seq2seq = Seq2SeqRows(_seq2seq(), slots=1, source_length=10)  # a source: encoded in one pass
+    assert len(list(seq2seq.reader([5, 6, 2], chunk=1))) == 1 and seq2seq.rows == 1
+
+
 def test_seq2seq_rows_match_each_source_alone_with_sources_of_different_lengths():
     model = _seq2seq()
     starts = {0: [5, 6, 7, 2], 1: [9, 2], 2: [3, 4, 5, 6, 7, 8, 9, 10, 2], 3: [11, 12, 2]}

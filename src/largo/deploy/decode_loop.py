@@ -6,8 +6,11 @@ generations as rows of one batch (the generator's `decode_rows`: `GPTRows`, `Seq
 `lm_onnx.OnnxRows` on ONNX Runtime) and runs one forward pass per step for all of them, as vLLM and TGI
 do:
 
-- a request joins between two steps: its prompt is read alone (its own forward pass, which the others
-  wait for), its first token sampled, and from the next step on it is one more row;
+- a request joins between two steps: its prompt is read alone (its own forward passes), its first
+  token sampled, and from the next step on it is one more row. With `prefill_chunk` a long prompt is
+  read that many tokens per pass, one pass between two steps of the running rows (chunked prefill, as
+  vLLM and TGI schedule it), so a running stream's next token waits for one chunk at most rather than
+  for the whole prompt; when nothing runs, prompts are read in one go (no one waits);
 - every step feeds each row its last token and samples each row's next one with that request's own
   settings (temperature, top-k, top-p) and its own seeded generator (the rows' `sampler`: a
   `torch.Generator`, numpy's on ONNX Runtime), so a seed gives the same text as the generator's
@@ -29,7 +32,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,12 +52,14 @@ class _Row:
     text: list[str]
     truncated: bool
     last: int = -1
+    unread: int = 0  # prompt tokens not read yet
 
 
 class DecodeLoop:
     """Decode up to `slots` generations of one generator together, in one thread of its own.
 
-    `submit(job)` hands a generation over (the service has already bounded how many run). In the loop's
+    `submit(job)` hands a generation over (the service has already bounded how many run); its prompt is
+    read `prefill_chunk` tokens per pass between steps (None: in one pass). In the loop's
     thread: `on_done([(job, summary), ...])` gets the generations a step finished, before their "done"
     events (the service logs them, in one sink call); `on_end(job, ok)` each job once its last event is
     sent; `on_step(rows, seconds)` every batched step (metrics). `close()` lets the running generations
@@ -69,14 +74,18 @@ class DecodeLoop:
         on_end: Callable[[Generation, bool], None],
         on_done: Callable[[list[tuple[Generation, dict[str, Any]]]], None] | None = None,
         on_step: Callable[[int, float], None] | None = None,
+        prefill_chunk: int | None = None,
     ):
-        self.generator, self.slots = generator, slots
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk: must be ≥ 1 (got {prefill_chunk})")
+        self.generator, self.slots, self.prefill_chunk = generator, slots, prefill_chunk
         self.rows = generator.decode_rows(slots)
         self.on_end, self.on_done, self.on_step = on_end, on_done, on_step
         self.closed = False
         self.done: list[tuple[Generation, dict[str, Any]]] = []  # finished this step, for `on_done`
         self.inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
         self.live: list[_Row] = []  # one per row of `self.rows`, in row order
+        self.pending: list[tuple[_Row, Iterator[Any]]] = []  # prompts being read (a row each, reserved)
         self.outbox: list[tuple[Generation, str, Any]] = []  # events of this step, sent together
         self.ended: list[tuple[Generation, bool]] = []  # for `on_end`, after their last events
         self.thread = threading.Thread(target=self._run, name="largo-decode", daemon=True)
@@ -100,22 +109,23 @@ class DecodeLoop:
 
     def _run(self) -> None:
         closing = False
-        while not (closing and not self.live):
+        while not (closing and not self.live and not self.pending):
             try:
                 closing = self._admit(closing)
+                self._prefill()
                 self._flush()  # the new rows' first tokens go out before the step
                 if self.live:
                     self._step()
                 self._flush()
             except Exception as exc:  # noqa: BLE001 - a bug here must not leave requests hanging
                 log.exception("the decode loop failed; its running generations fail with it")
-                self._fail_all(exc)
+                self._fail_all(exc, pending=True)
                 self._flush()
 
     def _admit(self, closing: bool) -> bool:
         """Take waiting requests into free rows (waiting for one when nothing runs); whether close came."""
-        block = not self.live and not closing  # nothing to decode: wait for a request
-        while len(self.live) < self.slots:
+        block = not self.live and not self.pending and not closing  # nothing to do: wait for a request
+        while len(self.live) + len(self.pending) < self.slots:
             try:
                 job = self.inbox.get(block=block)
             except queue.Empty:
@@ -125,7 +135,7 @@ class DecodeLoop:
                 closing = True
             else:
                 self._join(job)
-        if closing and not self.live:
+        if closing and not self.live and not self.pending:
             with contextlib.suppress(queue.Empty):  # jobs handed over just before close
                 while (job := self.inbox.get_nowait()) is not None:
                     self._join(job)
@@ -153,7 +163,7 @@ class DecodeLoop:
             self.on_end(job, ok)
 
     def _join(self, job: Generation) -> None:
-        """Read the job's prompt into a new row and take its first token (or end it at once)."""
+        """Start reading the job's prompt for a new row (or end it at once)."""
         s = job.settings
         job.outbox = self.outbox
         job.on_done = lambda job, summary: self.done.append((job, summary))
@@ -164,14 +174,43 @@ class DecodeLoop:
                 job.finish_reason = "cancelled" if job.cancel.is_set() else "length"
                 self._end(row)
                 return
-            logits = self.rows.add(self.generator.prompt_ids(s.prompt))
+            ids = self.generator.prompt_ids(s.prompt)
+            reader = self.rows.reader(ids, self.prefill_chunk)
+            row.unread = len(ids)
         except Exception as exc:  # noqa: BLE001 - this request fails; the loop keeps serving
             self._fail(job, exc)
             return
-        self.live.append(row)
-        index = len(self.live) - 1
-        if self._emit(row, self._tokens([row], logits[None])[0], index):
-            self._drop([index])
+        self.pending.append((row, reader))
+
+    def _prefill(self) -> None:
+        """Read waiting prompts, oldest first: all of them whole while no row runs, else passes of up to
+        `prefill_chunk` tokens in all before the next step (short prompts join together; a long one
+        takes a chunk a step). A prompt read in full becomes a row, and its first token is taken."""
+        budget, spent = self.prefill_chunk, 0
+        while self.pending and not (self.live and budget is not None and spent >= budget):
+            row, reader = self.pending[0]
+            if row.job.cancel.is_set():
+                self.pending.pop(0)
+                reader.close()
+                row.job.finish_reason = "cancelled"
+                self._end(row)
+                continue
+            try:
+                logits = next(reader)
+            except Exception as exc:  # noqa: BLE001 - this request fails; the loop keeps serving
+                self.pending.pop(0)
+                self._fail(row.job, exc)
+                continue
+            read = row.unread if budget is None else min(budget, row.unread)
+            row.unread -= read
+            spent += read
+            if logits is None:
+                continue
+            self.pending.pop(0)
+            self.live.append(row)  # the reader put its row last: `live` mirrors the rows
+            index = len(self.live) - 1
+            if self._emit(row, self._tokens([row], logits[None])[0], index):
+                self._drop([index])
 
     def _sampler(self, job: Generation) -> Any:
         return self.rows.sampler(job.seed) if job.settings.temperature else None
@@ -238,12 +277,18 @@ class DecodeLoop:
             return
         self.ended.append((row.job, True))
 
-    def _fail_all(self, exc: BaseException) -> None:
-        """Every running generation fails with `exc`; the rows are emptied for the next requests."""
+    def _fail_all(self, exc: BaseException, pending: bool = False) -> None:
+        """Every running generation (with `pending`, every prompt being read too) fails with `exc`; the
+        rows are emptied for the next requests."""
         for row in self.live:
             self._fail(row.job, exc)
         self.live.clear()
         self.rows.clear()
+        for row, reader in self.pending if pending else []:
+            reader.close()
+            self._fail(row.job, exc)
+        if pending:
+            self.pending.clear()
 
     def _fail(self, job: Generation, exc: BaseException) -> None:
         job.push("error", exc)

@@ -438,6 +438,7 @@ class GenerateService:
         version: int | None = None,
         sink: Any = None,
         batching: bool = True,
+        prefill_chunk: int | None = None,
     ):
         if max_new_tokens_limit < 1 or max_concurrent < 1 or max_queued < 0 or queue_timeout_s <= 0:
             raise ValueError(
@@ -456,7 +457,7 @@ class GenerateService:
         self.slots = asyncio.Semaphore(max_concurrent)
         self.running: dict[str, Generation] = {}
         self.metrics = GenerationMetrics(lambda: self.active, lambda: self.queued)
-        self.batching = batching
+        self.batching, self.prefill_chunk = batching, prefill_chunk
         self.decoder = self._new_decoder(generator)
         self.retired: list[Any] = []  # decode loops of swapped-out models, finishing their generations
         self.stopping = False
@@ -472,8 +473,9 @@ class GenerateService:
         from largo.deploy.decode_loop import DecodeLoop
 
         return DecodeLoop(
-            generator, self.max_concurrent, self._ended_elsewhere, self._done_many, self.metrics.observe_step
-        )
+            generator, self.max_concurrent, self._ended_elsewhere, self._done_many, self.metrics.observe_step,
+            self.prefill_chunk,
+        )  # fmt: skip
 
     def swap(self, generator: Any, version: int | None = None) -> None:
         """Serve `generator` (already loaded) for every request admitted from now on; generations that
@@ -671,6 +673,7 @@ class GenerateService:
             "queued": self.queued,
             "max_concurrent": self.max_concurrent,
             "batching": self.decoder is not None,
+            "prefill_chunk": self.prefill_chunk,
             "max_queued": self.max_queued,
             "max_new_tokens_limit": self.limit,
         }
@@ -719,6 +722,7 @@ def create_generate_app(
     version: int | None = None,
     sink: Any = None,
     batching: bool = True,
+    prefill_chunk: int | None = 128,
 ) -> FastAPI:
     """A FastAPI app serving one language model: POST /generate, POST /feedback, GET /health, GET /metrics,
     GET /.
@@ -739,6 +743,9 @@ def create_generate_app(
             older generations. Default: `JsonlSink(<bundle>/serving)`.
         batching: decode the running generations together (continuous batching); False runs each in a
             worker thread of its own (what `bench/generate_serve.py` compares against).
+        prefill_chunk: with batching, prompts are read at most this many tokens per pass between two
+            steps of the running generations, so a long prompt stalls them by one chunk, not its whole
+            length (chunked prefill; 0 or None: every prompt in one pass).
     """
     service = GenerateService(
         generator,
@@ -750,6 +757,7 @@ def create_generate_app(
         version=version,
         sink=sink if sink is not None else JsonlSink(Path(generator.path) / "serving"),
         batching=batching,
+        prefill_chunk=prefill_chunk or None,
     )
 
     @asynccontextmanager

@@ -261,18 +261,37 @@ class OnnxRows:
 
     def add(self, ids: list[int]) -> np.ndarray:
         """Read a prompt (1 to context tokens) into the next row → its next-token logits [vocab]."""
+        return list(self.reader(ids))[-1]
+
+    def reader(self, ids: list[int], chunk: int | None = None) -> Iterator[np.ndarray | None]:
+        """Read a prompt `chunk` tokens per pass (all at once without one; `GPTRows.reader`): yields
+        None after each pass but the last, then copies the prompt's keys and values into the next row
+        and yields its next-token logits [vocab]; the live rows are untouched until then."""
         if not 0 < len(ids) <= self.limit:
             raise ValueError(f"a prompt of 1 to {self.limit} tokens (got {len(ids)})")
         if self.rows >= self.slots:
             raise RuntimeError(f"every one of the {self.slots} rows is taken")
-        logits, k, v = self.lm.read(np.array([ids], dtype=np.int64))  # k, v: [layers, 1, heads, n, d]
-        n, row = len(ids), self.rows
+        lm, n = self.lm, len(ids)
+        chunk = chunk or n
+        keys = [np.zeros((1, lm.heads, lm.head_dim, 0), np.float32)] * lm.layers
+        values = [np.zeros((1, lm.heads, 0, lm.head_dim), np.float32)] * lm.layers
+        for start in range(0, n, chunk):
+            part = np.array([ids[start : start + chunk]], dtype=np.int64)
+            positions = np.arange(start, start + part.shape[1], dtype=np.int64)[None]
+            logits, k, v = lm.run(part, positions, np.ones((1, start), np.int64), keys, values)
+            keys = [np.concatenate([keys[i], k[i].transpose(0, 1, 3, 2)], -1) for i in range(lm.layers)]
+            values = [np.concatenate([values[i], v[i]], 2) for i in range(lm.layers)]
+            if start + chunk < n:
+                yield None
+        if self.rows >= self.slots:
+            raise RuntimeError(f"every one of the {self.slots} rows is taken")
+        row = self.rows
         self._room(row + 1, min(self.limit, n + 1))
-        self.k[:, row, :, :, :n] = k[:, 0].transpose(0, 1, 3, 2)
-        self.v[:, row, :, :n] = v[:, 0]
+        for i in range(lm.layers):
+            self.k[i, row, :, :, :n], self.v[i, row, :, :n] = keys[i][0], values[i][0]
         self.k[:, row, :, :, n:], self.v[:, row, :, n:] = 0.0, 0.0  # nothing of a row that left stays
         self.lengths.append(n)
-        return logits[0, -1]
+        yield logits[0, -1]
 
     def step(self, tokens: list[int]) -> np.ndarray:
         """Feed one token id per live row (in row order) → next-token logits [rows, vocab]."""

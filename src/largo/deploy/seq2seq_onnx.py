@@ -182,6 +182,11 @@ class OnnxSeq2SeqRows(OnnxRows):
             raise RuntimeError(f"every one of the {self.slots} rows is taken")
         return self.add_sources([ids])[0]
 
+    def reader(self, ids: list[int], chunk: int | None = None) -> Iterator[np.ndarray | None]:
+        """`add` as the decode loop reads prompts: a source is encoded in one pass."""
+        del chunk
+        yield self.add(ids)
+
     def remove(self, row: int) -> None:
         """Free a row; the last row moves into it (the caller mirrors the move)."""
         last = self.rows - 1

@@ -421,6 +421,14 @@ def _feedback_label(label: str | int | float, out: dict[str, Any]) -> str | floa
 # ------------------------------------------------------------------------------------ running it
 
 
+GENERATION_ONLY = ("prefill_chunk",)  # serve options that only POST /generate takes
+
+
+def predict_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The serve options `create_app` takes (a classifier's server): all but the generation ones."""
+    return {k: v for k, v in options.items() if k not in GENERATION_ONLY}
+
+
 def serve_bundle(
     path: str | Path,
     *,
@@ -464,7 +472,7 @@ def serve_bundle(
         from largo.deploy.predictor import load_predictor  # here, not at import: torch stays optional
 
         served = load_predictor(path, runtime, device=device)
-        app = create_app(served, **app_options)
+        app = create_app(served, **predict_options(app_options))
         what = type(served).__name__
     print(f"largo: serving {path} with {what} (runtime {runtime}) on http://{host}:{port}")
     uvicorn.run(

@@ -29,7 +29,7 @@ from fastapi import FastAPI
 
 from largo.deploy.metadata import BundleError, bundle_task
 from largo.deploy.predictor import load_predictor
-from largo.deploy.server import create_app
+from largo.deploy.server import create_app, predict_options
 from largo.lifecycle.registry import PRODUCTION, VERSION_RE, Registry, Version
 from largo.lifecycle.sink import StoreSink
 from largo.lifecycle.store import Store, default_url
@@ -164,7 +164,7 @@ def registered_app(
         def load(path: Path) -> Any:
             return load_predictor(path, runtime, device=device)
 
-        app = create_app(load(version.path), **tag, **app_options)
+        app = create_app(load(version.path), **tag, **predict_options(app_options))
     alias = _watched_alias(ref)
     if alias is None or poll_s <= 0:
         return app, None

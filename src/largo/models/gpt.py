@@ -173,17 +173,29 @@ class GPTRows(DecodeRows):
         self.cache = SlotKVCache(c.layers, slots, c.heads, c.context, c.dim // c.heads, model.embed.weight)
         self.caches, self.limit, self.slots = (self.cache,), c.context, slots
 
-    @torch.inference_mode()
     def add(self, ids: list[int]) -> torch.Tensor:
         """Read a prompt (at most context tokens, at least one) into the next row → its next-token
         logits [vocab]."""
+        return list(self.reader(ids))[-1]
+
+    def reader(self, ids: list[int], chunk: int | None = None) -> Iterator[torch.Tensor | None]:
+        """Read a prompt `chunk` tokens per pass (all at once without one; the server's chunked prefill,
+        so the running rows need not wait for a long prompt in one go): yields None after each pass but
+        the last, then puts the prompt into the next row and yields its next-token logits [vocab]. Until
+        then the live rows are untouched (they step between the passes)."""
         if not 0 < len(ids) <= self.model.cfg.context:
             raise ValueError(f"a prompt of 1 to {self.model.cfg.context} tokens (got {len(ids)})")
+        chunk = chunk or len(ids)
         prompt = torch.tensor([ids], dtype=torch.long, device=self.model.embed.weight.device)
         cache = self.model.new_cache(1, len(ids))
-        logits = self.model(prompt, cache=cache)[0, -1]
-        self.cache.put(cache)
-        return logits
+        for start in range(0, len(ids), chunk):
+            with torch.inference_mode():
+                logits = self.model(prompt[:, start : start + chunk], cache=cache)[0, -1]
+            if start + chunk < len(ids):
+                yield None
+        with torch.inference_mode():
+            self.cache.put(cache)
+        yield logits
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor | list[int]) -> torch.Tensor:

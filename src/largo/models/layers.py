@@ -4,6 +4,7 @@ Transformer parts of the GPT and the encoder-decoder (RoPE, SwiGLU)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -302,6 +303,15 @@ class DecodeRows:
     def full(self, row: int) -> bool:
         """Whether the row holds the most tokens the model reads or writes (it can take no more)."""
         return self.caches[0].lengths[row] >= self.limit
+
+    def add(self, ids: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reader(self, ids: list[int], chunk: int | None = None) -> Iterator[torch.Tensor | None]:
+        """`add` as the decode loop reads prompts (`GPTRows.reader` reads one in chunks): here in one
+        pass, yielding the new row's logits."""
+        del chunk
+        yield self.add(ids)
 
     @torch.inference_mode()
     def remove(self, row: int) -> None:
