@@ -23,6 +23,7 @@ from largo.deploy import lm_onnx
 from largo.deploy.seq2seq_onnx import OnnxSeq2Seq, OnnxSeq2SeqRows, OnnxTranslator
 from largo.deploy.translator import Translator
 from largo.models.seq2seq import NEVER, Seq2SeqRows
+from tests.deploy.test_export_lm import benchmarked
 from tests.deploy.test_server import start_cli, stop_cli, torch_blocked  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -170,18 +171,10 @@ def test_benchmark_times_every_runtime_and_auto_serves_the_fastest_that_passed(
 ) -> None:
     from largo.deploy.generate_service import load_generator, runtime_of
 
-    bundle = tmp_path / "copy"
-    shutil.copytree(exported, bundle)
-    result = runner.invoke(cli, ["export", str(bundle), "--quantize", "int8", "--benchmark"])
-    assert result.exit_code == 0, result.output
-    bench = json.loads((bundle / "export.json").read_text())["benchmark"]
-    assert set(bench["runtimes"]) == {"torch", "torch-bf16", "onnx", "onnx-int8"} and bench["beams"] == 4
+    bundle, bench, output = benchmarked(exported, tmp_path)
+    assert bench["beams"] == 4 and "sources/s" in output  # beam-search translation timed too
     for m in bench["runtimes"].values():
         assert m["tokens_per_s"]["8"] > 0 and m["sources_per_s"] > 0 and m["parity_passed"]
-    fastest = max(bench["runtimes"], key=lambda n: bench["runtimes"][n]["tokens_per_s"]["8"])
-    assert bench["choice"] == fastest and f"runtime auto → {fastest}" in result.output
-    assert "sources/s" in result.output
-    assert runtime_of(load_generator(bundle, "auto", device="cpu")) == fastest
     (bundle / "export.json").unlink()  # no benchmark: torch, or ONNX Runtime where torch is missing
     assert runtime_of(load_generator(bundle, "auto", device="cpu")) == "torch"
     monkeypatch.setattr(lm_onnx, "_has_torch", lambda: False)
