@@ -16,6 +16,8 @@ longest length when length_penalty > 0).
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 
 from largo.data.pair_text import EOS
@@ -39,6 +41,7 @@ class Beams:
         self.scores[:, 0] = 0.0  # one live beam at first, so the first step does not pick a token k times
         self.seqs = np.zeros((sources * beams, 0), np.int64)  # each live hypothesis's tokens so far
         self.finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(sources)]
+        self.kept: list[list[float]] = [[] for _ in range(sources)]  # min-heaps of the best k finished
         self.done = [False] * sources
         self.step = 0
 
@@ -75,7 +78,9 @@ class Beams:
             if not self.done[i]:
                 ended = [] if token[i, j] == EOS else [int(token[i, j])]  # the last step's token stays
                 ids = self.seqs[i * k + beam[i, j]].tolist() + ended
-                self.finished[i].append((float(top[i, j]) / norm, ids))
+                score = float(top[i, j]) / norm
+                self.finished[i].append((score, ids))
+                (heapq.heappush if len(self.kept[i]) < k else heapq.heappushpop)(self.kept[i], score)
         # the first k extensions that do not end, in rank order (a stable sort puts them first)
         keep = np.argsort(is_eos.astype(np.int8), axis=1, kind="stable")[:, :k]
         self.scores = np.take_along_axis(top, keep, 1)
@@ -86,9 +91,8 @@ class Beams:
         if self.early_stopping:
             reachable = max(norm, self.steps**self.penalty)  # the largest norm a live hypothesis can get
             for i in range(b):
-                if not self.done[i] and len(self.finished[i]) >= k:
-                    worst = sorted(s for s, _ in self.finished[i])[-k]
-                    self.done[i] = float(self.scores[i, 0]) / reachable <= worst
+                if not self.done[i] and len(self.kept[i]) == k:  # the worst of the best k: the heap's top
+                    self.done[i] = float(self.scores[i, 0]) / reachable <= self.kept[i][0]
         return rows
 
     def best(self) -> list[list[int]]:
