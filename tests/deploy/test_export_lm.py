@@ -149,8 +149,8 @@ def test_onnx_rows_read_a_prompt_in_chunks_between_steps(exported: Path, torch_g
     rows, want = OnnxRows(OnnxLM(exported / "model.onnx"), 4, 64), GPTRows(torch_gen.model, 4)
     first, prompt = torch_gen.encode("the cat sat"), torch_gen.encode(PROMPTS[3])
     np.testing.assert_allclose(rows.add(first), want.add(first).numpy(), atol=1e-4)
-    reader, fed = rows.reader(prompt, chunk=5), 7
-    while (logits := next(reader)) is None:
+    reader, fed = rows.reader(prompt), 7
+    while (logits := reader.read(5)) is None:
         assert rows.rows == 1
         np.testing.assert_allclose(rows.step([fed]), want.step([fed]).numpy(), atol=1e-4)
         fed += 1

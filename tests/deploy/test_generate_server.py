@@ -26,6 +26,7 @@ from largo.cli import app as cli
 from largo.deploy.generate_service import create_generate_app, generate_app_options
 from largo.deploy.generator import TextGenerator
 from largo.deploy.server import free_port, serve_in_thread, wait_until_serving
+from largo.models.prefill import PromptReader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LARGO = str(Path(sys.executable).with_name("largo"))
@@ -120,9 +121,9 @@ class GatedRows:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def reader(self, ids: list[int], chunk: int | None = None) -> Iterator[Any]:
+    def reader(self, ids: list[int]) -> PromptReader:
         """The decode loop reads prompts through this: in one pass here, mirrored as `add` mirrors."""
-        yield self.add(ids)
+        return PromptReader(ids, lambda tokens, start: self.add(tokens), lambda: None, whole=True)
 
     def add(self, ids: list[int]) -> Any:
         if ids == self.boom:
@@ -297,8 +298,9 @@ def test_concurrent_generations_are_decoded_together_and_each_gets_its_own_text(
 
 
 class Recording:
-    """The real generator whose rows log each call: ("read", prompt tokens) per pass over a prompt and
-    ("step", rows) per step, each step held 5 ms so a generation runs long enough for another to join."""
+    """The real generator whose rows log each call: ("read", prompt tokens, tokens read) per pass over a
+    prompt and ("step", rows, 0) per step, each step held 5 ms so a generation runs long enough for
+    others to join."""
 
     def __init__(self, generator: TextGenerator):
         self.generator, self.calls = generator, []
@@ -313,13 +315,17 @@ class Recording:
             def __getattr__(self, name: str) -> Any:
                 return getattr(rows, name)
 
-            def reader(self, ids: list[int], chunk: int | None = None) -> Iterator[Any]:
-                for out in rows.reader(ids, chunk):
-                    calls.append(("read", len(ids)))
-                    yield out
+            def reader(self, ids: list[int]) -> PromptReader:
+                inner = rows.reader(ids)
+
+                def run(tokens: list[int], start: int) -> Any:
+                    calls.append(("read", len(ids), len(tokens)))
+                    return inner.read(len(tokens))
+
+                return PromptReader(ids, run, lambda: None)
 
             def step(self, tokens: list[int]) -> Any:
-                calls.append(("step", len(tokens)))
+                calls.append(("step", len(tokens), 0))
                 time.sleep(0.005)
                 return rows.step(tokens)
 
@@ -327,31 +333,52 @@ class Recording:
 
 
 def test_a_long_prompt_is_read_in_chunks_while_running_generations_step(generator: TextGenerator) -> None:
-    """Chunked prefill: a long prompt that arrives while a generation runs is read 4 tokens a pass, the
-    running row stepping between the passes; both texts are the ones they get alone."""
+    """Chunked prefill: prompts that arrive while a generation runs are read at most 4 tokens between two
+    of its steps; a short prompt that arrives while a long one is being read goes first; every text is
+    the one it gets alone."""
     recording = Recording(generator)
     app = create_generate_app(recording, max_concurrent=4, prefill_chunk=4)
-    first = {"prompt": "The", "max_new_tokens": 60, "temperature": 0, "stop_at_eot": False}
-    long = {"prompt": SENTENCES[0] + " " + SENTENCES[2], "max_new_tokens": 5, "temperature": 0}
+    bodies = {
+        "first": {"prompt": "The", "max_new_tokens": 60, "temperature": 0, "stop_at_eot": False},
+        "long": {"prompt": SENTENCES[0] + " " + SENTENCES[2], "max_new_tokens": 5, "temperature": 0},
+        "short": {"prompt": "A bird", "max_new_tokens": 5, "temperature": 0},
+    }
     answers: dict[str, dict] = {}
-    with serve_in_thread(app) as url:
-        assert health(url)["prefill_chunk"] == 4
+
+    def post(name: str) -> threading.Thread:
+        body = bodies[name]
         thread = threading.Thread(
-            target=lambda: answers.update(first=httpx.post(f"{url}/generate", json=first, timeout=60).json())
+            target=lambda: answers.update({name: httpx.post(f"{url}/generate", json=body, timeout=60).json()})
         )
         thread.start()
-        until(lambda: sum(kind == "step" for kind, _ in recording.calls) >= 3)
-        answers["long"] = httpx.post(f"{url}/generate", json=long, timeout=60).json()
-        thread.join(60)
-    for name, body in (("first", first), ("long", long)):
+        return thread
+
+    def steps() -> int:
+        return sum(kind == "step" for kind, _, _ in recording.calls)
+
+    with serve_in_thread(app) as url:
+        assert health(url)["prefill_chunk"] == 4
+        threads = [post("first")]
+        until(lambda: steps() >= 3)
+        threads.append(post("long"))
+        until(lambda: any(kind == "read" and n > 12 for kind, n, _ in recording.calls))
+        threads.append(post("short"))
+        for t in threads:
+            t.join(60)
+    for name, body in bodies.items():
         settings = {"temperature": 0, "stop_at_eot": body.get("stop_at_eot", True)}
         assert answers[name]["text"] == generator.generate(body["prompt"], body["max_new_tokens"], **settings)
-    tokens = answers["long"]["prompt_tokens"]
-    assert tokens > 12
-    passes = [i for i, (kind, n) in enumerate(recording.calls) if kind == "read" and n == tokens]
-    assert len(passes) == -(-tokens // 4)  # ceil: 4 tokens a pass
-    between = recording.calls[passes[0] : passes[-1]]
-    assert sum(kind == "step" for kind, _ in between) == len(passes) - 1  # one step of the running row each
+    calls, long, short = recording.calls, answers["long"]["prompt_tokens"], answers["short"]["prompt_tokens"]
+    assert long > 12 > short
+    reads = {
+        n: [i for i, (kind, m, _) in enumerate(calls) if kind == "read" and m == n] for n in (long, short)
+    }
+    assert sum(calls[i][2] for i in reads[long]) == long and sum(calls[i][2] for i in reads[short]) == short
+    assert len(reads[long]) >= -(-long // 4) and reads[short][-1] < reads[long][-1]  # the short one first
+    read = 0  # prompt tokens read between two steps of the running generation: never more than 4
+    for kind, _, n in calls[reads[long][0] : reads[long][-1]]:
+        read = 0 if kind == "step" else read + n
+        assert read <= 4
 
 
 def test_no_seed_draws_one_that_repeats_the_text(live: str) -> None:

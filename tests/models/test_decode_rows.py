@@ -93,24 +93,25 @@ def test_a_prompt_read_in_chunks_between_steps_is_the_prompt_read_at_once():
     first = [1, 2, 3]
     rows.add(first)
     prompt = [9, 8, 7, 6, 5, 4, 3, 2, 1, 9, 8]
-    reader = rows.reader(prompt, chunk=3)
+    reader = rows.reader(prompt)
     fed = []
     for _ in range(3):  # three passes of three tokens, each followed by a step of the live row
-        assert next(reader) is None and rows.rows == 1
+        assert reader.read(3) is None and rows.rows == 1
         fed.append(5 + len(fed))
-        torch.testing.assert_close(
-            rows.step([fed[-1]])[0], _gpt_alone(model, first + fed), rtol=1e-9, atol=1e-9
-        )
-    logits = next(reader)  # the last two tokens: the row joins
-    assert rows.rows == 2
+        alone = _gpt_alone(model, first + fed)
+        torch.testing.assert_close(rows.step([fed[-1]])[0], alone, rtol=1e-9, atol=1e-9)
+    assert reader.unread == 2
+    logits = reader.read(3)  # the last two tokens: the row joins
+    assert rows.rows == 2 and reader.unread == 0
     torch.testing.assert_close(logits, _gpt_alone(model, prompt), rtol=1e-9, atol=1e-9)
     both = rows.step([11, 12])
     torch.testing.assert_close(both[0], _gpt_alone(model, [*first, *fed, 11]), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(both[1], _gpt_alone(model, [*prompt, 12]), rtol=1e-9, atol=1e-9)
-    with pytest.raises(StopIteration):
-        next(reader)
+    with pytest.raises(RuntimeError, match="has been read"):
+        reader.read(1)
     seq2seq = Seq2SeqRows(_seq2seq(), slots=1, source_length=10)  # a source: encoded in one pass
-    assert len(list(seq2seq.reader([5, 6, 2], chunk=1))) == 1 and seq2seq.rows == 1
+    source = seq2seq.reader([5, 6, 2])
+    assert source.read(1) is not None and seq2seq.rows == 1 and source.unread == 0
 
 
 def test_seq2seq_rows_match_each_source_alone_with_sources_of_different_lengths():

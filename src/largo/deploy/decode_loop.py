@@ -7,10 +7,11 @@ generations as rows of one batch (the generator's `decode_rows`: `GPTRows`, `Seq
 do:
 
 - a request joins between two steps: its prompt is read alone (its own forward passes), its first
-  token sampled, and from the next step on it is one more row. With `prefill_chunk` a long prompt is
-  read that many tokens per pass, one pass between two steps of the running rows (chunked prefill, as
-  vLLM and TGI schedule it), so a running stream's next token waits for one chunk at most rather than
-  for the whole prompt; when nothing runs, prompts are read in one go (no one waits);
+  token sampled, and from the next step on it is one more row. With `prefill_chunk`, prompts are read
+  at most that many tokens in all between two steps of the running rows (chunked prefill, as vLLM and
+  TGI schedule it; the rows' `reader` reads a prompt in passes), so a running stream's next token waits
+  for one chunk at most rather than for a whole long prompt, and short prompts go first; when nothing
+  runs, prompts are read whole (no one waits);
 - every step feeds each row its last token and samples each row's next one with that request's own
   settings (temperature, top-k, top-p) and its own seeded generator (the rows' `sampler`: a
   `torch.Generator`, numpy's on ONNX Runtime), so a seed gives the same text as the generator's
@@ -32,12 +33,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from largo.deploy.generate_service import Generation, end_generation
 from largo.deploy.lm_text import TextPieces
+from largo.models.prefill import PromptReader
 
 log = logging.getLogger("largo.server")
 
@@ -52,14 +54,13 @@ class _Row:
     text: list[str]
     truncated: bool
     last: int = -1
-    unread: int = 0  # prompt tokens not read yet
 
 
 class DecodeLoop:
     """Decode up to `slots` generations of one generator together, in one thread of its own.
 
     `submit(job)` hands a generation over (the service has already bounded how many run); its prompt is
-    read `prefill_chunk` tokens per pass between steps (None: in one pass). In the loop's
+    read at most `prefill_chunk` tokens between two steps (None: whole). In the loop's
     thread: `on_done([(job, summary), ...])` gets the generations a step finished, before their "done"
     events (the service logs them, in one sink call); `on_end(job, ok)` each job once its last event is
     sent; `on_step(rows, seconds)` every batched step (metrics). `close()` lets the running generations
@@ -85,7 +86,7 @@ class DecodeLoop:
         self.done: list[tuple[Generation, dict[str, Any]]] = []  # finished this step, for `on_done`
         self.inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
         self.live: list[_Row] = []  # one per row of `self.rows`, in row order
-        self.pending: list[tuple[_Row, Iterator[Any]]] = []  # prompts being read (a row each, reserved)
+        self.pending: list[tuple[_Row, PromptReader]] = []  # prompts being read (a row each, reserved)
         self.outbox: list[tuple[Generation, str, Any]] = []  # events of this step, sent together
         self.ended: list[tuple[Generation, bool]] = []  # for `on_end`, after their last events
         self.thread = threading.Thread(target=self._run, name="largo-decode", daemon=True)
@@ -174,39 +175,39 @@ class DecodeLoop:
                 job.finish_reason = "cancelled" if job.cancel.is_set() else "length"
                 self._end(row)
                 return
-            ids = self.generator.prompt_ids(s.prompt)
-            reader = self.rows.reader(ids, self.prefill_chunk)
-            row.unread = len(ids)
+            reader = self.rows.reader(self.generator.prompt_ids(s.prompt))
         except Exception as exc:  # noqa: BLE001 - this request fails; the loop keeps serving
             self._fail(job, exc)
             return
         self.pending.append((row, reader))
 
     def _prefill(self) -> None:
-        """Read waiting prompts, oldest first: all of them whole while no row runs, else passes of up to
-        `prefill_chunk` tokens in all before the next step (short prompts join together; a long one
-        takes a chunk a step). A prompt read in full becomes a row, and its first token is taken."""
+        """Read waiting prompts. While no row runs, each whole, in arrival order (no one waits); else
+        passes of `prefill_chunk` prompt tokens in all before the next step, the prompt with the fewest
+        tokens left first (a short prompt does not wait behind a long one, which takes what is left of
+        the budget each step). A prompt read in full becomes a row, and its first token is taken."""
+        for row, reader in [p for p in self.pending if p[0].job.cancel.is_set()]:
+            self.pending.remove((row, reader))
+            row.job.finish_reason = "cancelled"
+            self._end(row)
         budget, spent = self.prefill_chunk, 0
-        while self.pending and not (self.live and budget is not None and spent >= budget):
-            row, reader = self.pending[0]
-            if row.job.cancel.is_set():
-                self.pending.pop(0)
-                reader.close()
-                row.job.finish_reason = "cancelled"
-                self._end(row)
-                continue
+        while self.pending:
+            busy = bool(self.live) and budget is not None
+            if busy and spent >= budget:
+                break
+            i = min(range(len(self.pending)), key=lambda j: self.pending[j][1].unread) if busy else 0
+            row, reader = self.pending[i]
+            unread = reader.unread
             try:
-                logits = next(reader)
+                logits = reader.read(budget - spent if busy else None)
             except Exception as exc:  # noqa: BLE001 - this request fails; the loop keeps serving
-                self.pending.pop(0)
+                self.pending.pop(i)
                 self._fail(row.job, exc)
                 continue
-            read = row.unread if budget is None else min(budget, row.unread)
-            row.unread -= read
-            spent += read
+            spent += (unread - reader.unread) if busy else 0
             if logits is None:
                 continue
-            self.pending.pop(0)
+            self.pending.pop(i)
             self.live.append(row)  # the reader put its row last: `live` mirrors the rows
             index = len(self.live) - 1
             if self._emit(row, self._tokens([row], logits[None])[0], index):
@@ -284,8 +285,7 @@ class DecodeLoop:
             self._fail(row.job, exc)
         self.live.clear()
         self.rows.clear()
-        for row, reader in self.pending if pending else []:
-            reader.close()
+        for row, _ in self.pending if pending else []:
             self._fail(row.job, exc)
         if pending:
             self.pending.clear()

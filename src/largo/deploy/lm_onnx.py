@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 from largo.deploy.lm_text import LMText, Sampling, check_sampling
 from largo.deploy.metadata import EXPORT_RECORD, BundleError, check_files, read_json, read_task_config
 from largo.deploy.runtime import _has_torch
+from largo.models.prefill import PromptReader
 
 LM_ONNX_FILE = "model.onnx"
 LM_INT8_FILE = "model.int8.onnx"
@@ -261,37 +262,40 @@ class OnnxRows:
 
     def add(self, ids: list[int]) -> np.ndarray:
         """Read a prompt (1 to context tokens) into the next row → its next-token logits [vocab]."""
-        return list(self.reader(ids))[-1]
+        return self.reader(ids).read()
 
-    def reader(self, ids: list[int], chunk: int | None = None) -> Iterator[np.ndarray | None]:
-        """Read a prompt `chunk` tokens per pass (all at once without one; `GPTRows.reader`): yields
-        None after each pass but the last, then copies the prompt's keys and values into the next row
-        and yields its next-token logits [vocab]; the live rows are untouched until then."""
+    def reader(self, ids: list[int]) -> PromptReader:
+        """The prompt to read in passes (`GPTRows.reader`): each `read(n)` runs the next n tokens after
+        the ones read, whose keys and values it keeps; the last copies them into the next row and
+        returns its next-token logits [vocab]. The live rows are untouched until then."""
         if not 0 < len(ids) <= self.limit:
             raise ValueError(f"a prompt of 1 to {self.limit} tokens (got {len(ids)})")
         if self.rows >= self.slots:
             raise RuntimeError(f"every one of the {self.slots} rows is taken")
-        lm, n = self.lm, len(ids)
-        chunk = chunk or n
+        lm = self.lm
         keys = [np.zeros((1, lm.heads, lm.head_dim, 0), np.float32)] * lm.layers
         values = [np.zeros((1, lm.heads, 0, lm.head_dim), np.float32)] * lm.layers
-        for start in range(0, n, chunk):
-            part = np.array([ids[start : start + chunk]], dtype=np.int64)
-            positions = np.arange(start, start + part.shape[1], dtype=np.int64)[None]
+
+        def run(tokens: list[int], start: int) -> np.ndarray:
+            part = np.array([tokens], dtype=np.int64)
+            positions = np.arange(start, start + len(tokens), dtype=np.int64)[None]
             logits, k, v = lm.run(part, positions, np.ones((1, start), np.int64), keys, values)
-            keys = [np.concatenate([keys[i], k[i].transpose(0, 1, 3, 2)], -1) for i in range(lm.layers)]
-            values = [np.concatenate([values[i], v[i]], 2) for i in range(lm.layers)]
-            if start + chunk < n:
-                yield None
-        if self.rows >= self.slots:
-            raise RuntimeError(f"every one of the {self.slots} rows is taken")
-        row = self.rows
-        self._room(row + 1, min(self.limit, n + 1))
-        for i in range(lm.layers):
-            self.k[i, row, :, :, :n], self.v[i, row, :, :n] = keys[i][0], values[i][0]
-        self.k[:, row, :, :, n:], self.v[:, row, :, n:] = 0.0, 0.0  # nothing of a row that left stays
-        self.lengths.append(n)
-        yield logits[0, -1]
+            for i in range(lm.layers):
+                keys[i] = np.concatenate([keys[i], k[i].transpose(0, 1, 3, 2)], -1)
+                values[i] = np.concatenate([values[i], v[i]], 2)
+            return logits[0, -1]
+
+        def finish() -> None:
+            if self.rows >= self.slots:
+                raise RuntimeError(f"every one of the {self.slots} rows is taken")
+            n, row = len(ids), self.rows
+            self._room(row + 1, min(self.limit, n + 1))
+            for i in range(lm.layers):
+                self.k[i, row, :, :, :n], self.v[i, row, :, :n] = keys[i][0], values[i][0]
+            self.k[:, row, :, :, n:], self.v[:, row, :, n:] = 0.0, 0.0  # nothing of a row that left stays
+            self.lengths.append(n)
+
+        return PromptReader(ids, run, finish)
 
     def step(self, tokens: list[int]) -> np.ndarray:
         """Feed one token id per live row (in row order) → next-token logits [rows, vocab]."""

@@ -40,6 +40,7 @@ from largo.deploy.lm_text import Sampling
 from largo.deploy.metadata import BundleError, check_files, read_json, read_task_config
 from largo.deploy.seq2seq_text import Seq2SeqText
 from largo.models.beams import Beams, log_softmax, strip_eos
+from largo.models.prefill import PromptReader
 
 SEQ2SEQ_ONNX_RUNTIMES = {
     "onnx": ("encoder.onnx", "decoder.onnx"),
@@ -182,10 +183,9 @@ class OnnxSeq2SeqRows(OnnxRows):
             raise RuntimeError(f"every one of the {self.slots} rows is taken")
         return self.add_sources([ids])[0]
 
-    def reader(self, ids: list[int], chunk: int | None = None) -> Iterator[np.ndarray | None]:
+    def reader(self, ids: list[int]) -> PromptReader:
         """`add` as the decode loop reads prompts: a source is encoded in one pass."""
-        del chunk
-        yield self.add(ids)
+        return PromptReader(ids, lambda tokens, start: self.add(tokens), lambda: None, whole=True)
 
     def remove(self, row: int) -> None:
         """Free a row; the last row moves into it (the caller mirrors the move)."""

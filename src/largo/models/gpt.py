@@ -29,6 +29,7 @@ from largo.models.layers import (
     rope_tables,
     sample_next,
 )
+from largo.models.prefill import PromptReader
 
 
 class Block(nn.Module):
@@ -176,26 +177,27 @@ class GPTRows(DecodeRows):
     def add(self, ids: list[int]) -> torch.Tensor:
         """Read a prompt (at most context tokens, at least one) into the next row → its next-token
         logits [vocab]."""
-        return list(self.reader(ids))[-1]
+        return self.reader(ids).read()
 
-    def reader(self, ids: list[int], chunk: int | None = None) -> Iterator[torch.Tensor | None]:
-        """Read a prompt `chunk` tokens per pass (all at once without one; the server's chunked prefill,
-        so the running rows need not wait for a long prompt in one go): yields None after each pass but
-        the last, then puts the prompt into the next row and yields its next-token logits [vocab]. Until
-        then the live rows are untouched (they step between the passes)."""
+    def reader(self, ids: list[int]) -> PromptReader:
+        """The prompt to read in passes (the server's chunked prefill, so running rows need not wait for
+        a long prompt in one go): each `read(n)` runs the next n tokens through a cache of its own; the
+        last puts the prompt into the next row and returns its next-token logits [vocab]. The live rows
+        are untouched until then (they step between the passes)."""
         if not 0 < len(ids) <= self.model.cfg.context:
             raise ValueError(f"a prompt of 1 to {self.model.cfg.context} tokens (got {len(ids)})")
-        chunk = chunk or len(ids)
-        prompt = torch.tensor([ids], dtype=torch.long, device=self.model.embed.weight.device)
+        device = self.model.embed.weight.device
         cache = self.model.new_cache(1, len(ids))
-        for start in range(0, len(ids), chunk):
-            with torch.inference_mode():
-                logits = self.model(prompt[:, start : start + chunk], cache=cache)[0, -1]
-            if start + chunk < len(ids):
-                yield None
-        with torch.inference_mode():
+
+        @torch.inference_mode()
+        def run(tokens: list[int], start: int) -> torch.Tensor:
+            return self.model(torch.tensor([tokens], dtype=torch.long, device=device), cache=cache)[0, -1]
+
+        @torch.inference_mode()
+        def finish() -> None:
             self.cache.put(cache)
-        yield logits
+
+        return PromptReader(ids, run, finish)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor | list[int]) -> torch.Tensor:

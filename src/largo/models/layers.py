@@ -4,11 +4,12 @@ Transformer parts of the GPT and the encoder-decoder (RoPE, SwiGLU)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from largo.models.prefill import PromptReader
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -307,11 +308,10 @@ class DecodeRows:
     def add(self, ids: list[int]) -> torch.Tensor:
         raise NotImplementedError
 
-    def reader(self, ids: list[int], chunk: int | None = None) -> Iterator[torch.Tensor | None]:
-        """`add` as the decode loop reads prompts (`GPTRows.reader` reads one in chunks): here in one
-        pass, yielding the new row's logits."""
-        del chunk
-        yield self.add(ids)
+    def reader(self, ids: list[int]) -> PromptReader:
+        """`add` as the decode loop reads prompts (`GPTRows.reader` reads one in passes): here a source
+        is encoded in one pass, whatever `read` asks for."""
+        return PromptReader(ids, lambda tokens, start: self.add(tokens), lambda: None, whole=True)
 
     @torch.inference_mode()
     def remove(self, row: int) -> None:
