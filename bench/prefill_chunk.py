@@ -7,8 +7,9 @@ weights) is served by four `largo serve`-style subprocesses (`serve_bundle`, tor
 threads each, a null sink, `max_batch` 8 rows), identical but for `prefill_chunk`:
 
     chunk 0     a joining prompt is read in one forward pass, which every running stream waits for
-    chunk N     it is read N tokens per pass, one pass (N prompt tokens in all) between two decoding
-                steps of the running rows (`deploy/decode_loop.py`, `DecodeLoop._prefill`)
+    chunk N     at most N prompt tokens are read between two decoding steps of the running rows, the
+                prompt with the fewest tokens left first (`deploy/decode_loop.py`, `DecodeLoop._prefill`);
+                256 is `largo serve`'s default
 
 Subprocesses rather than `serve_in_thread`: the client (httpx, parsing every SSE event and stamping its
 arrival) then runs in another interpreter, so its Python work neither takes the server's GIL between
@@ -31,8 +32,7 @@ same point of their progress whatever the speed of the machine. Measured per run
     long TTFT / lat   a long request's time to its first token event / to its `done` event (mean of 3)
     tokens/s          every generated token (4·96 + 3·8) over the run's wall time
     alone TTFT        after the run, the first long prompt sent again to the idle server (1 new token):
-                      nothing waits for it, and the decode loop reads it without pausing, but still in
-                      passes of prefill_chunk tokens (its reader is made when the request joins)
+                      nothing waits for it, and the decode loop reads it whole
 
 Greedy decoding makes every variant generate the same texts (chunked reading computes the same logits up
 to float rounding); the script checks it, per run, against chunk 0's texts of the same round. One warm-up

@@ -279,7 +279,7 @@ def serve(
             help="An LM: read prompts at most this many tokens per pass between decoding steps, so running "
             "streams wait one chunk for a long prompt (0: a whole prompt per pass).",
         ),
-    ] = 128,
+    ] = 256,
     db: Annotated[
         str | None,
         typer.Option(

@@ -722,7 +722,7 @@ def create_generate_app(
     version: int | None = None,
     sink: Any = None,
     batching: bool = True,
-    prefill_chunk: int | None = 128,
+    prefill_chunk: int | None = 256,
 ) -> FastAPI:
     """A FastAPI app serving one language model: POST /generate, POST /feedback, GET /health, GET /metrics,
     GET /.
@@ -743,9 +743,9 @@ def create_generate_app(
             older generations. Default: `JsonlSink(<bundle>/serving)`.
         batching: decode the running generations together (continuous batching); False runs each in a
             worker thread of its own (what `bench/generate_serve.py` compares against).
-        prefill_chunk: with batching, prompts are read at most this many tokens per pass between two
-            steps of the running generations, so a long prompt stalls them by one chunk, not its whole
-            length (chunked prefill; 0 or None: every prompt in one pass).
+        prefill_chunk: with batching, at most this many prompt tokens are read between two steps of
+            the running generations, so a long prompt stalls them by one chunk, not its whole length
+            (chunked prefill; 0 or None: every prompt whole; `bench/prefill_chunk.py`).
     """
     service = GenerateService(
         generator,

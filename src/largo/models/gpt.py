@@ -98,6 +98,11 @@ class GPT(nn.Module):
             cache.advance(t)
         return self.norm(x)
 
+    def last_logits(self, ids: torch.Tensor, cache: KVCache | SlotKVCache | None = None) -> torch.Tensor:
+        """The next-token logits [b, vocab] after ids [b, t]: the head on the last position only (reading
+        a prompt of t tokens needs one row of logits, not t)."""
+        return self.head(self.hidden(ids, cache)[:, -1])
+
     def forward(
         self,
         ids: torch.Tensor,
@@ -144,7 +149,7 @@ def generate_ids(
     context = model.cfg.context
     ids = prompt[:, -(context - 1) :] if prompt.shape[1] >= context else prompt
     cache = model.new_cache(ids.shape[0]) if use_cache else None
-    logits = model(ids, cache=cache)[:, -1]
+    logits = model.last_logits(ids, cache)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
@@ -156,10 +161,10 @@ def generate_ids(
         if cache is not None:
             if cache.pos >= context:
                 return
-            logits = model(nxt[:, None], cache=cache)[:, -1]
+            logits = model.last_logits(nxt[:, None], cache)
         else:
             ids = torch.cat([ids, nxt[:, None]], dim=1)[:, -context:]
-            logits = model(ids)[:, -1]
+            logits = model.last_logits(ids)
 
 
 class GPTRows(DecodeRows):
@@ -191,7 +196,7 @@ class GPTRows(DecodeRows):
 
         @torch.inference_mode()
         def run(tokens: list[int], start: int) -> torch.Tensor:
-            return self.model(torch.tensor([tokens], dtype=torch.long, device=device), cache=cache)[0, -1]
+            return self.model.last_logits(torch.tensor([tokens], dtype=torch.long, device=device), cache)[0]
 
         @torch.inference_mode()
         def finish() -> None:
