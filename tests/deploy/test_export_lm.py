@@ -171,11 +171,21 @@ def test_the_graph_reads_a_chunk_after_a_past(exported: Path, torch_gen: TextGen
         np.ones((2, 10), np.int64),
         [np.ascontiguousarray(k[i].transpose(0, 1, 3, 2)) for i in range(lm.layers)],
         [v[i] for i in range(lm.layers)],
+        every=True,
     )
     with torch.inference_mode():
         want = torch_gen.model(torch.from_numpy(ids)).numpy()
     np.testing.assert_allclose(logits, want[:, 10:], atol=1e-4)
     assert new_k.shape == (lm.layers, 2, lm.heads, 5, lm.head_dim)
+    last, _, _ = lm.run(  # by default the head runs on the last new token alone (reading a prompt)
+        np.ascontiguousarray(ids[:, 10:]),
+        np.tile(np.arange(10, 15), (2, 1)),
+        np.ones((2, 10), np.int64),
+        [np.ascontiguousarray(k[i].transpose(0, 1, 3, 2)) for i in range(lm.layers)],
+        [v[i] for i in range(lm.layers)],
+    )
+    assert last.shape == (2, 1, lm.vocab)
+    np.testing.assert_allclose(last[:, 0], want[:, -1], atol=1e-4)
 
 
 def test_numpy_sampling_picks_what_torch_sampling_picks() -> None:

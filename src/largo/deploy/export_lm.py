@@ -4,9 +4,10 @@ The graph is one decoding step of the GPT, so it serves prompts and continuous b
 torch (`lm_onnx.OnnxTextGenerator`):
 
     input_ids [b, t] int64, position_ids [b, t] int64, attention_mask [b, past] int64 (1: a column
-    holding this row's token), per layer past_key_i [b, heads, head_dim, past] (keys transposed) and
-    past_value_i [b, heads, past, head_dim] float32
-    → logits [b, t, vocab] float32, new_key / new_value [layers, b, heads, t, head_dim]
+    holding this row's token), logits_index [k] int64 (the new tokens to give logits after: the last
+    when reading a prompt, so the head runs once, not t times), per layer past_key_i [b, heads,
+    head_dim, past] (keys transposed) and past_value_i [b, heads, past, head_dim] float32
+    → logits [b, k, vocab] float32, new_key / new_value [layers, b, heads, t, head_dim]
 
 Each row reads its own positions (RoPE) and attends to the past columns its mask marks and to its new
 tokens causally. The past is only read: attention scores the past and the new tokens apart and
@@ -47,6 +48,7 @@ from torch import nn
 from largo.deploy.export import _quiet, update_record
 from largo.deploy.generator import LMBundle
 from largo.deploy.lm_onnx import (
+    LM_INPUTS,
     LM_INT8_FILE,
     LM_ONNX_FILE,
     LM_ONNX_RUNTIMES,
@@ -131,10 +133,11 @@ class LMGraph(nn.Module):
                 if isinstance(child, nn.RMSNorm):
                     setattr(parent, name, PlainRMSNorm(child))
 
-    def forward(self, ids, positions, mask, *past):  # noqa: ANN001, ANN201 - the exporter's tensors
+    def forward(self, ids, positions, mask, which, *past):  # noqa: ANN001, ANN201 - the exporter's tensors
         layers = len(past) // 2
         cache = GraphCache(list(past[:layers]), list(past[layers:]), positions, mask)
-        logits = self.model.head(self.model.hidden(ids, cache)).float()
+        hidden = self.model.hidden(ids, cache).index_select(1, which)  # the positions logits are wanted at
+        logits = self.model.head(hidden).float()
         return logits, torch.stack(cache.new_k), torch.stack(cache.new_v)
 
 
@@ -149,17 +152,19 @@ def export_lm_onnx(model: GPT, path: Path) -> None:
         torch.ones(b, t, dtype=torch.long),
         torch.arange(past, past + t).repeat(b, 1),
         torch.ones(b, past, dtype=torch.long),
+        torch.tensor([t - 1]),
         *(torch.zeros(b, c.heads, head_dim, past) for _ in keys),
         *(torch.zeros(b, c.heads, past, head_dim) for _ in values),
     )
     axes = {"input_ids": {0: "batch", 1: "new"}, "position_ids": {0: "batch", 1: "new"}}
-    axes |= {"attention_mask": {0: "batch", 1: "past"}, "logits": {0: "batch", 1: "new"}}
+    axes |= {"attention_mask": {0: "batch", 1: "past"}, "logits": {0: "batch", 1: "wanted"}}
+    axes |= {"logits_index": {0: "wanted"}}
     axes |= {n: {0: "batch", 3: "past"} for n in keys} | {n: {0: "batch", 2: "past"} for n in values}
     axes |= {n: {1: "batch", 3: "new"} for n in OUTPUTS[1:]}
     with torch.no_grad(), _quiet():
         torch.onnx.export(
-            graph, example, str(path), dynamo=False, input_names=["input_ids", "position_ids",
-            "attention_mask", *keys, *values], output_names=list(OUTPUTS), dynamic_axes=axes,
+            graph, example, str(path), dynamo=False, input_names=[*LM_INPUTS, *keys, *values],
+            output_names=list(OUTPUTS), dynamic_axes=axes,
             opset_version=17,
         )  # fmt: skip
 

@@ -35,6 +35,7 @@ from largo.models.prefill import PromptReader
 LM_ONNX_FILE = "model.onnx"
 LM_INT8_FILE = "model.int8.onnx"
 LM_ONNX_RUNTIMES = {"onnx": LM_ONNX_FILE, "onnx-int8": LM_INT8_FILE}
+LM_INPUTS = ("input_ids", "position_ids", "attention_mask", "logits_index")  # then the past, per layer
 OUTPUTS = ("logits", "new_key", "new_value")  # new keys and values: [layers, b, heads, new, head_dim]
 EOT = "<|endoftext|>"  # data.corpus.EOT (which imports torch)
 MIN_TEMPERATURE = 1e-4  # models.layers.MIN_TEMPERATURE
@@ -63,15 +64,9 @@ class OnnxLM:
         names = [i.name for i in self.session.get_inputs()]
         self.layers = sum(n.startswith("past_key_") for n in names)
         self.keys, self.values = input_names(self.layers)
-        if not self.layers or names != [
-            "input_ids",
-            "position_ids",
-            "attention_mask",
-            *self.keys,
-            *self.values,
-        ]:
+        if not self.layers or names != [*LM_INPUTS, *self.keys, *self.values]:
             raise BundleError(f"{file}: not a graph this largo reads; export the bundle again (largo export)")
-        shape = self.session.get_inputs()[3].shape  # past_key_0: [b, heads, head_dim, past]
+        shape = self.session.get_inputs()[len(LM_INPUTS)].shape  # past_key_0: [b, heads, head_dim, past]
         self.heads, self.head_dim = shape[1], shape[2]
         self.vocab = self.session.get_outputs()[0].shape[2]  # logits [b, t, vocab]
 
@@ -82,24 +77,28 @@ class OnnxLM:
         mask: np.ndarray,
         keys: list[np.ndarray],
         values: list[np.ndarray],
+        every: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(logits [b, t, vocab], new keys, new values [layers, b, heads, t, head_dim]) of ids [b, t] at
-        positions [b, t] after each layer's past keys [b, heads, head_dim, past] (transposed) and values
-        [b, heads, past, head_dim], of which mask [b, past] marks each row's own."""
-        feed = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
+        """(logits [b, 1, vocab] after the last new token — with `every`, [b, t, vocab] after each —, new
+        keys, new values [layers, b, heads, t, head_dim]) of ids [b, t] at positions [b, t] after each
+        layer's past keys [b, heads, head_dim, past] (transposed) and values [b, heads, past, head_dim],
+        of which mask [b, past] marks each row's own."""
+        t = ids.shape[1]
+        which = np.arange(t, dtype=np.int64) if every else np.array([t - 1], dtype=np.int64)
+        feed = {"input_ids": ids, "position_ids": positions, "attention_mask": mask, "logits_index": which}
         feed |= dict(zip(self.keys, keys, strict=True)) | dict(zip(self.values, values, strict=True))
         logits, k, v = self.session.run(None, feed)
         return logits, k, v
 
     def read(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(logits, new keys, new values) of ids [b, t] read from position 0, with no past."""
+        """(logits after every token [b, t, vocab], new keys, new values) of ids [b, t] read from position
+        0, with no past."""
         b, t = ids.shape
         keys = [np.zeros((b, self.heads, self.head_dim, 0), np.float32)] * self.layers
         values = [np.zeros((b, self.heads, 0, self.head_dim), np.float32)] * self.layers
         positions = np.ascontiguousarray(np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)))
-        return self.run(
-            np.ascontiguousarray(ids, dtype=np.int64), positions, np.ones((b, 0), np.int64), keys, values
-        )
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        return self.run(ids, positions, np.ones((b, 0), np.int64), keys, values, every=True)
 
 
 # ---------------------------------------------------------------------------------------- sampling
