@@ -82,6 +82,9 @@ def test_a_failed_parity_check_exits_1_and_is_recorded(exported: Path, tmp_path:
     assert check["data"] == str(text) and not check["parity"]["passed"]
     ok = runner.invoke(cli, ["export", str(bundle), "--data", str(text)])
     assert ok.exit_code == 0 and "onnx         ok" in ok.output, ok.output
+    # the int8 file of the earlier export was quantized again from the new graph, and checked again
+    int8 = json.loads((bundle / "export.json").read_text())["formats"]["onnx-int8"]
+    assert int8["data"] == str(text) and int8["parity"]["passed"] and "onnx-int8    ok" in ok.output
     bad = runner.invoke(cli, ["export", str(bundle), "--format", "torchscript"])
     assert bad.exit_code != 0 and "onnx only" in bad.output
 
@@ -157,6 +160,38 @@ def test_onnx_rows_read_a_prompt_in_chunks_between_steps(exported: Path, torch_g
     assert fed - 7 == -(-len(prompt) // 5) - 1 and rows.rows == 2
     np.testing.assert_allclose(logits, want.add(prompt).numpy(), atol=1e-4)
     np.testing.assert_allclose(rows.step([3, 4]), want.step([3, 4]).numpy(), atol=1e-4)
+
+
+def test_a_graph_exported_before_logits_index_still_serves(
+    exported: Path, torch_gen: TextGenerator, tmp_path: Path
+) -> None:
+    """A graph without the logits_index input (exported before it existed: logits after every new token)
+    is read as the new one: the last logits of a step, all of them for a whole read."""
+    from largo.deploy.export import _quiet
+    from largo.deploy.export_lm import LMGraph
+
+    class Legacy(LMGraph):
+        def forward(self, ids, positions, mask, *past):  # noqa: ANN001, ANN201
+            return super().forward(ids, positions, mask, torch.arange(ids.shape[1]), *past)
+
+    c, keys, values = torch_gen.model.cfg, *lm_onnx.input_names(torch_gen.model.cfg.layers)
+    d, file = c.dim // c.heads, tmp_path / "legacy.onnx"
+    example = (torch.ones(1, 2, dtype=torch.long), torch.arange(2)[None], torch.ones(1, 0, dtype=torch.long))
+    example += tuple(torch.zeros(1, c.heads, d, 0) for _ in keys)
+    example += tuple(torch.zeros(1, c.heads, 0, d) for _ in values)
+    axes = {"input_ids": {1: "t"}, "position_ids": {1: "t"}, "attention_mask": {1: "past"}}
+    axes |= {n: {3: "past"} for n in keys} | {n: {2: "past"} for n in values} | {"logits": {1: "t"}}
+    with torch.no_grad(), _quiet():
+        torch.onnx.export(Legacy(torch_gen.model).eval(), example, str(file), dynamo=False, opset_version=17,
+                          input_names=["input_ids", "position_ids", "attention_mask", *keys, *values],
+                          output_names=list(lm_onnx.OUTPUTS), dynamic_axes=axes)  # fmt: skip
+    legacy, current = OnnxLM(file), OnnxLM(exported / "model.onnx")
+    assert not legacy.indexed and current.indexed
+    ids = np.array([torch_gen.encode("the cat sat on the mat")])
+    np.testing.assert_allclose(legacy.read(ids)[0], current.read(ids)[0], atol=1e-5)
+    old, new = OnnxRows(legacy, 2, c.context), OnnxRows(current, 2, c.context)
+    np.testing.assert_allclose(old.add(ids[0].tolist()), new.add(ids[0].tolist()), atol=1e-5)
+    np.testing.assert_allclose(old.step([5]), new.step([5]), atol=1e-5)
 
 
 def test_the_graph_reads_a_chunk_after_a_past(exported: Path, torch_gen: TextGenerator) -> None:

@@ -115,6 +115,20 @@ def test_onnx_rows_match_seq2seq_rows_as_rows_join_and_leave(exported: Path, tra
     assert (
         got.rows == want.rows == 3 and got.k.shape[1] == 4 and got.sources == [len(ids[i]) for i in (0, 2, 3)]
     )
+    calls = {"n": 0}
+    run = got._run
+
+    def failing(tokens: list[int], rows: slice):  # noqa: ANN202 - the first new source's BOS pass fails
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected")
+        return run(tokens, rows)
+
+    got._run = failing  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="injected"):
+        got.add(ids[4])
+    assert got.rows == 3 and len(got.sources) == 3  # the rows that were there stay as they were
+    same(want.step(tokens), got.step(tokens))
     got.clear()
     assert got.rows == 0 and got.sources == []
     with pytest.raises(ValueError, match="sources of 1 to 24 tokens"):

@@ -356,6 +356,7 @@ def test_a_long_prompt_is_read_in_chunks_while_running_generations_step(generato
     def steps() -> int:
         return sum(kind == "step" for kind, _, _ in recording.calls)
 
+    app.state.service.decoder.patience = 10**6  # here shortest first always (the next test bounds it)
     with serve_in_thread(app) as url:
         assert health(url)["prefill_chunk"] == 4
         threads = [post("first")]
@@ -379,6 +380,59 @@ def test_a_long_prompt_is_read_in_chunks_while_running_generations_step(generato
     for kind, _, n in calls[reads[long][0] : reads[long][-1]]:
         read = 0 if kind == "step" else read + n
         assert read <= 4
+
+
+class _Now:
+    """An event loop stand-in for a decode loop driven without a server: events go straight onto the
+    generation's queue."""
+
+    def call_soon_threadsafe(self, fn: Callable, *args: Any) -> None:
+        fn(*args)
+
+
+def test_a_flow_of_short_prompts_cannot_starve_a_long_one(generator: TextGenerator) -> None:
+    """Shortest first, but a prompt that has waited `patience` steps goes first: with two short requests
+    always waiting, a long prompt is still read within patience + its chunks steps."""
+    import queue
+
+    from largo.deploy.decode_loop import DecodeLoop
+    from largo.deploy.generate_service import GenerateRequest, Generation
+
+    def job(prompt: str, tokens: int) -> Generation:
+        settings = GenerateRequest(prompt=prompt, max_new_tokens=tokens, temperature=0, stop_at_eot=False)
+        return Generation(settings, 0, _Now(), events=queue.Queue())  # type: ignore[arg-type]
+
+    def first_token(j: Generation) -> None:
+        while (event := j.events.get(timeout=30))[0] not in ("token", "done", "error"):
+            pass
+        assert event[0] != "error", event
+
+    steps, shorts = [0], []
+    recording = Recording(generator)
+    loop: DecodeLoop | None = None
+
+    def on_step(rows: int, seconds: float) -> None:
+        steps[0] += 1
+        while sum(j.ended is None for j in shorts) < 2:  # keep two short requests waiting
+            shorts.append(job("A bird in the hand", 1))
+            loop.submit(shorts[-1])
+
+    loop = DecodeLoop(recording, 4, lambda job, ok: None, on_step=on_step, prefill_chunk=8, patience=3)
+    try:
+        runner = job("The", 60)
+        loop.submit(runner)
+        until(lambda: steps[0] >= 3)
+        long = job(SENTENCES[0] + " " + SENTENCES[2], 1)
+        loop.submit(long)
+        start = steps[0]
+        first_token(long)
+        tokens = len(generator.prompt_ids(long.settings.prompt))
+        assert tokens > 24 and len(shorts) > 4  # short prompts kept coming all along
+        assert steps[0] - start <= 3 + -(-tokens // 8) + 2, (steps[0] - start, tokens)
+        assert runner.ended is None  # read while the runner still ran, not after it
+    finally:
+        loop.close()
+        loop.join(30)
 
 
 def test_no_seed_draws_one_that_repeats_the_text(live: str) -> None:

@@ -10,8 +10,8 @@ do:
   token sampled, and from the next step on it is one more row. With `prefill_chunk`, prompts are read
   at most that many tokens in all between two steps of the running rows (chunked prefill, as vLLM and
   TGI schedule it; the rows' `reader` reads a prompt in passes), so a running stream's next token waits
-  for one chunk at most rather than for a whole long prompt, and short prompts go first; when nothing
-  runs, prompts are read whole (no one waits);
+  for one chunk at most rather than for a whole long prompt; short prompts go first, but not past one
+  that has waited `patience` steps; when nothing runs, the oldest prompt is read whole (no one waits);
 - every step feeds each row its last token and samples each row's next one with that request's own
   settings (temperature, top-k, top-p) and its own seeded generator (the rows' `sampler`: a
   `torch.Generator`, numpy's on ONNX Runtime), so a seed gives the same text as the generator's
@@ -42,6 +42,7 @@ from largo.deploy.lm_text import TextPieces
 from largo.models.prefill import PromptReader
 
 log = logging.getLogger("largo.server")
+PATIENCE = 4  # steps a waiting prompt lets shorter ones be read first, then it goes first
 
 
 @dataclass(eq=False)
@@ -54,6 +55,7 @@ class _Row:
     text: list[str]
     truncated: bool
     last: int = -1
+    since: int = 0  # the decode loop's step count when the request joined
 
 
 class DecodeLoop:
@@ -76,10 +78,12 @@ class DecodeLoop:
         on_done: Callable[[list[tuple[Generation, dict[str, Any]]]], None] | None = None,
         on_step: Callable[[int, float], None] | None = None,
         prefill_chunk: int | None = None,
+        patience: int = PATIENCE,
     ):
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk: must be ≥ 1 (got {prefill_chunk})")
         self.generator, self.slots, self.prefill_chunk = generator, slots, prefill_chunk
+        self.patience = patience
         self.rows = generator.decode_rows(slots)
         self.on_end, self.on_done, self.on_step = on_end, on_done, on_step
         self.closed = False
@@ -87,6 +91,7 @@ class DecodeLoop:
         self.inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
         self.live: list[_Row] = []  # one per row of `self.rows`, in row order
         self.pending: list[tuple[_Row, PromptReader]] = []  # prompts being read (a row each, reserved)
+        self.steps = 0  # batched steps taken
         self.outbox: list[tuple[Generation, str, Any]] = []  # events of this step, sent together
         self.ended: list[tuple[Generation, bool]] = []  # for `on_end`, after their last events
         self.thread = threading.Thread(target=self._run, name="largo-decode", daemon=True)
@@ -176,16 +181,19 @@ class DecodeLoop:
                 self._end(row)
                 return
             reader = self.rows.reader(self.generator.prompt_ids(s.prompt))
+            row.since = self.steps
         except Exception as exc:  # noqa: BLE001 - this request fails; the loop keeps serving
             self._fail(job, exc)
             return
         self.pending.append((row, reader))
 
     def _prefill(self) -> None:
-        """Read waiting prompts. While no row runs, each whole, in arrival order (no one waits); else
-        passes of `prefill_chunk` prompt tokens in all before the next step, the prompt with the fewest
-        tokens left first (a short prompt does not wait behind a long one, which takes what is left of
-        the budget each step). A prompt read in full becomes a row, and its first token is taken."""
+        """Read waiting prompts. While no row runs, the oldest whole (no one waits); once rows run,
+        passes of `prefill_chunk` prompt tokens in all before the next step (a seq2seq source is read
+        in one pass whatever its length), the prompt with the fewest tokens left first, so a short
+        prompt does not wait behind a long one, unless the oldest has waited `patience` steps: then it
+        goes first, so a stream of short prompts cannot starve a long one. A prompt read in full becomes
+        a row, and its first token is taken."""
         for row, reader in [p for p in self.pending if p[0].job.cancel.is_set()]:
             self.pending.remove((row, reader))
             row.job.finish_reason = "cancelled"
@@ -195,7 +203,9 @@ class DecodeLoop:
             busy = bool(self.live) and budget is not None
             if busy and spent >= budget:
                 break
-            i = min(range(len(self.pending)), key=lambda j: self.pending[j][1].unread) if busy else 0
+            i = 0  # the oldest: while no row runs, or once it has waited long enough
+            if busy and self.steps - self.pending[0][0].since < self.patience:
+                i = min(range(len(self.pending)), key=lambda j: self.pending[j][1].unread)
             row, reader = self.pending[i]
             unread = reader.unread
             try:
@@ -230,6 +240,7 @@ class DecodeLoop:
         except Exception as exc:  # noqa: BLE001 - these generations fail; the loop keeps serving
             self._fail_all(exc)
             return
+        self.steps += 1
         if self.on_step is not None:
             self.on_step(len(self.live), time.perf_counter() - start)
         done = [self._emit(row, t, i) for i, (row, t) in enumerate(zip(self.live, next_tokens, strict=True))]

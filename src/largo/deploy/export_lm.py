@@ -395,7 +395,8 @@ def export_lm_bundle(
     max_abs_diff: float = LM_PARITY["max_abs_diff"],
     run_benchmark: bool = False,
 ) -> dict[str, Any]:
-    """model.onnx (and model.int8.onnx) into an LM bundle, each checked (and, with `run_benchmark`, every
+    """model.onnx (and model.int8.onnx: asked for, or there from an earlier export, which is quantized
+    again from the new graph) into an LM bundle, each checked (and, with `run_benchmark`, every
     runtime's decoding speed, which `largo serve --runtime auto` then reads); returns the export record.
     Raises ParityError (after writing the record) when a check fails."""
     if quantize not in LM_QUANTIZE:
@@ -414,7 +415,7 @@ def export_lm_bundle(
             failed.append(section)
 
     check("onnx", LM_ONNX_FILE, False, exporter="torchscript")
-    if quantize == "int8":
+    if quantize == "int8" or (bundle.path / LM_INT8_FILE).exists():  # never an int8 file of an older graph
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         with _quiet():

@@ -326,7 +326,8 @@ def export_seq2seq_bundle(
     max_abs_diff: float = LM_PARITY["max_abs_diff"],
     run_benchmark: bool = False,
 ) -> dict[str, Any]:
-    """encoder.onnx and decoder.onnx (and their int8 versions) into a seq2seq bundle, each pair checked
+    """encoder.onnx and decoder.onnx (and their int8 versions: asked for, or there from an earlier
+    export, which are quantized again from the new graphs) into a seq2seq bundle, each pair checked
     on the held-out pairs `table` (and, with `run_benchmark`, every runtime timed, which `largo serve
     --runtime auto` then reads); returns the export record. Raises ParityError (after writing the
     record) when a check fails."""
@@ -347,7 +348,7 @@ def export_seq2seq_bundle(
             failed.append(runtime)
 
     check("onnx", False, exporter="torchscript")
-    if quantize == "int8":
+    if quantize == "int8" or any((path / f).exists() for f in SEQ2SEQ_ONNX_RUNTIMES["onnx-int8"]):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         with _quiet():

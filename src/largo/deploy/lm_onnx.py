@@ -64,9 +64,11 @@ class OnnxLM:
         names = [i.name for i in self.session.get_inputs()]
         self.layers = sum(n.startswith("past_key_") for n in names)
         self.keys, self.values = input_names(self.layers)
-        if not self.layers or names != [*LM_INPUTS, *self.keys, *self.values]:
+        self.indexed = "logits_index" in names  # graphs exported before 2026-12-08 give every logit
+        inputs = list(LM_INPUTS if self.indexed else LM_INPUTS[:-1])
+        if not self.layers or names != [*inputs, *self.keys, *self.values]:
             raise BundleError(f"{file}: not a graph this largo reads; export the bundle again (largo export)")
-        shape = self.session.get_inputs()[len(LM_INPUTS)].shape  # past_key_0: [b, heads, head_dim, past]
+        shape = self.session.get_inputs()[len(inputs)].shape  # past_key_0: [b, heads, head_dim, past]
         self.heads, self.head_dim = shape[1], shape[2]
         self.vocab = self.session.get_outputs()[0].shape[2]  # logits [b, t, vocab]
 
@@ -84,11 +86,12 @@ class OnnxLM:
         layer's past keys [b, heads, head_dim, past] (transposed) and values [b, heads, past, head_dim],
         of which mask [b, past] marks each row's own."""
         t = ids.shape[1]
-        which = np.arange(t, dtype=np.int64) if every else np.array([t - 1], dtype=np.int64)
-        feed = {"input_ids": ids, "position_ids": positions, "attention_mask": mask, "logits_index": which}
+        feed = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
+        if self.indexed:
+            feed["logits_index"] = np.arange(t, dtype=np.int64) if every else np.array([t - 1], np.int64)
         feed |= dict(zip(self.keys, keys, strict=True)) | dict(zip(self.values, values, strict=True))
         logits, k, v = self.session.run(None, feed)
-        return logits, k, v
+        return (logits if every or self.indexed else logits[:, -1:]), k, v
 
     def read(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(logits after every token [b, t, vocab], new keys, new values) of ids [b, t] read from position

@@ -171,7 +171,11 @@ class OnnxSeq2SeqRows(OnnxRows):
         self.k[:, rows], self.v[:, rows] = 0.0, 0.0
         self.sources += [len(ids) for ids in sources for _ in range(repeat)]
         self.lengths += [0] * n
-        logits, k, v = self._run([BOS] * n, rows)  # BOS at position 0, over no past
+        try:
+            logits, k, v = self._run([BOS] * n, rows)  # BOS at position 0, over no past
+        except BaseException:  # the rows that were there stay as they were
+            del self.sources[start:], self.lengths[start:]
+            raise
         self.k[:, rows, :, :, 0], self.v[:, rows, :, 0] = k[:, :, :, 0], v[:, :, :, 0]
         self.lengths[rows] = [1] * n
         return logits[:, -1]
