@@ -260,7 +260,8 @@ def seq2seq_parity(
     after = before * (1.0 + report["whole"]["perplexity_increase"])
     d = cfg.decode
     eager = translator.search(sources, cfg.max_new_tokens, d.beams, d.length_penalty)
-    graph = search_numpy(onnx, sources, cfg.max_new_tokens, d.beams, d.length_penalty, context, length)
+    rows = OnnxSeq2SeqRows(onnx, len(sources) * d.beams, context, length)
+    graph = search_numpy(rows, sources, cfg.max_new_tokens, d.beams, d.length_penalty)
     references = texts(table, cfg.data.target)
     scores = [generation_metrics([translator.decode(r) for r in rows], references) for rows in (eager, graph)]
     report["outputs"] = {

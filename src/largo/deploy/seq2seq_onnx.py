@@ -27,6 +27,7 @@ This module serves them with onnxruntime, numpy and tokenizers only (`pip instal
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -218,18 +219,16 @@ class OnnxSeq2SeqRows(OnnxRows):
 
 
 def search_numpy(
-    model: OnnxSeq2Seq,
+    rows: OnnxSeq2SeqRows,
     sources: list[list[int]],
     max_new_tokens: int,
     beams: int,
     length_penalty: float,
-    context: int,
-    source_length: int,
 ) -> list[list[int]]:
     """The best target ids of each source by beam search on ONNX Runtime (`models.beams`, as torch's
-    `beam_search`), greedy with one beam; at most `max_new_tokens` and never more than `context`."""
-    steps = min(max_new_tokens, context)
-    rows = OnnxSeq2SeqRows(model, len(sources) * beams, context, source_length)
+    `beam_search`), greedy with one beam, in `rows` (empty, len(sources) · beams slots); at most
+    `max_new_tokens` and never more than the rows' context."""
+    steps = min(max_new_tokens, rows.limit)
     logits = rows.add_sources(sources, beams)
     if beams == 1:
         out: list[list[int]] = [[] for _ in sources]
@@ -275,6 +274,8 @@ class OnnxTranslator(Seq2SeqText):
         self.runtime, self.device = runtime, "cpu"
         self.model = OnnxSeq2Seq(self.path, runtime, threads)
         self.metrics = read_json(self.path / "metrics.json")
+        self._rows: dict[int, list[OnnxSeq2SeqRows]] = {}  # beam-search rows kept by their slots
+        self._lock = threading.Lock()
 
     @property
     def target_context(self) -> int:
@@ -288,10 +289,20 @@ class OnnxTranslator(Seq2SeqText):
     def search(
         self, sources: list[list[int]], max_new_tokens: int, beams: int, length_penalty: float
     ) -> list[list[int]]:
-        """The best target ids of each source by beam search on ONNX Runtime (`search_numpy`)."""
-        return search_numpy(
-            self.model, sources, max_new_tokens, beams, length_penalty, self.target_context, self.context
-        )
+        """The best target ids of each source by beam search on ONNX Runtime (`search_numpy`), in rows
+        kept for the next batch of the same size (their buffers are not allocated and touched anew)."""
+        slots = len(sources) * beams
+        with self._lock:
+            spare = self._rows.get(slots) or []
+            rows = spare.pop() if spare else self.decode_rows(slots)
+        try:
+            return search_numpy(rows, sources, max_new_tokens, beams, length_penalty)
+        finally:
+            rows.clear()
+            with self._lock:
+                kept = self._rows.setdefault(slots, [])
+                if len(kept) < 2:  # a few at most: concurrent searches (the server's beam threads)
+                    kept.append(rows)
 
     def sample_ids(self, ids: list[int], max_new_tokens: int, sampling: Sampling, seed: int) -> Iterator[int]:
         """Target ids of one source decoded in a row of its own (`lm_onnx.stream_numpy`: numpy sampling
