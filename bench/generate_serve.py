@@ -59,20 +59,21 @@ VARIANTS = {
 }
 
 
-def lm_bundle() -> Path:
-    """The benchmark's GPT bundle (reused from an earlier run: speed does not depend on the weights)."""
-    done = sorted((OUT / "runs" / "gen").glob("v*/model.safetensors"))
+def lm_bundle(out: Path = OUT, context: int = 256, texts: int = 3000) -> Path:
+    """The benchmark's GPT bundle, pretrained one step on `texts` generated news texts (reused from an
+    earlier run in `out`: speed does not depend on the weights)."""
+    done = sorted((out / "runs" / "gen").glob("v*/model.safetensors"))
     if done:
         return done[-1].parent
-    OUT.mkdir(parents=True, exist_ok=True)
-    corpus = OUT / "corpus.txt"
-    corpus.write_text("\n".join(r["text"] for r in news_rows(3000, seed=3)), encoding="utf-8")
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out / "corpus.txt"
+    corpus.write_text("\n".join(r["text"] for r in news_rows(texts, seed=3)), encoding="utf-8")
     cfg = {
         "name": "gen",
-        "runs_dir": str(OUT / "runs"),
+        "runs_dir": str(out / "runs"),
         "data": {"paths": [str(corpus)], "valid": 0.05},
         "tokenizer": {"vocab_size": 2000},
-        "model": {"dim": 256, "layers": 4, "heads": 4, "context": 256},
+        "model": {"dim": 256, "layers": 4, "heads": 4, "context": context},
         "train": {"steps": 1, "micro_batch": 4, "eval_every": 1, "progress": False, "precision": "fp32"},
     }
     return Path(largo.pretrain(cfg).path)
