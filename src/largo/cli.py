@@ -276,8 +276,8 @@ def serve(
         typer.Option(
             "--prefill-chunk",
             min=0,
-            help="An LM: read prompts at most this many tokens per pass between decoding steps, so running "
-            "streams wait one chunk for a long prompt (0: a whole prompt per pass).",
+            help="An LM: read at most this many prompt tokens between two decoding steps, so running "
+            "streams wait one chunk for a long prompt, not all of it (0: whole prompts).",
         ),
     ] = 256,
     db: Annotated[
