@@ -120,6 +120,54 @@ def test_update_promotes_a_better_version_and_rollback_returns_v1(db_url: str, d
     assert registry.resolve("digits") == Path(digits["bundle"]).resolve()
 
 
+def test_a_parent_exported_to_onnx_gets_an_exported_successor(
+    tmp_path: Path, digits: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """v1 exported to ONNX and int8 before it was registered (a server may run it on ONNX Runtime): v2 is
+    exported and checked the same way before it is registered, so that server can swap it in; an
+    export that fails its check blocks the promotion and says why."""
+    import shutil
+
+    import largo.api
+    from largo.data.readers import DataError
+    from largo.deploy.metadata import ParityError
+
+    bundle = tmp_path / "v1"
+    shutil.copytree(digits["bundle"], bundle)
+    largo.export(bundle, "onnx", "int8")
+    registry = _serve_and_correct(Store(f"sqlite:///{tmp_path / 'largo.db'}"), digits, bundle)
+    upd = load_update_config(
+        {"update": {"feedback_weight": 3, "lr": 0.001, "epochs": 6, "gate": {"max_regression": 0.05}}}
+    )
+    result = update(registry, "digits", upd)
+    assert result.promoted, result.table()
+    v2 = registry.get("digits", 2)
+    registry.verify(v2)  # exported before it was registered: its hashes hold the ONNX files
+    formats = json.loads((v2.path / "export.json").read_text())["formats"]
+    assert formats["onnx"]["parity"]["passed"] and formats["onnx-int8"]["parity"]["passed"]
+    assert json.loads((v2.path / "update.json").read_text())["export"]["passed"]
+    assert largo.api.load(v2.path, runtime="onnx").predict(digits["traffic"][:3])  # it serves on ONNX
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise ParityError("parity check failed for onnx-int8")
+
+    monkeypatch.setattr(largo.api, "export", fail)
+    lenient = {"feedback_weight": 3, "lr": 0.001, "epochs": 1, "gate": {"min_gain": -1, "max_regression": 1}}
+    result = update(registry, "digits", load_update_config({"update": lenient}))  # a gate that passes
+    assert not result.promoted and registry.aliases("digits") == {"candidate": 3, "production": 2}
+    assert "parity check failed for onnx-int8" in result.verdict.reason
+    record = json.loads((registry.get("digits", 3).path / "update.json").read_text())
+    assert record["export"]["passed"] is False and record["gate"]["passed"] is False
+
+    def no_data(*args: object, **kwargs: object) -> None:
+        raise DataError("valid split: 3 tokens, fewer than one window")
+
+    monkeypatch.setattr(largo.api, "export", no_data)  # no held-out data: promoted, left unexported
+    result = update(registry, "digits", load_update_config({"update": lenient}))
+    record = json.loads((registry.get("digits", 4).path / "update.json").read_text())
+    assert result.promoted and "no held-out data" in record["export"]["error"], (result.table(), record)
+
+
 def test_the_gate_blocks_a_version_that_is_not_better_enough(tmp_path: Path, digits: dict) -> None:
     url = f"sqlite:///{tmp_path / 'largo.db'}"
     registry = _serve_and_correct(Store(url), digits)

@@ -121,6 +121,27 @@ def test_an_update_learns_the_corrections_and_is_promoted_then_a_strict_gate_blo
     assert record["reference"]["lineage"][0]["path"] == str(lm["corpus"].resolve())
 
 
+def test_a_parent_exported_to_onnx_gets_an_exported_successor(lm: dict, tmp_path: Path) -> None:
+    """v1 exported to ONNX and int8 before it was registered: the update's version is exported and
+    checked too, on the reference corpus (its own corpus is the feedback, too small to hold a window)."""
+    runs = tmp_path / "runs"
+    shutil.copytree(lm["bundle"].parent.parent, runs)
+    bundle = runs / lm["bundle"].parent.name / lm["bundle"].name
+    largo.export(bundle, "onnx", "int8")
+    registry = Registry(Store(str(tmp_path / "registry.db")))
+    registry.register("tinylm", bundle)
+    registry.promote("tinylm", 1)
+    _generations(registry.store, 40)
+    cfg = UpdateConfig.model_validate({"steps": 10, "gate": {"min_gain": -10.0, "max_regression": 10.0}})
+    result = update(registry, "tinylm", cfg)
+    assert result.promoted, result.table()
+    record = json.loads((result.path / "update.json").read_text(encoding="utf-8"))
+    assert record["export"] == {"format": "onnx", "quantize": "int8", "passed": True, "error": None}
+    formats = json.loads((result.path / "export.json").read_text(encoding="utf-8"))["formats"]
+    assert formats["onnx"]["data"] == str(lm["corpus"].resolve()) and formats["onnx-int8"]["parity"]["passed"]
+    registry.verify(registry.lookup("tinylm@2"))  # exported before it was registered
+
+
 def test_the_cli_updates_a_language_model_and_bad_settings_name_the_key(lm: dict, tmp_path: Path) -> None:
     registry, db = _registry(lm, tmp_path)
     with pytest.raises(UpdateError, match="no feedback texts to train on"):

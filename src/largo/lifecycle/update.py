@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,12 +53,19 @@ from largo.deploy.bundle import (
     write_bundle,
     write_run_start,
 )
-from largo.deploy.metadata import BundleInfo, is_lm_bundle, is_seq2seq_bundle
+from largo.deploy.metadata import (
+    EXPORT_RECORD,
+    BundleInfo,
+    ParityError,
+    is_lm_bundle,
+    is_seq2seq_bundle,
+    read_json,
+)
 from largo.evaluate.scoring import headline, score_outputs
 from largo.lifecycle.registry import Registry, Version, data_lineage
 from largo.models.build import build_model
 from largo.train.checkpoint import seed_everything
-from largo.train.distributed import world_size
+from largo.train.distributed import log, world_size
 from largo.train.loop import fit, forward_in_batches
 from largo.train.losses import make_loss_fn
 from largo.train.prepare import augmenter, class_weights, encode_split, fit_processors, load_splits
@@ -532,7 +539,7 @@ def update(registry: Registry, ref: str, upd: UpdateConfig) -> UpdateResult:
         raise
 
     # 4. register as candidate, promote when the gate passes
-    version = register_candidate(registry, parent, run_dir, fb.train_ids, verdict.passed)
+    version, verdict = register_candidate(registry, parent, run_dir, fb.train_ids, verdict)
     return UpdateResult(
         parent.name, parent.version, version.version, version.path, verdict.passed, verdict, scores, rows,
         fb.skipped, upd.mode,
@@ -540,15 +547,55 @@ def update(registry: Registry, ref: str, upd: UpdateConfig) -> UpdateResult:
 
 
 def register_candidate(
-    registry: Registry, parent: Version, run_dir: Path, feedback_ids: list[str], passed: bool
-) -> Version:
-    """Register an update's bundle as the next version (lineage: its parent and the feedback rows it
-    trained on), point `candidate` at it, and promote it to production when the gate passed."""
+    registry: Registry, parent: Version, run_dir: Path, feedback_ids: list[str], verdict: Verdict
+) -> tuple[Version, Verdict]:
+    """Export an update's bundle as its parent was exported (`export_like_parent`), register it as the
+    next version (lineage: its parent and the feedback rows it trained on), point `candidate` at it, and
+    promote it to production when the gate passed (and the export's checks did). Returns the version
+    and the verdict that decided."""
+    verdict = export_like_parent(parent, run_dir, verdict)
     version = registry.register(parent.name, run_dir, parent=parent.version, feedback_ids=feedback_ids)
     registry.set_alias(parent.name, CANDIDATE, version.version)
-    if passed:
+    if verdict.passed:
         registry.promote(parent.name, version.version)
-    return version
+    return version, verdict
+
+
+def export_like_parent(parent: Version, run_dir: Path, verdict: Verdict) -> Verdict:
+    """Export the new bundle as the parent was (the formats in its export.json: ONNX, int8 when it has
+    an int8 graph, TorchScript), checked as `largo export` checks, before it is registered (a registered
+    bundle never changes): a server running the parent on ONNX Runtime can then swap the new version in.
+    A failed check blocks the promotion; held-out data the check cannot find (a language model's
+    feedback corpus too small to hold a window, say) leaves the new version unexported, as an update
+    before this step left it. The update record says which."""
+    formats = set(read_json(parent.path / EXPORT_RECORD).get("formats") or {})
+    formats &= {"onnx", "onnx-int8", "torchscript"}
+    if not formats:
+        return verdict
+    onnx = bool(formats & {"onnx", "onnx-int8"})
+    kind = ("all" if "torchscript" in formats else "onnx") if onnx else "torchscript"
+    quantize = "int8" if "onnx-int8" in formats else "none"
+    from largo.api import export
+
+    record_file = run_dir / RECORD
+    record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.exists() else {}
+    # a language model's update trains on its feedback corpus: check on the reference corpus it is judged on
+    lineage = (record.get("reference") or {}).get("lineage") or [{}]
+    failure = skipped = None
+    try:
+        export(run_dir, kind, quantize, lineage[0].get("path"))
+    except DataError as exc:  # before ValueError, which it is
+        skipped = f"not exported: no held-out data to check an export on ({exc})"
+        log(f"{run_dir}: {skipped}")
+    except (ParityError, ValueError) as exc:
+        failure = f"exported as its parent was ({kind}, quantize {quantize}), it failed: {exc}"
+    record["export"] = {"format": kind, "quantize": quantize, "passed": failure is None and skipped is None,
+                        "error": failure or skipped}  # fmt: skip
+    if failure is not None and verdict.passed:
+        verdict = replace(verdict, passed=False, reason=f"{verdict.reason}; but {failure}")
+        record.setdefault("gate", {}).update(passed=False, reason=verdict.reason)
+    record_file.write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
+    return verdict
 
 
 def _write_bundle(

@@ -338,7 +338,7 @@ def update_lm(registry: Registry, parent: Version, upd: UpdateConfig) -> UpdateR
         raise
 
     # 5. register as candidate, promote when the gate passes
-    version = register_candidate(registry, parent, run_dir, record["feedback_ids"]["train"], verdict.passed)
+    version, verdict = register_candidate(registry, parent, run_dir, record["feedback_ids"]["train"], verdict)
     sections = {"sections": (reference_label, "feedback slice"), "units": ("windows", "texts")}
     return UpdateResult(
         parent.name, parent.version, version.version, version.path, verdict.passed, verdict, scores, rows,

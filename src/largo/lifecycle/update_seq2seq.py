@@ -197,7 +197,7 @@ def update_seq2seq(registry: Registry, parent: Version, upd: UpdateConfig) -> Up
         raise
 
     # 4. register as candidate, promote when the gate passes
-    version = register_candidate(registry, parent, run_dir, fb_ids["train"], verdict.passed)
+    version, verdict = register_candidate(registry, parent, run_dir, fb_ids["train"], verdict)
     return UpdateResult(
         parent.name, parent.version, version.version, version.path, verdict.passed, verdict, scores, rows,
         skipped, upd.mode, units=("rows", "pairs"),
