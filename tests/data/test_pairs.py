@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 
 from largo.config_seq2seq import validate_seq2seq_config
+from largo.data.pair_text import source_ids
 from largo.data.pairs import (
     encode_pairs,
-    encode_sources,
     load_pairs,
     read_pairs,
     texts,
@@ -76,7 +76,7 @@ def test_targets_keep_full_width_punctuation_and_special_strings_are_text(tmp_pa
     assert tok.decode(source[0].tolist(), skip_special_tokens=True).startswith("ABC hello <pad>")
     assert tok.decode(target[0].tolist(), skip_special_tokens=True) == "你好，世界！"
     assert tok.decode(target[1].tolist(), skip_special_tokens=True) == "三（二）<s>"
-    assert encode_sources(tok, ["ＡＢＣ"], cfg).tolist() == encode_sources(tok, ["ABC"], cfg).tolist()
+    assert source_ids(tok, ["ＡＢＣ"], cfg) == source_ids(tok, ["ABC"], cfg)
     assert split.targets["tokens"].tolist() == (target[:, 1:] != 0).sum(1).tolist()
 
 

@@ -123,7 +123,7 @@ class GatedRows:
 
     def reader(self, ids: list[int]) -> PromptReader:
         """The decode loop reads prompts through this: in one pass here, mirrored as `add` mirrors."""
-        return PromptReader(ids, lambda tokens, start: self.add(tokens), lambda: None, whole=True)
+        return PromptReader.at_once(ids, self.add)
 
     def add(self, ids: list[int]) -> Any:
         if ids == self.boom:

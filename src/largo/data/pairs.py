@@ -25,7 +25,7 @@ from largo.config_seq2seq import Seq2SeqConfig
 from largo.data.clean import clean_table
 from largo.data.corpus import new_byte_bpe
 from largo.data.loader import EncodedSplit
-from largo.data.pair_text import SPECIAL_TOKENS, literal_specials, normalize_sources, source_ids, text_ids
+from largo.data.pair_text import SPECIAL_TOKENS, literal_specials, normalize_sources, text_ids
 from largo.data.readers import DataError, read_table
 from largo.data.split import split_tables
 from largo.data.text import check_text_column
@@ -108,11 +108,6 @@ def encode_pairs(table: pa.Table, cfg: Seq2SeqConfig, tok: Tokenizer, label: str
         )
     tokens = (target[:, 1:] != 0).sum(1)
     return EncodedSplit({"source": source, "target": target}, {"tokens": tokens}, {"source": 0, "target": 0})
-
-
-def encode_sources(tok: Tokenizer, items: list[str], cfg: Seq2SeqConfig) -> torch.Tensor:
-    """Sources to translate → right-padded ids [n, longest] (normalized as in training)."""
-    return padded(source_ids(tok, items, cfg))
 
 
 def truncated(table: pa.Table, cfg: Seq2SeqConfig, tok: Tokenizer) -> dict[str, int]:

@@ -175,13 +175,14 @@ class DecodeLoop:
         job.on_done = lambda job, summary: self.done.append((job, summary))
         try:
             job.prompt_tokens, truncated = self.generator.prompt_tokens(s.prompt)
-            row = _Row(job, self._sampler(job), TextPieces(self.generator.tokenizer), [], truncated)
+            row = _Row(
+                job, self._sampler(job), TextPieces(self.generator.tokenizer), [], truncated, since=self.steps
+            )
             if job.cancel.is_set() or s.max_new_tokens == 0:
                 job.finish_reason = "cancelled" if job.cancel.is_set() else "length"
                 self._end(row)
                 return
             reader = self.rows.reader(self.generator.prompt_ids(s.prompt))
-            row.since = self.steps
         except Exception as exc:  # noqa: BLE001 - this request fails; the loop keeps serving
             self._fail(job, exc)
             return
@@ -296,9 +297,9 @@ class DecodeLoop:
             self._fail(row.job, exc)
         self.live.clear()
         self.rows.clear()
-        for row, _ in self.pending if pending else []:
-            self._fail(row.job, exc)
         if pending:
+            for row, _ in self.pending:
+                self._fail(row.job, exc)
             self.pending.clear()
 
     def _fail(self, job: Generation, exc: BaseException) -> None:

@@ -49,7 +49,6 @@ from largo.deploy.export import _quiet, update_record
 from largo.deploy.generator import LMBundle
 from largo.deploy.lm_onnx import (
     LM_INPUTS,
-    LM_INT8_FILE,
     LM_ONNX_FILE,
     LM_ONNX_RUNTIMES,
     OUTPUTS,
@@ -399,35 +398,66 @@ def export_lm_bundle(
     again from the new graph) into an LM bundle, each checked (and, with `run_benchmark`, every
     runtime's decoding speed, which `largo serve --runtime auto` then reads); returns the export record.
     Raises ParityError (after writing the record) when a check fails."""
+    model = bundle.model.float().eval()
+
+    def section(runtime: str, lossy: bool) -> dict[str, Any]:
+        file = LM_ONNX_RUNTIMES[runtime]
+        report = lm_parity(model, OnnxLM(bundle.path / file), windows, lossy, max_abs_diff)
+        return {"file": file, "data": source, "parity": report}
+
+    return export_graphs(
+        bundle.path,
+        quantize,
+        {runtime: (file,) for runtime, file in LM_ONNX_RUNTIMES.items()},
+        lambda: export_lm_onnx(model, bundle.path / LM_ONNX_FILE),
+        section,
+        (lambda: benchmark_lm(bundle.path, windows)) if run_benchmark else None,
+    )
+
+
+def export_graphs(
+    path: Path,
+    quantize: str,
+    runtimes: dict[str, tuple[str, ...]],
+    write: Callable[[], None],
+    section: Callable[[str, bool], dict[str, Any]],
+    benchmark: Callable[[], dict[str, Any]] | None,
+) -> dict[str, Any]:
+    """The steps of a decoder's export (a language model's graph, a seq2seq model's two), in one place:
+    `write()` the fp32 files (`runtimes["onnx"]`), check them (`section(runtime, lossy)`: the export.json
+    section, with its `parity` report), quantize them into `runtimes["onnx-int8"]` when asked for or
+    when int8 files are there from an earlier export (never an int8 file of an older graph) and check
+    those, then with `benchmark` time every runtime and record what `--runtime auto` chooses (a
+    benchmark of the old files is dropped otherwise). Returns the export record; raises ParityError
+    (after writing it) when a check fails."""
     if quantize not in LM_QUANTIZE:
         raise ValueError(f"unknown quantize {quantize!r}; allowed: {', '.join(LM_QUANTIZE)}")
-    model, failed = bundle.model.float().eval(), []
-    record_path = bundle.path / EXPORT_RECORD
-    if not run_benchmark and "benchmark" in (old := read_json(record_path)):  # it timed the old files
+    failed, record_path = [], path / EXPORT_RECORD
+    if benchmark is None and "benchmark" in (old := read_json(record_path)):  # it timed the old files
         del old["benchmark"]
         record_path.write_text(json.dumps(old, indent=1), encoding="utf-8")
-    export_lm_onnx(model, bundle.path / LM_ONNX_FILE)
+    write()
 
-    def check(section: str, file: str, lossy: bool, **info: Any) -> None:
-        report = lm_parity(model, OnnxLM(bundle.path / file), windows, lossy, max_abs_diff)
-        update_record(bundle.path, section, {**info, "file": file, "data": source, "parity": report})
-        if not report["passed"]:
-            failed.append(section)
+    def check(runtime: str, lossy: bool, **info: Any) -> None:
+        checked = {**info, **section(runtime, lossy)}
+        update_record(path, runtime, checked)
+        if not checked["parity"]["passed"]:
+            failed.append(runtime)
 
-    check("onnx", LM_ONNX_FILE, False, exporter="torchscript")
-    if quantize == "int8" or (bundle.path / LM_INT8_FILE).exists():  # never an int8 file of an older graph
+    check("onnx", False, exporter="torchscript")
+    if quantize == "int8" or any((path / f).exists() for f in runtimes["onnx-int8"]):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         with _quiet():
-            quantize_dynamic(
-                str(bundle.path / LM_ONNX_FILE), str(bundle.path / LM_INT8_FILE), weight_type=QuantType.QInt8
-            )
-        check("onnx-int8", LM_INT8_FILE, True, method="dynamic")
-    if run_benchmark:
-        result = benchmark_lm(bundle.path, windows)
-        update_record(bundle.path, "benchmark", result)
-        update_record(bundle.path, "benchmark", {**result, "choice": choose_lm_runtime(bundle.path)})
-    record = read_json(bundle.path / EXPORT_RECORD)
+            for fp32, int8 in zip(runtimes["onnx"], runtimes["onnx-int8"], strict=True):
+                quantize_dynamic(str(path / fp32), str(path / int8), weight_type=QuantType.QInt8)
+        check("onnx-int8", True, method="dynamic")
+    if benchmark is not None:
+        result = benchmark()
+        update_record(path, "benchmark", result)
+        choice = choose_lm_runtime(path, runtimes["onnx"][-1])  # the graph a step runs
+        update_record(path, "benchmark", {**result, "choice": choice})
+    record = read_json(record_path)
     if failed:
-        raise ParityError(f"parity check failed for {', '.join(failed)}; see {bundle.path / EXPORT_RECORD}")
+        raise ParityError(f"parity check failed for {', '.join(failed)}; see {record_path}")
     return record

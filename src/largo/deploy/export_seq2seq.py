@@ -22,7 +22,6 @@ serve --runtime auto` picks from it.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import statistics
 import time
@@ -35,7 +34,7 @@ import torch
 from torch import nn
 
 from largo.data.pair_text import NEVER, PAD, source_ids
-from largo.deploy.export import _quiet, update_record
+from largo.deploy.export import _quiet
 from largo.deploy.export_lm import (
     LM_BENCH_ROWS,
     LM_PARITY,
@@ -44,11 +43,11 @@ from largo.deploy.export_lm import (
     _perplexity,
     benchmark_decoding,
     compare,
+    export_graphs,
     onnx_passed,
     verdict,
 )
-from largo.deploy.lm_onnx import choose_lm_runtime, input_names
-from largo.deploy.metadata import EXPORT_RECORD, ParityError, read_json
+from largo.deploy.lm_onnx import input_names
 from largo.deploy.seq2seq_onnx import (
     DECODER_OUTPUTS,
     ENCODER_OUTPUTS,
@@ -62,7 +61,6 @@ from largo.deploy.seq2seq_onnx import (
 from largo.deploy.translator import Translator
 from largo.models.seq2seq import CrossAttention, Seq2SeqTransformer
 
-SEQ2SEQ_QUANTIZE = ("none", "int8")
 PARITY_PAIRS = 32  # held-out pairs the export is checked on
 
 
@@ -332,36 +330,17 @@ def export_seq2seq_bundle(
     on the held-out pairs `table` (and, with `run_benchmark`, every runtime timed, which `largo serve
     --runtime auto` then reads); returns the export record. Raises ParityError (after writing the
     record) when a check fails."""
-    if quantize not in SEQ2SEQ_QUANTIZE:
-        raise ValueError(f"unknown quantize {quantize!r}; allowed: {', '.join(SEQ2SEQ_QUANTIZE)}")
-    path, failed = translator.path, []
-    record_path = path / EXPORT_RECORD
-    if not run_benchmark and "benchmark" in (old := read_json(record_path)):  # it timed the old files
-        del old["benchmark"]
-        record_path.write_text(json.dumps(old, indent=1), encoding="utf-8")
-    export_seq2seq_onnx(translator.model, path, SEQ2SEQ_ONNX_RUNTIMES["onnx"])
+    path = translator.path
 
-    def check(runtime: str, lossy: bool, **info: Any) -> None:
+    def section(runtime: str, lossy: bool) -> dict[str, Any]:
         report = seq2seq_parity(translator, OnnxSeq2Seq(path, runtime), table, lossy, max_abs_diff)
-        files = list(SEQ2SEQ_ONNX_RUNTIMES[runtime])
-        update_record(path, runtime, {**info, "files": files, "data": source, "parity": report})
-        if not report["passed"]:
-            failed.append(runtime)
+        return {"files": list(SEQ2SEQ_ONNX_RUNTIMES[runtime]), "data": source, "parity": report}
 
-    check("onnx", False, exporter="torchscript")
-    if quantize == "int8" or any((path / f).exists() for f in SEQ2SEQ_ONNX_RUNTIMES["onnx-int8"]):
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        with _quiet():
-            for fp32, int8 in zip(*SEQ2SEQ_ONNX_RUNTIMES.values(), strict=True):
-                quantize_dynamic(str(path / fp32), str(path / int8), weight_type=QuantType.QInt8)
-        check("onnx-int8", True, method="dynamic")
-    if run_benchmark:
-        result = benchmark_seq2seq(path, table)
-        update_record(path, "benchmark", result)
-        choice = choose_lm_runtime(path, SEQ2SEQ_ONNX_RUNTIMES["onnx"][1])
-        update_record(path, "benchmark", {**result, "choice": choice})
-    record = read_json(record_path)
-    if failed:
-        raise ParityError(f"parity check failed for {', '.join(failed)}; see {record_path}")
-    return record
+    return export_graphs(
+        path,
+        quantize,
+        SEQ2SEQ_ONNX_RUNTIMES,
+        lambda: export_seq2seq_onnx(translator.model, path, SEQ2SEQ_ONNX_RUNTIMES["onnx"]),
+        section,
+        (lambda: benchmark_seq2seq(path, table)) if run_benchmark else None,
+    )

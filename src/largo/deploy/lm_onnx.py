@@ -316,13 +316,16 @@ class OnnxRows:
     def _run(self, tokens: list[int], rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The graph on one new token for each of `rows` (consecutive rows of the buffers, read in
         place), at its row's next position → (logits, new keys, new values)."""
+        return self.lm.run(*self._inputs(tokens, rows))
+
+    def _inputs(self, tokens: list[int], rows: slice) -> tuple[Any, ...]:
+        """(ids [n, 1], positions [n, 1], past mask [n, columns], each layer's keys, each layer's values)
+        of one new token for each of `rows`."""
         lengths = np.array(self.lengths[rows], dtype=np.int64)
         mask = (np.arange(self.k.shape[4])[None, :] < lengths[:, None]).astype(np.int64)
-        layers = range(self.lm.layers)
-        ids = np.array(tokens, dtype=np.int64)[:, None]
-        return self.lm.run(
-            ids, lengths[:, None], mask, [self.k[i, rows] for i in layers], [self.v[i, rows] for i in layers]
-        )
+        ids, layers = np.array(tokens, dtype=np.int64)[:, None], range(self.lm.layers)
+        keys, values = [self.k[i, rows] for i in layers], [self.v[i, rows] for i in layers]
+        return ids, lengths[:, None], mask, keys, values
 
     def remove(self, row: int) -> None:
         """Free a row; the last row moves into it (the caller mirrors the move)."""

@@ -65,7 +65,8 @@ def check_sampling(max_new_tokens: int, top_k: int | None, top_p: float | None) 
 
 class LMText:
     """Prompt handling and text streaming over `stream_ids`, for a generator with a `tokenizer`, an
-    end-of-text id `eot` and a `config` whose `model.context` is the longest sequence it reads."""
+    end-of-text id `eot` and a `config` whose `model.context` is the longest sequence it reads (a
+    seq2seq model's `Seq2SeqText` reads its sources its own way and shares the streaming)."""
 
     tokenizer: Tokenizer
     eot: int
@@ -103,8 +104,9 @@ class LMText:
         Args:
             prompt: the text to continue.
             max_new_tokens: most tokens to generate.
-            sampling: temperature (0 = greedy; default 0.8), top_k (50), top_p (None), seed (0),
-                use_cache (True), stop_at_eot (True).
+            sampling: temperature (0 = greedy), top_k, top_p, seed, use_cache, stop_at_eot, with the
+                defaults of the generator's `stream_ids` (a language model: 0.8, 50, None, 0, True,
+                True; a seq2seq model: greedy).
 
         Pieces never end inside a multi-byte character (see `text_pieces`).
         """

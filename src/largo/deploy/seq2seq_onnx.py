@@ -138,15 +138,12 @@ class OnnxSeq2SeqRows(OnnxRows):
         self.mk, self.mv = mk, mv
 
     def _run(self, tokens: list[int], rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lengths = np.array(self.lengths[rows], dtype=np.int64)
-        mask = (np.arange(self.k.shape[4])[None, :] < lengths[:, None]).astype(np.int64)
+        ids, positions, mask, keys, values = self._inputs(tokens, rows)
         sources = np.array(self.sources[rows], dtype=np.int64)
         source_mask = (np.arange(self.source_length)[None, :] < sources[:, None]).astype(np.int64)
         layers = range(self.model.layers)
-        tensors = [self.k[i, rows] for i in layers] + [self.v[i, rows] for i in layers]
-        tensors += [self.mk[i, rows] for i in layers] + [self.mv[i, rows] for i in layers]
-        ids = np.array(tokens, dtype=np.int64)[:, None]
-        logits, k, v = self.model.run(ids, lengths[:, None], mask, source_mask, tensors)
+        memory = [self.mk[i, rows] for i in layers] + [self.mv[i, rows] for i in layers]
+        logits, k, v = self.model.run(ids, positions, mask, source_mask, keys + values + memory)
         logits[..., NEVER] = -math.inf
         return logits, k, v
 
@@ -190,7 +187,7 @@ class OnnxSeq2SeqRows(OnnxRows):
 
     def reader(self, ids: list[int]) -> PromptReader:
         """`add` as the decode loop reads prompts: a source is encoded in one pass."""
-        return PromptReader(ids, lambda tokens, start: self.add(tokens), lambda: None, whole=True)
+        return PromptReader.at_once(ids, self.add)
 
     def remove(self, row: int) -> None:
         """Free a row; the last row moves into it (the caller mirrors the move)."""

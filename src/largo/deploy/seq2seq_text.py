@@ -15,12 +15,12 @@ from tokenizers import Tokenizer
 
 from largo.data.pair_text import EOS, normalize_sources, source_ids
 from largo.data.readers import DataError
-from largo.deploy.lm_text import Sampling, check_sampling, text_pieces
+from largo.deploy.lm_text import LMText, Sampling, check_sampling
 
 
-class Seq2SeqText:
+class Seq2SeqText(LMText):
     """Sources, targets and translation for a seq2seq model with a `tokenizer` and a `config` (a
-    Seq2SeqConfig); `eot` is EOS, where a target ends."""
+    Seq2SeqConfig); `eot` is EOS, where a target ends. `stream` and `generate` are `LMText`'s."""
 
     path: Path
     config: Any
@@ -128,11 +128,3 @@ class Seq2SeqText:
                     yield token
                 return
             yield token
-
-    def stream(self, prompt: str, max_new_tokens: int = 100, **sampling: Any) -> Iterator[str]:
-        """Yield the target text piece by piece as tokens arrive (pieces end on whole characters)."""
-        return text_pieces(self.stream_ids(prompt, max_new_tokens, **sampling), self.tokenizer)
-
-    def generate(self, prompt: str, max_new_tokens: int = 100, **sampling: Any) -> str:
-        """The target text of one source, greedy or sampled (see `stream_ids`); `translate` for beams."""
-        return "".join(self.stream(prompt, max_new_tokens, **sampling))

@@ -311,7 +311,7 @@ class DecodeRows:
     def reader(self, ids: list[int]) -> PromptReader:
         """`add` as the decode loop reads prompts (`GPTRows.reader` reads one in passes): here a source
         is encoded in one pass, whatever `read` asks for."""
-        return PromptReader(ids, lambda tokens, start: self.add(tokens), lambda: None, whole=True)
+        return PromptReader.at_once(ids, self.add)
 
     @torch.inference_mode()
     def remove(self, row: int) -> None:

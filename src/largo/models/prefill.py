@@ -28,6 +28,11 @@ class PromptReader:
         self.ids, self.run, self.finish, self.whole = ids, run, finish, whole
         self.done = 0  # tokens read so far
 
+    @classmethod
+    def at_once(cls, ids: list[int], add: Callable[[list[int]], Any]) -> PromptReader:
+        """A reader whose first read is `add(ids)` (a row added in one pass: a seq2seq source)."""
+        return cls(ids, lambda tokens, start: add(tokens), lambda: None, whole=True)
+
     @property
     def unread(self) -> int:
         return len(self.ids) - self.done
