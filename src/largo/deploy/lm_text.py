@@ -32,24 +32,40 @@ def text_pieces(tokens: Iterable[int], tokenizer: Tokenizer) -> Iterator[str]:
 
 class TextPieces:
     """`text_pieces` one token at a time: `push(token)` gives the new text ("" while a character is
-    unfinished), `end()` whatever is left (for a loop that serves many streams at once)."""
+    unfinished), `end()` whatever is left (for a loop that serves many streams at once).
+
+    Each push decodes only a short window, not every id so far (which made a long stream quadratic):
+    the ids since the last piece, after the ids of that piece (`_start:_shown`). The new piece is the
+    window's text less the text of those earlier ids, so a decoder whose output depends on what comes
+    before (a leading space dropped at the start) still joins to the text of all the ids.
+    """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.shown = ""
+        self._start = 0  # the window's first id: the first of the last piece's ids
+        self._shown = 0  # ids already given out as text
+
+    def _new_text(self) -> str:
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self._start : self._shown], skip_special_tokens=False)
+        window = decode(self.ids[self._start :], skip_special_tokens=False)
+        return window[len(before) :] if len(window) > len(before) else ""
+
+    def _advance(self) -> None:
+        self._start, self._shown = self._shown, len(self.ids)
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        if text.endswith("\ufffd") or len(text) <= len(self.shown):
+        piece = self._new_text()
+        if not piece or piece.endswith("\ufffd"):
             return ""  # an unfinished character: wait for its next byte
-        piece, self.shown = text[len(self.shown) :], text
+        self._advance()
         return piece
 
     def end(self) -> str:
-        final = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        piece, self.shown = final[len(self.shown) :], final
+        piece = self._new_text()
+        self._advance()
         return piece
 
 
