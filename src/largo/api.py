@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from largo.api_lm import generate, pretrain  # noqa: F401 - the language-model half of this API
+from largo.api_lm import generate, import_lm, pretrain  # noqa: F401 - the language-model half of this API
 from largo.api_seq2seq import evaluate_pairs, predict_pairs, train_seq2seq, translate  # noqa: F401
 from largo.api_tune import tune  # noqa: F401 - the search half of this API
 from largo.config import Config, ConfigError, load_config, read_yaml_mapping, validate_config

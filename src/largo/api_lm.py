@@ -1,7 +1,9 @@
-"""The language-model half of the Python API: pretrain() and generate() (re-exported by `largo.api`).
+"""The language-model half of the Python API: pretrain(), generate() and import_lm() (re-exported by
+`largo.api`).
 
 pretrain() reads top to bottom through the stages of a language model (corpus → tokenizer and token
-files → GPT → train → bundle); generate() continues a prompt with a bundle.
+files → GPT → train → bundle); generate() continues a prompt with a bundle; import_lm() turns a local
+Hugging Face causal LM folder (Llama, Mistral, Qwen2) into an LM bundle.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from largo.config import ConfigError
 from largo.config_lm import LMConfig, read_lm_yaml, validate_lm_config
 from largo.deploy.bundle import environment, run_folder
 from largo.deploy.generator import TextGenerator
@@ -46,6 +49,7 @@ def pretrain(config: LMConfig | dict | str | Path, *, resume: bool | str | Path 
     folder, prepares the corpus first (the others then read its cache) and writes every file.
     """
     cfg = _as_lm_config(config)
+    _check_base(cfg)  # before a run folder is made
     with process_group(cfg.train.device):
         return _pretrain(cfg, resume)
 
@@ -56,17 +60,17 @@ def prepare_lm(cfg: LMConfig, tokenizer: Any = None) -> tuple[LMConfig, Any, Any
     else trained or cached; the model is seeded, takes the base weights, and LoRA adapters when asked.
     Rank 0 prepares the corpus first under torchrun (the others read its cache)."""
     from largo.data.corpus import prepare_corpus
-    from largo.deploy.generator import read_lm_bundle
     from largo.models.gpt import GPT
 
-    base = read_lm_bundle(cfg.train.init_from) if cfg.train.init_from else None
-    if tokenizer is None and base is not None:
-        tokenizer = base.tokenizer
+    base = _read_base(cfg) if cfg.train.init_from else None
+    if base is not None:  # the base's sizes, and its end-of-text token (an imported model's own)
+        tokenizer = base.tokenizer if tokenizer is None else tokenizer
+        tokens = cfg.tokenizer.model_copy(update={"eot": base.config.tokenizer.eot})
+        cfg = cfg.model_copy(update={"model": base.config.model, "tokenizer": tokens})
     tokenizer, data = main_first(lambda: prepare_corpus(cfg, tokenizer, log))
-    model_cfg = base.config.model if base is not None else cfg.model
-    cfg = cfg.model_copy(
-        update={"model": model_cfg.model_copy(update={"vocab_size": tokenizer.get_vocab_size()})}
-    )
+    if base is None:
+        model = cfg.model.model_copy(update={"vocab_size": tokenizer.get_vocab_size()})
+        cfg = cfg.model_copy(update={"model": model})
     seed_everything(cfg.train.seed)
     model = GPT(cfg.model)
     if base is not None:
@@ -76,6 +80,40 @@ def prepare_lm(cfg: LMConfig, tokenizer: Any = None) -> tuple[LMConfig, Any, Any
 
         model = add_lora(model, cfg.train.lora)
     return cfg, tokenizer, data, model, base
+
+
+def _check_base(cfg: LMConfig) -> None:
+    """ConfigError for an adapter-only LoRA run on a Hugging Face folder: the bundle would name a base
+    whose weights are not a largo bundle's."""
+    from largo.models.hf_lm import is_hf_folder
+
+    path, lora = cfg.train.init_from, cfg.train.lora
+    if path and is_hf_folder(path) and lora is not None and lora.save == "adapter":
+        raise ConfigError(
+            f"train.lora.save: adapter needs a largo LM bundle as its base; {path} is a Hugging Face "
+            f"folder: `largo import {path} --out DIR` first, or save: merged"
+        )
+
+
+def _read_base(cfg: LMConfig) -> Any:
+    """The bundle train.init_from names: a largo LM bundle, or a Hugging Face causal LM folder converted
+    in memory."""
+    from largo.deploy.generator import read_lm_bundle
+    from largo.models.hf_lm import import_hf_lm, is_hf_folder
+
+    _check_base(cfg)
+    path = cfg.train.init_from
+    return import_hf_lm(path) if is_hf_folder(path) else read_lm_bundle(path)
+
+
+def import_lm(folder: str | Path, out: str | Path, *, context: int | None = None) -> Path:
+    """Convert a local Hugging Face causal LM folder (Llama, Mistral or Qwen2 architecture, safetensors
+    weights, tokenizer.json) into an LM bundle at `out`, which generates, serves, exports and fine-tunes
+    like one `pretrain` wrote. `context`: the longest sequence it attends over (default: the model's,
+    at most 2048). Returns `out`."""
+    from largo.models.hf_lm import import_hf_lm, write_imported
+
+    return write_imported(import_hf_lm(folder, context, name=Path(out).parent.name or None), out)
 
 
 def _pretrain(cfg: LMConfig, resume: bool | str | Path) -> TrainResult:

@@ -559,6 +559,34 @@ def generate(
         typer.echo(gen.generate(prompt, max_new_tokens, **sampling))
 
 
+@app.command("import")
+@friendly
+def import_(
+    folder: Annotated[
+        str, typer.Argument(help="A Hugging Face causal LM folder (Llama, Mistral, Qwen2; safetensors).")
+    ],
+    out: Annotated[str, typer.Option("--out", "-o", help="The LM bundle folder to write.")],
+    context: Annotated[
+        int | None,
+        typer.Option(min=8, help="Longest sequence attended over (default: the model's, at most 2048)."),
+    ] = None,
+) -> None:
+    """Convert a local Hugging Face causal LM into an LM bundle: generate, serve, export, fine-tune (LoRA
+    too) and update it like one `largo pretrain` wrote. Nothing is downloaded."""
+    import json
+
+    path = api.import_lm(folder, out, context=context)
+    imported = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+    record = imported["imported"]
+    typer.echo(
+        f"imported {record['model_type']} ({imported['parameters']:,} parameters), "
+        f"context {record['context']} of {record['max_position_embeddings']}, end of text {record['eot']!r}"
+        + (", <pad> added" if record["pad_added"] else "")
+    )
+    typer.echo(f"bundle:  {path}")
+    typer.echo(f'try:     largo generate {path} "..."')
+
+
 @app.command("config")
 @friendly
 def show_config(

@@ -71,6 +71,12 @@ class CorpusConfig(StrictModel):
 class LMTokenizerConfig(StrictModel):
     """A byte-level BPE trained on a sample of the corpus (or an existing tokenizer.json)."""
 
+    eot: str = Field(
+        "<|endoftext|>",
+        min_length=1,
+        description="The token that ends every document and stops generation (an imported model's own).",
+    )
+
     vocab_size: int = Field(8192, ge=260, le=1 << 20, description="Vocabulary size, special tokens included.")
     sample_mb: float = Field(
         64.0,
@@ -81,6 +87,19 @@ class LMTokenizerConfig(StrictModel):
     path: str | None = Field(
         None, description="Use this tokenizer.json (e.g. an earlier run's) instead of training one."
     )
+
+
+class RopeScalingConfig(StrictModel):
+    """How RoPE's frequencies are stretched for a context longer than the one trained on: `linear`
+    divides every position by `factor`; `llama3` (Llama 3.1+) divides the low frequencies by `factor`,
+    keeps the high ones, and blends those between (wavelengths between original_context/low_freq_factor
+    and original_context/high_freq_factor)."""
+
+    kind: Literal["linear", "llama3"] = Field(..., description="linear or llama3.")
+    factor: float = Field(..., gt=0.0, description="How much longer the context is stretched.")
+    low_freq_factor: float = Field(1.0, gt=0.0, description="llama3: wavelengths beyond context/this scale.")
+    high_freq_factor: float = Field(4.0, gt=0.0, description="llama3: wavelengths below context/this stay.")
+    original_context: int = Field(8192, ge=1, description="llama3: the context the model was trained on.")
 
 
 class GPTConfig(StrictModel):
@@ -96,6 +115,16 @@ class GPTConfig(StrictModel):
     context: int = Field(256, ge=8, description="Longest sequence the model attends over, in tokens.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention output and MLP.")
     rope_theta: float = Field(10_000.0, gt=0.0, description="RoPE base frequency.")
+    rope_scaling: RopeScalingConfig | None = Field(
+        None, description="Stretch RoPE's frequencies (an imported Llama 3's llama3 rule), or null."
+    )
+    kv_heads: int | None = Field(
+        None, ge=1, description="Key/value heads (grouped-query attention); default: heads (one per head)."
+    )
+    qkv_bias: bool = Field(False, description="Biases on the query/key/value projection (Qwen2).")
+    proj_bias: bool = Field(False, description="A bias on the attention output projection.")
+    tie_embeddings: bool = Field(True, description="The output layer shares the token embedding's weights.")
+    norm_eps: float = Field(1e-5, gt=0.0, description="RMSNorm's epsilon.")
     vocab_size: int | None = Field(None, description="Filled in from the tokenizer; leave unset.")
 
     @model_validator(mode="before")
@@ -110,7 +139,14 @@ class GPTConfig(StrictModel):
     @model_validator(mode="after")
     def _heads_divide(self) -> GPTConfig:
         check_head_size(self.dim, self.heads)
+        if self.heads % self.key_value_heads:
+            raise ValueError(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
         return self
+
+    @property
+    def key_value_heads(self) -> int:
+        """Heads of keys and values (grouped-query attention when fewer than `heads`)."""
+        return self.kv_heads or self.heads
 
     @property
     def hidden(self) -> int:

@@ -40,7 +40,6 @@ from largo.data.readers import DataError, _resolve_encoding
 EOT = "<|endoftext|>"  # ends every document; generation stops on it
 PAD = "<pad>"  # pads fine-tuning batches (never a training target)
 IGNORE = -100  # a target id the loss skips: prompt tokens of a pairs corpus, padding (models.gpt uses it)
-LM_SPECIAL_TOKENS = [EOT, PAD]
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 CORPUS_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
 PIECE_CHARS = 4_000
@@ -202,13 +201,15 @@ def train_byte_bpe(
     text_field: str,
     encoding: str,
     prompt_field: str | None = None,
+    eot: str = EOT,
 ) -> Tokenizer:
-    """A byte-level BPE trained on a sample of the corpus, with EOT and PAD as its first ids."""
+    """A byte-level BPE trained on a sample of the corpus, with the end-of-text token (`eot`) and PAD
+    as its first ids."""
     tok = new_byte_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=LM_SPECIAL_TOKENS,
+        special_tokens=[eot, PAD],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -220,7 +221,10 @@ def special_id(tok: Tokenizer, token: str) -> int:
     """The id of a special token the LM tokenizer must have."""
     i = tok.token_to_id(token)
     if i is None:
-        raise DataError(f"the tokenizer has no {token} token; an LM tokenizer needs {LM_SPECIAL_TOKENS}")
+        raise DataError(
+            f"the tokenizer has no {token} token; an LM tokenizer needs its end-of-text token "
+            f"(tokenizer.eot, default {EOT}) and {PAD}"
+        )
     return i
 
 
@@ -262,8 +266,10 @@ def tokenize_corpus(
     text_field: str,
     encoding: str,
     prompt_field: str | None = None,
+    eot_token: str = EOT,
 ) -> dict[str, Any]:
-    """Tokenize every file into out_dir/{train,valid}.bin (EOT after each document); returns meta.json.
+    """Tokenize every file into out_dir/{train,valid}.bin (`eot_token` after each document); returns
+    meta.json.
 
     With `prompt_field`, every record is a prompt and a completion: the .bin files hold prompt +
     completion + EOT, and {train,valid}.mask (uint8) mark the completion tokens and the EOT as targets;
@@ -272,7 +278,7 @@ def tokenize_corpus(
     half-written cache entry.
     """
     dtype = token_dtype(tok.get_vocab_size())
-    eot = special_id(tok, EOT)
+    eot = special_id(tok, eot_token)
     pairs = prompt_field is not None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tokens-", dir=out_dir.parent))
@@ -378,19 +384,22 @@ def prepare_corpus(
         else:
             say(f"tokenizer: training a byte-level BPE of {t.vocab_size} on up to {t.sample_mb:g} MB")
             tokenizer = train_byte_bpe(
-                files, t.vocab_size, t.sample_mb, t.min_frequency, d.text_field, d.encoding, d.prompt_field
-            )
+                files, t.vocab_size, t.sample_mb, t.min_frequency, d.text_field, d.encoding, d.prompt_field,
+                t.eot,
+            )  # fmt: skip
             tdir.mkdir(parents=True, exist_ok=True)
             tokenizer.save(str(tdir / "tokenizer.json"))
-    for token in LM_SPECIAL_TOKENS:
+    eot = cfg.tokenizer.eot
+    for token in (eot, PAD):
         special_id(tokenizer, token)
     tok_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
-    folder = cfg.cache_dir / "tokens" / _key(fp, tok_hash, *_fields(d), repr(d.valid))
+    named = () if eot == EOT else (eot,)  # the default leaves the keys of earlier caches as they were
+    folder = cfg.cache_dir / "tokens" / _key(fp, tok_hash, *_fields(d), repr(d.valid), *named)
     if (folder / "meta.json").exists():
         say(f"token files: reused {folder}")
     else:
         say(f"token files: tokenizing {len(files)} file(s) into {folder}")
-        tokenize_corpus(files, tokenizer, folder, d.valid, d.text_field, d.encoding, d.prompt_field)
+        tokenize_corpus(files, tokenizer, folder, d.valid, d.text_field, d.encoding, d.prompt_field, eot)
     data = open_tokens(folder)
     if len(data.train) <= cfg.model.context:
         raise DataError(

@@ -68,8 +68,8 @@ LM_BENCH_ROWS = (1, 8)  # rows decoded together in the benchmark: one client, an
 
 class GraphCache:
     """What `GPT.hidden` asks of a cache (`rope`, `attention`, `advance`), as graph tensors: each layer's
-    past keys (transposed, [b, heads, head_dim, past]) and values ([b, heads, past, head_dim]) come in as
-    inputs and are only read, never copied: attention scores the past and the new tokens apart and
+    past keys (transposed, [b, kv_heads, head_dim, past]) and values ([b, kv_heads, past, head_dim])
+    come in as inputs and are only read, never copied: attention scores the past and the new tokens apart and
     softmaxes them together, and only the new tokens' keys and values go out (the caller stores them)."""
 
     def __init__(
@@ -96,13 +96,18 @@ class GraphCache:
         """softmax(q·[past; new]ᵀ / √d, masked) · [past; new] without concatenating the past."""
         self.new_k.append(k)
         self.new_v.append(v)
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        b, heads, t, d = q.shape
+        group = heads // k.shape[1]  # query heads per key/value head (grouped-query attention)
+        mask = self.mask if group == 1 else self.mask.repeat(1, 1, group, 1)
+        q = q.reshape(b, k.shape[1], group * t, d)  # a key head's queries, its group's heads in a row
+        scale = 1.0 / math.sqrt(d)
         past_kt, past_v = self.past_k[layer], self.past_v[layer]
-        scores = torch.cat([q @ past_kt, q @ k.transpose(-1, -2)], dim=-1) * scale  # [b, h, t, past + t]
-        scores = scores.masked_fill(~self.mask, torch.finfo(scores.dtype).min)
+        scores = torch.cat([q @ past_kt, q @ k.transpose(-1, -2)], dim=-1) * scale  # [b, kvh, g·t, past + t]
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         weights = scores.softmax(-1)
         past = past_v.shape[2]
-        return weights[..., :past] @ past_v + weights[..., past:] @ v
+        out = weights[..., :past] @ past_v + weights[..., past:] @ v
+        return out.reshape(b, heads, t, d)
 
     def advance(self, t: int) -> None:
         pass
@@ -152,8 +157,8 @@ def export_lm_onnx(model: GPT, path: Path) -> None:
         torch.arange(past, past + t).repeat(b, 1),
         torch.ones(b, past, dtype=torch.long),
         torch.tensor([t - 1]),
-        *(torch.zeros(b, c.heads, head_dim, past) for _ in keys),
-        *(torch.zeros(b, c.heads, past, head_dim) for _ in values),
+        *(torch.zeros(b, c.key_value_heads, head_dim, past) for _ in keys),
+        *(torch.zeros(b, c.key_value_heads, past, head_dim) for _ in values),
     )
     axes = {"input_ids": {0: "batch", 1: "new"}, "position_ids": {0: "batch", 1: "new"}}
     axes |= {"attention_mask": {0: "batch", 1: "past"}, "logits": {0: "batch", 1: "wanted"}}

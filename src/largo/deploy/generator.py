@@ -24,7 +24,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tokenizers import Tokenizer
 
 from largo.config_lm import LMConfig, dump_lm_config, validate_lm_config
-from largo.data.corpus import EOT, special_id
+from largo.data.corpus import special_id
 from largo.deploy.lm_text import LMText, check_sampling
 from largo.deploy.metadata import (
     ADAPTER_RECORD,
@@ -191,7 +191,7 @@ class TextGenerator(LMText):
         if precision == "bf16":
             self.model = self.model.to(torch.bfloat16)
         self.precision = precision
-        self.eot = special_id(self.tokenizer, EOT)
+        self.eot = special_id(self.tokenizer, self.config.tokenizer.eot)
 
     @classmethod
     def load(cls, path: str | Path, **kwargs: Any) -> TextGenerator:

@@ -37,7 +37,6 @@ LM_INT8_FILE = "model.int8.onnx"
 LM_ONNX_RUNTIMES = {"onnx": LM_ONNX_FILE, "onnx-int8": LM_INT8_FILE}
 LM_INPUTS = ("input_ids", "position_ids", "attention_mask", "logits_index")  # then the past, per layer
 OUTPUTS = ("logits", "new_key", "new_value")  # new keys and values: [layers, b, heads, new, head_dim]
-EOT = "<|endoftext|>"  # data.corpus.EOT (which imports torch)
 MIN_TEMPERATURE = 1e-4  # models.layers.MIN_TEMPERATURE
 
 
@@ -391,9 +390,9 @@ class OnnxTextGenerator(LMText):
             )
         self.config = read_task_config(self.path, "lm", validate_lm_config)
         self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
-        eot = self.tokenizer.token_to_id(EOT)
+        eot = self.tokenizer.token_to_id(self.config.tokenizer.eot)
         if eot is None:
-            raise BundleError(f"{self.path}: the tokenizer has no {EOT} token")
+            raise BundleError(f"{self.path}: the tokenizer has no {self.config.tokenizer.eot} token")
         self.eot, self.runtime, self.device = eot, runtime, "cpu"
         self.lm = OnnxLM(self.path / file, threads)
         self.metrics = read_json(self.path / "metrics.json")

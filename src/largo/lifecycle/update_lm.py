@@ -135,15 +135,15 @@ def completion_windows(
 
 @torch.no_grad()
 def completion_loss(
-    model: GPT, tokenizer: Tokenizer, texts: list[dict[str, Any]], batch: int = 16
+    model: GPT, tokenizer: Tokenizer, texts: list[dict[str, Any]], batch: int = 16, eot: str = EOT
 ) -> dict[str, Any] | None:
     """Mean token loss of the texts' completions given their prompts, every completion token scored
     once (a text longer than the context in overlapping windows: `completion_windows`); None without a
     completion token. Prompt and completion are encoded apart, as generation sees them."""
-    context, eot = model.cfg.context, special_id(tokenizer, EOT)
+    context, eot_id = model.cfg.context, special_id(tokenizer, eot)
     rows, texts_scored = [], 0
     for t in texts:
-        prompt = tokenizer.encode(t["prompt"], add_special_tokens=False).ids or [eot]
+        prompt = tokenizer.encode(t["prompt"], add_special_tokens=False).ids or [eot_id]
         completion = tokenizer.encode(t["completion"], add_special_tokens=False).ids
         if completion:
             rows += completion_windows(prompt, completion, context)
@@ -186,7 +186,7 @@ def score(
     model.float()
     return {
         "test": stream_loss(model, *stream, config),
-        "feedback": completion_loss(model, tokenizer, held_out),
+        "feedback": completion_loss(model, tokenizer, held_out, eot=config.tokenizer.eot),
     }
 
 

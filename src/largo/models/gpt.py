@@ -35,9 +35,9 @@ from largo.models.prefill import PromptReader
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.norm1 = nn.RMSNorm(cfg.dim, eps=1e-5)
-        self.attn = SelfAttention(cfg.dim, cfg.heads, cfg.dropout)
-        self.norm2 = nn.RMSNorm(cfg.dim, eps=1e-5)
+        self.norm1 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = SelfAttention(cfg.dim, cfg.heads, cfg.dropout, cfg.kv_heads, cfg.qkv_bias, cfg.proj_bias)
+        self.norm2 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -60,10 +60,11 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
-        self.norm = nn.RMSNorm(cfg.dim, eps=1e-5)
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.head.weight = self.embed.weight  # tied input and output embeddings
-        cos, sin = rope_tables(cfg.dim // cfg.heads, cfg.context, cfg.rope_theta)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight  # tied input and output embeddings
+        cos, sin = rope_tables(cfg.dim // cfg.heads, cfg.context, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.own_init = True
@@ -73,6 +74,8 @@ class GPT(nn.Module):
         """GPT-2's init: N(0, 0.02), residual projections scaled down by sqrt(2·layers)."""
         for name, p in self.named_parameters():
             if p.ndim < 2:
+                if name.endswith("bias"):
+                    nn.init.zeros_(p)
                 continue  # norm scales stay 1
             std = (
                 0.02 / math.sqrt(2 * self.cfg.layers) if name.endswith(("proj.weight", "w2.weight")) else 0.02
@@ -80,7 +83,7 @@ class GPT(nn.Module):
             nn.init.normal_(p, 0.0, std)
 
     def num_parameters(self) -> int:
-        """Trainable parameter count (the tied embedding once)."""
+        """Parameter count (a tied embedding once)."""
         return sum(p.numel() for p in self.parameters())
 
     def hidden(self, ids: torch.Tensor, cache: KVCache | SlotKVCache | None = None) -> torch.Tensor:
@@ -122,7 +125,7 @@ class GPT(nn.Module):
         """An empty KV cache for `batch` sequences of up to `length` tokens (default: the context)."""
         like = like if like is not None else self.embed.weight
         c = self.cfg
-        return KVCache(c.layers, batch, c.heads, length or c.context, c.dim // c.heads, like)
+        return KVCache(c.layers, batch, c.key_value_heads, length or c.context, c.dim // c.heads, like)
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all: ~4% faster per token than no_grad on a CPU
@@ -176,7 +179,8 @@ class GPTRows(DecodeRows):
     def __init__(self, model: GPT, slots: int):
         self.model = model.eval()
         c = model.cfg
-        self.cache = SlotKVCache(c.layers, slots, c.heads, c.context, c.dim // c.heads, model.embed.weight)
+        head_dim, like = c.dim // c.heads, model.embed.weight
+        self.cache = SlotKVCache(c.layers, slots, c.key_value_heads, c.context, head_dim, like)
         self.caches, self.limit, self.slots = (self.cache,), c.context, slots
 
     def add(self, ids: list[int]) -> torch.Tensor:

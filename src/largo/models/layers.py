@@ -4,6 +4,7 @@ Transformer parts of the GPT and the encoder-decoder (RoPE, SwiGLU)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -117,11 +118,32 @@ def masked_pool(x: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tens
     raise ValueError(f"unknown pooling {pooling!r}; allowed: mean, max, mean_max")
 
 
-def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of RoPE's rotation angles → two [length, head_dim / 2] tables."""
+def rope_tables(
+    head_dim: int, length: int, theta: float, scaling: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE's rotation angles → two [length, head_dim / 2] tables; `scaling` (a
+    `RopeScalingConfig`) stretches the frequencies as the model was trained with."""
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling is not None:
+        inv = scaled_frequencies(inv, scaling)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv)
     return angles.cos(), angles.sin()
+
+
+def scaled_frequencies(inv: torch.Tensor, scaling: Any) -> torch.Tensor:
+    """RoPE's inverse frequencies under `linear` (all divided by factor) or `llama3` scaling: wavelengths
+    longer than original_context / low_freq_factor are divided by factor, those shorter than
+    original_context / high_freq_factor kept, and those between blended smoothly."""
+    if scaling.kind == "linear":
+        return inv / scaling.factor
+    wavelength = 2 * math.pi / inv
+    low = scaling.original_context / scaling.low_freq_factor  # wavelengths beyond: scaled
+    high = scaling.original_context / scaling.high_freq_factor  # wavelengths below: kept
+    smooth = (scaling.original_context / wavelength - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * inv / scaling.factor + smooth * inv
+    return torch.where(wavelength > low, inv / scaling.factor, torch.where(wavelength < high, inv, blended))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -420,11 +442,20 @@ class SelfAttention(nn.Module):
     boolean `mask` of the keys each query may see, or causal; with a `KVCache` it attends over the
     cached positions too (GPT generation, the seq2seq decoder)."""
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dropout: float = 0.0,
+        kv_heads: int | None = None,
+        qkv_bias: bool = False,
+        proj_bias: bool = False,
+    ):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.kv_heads = kv_heads or heads  # fewer: grouped-query attention, heads/kv_heads queries per key
+        self.qkv = nn.Linear(dim, dim + 2 * self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.dropout = dropout
 
     def forward(
@@ -438,13 +469,22 @@ class SelfAttention(nn.Module):
         layer: int = 0,
     ) -> torch.Tensor:
         b, t, c = x.shape  # batch, time, channels
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [b, h, t, d]
+        h, kvh, d = self.heads, self.kv_heads, self.head_dim
+        if kvh == h:
+            q, k, v = self.qkv(x).view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)  # [b, h, t, d]
+        else:  # [b, h, t, d] queries, [b, kvh, t, d] keys and values
+            q, k, v = (
+                part.view(b, t, -1, d).transpose(1, 2)
+                for part in self.qkv(x).split([c, kvh * d, kvh * d], -1)
+            )
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None and hasattr(cache, "attention"):  # the ONNX export's: past read, not copied
             y = cache.attention(layer, q, k, v)
         else:
             if cache is not None:
                 k, v, mask, causal = cache.attend(layer, k, v, mask, causal)
+            if kvh != h:  # each key/value head serves heads/kvh query heads in a row
+                k, v = k.repeat_interleave(h // kvh, 1), v.repeat_interleave(h // kvh, 1)
             drop = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
         return self.proj(y.transpose(1, 2).reshape(b, t, c))

@@ -1,0 +1,226 @@
+"""A local Hugging Face causal LM (Llama, Qwen2, Mistral) converts into a largo GPT that computes what
+transformers computes, writes as an LM bundle, generates, exports to ONNX and fine-tunes with LoRA.
+
+The folders are tiny random models made here with transformers (no download), with grouped-query
+attention, biases, an untied head and Llama 3's RoPE scaling, and norms moved off 1 so a mis-mapped
+tensor shows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tokenizers import pre_tokenizers, trainers
+from typer.testing import CliRunner
+
+import largo
+from largo.cli import app
+from largo.data.corpus import PAD, new_byte_bpe
+from largo.deploy.generator import TextGenerator
+from largo.deploy.metadata import BundleError
+from largo.models.hf_lm import import_hf_lm
+from tests.lm_corpus import write_corpus
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+COMMON = {
+    "vocab_size": 320,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+}
+FAMILIES = {
+    "llama": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        {
+            "tie_word_embeddings": False,
+            "attention_bias": True,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,  # shorter than the test's text: the scaling acts
+            },
+        },
+    ),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"tie_word_embeddings": True}),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
+}
+TEXT = "the cat sat on the mat 今天天气很好 and the dog ran to the park " * 3
+
+
+def make_folder(folder: Path, family: str, corpus: Path) -> Path:
+    """A random `family` model saved as transformers saves one, with a byte-level BPE trained on the
+    test corpus as its tokenizer.json (ids 0, 1: <s>, </s>)."""
+    config_cls, model_cls, extra = FAMILIES[family]
+    tok = new_byte_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=COMMON["vocab_size"],
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus.read_text(encoding="utf-8").splitlines(), trainer)
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**COMMON, **extra))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:  # norm scales and biases off their init
+                p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"), lines=600)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    return {family: make_folder(root / family, family, corpus) for family in FAMILIES}
+
+
+def hf_model(folder: Path) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_converted_model_computes_the_logits_transformers_computes(folders, family):
+    bundle = import_hf_lm(folders[family])
+    cfg = bundle.config.model
+    assert cfg.kv_heads == 2 and cfg.tie_embeddings == (family == "qwen2")
+    assert cfg.qkv_bias == (family != "mistral") and cfg.proj_bias == (family == "llama")
+    assert (cfg.rope_scaling is not None) == (family == "llama")
+    ids = torch.tensor([bundle.tokenizer.encode(TEXT, add_special_tokens=False).ids])
+    assert ids.shape[1] > 40
+    with torch.no_grad():
+        want = hf_model(folders[family])(ids).logits
+        got = bundle.model(ids)
+    vocab = COMMON["vocab_size"]
+    torch.testing.assert_close(got[..., :vocab], want, atol=1e-4, rtol=0)
+    assert got.shape[-1] == vocab + 1  # <pad> added after the model's rows, with a zero output row
+    assert bundle.tokenizer.token_to_id(PAD) == vocab and torch.all(got[..., vocab] == 0)
+
+
+def test_llama3_rope_scaling_is_applied(folders):
+    """The parity above needs the scaled frequencies: without them the logits differ."""
+    from largo.models.gpt import GPT
+
+    bundle = import_hf_lm(folders["llama"])
+    plain = GPT(bundle.config.model.model_copy(update={"rope_scaling": None}))
+    plain.load_state_dict(bundle.model.state_dict())
+    ids = torch.tensor([bundle.tokenizer.encode(TEXT, add_special_tokens=False).ids])
+    with torch.no_grad():
+        assert (plain.eval()(ids) - bundle.model(ids)).abs().max() > 1e-4
+
+
+def test_cached_greedy_generation_matches_transformers_generate(folders):
+    folder = folders["llama"]
+    gen = TextGenerator(import_hf_lm(folder))
+    assert gen.eot == 1  # the model's own end-of-text token (</s>), from generation_config.json
+    prompt = gen.encode("the cat sat")
+    ours = list(gen.stream_ids("the cat sat", 24, temperature=0, stop_at_eot=False))
+    with torch.no_grad():
+        theirs = hf_model(folder).generate(
+            torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    assert ours == theirs[0, len(prompt) :].tolist()
+
+
+def test_largo_import_writes_a_bundle_that_generates_and_exports(folders, tmp_path, corpus):
+    out = tmp_path / "runs" / "qwen" / "v1"
+    result = CliRunner().invoke(app, ["import", str(folders["qwen2"]), "--out", str(out), "--context", "128"])
+    assert result.exit_code == 0, result.output
+    assert "imported qwen2" in result.output and "context 128 of 256" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["imported"]["eot"] == "</s>" and metrics["imported"]["pad_added"] is True
+    loaded = largo.load(out)  # from the bundle alone: safetensors and tokenizer.json
+    direct = TextGenerator(import_hf_lm(folders["qwen2"], context=128))
+    sampling = {"temperature": 0.9, "top_k": 20, "seed": 3}
+    assert loaded.generate("the dog", 30, **sampling) == direct.generate("the dog", 30, **sampling)
+    assert loaded.context == 128
+    again = CliRunner().invoke(app, ["import", str(folders["qwen2"]), "--out", str(out)])
+    assert again.exit_code == 2 and "already holds a bundle" in again.output
+
+    # the grouped-query graph exports, and its parity check passes on held-out text
+    record = largo.export(out, format="onnx", data=corpus)["formats"]["onnx"]
+    assert record["parity"]["passed"], record
+    for way in ("whole", "cached", "rows"):
+        assert record["parity"][way]["max_abs_diff"] < 1e-4
+    onnx = largo.load(out, runtime="onnx")
+    assert onnx.generate("the dog", 30, temperature=0) == loaded.generate("the dog", 30, temperature=0)
+
+
+def test_what_does_not_convert_is_named(folders, tmp_path):
+    bad = tmp_path / "gpt2"
+    shutil.copytree(folders["mistral"], bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(BundleError, match="model_type 'gpt2' does not convert; supported: llama, mistral"):
+        import_hf_lm(bad)
+    (bad / "config.json").write_text(json.dumps(config))
+    (bad / "model.safetensors").rename(bad / "pytorch_model.bin")
+    with pytest.raises(BundleError, match="only pickled weights"):
+        import_hf_lm(bad)
+    with pytest.raises(BundleError, match="context 4096 exceeds the model's 256 positions"):
+        import_hf_lm(folders["mistral"], context=4096)
+    (bad / "config.json").write_text(
+        json.dumps({**config, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+    )
+    with pytest.raises(BundleError, match="RoPE scaling 'yarn' is not supported"):
+        import_hf_lm(bad)
+
+
+def _fine_tune(folder: Path, runs: Path, corpus: Path, **train: object) -> dict:
+    return {
+        "name": "tuned",
+        "runs_dir": str(runs),
+        "data": {"paths": [str(corpus)], "valid": 0.25},
+        "train": {
+            "steps": 30,
+            "micro_batch": 8,
+            "eval_every": 10,
+            "progress": False,
+            "precision": "fp32",
+            "init_from": str(folder),
+            **train,
+        },
+    }
+
+
+def test_init_from_a_hugging_face_folder_fine_tunes_it(folders, tmp_path, corpus):
+    result = largo.pretrain(_fine_tune(folders["mistral"], tmp_path / "runs", corpus, optimizer={"lr": 3e-3}))
+    history = [r["valid.loss"] for r in result.metrics["history"] if "valid.loss" in r]
+    assert len(history) == 3 and history[-1] < 0.8 * history[0]  # measured: 4.0 → 2.9 nats
+    tuned = largo.load(result.path)
+    assert tuned.eot == 1 and tuned.config.tokenizer.eot == "</s>"  # the base's end of text kept
+    assert tuned.config.model.kv_heads == 2 and tuned.config.model.tie_embeddings is False
+
+
+def test_lora_on_a_hugging_face_folder_changes_only_the_adapted_layers(folders, tmp_path, corpus):
+    pytest.importorskip("peft")
+    lora = {"rank": 4, "alpha": 8, "targets": ["qkv", "proj"], "save": "merged"}
+    config = _fine_tune(folders["llama"], tmp_path / "runs", corpus, steps=10, lora=lora)
+    tuned = largo.load(largo.pretrain(config).path)
+    base = import_hf_lm(folders["llama"])
+    ours = tuned.model.state_dict()
+    changed = {k for k, v in base.model.state_dict().items() if not torch.equal(v, ours[k])}
+    assert changed == {f"blocks.{i}.attn.{p}.weight" for i in range(2) for p in ("qkv", "proj")}
+    adapter = {**config, "train": {**config["train"], "lora": {**lora, "save": "adapter"}}}
+    with pytest.raises(largo.ConfigError, match="adapter needs a largo LM bundle"):
+        largo.pretrain(adapter)
+    assert sorted(p.name for p in (tmp_path / "runs" / "tuned").iterdir()) == ["v1"]  # no empty v2 left
