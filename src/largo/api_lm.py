@@ -63,9 +63,10 @@ def prepare_lm(cfg: LMConfig, tokenizer: Any = None) -> tuple[LMConfig, Any, Any
     from largo.models.gpt import GPT
 
     base = _read_base(cfg) if cfg.train.init_from else None
-    if base is not None:  # the base's sizes, and its end-of-text token (an imported model's own)
+    if base is not None:  # the base's sizes, and its special tokens (an imported model's own)
         tokenizer = base.tokenizer if tokenizer is None else tokenizer
-        tokens = cfg.tokenizer.model_copy(update={"eot": base.config.tokenizer.eot})
+        named = base.config.tokenizer
+        tokens = cfg.tokenizer.model_copy(update={"eot": named.eot, "bos": named.bos})
         cfg = cfg.model_copy(update={"model": base.config.model, "tokenizer": tokens})
     tokenizer, data = main_first(lambda: prepare_corpus(cfg, tokenizer, log))
     if base is None:

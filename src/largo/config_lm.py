@@ -76,6 +76,12 @@ class LMTokenizerConfig(StrictModel):
         min_length=1,
         description="The token that ends every document and stops generation (an imported model's own).",
     )
+    bos: str | None = Field(
+        None,
+        min_length=1,
+        description="A token put before every document and prompt (an imported model's, when its "
+        "tokenizer adds one), or null.",
+    )
 
     vocab_size: int = Field(8192, ge=260, le=1 << 20, description="Vocabulary size, special tokens included.")
     sample_mb: float = Field(

@@ -90,6 +90,27 @@ def test_token_files_round_trip_the_corpus(tmp_path):
     assert (train == 0).sum() + (valid == 0).sum() == 1  # one document: one end-of-text token
 
 
+def test_a_named_bos_token_starts_every_document_and_pair(tmp_path):
+    corpus = write_corpus(tmp_path, lines=300)
+    tok = train_byte_bpe([corpus], 300, 1.0, 2, "text", "auto")
+    tok.add_special_tokens(["<s>"])
+    bos = tok.token_to_id("<s>")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"the cat {i}", "q": f"q{i}"}) + "\n" for i in range(6)))
+    tokenize_corpus([docs, corpus], tok, tmp_path / "t", 0.0, "text", "auto", None, EOT, "<s>")
+    ids = np.fromfile(tmp_path / "t" / "train.bin", dtype=np.uint16).tolist()
+    # six records and the .txt file (one document however many pieces): seven documents
+    assert ids.count(bos) == 7 == ids.count(tok.token_to_id(EOT))
+    ends = [i for i, t in enumerate(ids) if t == tok.token_to_id(EOT)]
+    assert ids[0] == bos and tok.decode(ids[1 : ends[0]]) == "the cat 0"
+    assert all(ids[i + 1] == bos for i in ends[:-1])  # each next document starts with it
+    meta = tokenize_corpus([docs], tok, tmp_path / "p", 0.0, "text", "auto", "q", EOT, "<s>")
+    pairs = np.fromfile(tmp_path / "p" / "train.bin", dtype=np.uint16).tolist()
+    mask = np.fromfile(tmp_path / "p" / "train.mask", dtype=np.uint8).tolist()
+    assert pairs[0] == bos and mask[0] == 0  # context, never a target
+    assert pairs.count(bos) == 6 and meta["train_targets"] == sum(mask)
+
+
 def _config(corpus, runs):
     return validate_lm_config(
         {

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tokenizers import pre_tokenizers, trainers
+from tokenizers import pre_tokenizers, processors, trainers
 from typer.testing import CliRunner
 
 import largo
@@ -62,7 +62,7 @@ TEXT = "the cat sat on the mat 今天天气很好 and the dog ran to the park " 
 
 def make_folder(folder: Path, family: str, corpus: Path) -> Path:
     """A random `family` model saved as transformers saves one, with a byte-level BPE trained on the
-    test corpus as its tokenizer.json (ids 0, 1: <s>, </s>)."""
+    test corpus as its tokenizer.json (ids 0, 1: <s>, </s>; Llama's adds <s> before a text)."""
     config_cls, model_cls, extra = FAMILIES[family]
     tok = new_byte_bpe()
     trainer = trainers.BpeTrainer(
@@ -72,6 +72,8 @@ def make_folder(folder: Path, family: str, corpus: Path) -> Path:
         show_progress=False,
     )
     tok.train_from_iterator(corpus.read_text(encoding="utf-8").splitlines(), trainer)
+    if family == "llama":  # Llama's tokenizer puts <s> first when asked for special tokens
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     torch.manual_seed(0)
     model = model_cls(config_cls(**COMMON, **extra))
     with torch.no_grad():
@@ -103,6 +105,7 @@ def test_the_converted_model_computes_the_logits_transformers_computes(folders, 
     bundle = import_hf_lm(folders[family])
     cfg = bundle.config.model
     assert cfg.kv_heads == 2 and cfg.tie_embeddings == (family == "qwen2")
+    assert bundle.config.tokenizer.bos == ("<s>" if family == "llama" else None)
     assert cfg.qkv_bias == (family != "mistral") and cfg.proj_bias == (family == "llama")
     assert (cfg.rope_scaling is not None) == (family == "llama")
     ids = torch.tensor([bundle.tokenizer.encode(TEXT, add_special_tokens=False).ids])
@@ -132,11 +135,20 @@ def test_cached_greedy_generation_matches_transformers_generate(folders):
     folder = folders["llama"]
     gen = TextGenerator(import_hf_lm(folder))
     assert gen.eot == 1  # the model's own end-of-text token (</s>), from generation_config.json
+    assert gen.config.tokenizer.bos == "<s>" and gen.bos == 0  # its tokenizer's post-processor adds it
     prompt = gen.encode("the cat sat")
+    assert prompt[0] == 0 and prompt[1:] == gen.tokenizer.encode("the cat sat", add_special_tokens=False).ids
+    long = gen.prompt_ids("the cat sat " * 200)  # cut to the context, <s> kept first
+    assert (
+        len(long) == gen.context - 1
+        and long[0] == 0
+        and long[1:] == gen.encode("the cat sat " * 200)[-len(long) + 1 :]
+    )
     ours = list(gen.stream_ids("the cat sat", 24, temperature=0, stop_at_eot=False))
     with torch.no_grad():
+        ids = torch.tensor([prompt])
         theirs = hf_model(folder).generate(
-            torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, eos_token_id=None
         )
     assert ours == theirs[0, len(prompt) :].tolist()
 

@@ -267,9 +267,10 @@ def tokenize_corpus(
     encoding: str,
     prompt_field: str | None = None,
     eot_token: str = EOT,
+    bos_token: str | None = None,
 ) -> dict[str, Any]:
-    """Tokenize every file into out_dir/{train,valid}.bin (`eot_token` after each document); returns
-    meta.json.
+    """Tokenize every file into out_dir/{train,valid}.bin (`eot_token` after each document, `bos_token`
+    before it when given); returns meta.json.
 
     With `prompt_field`, every record is a prompt and a completion: the .bin files hold prompt +
     completion + EOT, and {train,valid}.mask (uint8) mark the completion tokens and the EOT as targets;
@@ -279,6 +280,7 @@ def tokenize_corpus(
     """
     dtype = token_dtype(tok.get_vocab_size())
     eot = special_id(tok, eot_token)
+    bos = [] if bos_token is None else [special_id(tok, bos_token)]
     pairs = prompt_field is not None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tokens-", dir=out_dir.parent))
@@ -292,17 +294,20 @@ def tokenize_corpus(
             out = {"train": handles[0], "valid": handles[1]}
             masks = {"train": handles[2], "valid": handles[3]} if pairs else {}
             index = 0
-            batch: list[tuple[str, str, bool, bool]] = []  # (prompt, text, ends a document, held out)
+            # (prompt, text, starts a document, ends one, held out)
+            batch: list[tuple[str, str, bool, bool, bool]] = []
 
             def flush() -> None:
-                texts = tok.encode_batch([text for _, text, _, _ in batch], add_special_tokens=False)
+                texts = tok.encode_batch([piece[1] for piece in batch], add_special_tokens=False)
                 prompts = (
-                    tok.encode_batch([p for p, _, _, _ in batch], add_special_tokens=False) if pairs else None
+                    tok.encode_batch([piece[0] for piece in batch], add_special_tokens=False)
+                    if pairs
+                    else None
                 )
-                for k, ((_, text, ends, held_out), e) in enumerate(zip(batch, texts, strict=True)):
+                for k, ((_, text, starts, ends, held_out), e) in enumerate(zip(batch, texts, strict=True)):
                     split = "valid" if held_out else "train"
-                    context = prompts[k].ids if prompts is not None else []
-                    ids = context + e.ids + [eot] if ends else e.ids
+                    context = (bos if starts else []) + (prompts[k].ids if prompts is not None else [])
+                    ids = context + e.ids + ([eot] if ends else [])
                     out[split].write(np.asarray(ids, dtype=dtype).tobytes())
                     counts[f"{split}_tokens"] += len(ids)
                     counts[f"{split}_chars"] += len(text)
@@ -318,9 +323,10 @@ def tokenize_corpus(
                     )
                 else:
                     pieces = (("", t, ends) for t, ends in iter_pieces(path, text_field, encoding))
+                starts = True  # a file starts a document; so does the piece after one that ends
                 for prompt, text, ends in pieces:
-                    batch.append((prompt, text, ends, _is_valid_piece(index, valid)))
-                    index += 1
+                    batch.append((prompt, text, starts, ends, _is_valid_piece(index, valid)))
+                    index, starts = index + 1, ends
                     if len(batch) >= ENCODE_BATCH:
                         flush()
             flush()
@@ -389,17 +395,18 @@ def prepare_corpus(
             )  # fmt: skip
             tdir.mkdir(parents=True, exist_ok=True)
             tokenizer.save(str(tdir / "tokenizer.json"))
-    eot = cfg.tokenizer.eot
-    for token in (eot, PAD):
+    eot, bos = cfg.tokenizer.eot, cfg.tokenizer.bos
+    for token in (eot, PAD, *([bos] if bos else [])):
         special_id(tokenizer, token)
     tok_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
-    named = () if eot == EOT else (eot,)  # the default leaves the keys of earlier caches as they were
+    # the defaults leave the keys of earlier caches as they were
+    named = (() if eot == EOT else (eot,)) + (() if bos is None else ("bos", bos))
     folder = cfg.cache_dir / "tokens" / _key(fp, tok_hash, *_fields(d), repr(d.valid), *named)
     if (folder / "meta.json").exists():
         say(f"token files: reused {folder}")
     else:
         say(f"token files: tokenizing {len(files)} file(s) into {folder}")
-        tokenize_corpus(files, tokenizer, folder, d.valid, d.text_field, d.encoding, d.prompt_field, eot)
+        tokenize_corpus(files, tokenizer, folder, d.valid, d.text_field, d.encoding, d.prompt_field, eot, bos)
     data = open_tokens(folder)
     if len(data.train) <= cfg.model.context:
         raise DataError(

@@ -24,7 +24,6 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tokenizers import Tokenizer
 
 from largo.config_lm import LMConfig, dump_lm_config, validate_lm_config
-from largo.data.corpus import special_id
 from largo.deploy.lm_text import LMText, check_sampling
 from largo.deploy.metadata import (
     ADAPTER_RECORD,
@@ -191,7 +190,7 @@ class TextGenerator(LMText):
         if precision == "bf16":
             self.model = self.model.to(torch.bfloat16)
         self.precision = precision
-        self.eot = special_id(self.tokenizer, self.config.tokenizer.eot)
+        self.read_special_ids(self.path)
 
     @classmethod
     def load(cls, path: str | Path, **kwargs: Any) -> TextGenerator:
@@ -215,7 +214,7 @@ class TextGenerator(LMText):
     ) -> Iterator[int]:
         """Yield generated token ids one at a time (see `stream` for the arguments)."""
         check_sampling(max_new_tokens, top_k, top_p)
-        prompt_ids = torch.tensor([self.encode(prompt)], device=self.device)
+        prompt_ids = torch.tensor([self.prompt_ids(prompt)], device=self.device)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(0 if seed is None else seed)
         for nxt in generate_ids(  # in the weights' dtype: no autocast

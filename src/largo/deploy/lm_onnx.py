@@ -390,10 +390,8 @@ class OnnxTextGenerator(LMText):
             )
         self.config = read_task_config(self.path, "lm", validate_lm_config)
         self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
-        eot = self.tokenizer.token_to_id(self.config.tokenizer.eot)
-        if eot is None:
-            raise BundleError(f"{self.path}: the tokenizer has no {self.config.tokenizer.eot} token")
-        self.eot, self.runtime, self.device = eot, runtime, "cpu"
+        self.read_special_ids(self.path)
+        self.runtime, self.device = runtime, "cpu"
         self.lm = OnnxLM(self.path / file, threads)
         self.metrics = read_json(self.path / "metrics.json")
 

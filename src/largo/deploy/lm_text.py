@@ -12,6 +12,8 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from largo.deploy.metadata import BundleError
+
 Sampling = tuple[float, int | None, float | None]  # (temperature, top_k, top_p) of one generation
 
 
@@ -86,8 +88,23 @@ class LMText:
 
     tokenizer: Tokenizer
     eot: int
+    bos: int | None = None  # put before every prompt (an imported model that reads one)
     config: Any
     default_temperature = 0.8  # what a served request that names no temperature gets
+
+    def read_special_ids(self, where: object) -> None:
+        """`eot` and `bos`: the ids of the tokens config.tokenizer names; BundleError naming `where`
+        (the bundle) when the tokenizer lacks one."""
+
+        def find(token: str) -> int:
+            found = self.tokenizer.token_to_id(token)
+            if found is None:
+                raise BundleError(f"{where}: the tokenizer has no {token} token")
+            return found
+
+        named = self.config.tokenizer
+        self.eot = find(named.eot)
+        self.bos = None if named.bos is None else find(named.bos)
 
     @property
     def context(self) -> int:
@@ -95,21 +112,28 @@ class LMText:
         return self.config.model.context
 
     def encode(self, prompt: str) -> list[int]:
-        """A prompt's token ids (an empty prompt starts from the end-of-text token)."""
+        """A prompt's token ids, after the beginning-of-text token when the model reads one (else an
+        empty prompt starts from the end-of-text token)."""
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        if self.bos is not None:
+            return [self.bos, *ids]
         return ids or [self.eot]
 
     def prompt_tokens(self, prompt: str) -> tuple[int, bool]:
-        """(tokens of the prompt the model reads, whether it was cut): a prompt longer than the context
-        keeps its last `context - 1` tokens, leaving room for one generated."""
+        """(tokens of the prompt the model reads, whether it was cut): see `prompt_ids`."""
         n = len(self.encode(prompt))
         read = n if n < self.context else self.context - 1
         return read, read < n
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        """The prompt's ids the model reads (its last `context - 1` when it is longer, as `stream_ids`)."""
+        """The prompt's ids the model reads: a prompt longer than the context keeps its last
+        `context - 1` tokens (its beginning-of-text token first, when it has one), leaving room for one
+        generated."""
         ids = self.encode(prompt)
-        return ids[-(self.context - 1) :] if len(ids) >= self.context else ids
+        if len(ids) < self.context:
+            return ids
+        keep = ids[-(self.context - 1) :]
+        return keep if self.bos is None else [self.bos, *keep[1:]]
 
     def stream_ids(self, prompt: str, max_new_tokens: int = 100, **sampling: Any) -> Iterator[int]:
         raise NotImplementedError

@@ -135,15 +135,21 @@ def completion_windows(
 
 @torch.no_grad()
 def completion_loss(
-    model: GPT, tokenizer: Tokenizer, texts: list[dict[str, Any]], batch: int = 16, eot: str = EOT
+    model: GPT,
+    tokenizer: Tokenizer,
+    texts: list[dict[str, Any]],
+    batch: int = 16,
+    eot: str = EOT,
+    bos: str | None = None,
 ) -> dict[str, Any] | None:
     """Mean token loss of the texts' completions given their prompts, every completion token scored
     once (a text longer than the context in overlapping windows: `completion_windows`); None without a
     completion token. Prompt and completion are encoded apart, as generation sees them."""
     context, eot_id = model.cfg.context, special_id(tokenizer, eot)
+    start = [] if bos is None else [special_id(tokenizer, bos)]  # before every prompt, as generation
     rows, texts_scored = [], 0
     for t in texts:
-        prompt = tokenizer.encode(t["prompt"], add_special_tokens=False).ids or [eot_id]
+        prompt = start + tokenizer.encode(t["prompt"], add_special_tokens=False).ids or [eot_id]
         completion = tokenizer.encode(t["completion"], add_special_tokens=False).ids
         if completion:
             rows += completion_windows(prompt, completion, context)
@@ -186,7 +192,9 @@ def score(
     model.float()
     return {
         "test": stream_loss(model, *stream, config),
-        "feedback": completion_loss(model, tokenizer, held_out, eot=config.tokenizer.eot),
+        "feedback": completion_loss(
+            model, tokenizer, held_out, eot=config.tokenizer.eot, bos=config.tokenizer.bos
+        ),
     }
 
 

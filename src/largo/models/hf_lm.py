@@ -10,8 +10,10 @@ a sharded index), never unpickled: a folder with only `pytorch_model.bin` is ref
 `write_imported(bundle, out)` writes it as a largo LM bundle, which then generates, serves, exports,
 fine-tunes (LoRA too) and updates like a pretrained one (`largo import FOLDER --out DIR`).
 
-What the import does not keep: the tokenizer's own BOS rule (largo encodes prompts without special
-tokens, as it pretrains), chat templates, and contexts beyond `context` (default 2048: each served row
+The end-of-text token is the model's eos (`tokenizer.eot`); when the tokenizer's post-processor puts
+a beginning-of-text token first (Llama, Mistral), it becomes `tokenizer.bos`, which largo puts before
+every prompt and fine-tuning document itself (it encodes text without the post-processor). What the
+import does not keep: chat templates, and contexts beyond `context` (default 2048: each served row
 preallocates its KV cache for the whole context).
 """
 
@@ -171,6 +173,16 @@ def _eot(folder: Path, hf: dict[str, Any], tokenizer: Tokenizer) -> str:
     return token
 
 
+def _bos(tokenizer: Tokenizer) -> str | None:
+    """The beginning-of-text token the tokenizer's post-processor puts first (Llama, Mistral), which
+    largo then puts before every document and prompt itself; None when it adds none (Qwen2)."""
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    marked = tokenizer.encode("a", add_special_tokens=True).ids
+    if len(marked) > len(plain) and marked[1 : 1 + len(plain)] == plain:
+        return tokenizer.id_to_token(marked[0])
+    return None
+
+
 def _with_pad(tokenizer: Tokenizer, state: dict[str, torch.Tensor], cfg: GPTConfig) -> tuple[GPTConfig, bool]:
     """Give the tokenizer largo's `<pad>` (fine-tuning batches and classifier encoders pad with it)
     when it has none; a pad id beyond the embedding table adds zero rows for it (a zero output row
@@ -225,7 +237,7 @@ def import_hf_lm(folder: str | Path, context: int | None = None, name: str | Non
         {
             "name": name or folder.name,
             "data": {"paths": [str(folder)]},
-            "tokenizer": {"eot": eot},
+            "tokenizer": {"eot": eot, "bos": _bos(tokenizer)},
             "model": cfg.model_dump(mode="json"),
         },
         str(folder / "config.json"),
@@ -242,6 +254,7 @@ def import_hf_lm(folder: str | Path, context: int | None = None, name: str | Non
             "context": cfg.context,
             "dtype": hf.get("torch_dtype") or hf.get("dtype"),
             "eot": eot,
+            "bos": config.tokenizer.bos,
             "pad_added": pad_added,
         },
         "config": config.model_dump(mode="json"),
