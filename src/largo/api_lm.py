@@ -8,6 +8,7 @@ Hugging Face causal LM folder (Llama, Mistral, Qwen2) into an LM bundle.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,8 +66,8 @@ def prepare_lm(cfg: LMConfig, tokenizer: Any = None) -> tuple[LMConfig, Any, Any
     base = _read_base(cfg) if cfg.train.init_from else None
     if base is not None:  # the base's sizes, and its special tokens (an imported model's own)
         tokenizer = base.tokenizer if tokenizer is None else tokenizer
-        named = base.config.tokenizer
-        tokens = cfg.tokenizer.model_copy(update={"eot": named.eot, "bos": named.bos})
+        named = base.config.tokenizer.model_dump(include={"eot", "bos", "pad", "stop"})
+        tokens = cfg.tokenizer.model_copy(update=named)
         cfg = cfg.model_copy(update={"model": base.config.model, "tokenizer": tokens})
     tokenizer, data = main_first(lambda: prepare_corpus(cfg, tokenizer, log))
     if base is None:
@@ -86,7 +87,7 @@ def prepare_lm(cfg: LMConfig, tokenizer: Any = None) -> tuple[LMConfig, Any, Any
 def _check_base(cfg: LMConfig) -> None:
     """ConfigError for an adapter-only LoRA run on a Hugging Face folder: the bundle would name a base
     whose weights are not a largo bundle's."""
-    from largo.models.hf_lm import is_hf_folder
+    from largo.deploy.hf_lm import is_hf_folder
 
     path, lora = cfg.train.init_from, cfg.train.lora
     if path and is_hf_folder(path) and lora is not None and lora.save == "adapter":
@@ -100,11 +101,14 @@ def _read_base(cfg: LMConfig) -> Any:
     """The bundle train.init_from names: a largo LM bundle, or a Hugging Face causal LM folder converted
     in memory."""
     from largo.deploy.generator import read_lm_bundle
-    from largo.models.hf_lm import import_hf_lm, is_hf_folder
+    from largo.deploy.hf_lm import import_hf_lm, is_hf_folder
 
     _check_base(cfg)
     path = cfg.train.init_from
-    return import_hf_lm(path) if is_hf_folder(path) else read_lm_bundle(path)
+    if not is_hf_folder(path):
+        return read_lm_bundle(path)
+    # a context the config names explicitly (an imported model's own is long and costly to train at)
+    return import_hf_lm(path, cfg.model.context if "context" in cfg.model.model_fields_set else None)
 
 
 def import_lm(folder: str | Path, out: str | Path, *, context: int | None = None) -> Path:
@@ -112,9 +116,11 @@ def import_lm(folder: str | Path, out: str | Path, *, context: int | None = None
     weights, tokenizer.json) into an LM bundle at `out`, which generates, serves, exports and fine-tunes
     like one `pretrain` wrote. `context`: the longest sequence it attends over (default: the model's,
     at most 2048). Returns `out`."""
-    from largo.models.hf_lm import import_hf_lm, write_imported
+    from largo.deploy.hf_lm import import_hf_lm, write_imported
 
-    return write_imported(import_hf_lm(folder, context, name=Path(out).parent.name or None), out)
+    out = Path(out)
+    name = out.parent.name if re.fullmatch(r"v\d+", out.name) else out.name  # runs/<name>/v1, or <name>
+    return write_imported(import_hf_lm(folder, context, name=name or None), out)
 
 
 def _pretrain(cfg: LMConfig, resume: bool | str | Path) -> TrainResult:

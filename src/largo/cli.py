@@ -23,7 +23,7 @@ from largo.config import (
     validate_config,
 )
 from largo.config_seq2seq import dump_seq2seq_config, load_seq2seq_config, validate_seq2seq_config
-from largo.deploy.metadata import BundleError, ParityError, bundle_task
+from largo.deploy.metadata import BundleError, ParityError, bundle_task, hf_hint
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="largo: data → model → bundle → predictions."
@@ -522,7 +522,8 @@ def generate(
     the prompt's target (beam search; greedy or sampled tokens, streamed, with --beams 1 or --temperature)."""
     task = bundle_task(bundle)
     if task not in ("lm", "seq2seq"):
-        raise BundleError(f"{bundle}: not a language-model or seq2seq bundle (largo predict uses it)")
+        hint = hf_hint(bundle) or " (largo predict uses it)"
+        raise BundleError(f"{bundle}: not a language-model or seq2seq bundle{hint}")
     if runtime != "torch":
         if runtime not in ("onnx", "onnx-int8"):
             raise ConfigError(f"--runtime {runtime}: allowed: torch, onnx, onnx-int8")
@@ -581,7 +582,8 @@ def import_(
     typer.echo(
         f"imported {record['model_type']} ({imported['parameters']:,} parameters), "
         f"context {record['context']} of {record['max_position_embeddings']}, end of text {record['eot']!r}"
-        + (", <pad> added" if record["pad_added"] else "")
+        + (f", begins with {record['bos']!r}" if record["bos"] else "")
+        + (f", also stops at {', '.join(map(repr, record['stop']))}" if record["stop"] else "")
     )
     typer.echo(f"bundle:  {path}")
     typer.echo(f'try:     largo generate {path} "..."')

@@ -43,7 +43,9 @@ class CorpusConfig(StrictModel):
     """Where the raw text comes from and how much of it is held out."""
 
     paths: list[str] = Field(
-        ..., min_length=1, description="Files (.txt, .jsonl, .parquet) or folders of them, read in order."
+        ...,
+        description="Files (.txt, .jsonl, .parquet) or folders of them, read in order (an imported "
+        "model's bundle names none).",
     )
     text_field: str = Field("text", description="The text field of .jsonl records / .parquet columns.")
     prompt_field: str | None = Field(
@@ -82,6 +84,30 @@ class LMTokenizerConfig(StrictModel):
         description="A token put before every document and prompt (an imported model's, when its "
         "tokenizer adds one), or null.",
     )
+    pad: str = Field(
+        "<pad>",
+        min_length=1,
+        description="The padding token (a classifier reading the LM pads with it; an imported model's "
+        "own pad, else its end-of-text token).",
+    )
+    stop: list[str] = Field(
+        default_factory=list,
+        description="More tokens that end a generation besides eot (an imported chat model's end of turn).",
+    )
+
+    def special_tokens(self) -> tuple[str, ...]:
+        """The tokens the tokenizer must have: eot, pad, then bos and the stops when named."""
+        return (self.eot, self.pad, *([self.bos] if self.bos else []), *self.stop)
+
+    def named(self) -> tuple[str, ...]:
+        """Cache-key parts for the special tokens that differ from a trained tokenizer's defaults (the
+        defaults add none, so caches written before these settings existed stay valid)."""
+        default = LMTokenizerConfig.model_fields
+        return tuple(
+            f"{key}={getattr(self, key)}"
+            for key in ("eot", "bos", "pad", "stop")
+            if getattr(self, key) != (default[key].default if key != "stop" else [])
+        )
 
     vocab_size: int = Field(8192, ge=260, le=1 << 20, description="Vocabulary size, special tokens included.")
     sample_mb: float = Field(

@@ -202,14 +202,15 @@ def train_byte_bpe(
     encoding: str,
     prompt_field: str | None = None,
     eot: str = EOT,
+    pad: str = PAD,
 ) -> Tokenizer:
-    """A byte-level BPE trained on a sample of the corpus, with the end-of-text token (`eot`) and PAD
-    as its first ids."""
+    """A byte-level BPE trained on a sample of the corpus, with the end-of-text (`eot`) and padding
+    (`pad`) tokens as its first ids."""
     tok = new_byte_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[eot, PAD],
+        special_tokens=[eot, pad],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -222,8 +223,8 @@ def special_id(tok: Tokenizer, token: str) -> int:
     i = tok.token_to_id(token)
     if i is None:
         raise DataError(
-            f"the tokenizer has no {token} token; an LM tokenizer needs its end-of-text token "
-            f"(tokenizer.eot, default {EOT}) and {PAD}"
+            f"the tokenizer has no {token} token; an LM tokenizer needs its end-of-text and padding "
+            f"tokens (tokenizer.eot, tokenizer.pad: default {EOT}, {PAD}) and any bos or stop it names"
         )
     return i
 
@@ -377,13 +378,16 @@ def prepare_corpus(
     (cached, or made now) for the config's corpus."""
     say = log or (lambda _msg: None)
     d = cfg.data
+    if not d.paths:
+        raise DataError("data.paths: no corpus files or folders named")
     files = corpus_files(d.paths)
     fp = fingerprint(files)
     if tokenizer is None and cfg.tokenizer.path:
         tokenizer = Tokenizer.from_file(cfg.tokenizer.path)
     if tokenizer is None:
         t = cfg.tokenizer
-        tdir = cfg.cache_dir / "tokenizers" / _key(fp, t.model_dump_json(), *_fields(d))
+        trained = t.model_dump_json(exclude={"eot", "bos", "pad", "stop"})
+        tdir = cfg.cache_dir / "tokenizers" / _key(fp, trained, *_fields(d), *t.named())
         if (tdir / "tokenizer.json").exists():
             tokenizer = Tokenizer.from_file(str(tdir / "tokenizer.json"))
             say(f"tokenizer: reused {tdir / 'tokenizer.json'}")
@@ -391,16 +395,15 @@ def prepare_corpus(
             say(f"tokenizer: training a byte-level BPE of {t.vocab_size} on up to {t.sample_mb:g} MB")
             tokenizer = train_byte_bpe(
                 files, t.vocab_size, t.sample_mb, t.min_frequency, d.text_field, d.encoding, d.prompt_field,
-                t.eot,
+                t.eot, t.pad,
             )  # fmt: skip
             tdir.mkdir(parents=True, exist_ok=True)
             tokenizer.save(str(tdir / "tokenizer.json"))
     eot, bos = cfg.tokenizer.eot, cfg.tokenizer.bos
-    for token in (eot, PAD, *([bos] if bos else [])):
+    for token in cfg.tokenizer.special_tokens():
         special_id(tokenizer, token)
     tok_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
-    # the defaults leave the keys of earlier caches as they were
-    named = (() if eot == EOT else (eot,)) + (() if bos is None else ("bos", bos))
+    named = cfg.tokenizer.named()
     folder = cfg.cache_dir / "tokens" / _key(fp, tok_hash, *_fields(d), repr(d.valid), *named)
     if (folder / "meta.json").exists():
         say(f"token files: reused {folder}")

@@ -203,11 +203,16 @@ def load_pretrained_tokenizer(cfg: TextFeatureConfig) -> Tokenizer:
 
 
 LM_BUNDLE_FILES = ("config.yaml", "tokenizer.json", "model.safetensors")  # deploy/generator.py writes them
-LM_PAD = "<pad>"  # the padding token of every LM tokenizer (data/corpus.py, which imports torch)
 
 
 def read_lm_model_config(path: str, feature: str | None = None) -> dict[str, Any]:
-    """The GPT sizes (vocab_size included) of the LM bundle that `encoder: {from: path}` names.
+    """The GPT sizes (vocab_size included) of the LM bundle that `encoder: {from: path}` names (see
+    `read_lm_bundle_config`)."""
+    return read_lm_bundle_config(path, feature).model.model_dump(mode="json")
+
+
+def read_lm_bundle_config(path: str, feature: str | None = None) -> Any:
+    """The LMConfig of the LM bundle that `encoder: {from: path}` names.
 
     Raises DataError naming `encoder.from` (and the feature) when the folder is missing or is not a
     language-model bundle, with a hint for the usual mix-ups (a run folder, a Hugging Face folder).
@@ -220,7 +225,10 @@ def read_lm_model_config(path: str, feature: str | None = None) -> dict[str, Any
     data = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
     if not isinstance(data, dict) or data.get("task") != "lm":
         if (folder / "config.json").is_file():
-            hint = "; it looks like a Hugging Face model folder: use `pretrained: PATH` for that"
+            hint = (
+                "; it looks like a Hugging Face model folder: use `pretrained: PATH` for that (a causal "
+                "LM: `largo import PATH --out DIR`, then encoder.from: DIR)"
+            )
         elif versions := sorted(p.parent.name for p in folder.glob("v*/config.yaml")):
             hint = f"; it holds the versions {', '.join(versions)} of a run: name one of them"
         elif isinstance(data, dict):
@@ -232,10 +240,9 @@ def read_lm_model_config(path: str, feature: str | None = None) -> dict[str, Any
     if missing:
         raise DataError(f"{where}: the LM bundle {str(path)!r} lacks {', '.join(missing)} (unfinished run?)")
     try:
-        lm = validate_lm_config(data, str(config_file))
+        return validate_lm_config(data, str(config_file))
     except ConfigError as e:
         raise DataError(f"{where}: {e}") from None
-    return lm.model.model_dump(mode="json")
 
 
 def _pad_id(tok: Tokenizer, model_config: dict[str, Any] | None, feature: str) -> int:
@@ -371,7 +378,8 @@ class TextProcessor:
         prepared = self._prepare(texts)  # jieba segments once, here, for training and the stats
         enc = self.config.encoder
         if enc.kind == "lm":  # checked first, so a wrong folder is reported as encoder.from
-            self.model_config = read_lm_model_config(enc.path, self.config.name)
+            lm = read_lm_bundle_config(enc.path, self.config.name)
+            self.model_config, self.lm_pad = lm.model.model_dump(mode="json"), lm.tokenizer.pad
             tok = load_pretrained_tokenizer(self.config)
             self._check_lm_tokenizer(tok)
         elif t.kind == "pretrained":
@@ -389,8 +397,8 @@ class TextProcessor:
         tok.no_padding()
         tok.no_truncation()
         self.tokenizer = tok
-        if enc.kind == "lm":  # the LM learned `<pad>` as padding; a stray [PAD] in its vocabulary is text
-            self.pad_id = int(tok.token_to_id(LM_PAD))
+        if enc.kind == "lm":  # the LM's own padding token; a stray [PAD] in its vocabulary is text
+            self.pad_id = int(tok.token_to_id(self.lm_pad))
         else:
             self.pad_id = _pad_id(tok, self.model_config, self.config.name)
         self._configure()
@@ -417,11 +425,13 @@ class TextProcessor:
             self.stats["ngram_buckets_kept"] = len(self.ngram_kept)
 
     def _check_lm_tokenizer(self, tok: Tokenizer) -> None:
-        """An LM encoder's tokenizer must pad with `<pad>` and fit the LM's embedding table."""
+        """An LM encoder's tokenizer must have the LM's padding token and fit its embedding table."""
         assert self.model_config is not None
         name, vocab = self.config.name, int(self.model_config["vocab_size"])
-        if tok.token_to_id(LM_PAD) is None:
-            raise DataError(f"text feature {name!r}: tokenizer.path: the tokenizer has no {LM_PAD} token")
+        if tok.token_to_id(self.lm_pad) is None:
+            raise DataError(
+                f"text feature {name!r}: tokenizer.path: the tokenizer has no {self.lm_pad} token"
+            )
         if tok.get_vocab_size(with_added_tokens=True) > vocab:
             raise DataError(
                 f"text feature {name!r}: tokenizer.path: {tok.get_vocab_size()} tokens do not fit the LM's "

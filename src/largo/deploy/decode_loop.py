@@ -256,7 +256,7 @@ class DecodeLoop:
     def _emit(self, row: _Row, token: int, index: int) -> bool:
         """Send one token's text (or end at the end-of-text token); whether the generation is done."""
         job, s = row.job, row.job.settings
-        if s.stop_at_eot and token == self.generator.eot:
+        if s.stop_at_eot and token in self.generator.stops:
             job.finish_reason = "stop"
             return True
         job.tokens += 1

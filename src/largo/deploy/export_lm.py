@@ -193,6 +193,8 @@ def held_out_windows(
         )
         tokens = np.asarray(bundle.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
         source = str(data)
+    elif not bundle.config.data.paths:
+        raise DataError("the bundle names no corpus (an imported model): pass --data FILE to check on")
     else:
         try:
             tokens = np.asarray(prepare_corpus(bundle.config, bundle.tokenizer)[1].valid, dtype=np.int64)

@@ -53,7 +53,7 @@ releases the GIL, so the event loop keeps serving, and pieces come back through 
 `call_soon_threadsafe`.
 
 Torch-free at import, like server.py: the generator is any object shaped like `TextGenerator`
-(`stream_ids`, `encode`, `eot`, `tokenizer`, `context`, `config.name`, `path`, `info()`, and
+(`stream_ids`, `encode`, `eot`, `stops`, `tokenizer`, `context`, `config.name`, `path`, `info()`, and
 `decode_rows` to batch), and only `load_generator()` imports torch, unless it loads an exported LM on
 ONNX Runtime (`lm_onnx.OnnxTextGenerator`, `--runtime onnx`), which needs none.
 
@@ -281,7 +281,7 @@ def run_generation(generator: Any, job: Generation) -> None:
         ids = generated()
         with contextlib.closing(ids):
             for token in ids:
-                if s.stop_at_eot and token == generator.eot:
+                if s.stop_at_eot and token in generator.stops:
                     job.finish_reason = "stop"
                     return
                 if job.cancel.is_set():  # the client left: no more forward passes

@@ -229,7 +229,7 @@ class TextGenerator(LMText):
             stop_id=self.eot if stop_at_eot else None,
         ):
             token = int(nxt[0])
-            if stop_at_eot and token == self.eot:
+            if stop_at_eot and token in self.stops:
                 return
             yield token
 

@@ -418,7 +418,7 @@ class OnnxTextGenerator(LMText):
         for token in stream_numpy(
             self.decode_rows(1), self.prompt_ids(prompt), max_new_tokens, sampling, seed
         ):
-            if stop_at_eot and token == self.eot:
+            if stop_at_eot and token in self.stops:
                 return
             yield token
 

@@ -89,6 +89,7 @@ class LMText:
     tokenizer: Tokenizer
     eot: int
     bos: int | None = None  # put before every prompt (an imported model that reads one)
+    stops: frozenset[int] = frozenset()  # what ends a generation: eot, and any tokenizer.stop
     config: Any
     default_temperature = 0.8  # what a served request that names no temperature gets
 
@@ -105,6 +106,7 @@ class LMText:
         named = self.config.tokenizer
         self.eot = find(named.eot)
         self.bos = None if named.bos is None else find(named.bos)
+        self.stops = frozenset([self.eot, *map(find, named.stop)])
 
     @property
     def context(self) -> int:

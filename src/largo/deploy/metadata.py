@@ -46,7 +46,17 @@ def check_files(path: Path, names: tuple[str, ...]) -> None:
     missing = [n for n in names if not (path / n).exists()]
     if missing:
         hint = " (an unfinished run? resume it with --resume)" if (path / "checkpoints").exists() else ""
-        raise BundleError(f"{path}: not a complete bundle, missing {', '.join(missing)}{hint}")
+        raise BundleError(
+            f"{path}: not a complete bundle, missing {', '.join(missing)}{hint or hf_hint(path)}"
+        )
+
+
+def hf_hint(path: str | Path) -> str:
+    """What to do with a Hugging Face model folder given where a bundle belongs ("" for other folders)."""
+    folder = Path(path)
+    if (folder / "config.json").is_file() and not (folder / "config.yaml").is_file():
+        return f" (a Hugging Face model folder; a causal LM becomes a bundle: largo import {path} --out DIR)"
+    return ""
 
 
 def bundle_task(path: str | Path) -> str | None:

@@ -26,6 +26,7 @@ class Seq2SeqText(LMText):
     config: Any
     tokenizer: Tokenizer
     eot = EOS  # generation stops here (the name TextGenerator's users read)
+    stops = frozenset([EOS])
     default_temperature = 0.0  # served requests decode greedily unless they ask otherwise
 
     @property

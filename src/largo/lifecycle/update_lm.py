@@ -76,7 +76,10 @@ def reference_of(parent: Version, config: LMConfig) -> dict[str, Any]:
         lineage = [d for d in parent.lineage.get("data") or [] if d.get("split") == "corpus"]
         reference = {"data": config.data.model_dump(mode="json"), "lineage": lineage}
     if not reference["lineage"]:
-        raise UpdateError(f"{parent.ref}: its lineage names no corpus files to measure a regression on")
+        raise UpdateError(
+            f"{parent.ref}: its lineage names no corpus files to measure a regression on (an imported "
+            "model has none: fine-tune it on your corpus with train.init_from and register that version)"
+        )
     for d in reference["lineage"]:
         now = path_sha256(d["path"])
         if d["sha256"] is None:

@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 
 import largo
 from largo.cli import app
-from largo.data.corpus import PAD, new_byte_bpe
+from largo.data.corpus import new_byte_bpe
 from largo.deploy.generator import TextGenerator
+from largo.deploy.hf_lm import import_hf_lm
 from largo.deploy.metadata import BundleError
-from largo.models.hf_lm import import_hf_lm
 from tests.lm_corpus import write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,10 +113,21 @@ def test_the_converted_model_computes_the_logits_transformers_computes(folders, 
     with torch.no_grad():
         want = hf_model(folders[family])(ids).logits
         got = bundle.model(ids)
-    vocab = COMMON["vocab_size"]
-    torch.testing.assert_close(got[..., :vocab], want, atol=1e-4, rtol=0)
-    assert got.shape[-1] == vocab + 1  # <pad> added after the model's rows, with a zero output row
-    assert bundle.tokenizer.token_to_id(PAD) == vocab and torch.all(got[..., vocab] == 0)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)  # same vocabulary: no token added
+    assert bundle.config.tokenizer.pad == "</s>"  # no pad token in config.json: the end of text pads
+
+
+def test_an_untied_checkpoint_without_the_tie_setting_keeps_its_output_layer(folders, tmp_path):
+    folder = tmp_path / "mistral"
+    shutil.copytree(folders["mistral"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["tie_word_embeddings"]  # transformers reads it as untied, and lm_head.weight is there
+    (folder / "config.json").write_text(json.dumps(config))
+    bundle = import_hf_lm(folder)
+    assert bundle.config.model.tie_embeddings is False
+    ids = torch.tensor([bundle.tokenizer.encode(TEXT, add_special_tokens=False).ids])
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.model(ids), hf_model(folder)(ids).logits, atol=1e-4, rtol=0)
 
 
 def test_llama3_rope_scaling_is_applied(folders):
@@ -159,14 +170,20 @@ def test_largo_import_writes_a_bundle_that_generates_and_exports(folders, tmp_pa
     assert result.exit_code == 0, result.output
     assert "imported qwen2" in result.output and "context 128 of 256" in result.output
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["imported"]["eot"] == "</s>" and metrics["imported"]["pad_added"] is True
+    assert metrics["imported"]["eot"] == "</s>" and metrics["name"] == "qwen"  # runs/<name>/v1
     loaded = largo.load(out)  # from the bundle alone: safetensors and tokenizer.json
     direct = TextGenerator(import_hf_lm(folders["qwen2"], context=128))
     sampling = {"temperature": 0.9, "top_k": 20, "seed": 3}
     assert loaded.generate("the dog", 30, **sampling) == direct.generate("the dog", 30, **sampling)
     assert loaded.context == 128
-    again = CliRunner().invoke(app, ["import", str(folders["qwen2"]), "--out", str(out)])
-    assert again.exit_code == 2 and "already holds a bundle" in again.output
+    for target in (out, folders["qwen2"]):  # a bundle, or the checkpoint itself: nothing overwritten
+        again = CliRunner().invoke(app, ["import", str(folders["qwen2"]), "--out", str(target)])
+        assert again.exit_code == 2 and "is not empty" in again.output
+    assert hf_model(folders["qwen2"]).config.model_type == "qwen2"
+    hint = CliRunner().invoke(app, ["generate", str(folders["qwen2"]), "hi"])
+    assert hint.exit_code == 2 and f"largo import {folders['qwen2']} --out DIR" in hint.output
+    with pytest.raises(largo.DataError, match="names no corpus .* pass --data"):
+        largo.export(out, format="onnx")  # an imported bundle has no validation split to check on
 
     # the grouped-query graph exports, and its parity check passes on held-out text
     record = largo.export(out, format="onnx", data=corpus)["formats"]["onnx"]
@@ -188,6 +205,7 @@ def test_what_does_not_convert_is_named(folders, tmp_path):
     (bad / "model.safetensors").rename(bad / "pytorch_model.bin")
     with pytest.raises(BundleError, match="only pickled weights"):
         import_hf_lm(bad)
+    (bad / "pytorch_model.bin").rename(bad / "model.safetensors")
     with pytest.raises(BundleError, match="context 4096 exceeds the model's 256 positions"):
         import_hf_lm(folders["mistral"], context=4096)
     (bad / "config.json").write_text(
@@ -195,6 +213,43 @@ def test_what_does_not_convert_is_named(folders, tmp_path):
     )
     with pytest.raises(BundleError, match="RoPE scaling 'yarn' is not supported"):
         import_hf_lm(bad)
+    with pytest.raises(
+        BundleError, match="does not make a valid model: context: .*greater than or equal to 8"
+    ):
+        import_hf_lm(folders["mistral"], context=4)
+    (bad / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))
+    with pytest.raises(BundleError, match="kv_heads \\(3\\) must divide heads \\(4\\)"):
+        import_hf_lm(bad)
+    (bad / "config.json").write_text(json.dumps({**config, "vocab_size": 300}))
+    with pytest.raises(
+        BundleError, match="tokenizer.json has 320 tokens, more than the model's vocab_size of 300"
+    ):
+        import_hf_lm(bad)
+
+
+def test_every_eos_id_ends_a_generation(folders, tmp_path):
+    """A chat model lists several eos ids (Llama 3 Instruct: end of text, end of turn): the first ends
+    documents, and any of them ends a generation, as transformers' generate stops."""
+    folder = tmp_path / "chat"
+    shutil.copytree(folders["qwen2"], folder)
+    gen = TextGenerator(import_hf_lm(folder))
+    free = list(gen.stream_ids("the cat", 40, temperature=0, stop_at_eot=False))
+    stop = next(t for t in free[3:] if t != 1)  # a token it generates after a few steps
+    generation = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [1, stop]}))
+    chat = TextGenerator(import_hf_lm(folder))
+    assert chat.config.tokenizer.stop == [chat.tokenizer.id_to_token(stop)] and chat.eot == 1
+    ours = list(chat.stream_ids("the cat", 40, temperature=0))
+    assert ours == free[: free.index(stop)]
+    with torch.no_grad():
+        ids = torch.tensor([chat.encode("the cat")])
+        theirs = hf_model(folder).generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False
+        )
+    assert theirs[0, ids.shape[1] :].tolist() == [
+        *ours,
+        stop,
+    ]  # transformers yields the stop token, largo does not
 
 
 def _fine_tune(folder: Path, runs: Path, corpus: Path, **train: object) -> dict:
@@ -215,12 +270,14 @@ def _fine_tune(folder: Path, runs: Path, corpus: Path, **train: object) -> dict:
 
 
 def test_init_from_a_hugging_face_folder_fine_tunes_it(folders, tmp_path, corpus):
-    result = largo.pretrain(_fine_tune(folders["mistral"], tmp_path / "runs", corpus, optimizer={"lr": 3e-3}))
+    config = _fine_tune(folders["mistral"], tmp_path / "runs", corpus, optimizer={"lr": 3e-3})
+    result = largo.pretrain({**config, "model": {"context": 64}})  # shorter than the imported 256
     history = [r["valid.loss"] for r in result.metrics["history"] if "valid.loss" in r]
     assert len(history) == 3 and history[-1] < 0.8 * history[0]  # measured: 4.0 → 2.9 nats
     tuned = largo.load(result.path)
     assert tuned.eot == 1 and tuned.config.tokenizer.eot == "</s>"  # the base's end of text kept
     assert tuned.config.model.kv_heads == 2 and tuned.config.model.tie_embeddings is False
+    assert tuned.context == 64
 
 
 def test_lora_on_a_hugging_face_folder_changes_only_the_adapted_layers(folders, tmp_path, corpus):

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import safe_open
-from tokenizers import AddedToken, Tokenizer
+from tokenizers import Tokenizer
 
 from largo.config_lm import GPTConfig, validate_lm_config
-from largo.data.corpus import PAD
 from largo.deploy.metadata import BundleError
 
 HF_LM_TYPES = ("llama", "mistral", "qwen2")  # config.json model_type values that convert
@@ -88,21 +88,27 @@ def hf_gpt_config(hf: dict[str, Any], folder: Path, context: int | None = None) 
         raise _fail(folder, f"context {context} exceeds the model's {most} positions")
     theta, scaling = _rope(hf, folder)
     bias = bool(hf.get("attention_bias", False))
-    return GPTConfig(
-        dim=dim,
-        layers=int(hf["num_hidden_layers"]),
-        heads=heads,
-        kv_heads=int(hf.get("num_key_value_heads") or heads),
-        ff_dim=int(hf["intermediate_size"]),
-        context=context or min(most, DEFAULT_CONTEXT),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        qkv_bias=bias or kind == "qwen2",
-        proj_bias=bias,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", kind != "llama")),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        vocab_size=int(hf["vocab_size"]),
-    )
+    sizes = {
+        "dim": dim,
+        "layers": int(hf["num_hidden_layers"]),
+        "heads": heads,
+        "kv_heads": int(hf.get("num_key_value_heads") or heads),
+        "ff_dim": int(hf["intermediate_size"]),
+        "context": context or min(most, DEFAULT_CONTEXT),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "qkv_bias": bias or kind == "qwen2",
+        "proj_bias": bias,
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "vocab_size": int(hf["vocab_size"]),
+    }
+    try:
+        return GPTConfig(**sizes)
+    except ValidationError as e:
+        problem = e.errors()[0]
+        where = ".".join(map(str, problem["loc"])) or "model"
+        raise _fail(folder, f"it does not make a valid model: {where}: {problem['msg']}") from None
 
 
 class _Tensors:
@@ -160,17 +166,29 @@ def hf_gpt_state(tensors: _Tensors, cfg: GPTConfig) -> dict[str, torch.Tensor]:
     return state
 
 
-def _eot(folder: Path, hf: dict[str, Any], tokenizer: Tokenizer) -> str:
-    """The end-of-text token: generation_config.json's eos (the first of several), else config.json's."""
+def _token_ids(value: Any) -> list[int]:
+    """A config's token id setting (an id, a list of ids, or null) as a list."""
+    if isinstance(value, int):
+        return [value]
+    return [v for v in value if isinstance(v, int)] if isinstance(value, list) else []
+
+
+def _special_tokens(folder: Path, hf: dict[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:
+    """config.tokenizer's eot, stop and pad: the first eos id of generation_config.json (else of
+    config.json) ends documents, the others end generations too (a chat model's end of turn); the pad
+    is the model's pad token, else the end-of-text token (a classifier reading the LM masks it out)."""
     generation = folder / "generation_config.json"
     generated = json.loads(generation.read_text(encoding="utf-8")) if generation.is_file() else {}
-    eos = generated.get("eos_token_id")
-    eos = hf.get("eos_token_id") if eos is None else eos
-    eos = eos[0] if isinstance(eos, list) and eos else eos
-    token = tokenizer.id_to_token(int(eos)) if isinstance(eos, int) else None
-    if token is None:
+
+    def setting(key: str) -> list[int]:
+        return _token_ids(generated.get(key)) or _token_ids(hf.get(key))
+
+    names = [tokenizer.id_to_token(i) for i in setting("eos_token_id")]
+    if not names or None in names:
         raise _fail(folder, "no eos_token_id the tokenizer knows in generation_config.json or config.json")
-    return token
+    pads = [tokenizer.id_to_token(i) for i in setting("pad_token_id")]
+    pad = pads[0] if pads and pads[0] is not None else names[0]
+    return {"eot": names[0], "stop": list(dict.fromkeys(n for n in names[1:] if n != names[0])), "pad": pad}
 
 
 def _bos(tokenizer: Tokenizer) -> str | None:
@@ -181,25 +199,6 @@ def _bos(tokenizer: Tokenizer) -> str | None:
     if len(marked) > len(plain) and marked[1 : 1 + len(plain)] == plain:
         return tokenizer.id_to_token(marked[0])
     return None
-
-
-def _with_pad(tokenizer: Tokenizer, state: dict[str, torch.Tensor], cfg: GPTConfig) -> tuple[GPTConfig, bool]:
-    """Give the tokenizer largo's `<pad>` (fine-tuning batches and classifier encoders pad with it)
-    when it has none; a pad id beyond the embedding table adds zero rows for it (a zero output row
-    too, so its logit is 0). Returns (the config, whether a pad was added)."""
-    if tokenizer.token_to_id(PAD) is not None:
-        return cfg, False
-    tokenizer.add_special_tokens([AddedToken(PAD, special=True, normalized=False)])
-    rows = tokenizer.token_to_id(PAD) + 1
-    if rows > cfg.vocab_size:
-        for name in ("embed.weight", "head.weight"):
-            grown = state[name].new_zeros(rows, cfg.dim)
-            grown[: cfg.vocab_size] = state[name]
-            state[name] = grown
-        if cfg.tie_embeddings:
-            state["head.weight"] = state["embed.weight"]
-        cfg = cfg.model_copy(update={"vocab_size": rows})
-    return cfg, True
 
 
 def import_hf_lm(folder: str | Path, context: int | None = None, name: str | None = None) -> Any:
@@ -213,6 +212,9 @@ def import_hf_lm(folder: str | Path, context: int | None = None, name: str | Non
     if not is_hf_folder(folder):
         raise _fail(folder, "not a Hugging Face model folder (no config.json)")
     hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    tensors = _Tensors(folder)
+    if "tie_word_embeddings" not in hf:  # transformers' default is untied; a checkpoint without an
+        hf["tie_word_embeddings"] = "lm_head.weight" not in tensors  # output layer can only be tied
     cfg = hf_gpt_config(hf, folder, context)
     if not (folder / "tokenizer.json").is_file():
         raise _fail(
@@ -223,21 +225,28 @@ def import_hf_lm(folder: str | Path, context: int | None = None, name: str | Non
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tokenizer.no_padding()
     tokenizer.no_truncation()
-    eot = _eot(folder, hf, tokenizer)
-    state = hf_gpt_state(_Tensors(folder), cfg)
-    cfg, pad_added = _with_pad(tokenizer, state, cfg)
-    with torch.device("meta"):  # no random init of weights about to be overwritten
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise _fail(
+            folder,
+            f"tokenizer.json has {tokenizer.get_vocab_size()} tokens, more than the model's "
+            f"vocab_size of {cfg.vocab_size}",
+        )
+    special = _special_tokens(folder, hf, tokenizer)
+    state = hf_gpt_state(tensors, cfg)
+    with torch.device("meta"):  # no random init of weights about to be replaced
         model = GPT(cfg)
-    model.to_empty(device="cpu")
+    try:
+        model.load_state_dict(state, assign=True)  # the converted tensors become the weights: no copy
+    except RuntimeError as e:
+        raise _fail(folder, f"its weights do not match config.json: {e}") from None
     if cfg.tie_embeddings:
         model.head.weight = model.embed.weight
-    model.load_state_dict(state)
     model.cos, model.sin = rope_tables(cfg.dim // cfg.heads, cfg.context, cfg.rope_theta, cfg.rope_scaling)
     config = validate_lm_config(
         {
             "name": name or folder.name,
-            "data": {"paths": [str(folder)]},
-            "tokenizer": {"eot": eot, "bos": _bos(tokenizer)},
+            "data": {"paths": []},  # nothing of the corpus it was pretrained on is here
+            "tokenizer": {**special, "bos": _bos(tokenizer)},
             "model": cfg.model_dump(mode="json"),
         },
         str(folder / "config.json"),
@@ -253,9 +262,7 @@ def import_hf_lm(folder: str | Path, context: int | None = None, name: str | Non
             "max_position_embeddings": hf.get("max_position_embeddings"),
             "context": cfg.context,
             "dtype": hf.get("torch_dtype") or hf.get("dtype"),
-            "eot": eot,
-            "bos": config.tokenizer.bos,
-            "pad_added": pad_added,
+            **config.tokenizer.model_dump(include={"eot", "bos", "pad", "stop"}),
         },
         "config": config.model_dump(mode="json"),
     }
@@ -263,13 +270,13 @@ def import_hf_lm(folder: str | Path, context: int | None = None, name: str | Non
 
 
 def write_imported(bundle: Any, out: str | Path) -> Path:
-    """Write an imported `LMBundle` as a largo LM bundle folder (config.yaml, tokenizer.json,
-    model.safetensors, metrics.json, report.html); returns the folder."""
+    """Write an imported `LMBundle` as a largo LM bundle into a new or empty folder `out` (config.yaml,
+    tokenizer.json, model.safetensors in fp32, metrics.json, report.html); returns the folder."""
     from largo.deploy.generator import write_lm_bundle, write_lm_start
 
     out = Path(out)
-    if (out / "config.yaml").exists():
-        raise BundleError(f"{out} already holds a bundle; choose a new folder")
+    if out.exists() and (out.resolve() == bundle.path.resolve() or any(out.iterdir())):
+        raise BundleError(f"{out} is not empty (it would overwrite files); choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
     write_lm_start(out, bundle.config, bundle.tokenizer)
     write_lm_bundle(out, bundle.model, {**bundle.metrics, "version": out.name})
