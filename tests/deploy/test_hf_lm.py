@@ -293,3 +293,50 @@ def test_lora_on_a_hugging_face_folder_changes_only_the_adapted_layers(folders, 
     with pytest.raises(largo.ConfigError, match="adapter needs a largo LM bundle"):
         largo.pretrain(adapter)
     assert sorted(p.name for p in (tmp_path / "runs" / "tuned").iterdir()) == ["v1"]  # no empty v2 left
+
+
+def test_sharded_bf16_checkpoints_in_the_transformers_4_layout_convert(folders, tmp_path):
+    folder = tmp_path / "sharded"
+    model = hf_model(folders["llama"]).to(torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="40KB")
+    shutil.copy(folders["llama"] / "tokenizer.json", folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert (folder / "model.safetensors.index.json").exists() and "rope_parameters" in config
+    old = {k: v for k, v in config.items() if k != "rope_parameters"}  # rope_theta + rope_scaling apart
+    scaling = {k: v for k, v in config["rope_parameters"].items() if k != "rope_theta"}
+    old |= {"rope_theta": config["rope_parameters"]["rope_theta"], "rope_scaling": scaling}
+    (folder / "config.json").write_text(json.dumps(old))
+    bundle = import_hf_lm(folder)
+    assert bundle.config.model.rope_scaling is not None
+    ids = torch.tensor([bundle.tokenizer.encode(TEXT, add_special_tokens=False).ids])
+    with torch.no_grad():
+        want = model.float()(ids).logits  # the bf16 weights, computed in fp32 as largo holds them
+        torch.testing.assert_close(bundle.model(ids), want, atol=1e-4, rtol=0)
+
+
+def test_an_imported_model_is_the_text_encoder_of_a_classifier(folders, tmp_path):
+    from largo.config import validate_config
+    from largo.data.features import make_processor
+
+    out = largo.import_lm(folders["qwen2"], tmp_path / "qwen", context=64)
+    config = {
+        "data": {"train": "unused.csv"},
+        "inputs": [{"name": "text", "type": "text", "encoder": {"from": str(out)}}],
+        "outputs": [{"name": "label", "type": "category"}],
+    }
+    proc = make_processor(validate_config(config).inputs[0], False)
+    proc.fit(["the cat sat", "the dog ran to the park"])
+    assert proc.pad_id == 1  # the model's padding: its end of text, as config.tokenizer.pad says
+    ids = proc.encode(["the cat sat", "the dog ran to the park"])
+    assert ids.shape[1] == len(proc.tokenizer.encode("the dog ran to the park").ids) and ids[0, -1] == 1
+    from largo.config import LmEncoderConfig
+    from largo.models.zoo import PRETRAINED_TEXT_ENCODERS
+
+    encoder = PRETRAINED_TEXT_ENCODERS["lm"](
+        LmEncoderConfig.model_validate({"from": str(out)}), 1, 0.0
+    ).eval()
+    base = import_hf_lm(folders["qwen2"], context=64).model
+    with torch.no_grad():
+        pooled = encoder(ids)
+        real = ids[:1, : len(proc.tokenizer.encode("the cat sat").ids)].long()  # the padding left out
+        torch.testing.assert_close(pooled[0], base.hidden(real)[0].mean(0), atol=1e-5, rtol=0)
