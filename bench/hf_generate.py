@@ -45,30 +45,8 @@ SIZES = {
     "quick": {"dim": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ff": 128, "vocab": 2048, "rounds": 2},
 }
 PROMPT, NEW = 64, 128
-WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "and",
-    "a",
-    "dog",
-    "ran",
-    "to",
-    "the",
-    "park",
-    "while",
-    "birds",
-    "sang",
-    "今天",
-    "天气",
-    "很好",
-    "我们",
-    "去",
-    "公园",
-]
+SENTENCE = "the cat sat on a mat and a dog ran to the park while birds sang 今天 天气 很好 我们 去 公园"
+WORDS = tuple(SENTENCE.split())
 
 
 def make_folder(folder: Path, size: dict) -> None:
