@@ -340,3 +340,26 @@ def test_an_imported_model_is_the_text_encoder_of_a_classifier(folders, tmp_path
         pooled = encoder(ids)
         real = ids[:1, : len(proc.tokenizer.encode("the cat sat").ids)].long()  # the padding left out
         torch.testing.assert_close(pooled[0], base.hidden(real)[0].mean(0), atol=1e-5, rtol=0)
+
+
+def test_a_bf16_checkpoint_is_stored_in_bf16_and_loads_exactly(folders, tmp_path):
+    from safetensors import safe_open
+
+    folder = tmp_path / "bf16"
+    hf_model(folders["qwen2"]).to(torch.bfloat16).save_pretrained(folder)
+    shutil.copy(folders["qwen2"] / "tokenizer.json", folder)
+    bundle = import_hf_lm(folder)
+    ids = torch.tensor([bundle.tokenizer.encode(TEXT, add_special_tokens=False).ids])
+    with torch.no_grad():
+        before = bundle.model(ids)
+    out = largo.import_lm(folder, tmp_path / "runs" / "q" / "v1")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
+    size = (out / "model.safetensors").stat().st_size
+    assert size < 1.2 * (folder / "model.safetensors").stat().st_size  # not the fp32 double
+    loaded = largo.load(out).model
+    assert loaded.embed.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), before)  # bf16 values in fp32: nothing rounded
+    fp32 = largo.import_lm(folders["qwen2"], tmp_path / "fp32")
+    assert json.loads((fp32 / "metrics.json").read_text())["imported"]["dtype"] == "float32"

@@ -128,6 +128,7 @@ class _Tensors:
                 why += "; it has only pickled weights (pytorch_model.bin), which largo does not load"
             raise _fail(folder, why)
         self.folder = folder
+        self.dtypes: set[torch.dtype] = set()  # of the tensors read
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -136,7 +137,9 @@ class _Tensors:
         if name not in self.files:
             raise _fail(self.folder, f"the weights lack {name}")
         with safe_open(self.files[name], "pt") as f:
-            return f.get_tensor(name).float()
+            tensor = f.get_tensor(name)
+        self.dtypes.add(tensor.dtype)
+        return tensor.float()
 
 
 def hf_gpt_state(tensors: _Tensors, cfg: GPTConfig) -> dict[str, torch.Tensor]:
@@ -261,7 +264,8 @@ def import_hf_lm(folder: str | Path, context: int | None = None, name: str | Non
             "architectures": hf.get("architectures"),
             "max_position_embeddings": hf.get("max_position_embeddings"),
             "context": cfg.context,
-            "dtype": hf.get("torch_dtype") or hf.get("dtype"),
+            # what write_imported stores: bf16 when every tensor was (fp32 holds them exactly), else fp32
+            "dtype": "bfloat16" if tensors.dtypes == {torch.bfloat16} else "float32",
             **config.tokenizer.model_dump(include={"eot", "bos", "pad", "stop"}),
         },
         "config": config.model_dump(mode="json"),
@@ -271,7 +275,9 @@ def import_hf_lm(folder: str | Path, context: int | None = None, name: str | Non
 
 def write_imported(bundle: Any, out: str | Path) -> Path:
     """Write an imported `LMBundle` as a largo LM bundle into a new or empty folder `out` (config.yaml,
-    tokenizer.json, model.safetensors in fp32, metrics.json, report.html); returns the folder."""
+    tokenizer.json, model.safetensors, metrics.json, report.html); returns the folder. The weights are
+    stored in bf16 when the checkpoint's were (no bigger than it and exact: a bundle's weights load
+    into the fp32 model whatever their dtype), else in fp32."""
     from largo.deploy.generator import write_lm_bundle, write_lm_start
 
     out = Path(out)
@@ -279,5 +285,13 @@ def write_imported(bundle: Any, out: str | Path) -> Path:
         raise BundleError(f"{out} is not empty (it would overwrite files); choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
     write_lm_start(out, bundle.config, bundle.tokenizer)
-    write_lm_bundle(out, bundle.model, {**bundle.metrics, "version": out.name})
+    dtype = torch.bfloat16 if bundle.metrics["imported"]["dtype"] == "bfloat16" else torch.float32
+    params = list(bundle.model.parameters())  # the weights only: RoPE's tables stay fp32
+    try:
+        for p in params:
+            p.data = p.data.to(dtype)
+        write_lm_bundle(out, bundle.model, {**bundle.metrics, "version": out.name})
+    finally:
+        for p in params:
+            p.data = p.data.float()  # exact: the values were bf16 to begin with
     return out
