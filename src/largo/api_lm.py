@@ -142,8 +142,8 @@ def _pretrain(cfg: LMConfig, resume: bool | str | Path) -> TrainResult:
     # cached; a resumed run's own), 3. the model, seeded, from the base weights, with LoRA when asked
     own = Tokenizer.from_file(str(run_dir / "tokenizer.json")) if resume else None
     cfg, tokenizer, data, model, base = prepare_lm(cfg, own)
-    if not resume and is_main_process():
-        write_lm_start(run_dir, cfg, tokenizer)
+    if not resume and is_main_process():  # an imported instruct model's chat template stays with it
+        write_lm_start(run_dir, cfg, tokenizer, base.chat_template if base is not None else None)
     meta = data.meta
     log(f"corpus: {meta['train_tokens']:,} train tokens, {meta['valid_tokens']:,} held out")
 

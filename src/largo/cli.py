@@ -517,6 +517,13 @@ def generate(
     runtime: Annotated[
         str, typer.Option(help="torch, or onnx / onnx-int8: a bundle exported with `largo export`.")
     ] = "torch",
+    chat: Annotated[
+        bool,
+        typer.Option("--chat", help="The prompt is a user's message, laid out by the model's chat template."),
+    ] = False,
+    system: Annotated[
+        str | None, typer.Option(help="With --chat: a system message before the user's.")
+    ] = None,
 ) -> None:
     """Continue a prompt with a language-model bundle (KV-cached sampling); with a seq2seq bundle, write
     the prompt's target (beam search; greedy or sampled tokens, streamed, with --beams 1 or --temperature)."""
@@ -547,6 +554,12 @@ def generate(
         if temperature is None:  # the whole output at once: beam search
             typer.echo(gen.translate(prompt, beams=beams, max_new_tokens=max_new_tokens)[0])
             return
+    if chat or system is not None:
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        try:
+            prompt = gen.chat_prompt([*messages, {"role": "user", "content": prompt}])
+        except ValueError as e:
+            raise ConfigError(f"--chat: {e}") from None
     if max_new_tokens is None:
         max_new_tokens = gen.config.max_new_tokens if task == "seq2seq" else 100
     temperature = gen.default_temperature if temperature is None else temperature

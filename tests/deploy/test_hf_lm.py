@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import transformers
@@ -57,6 +58,14 @@ FAMILIES = {
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"tie_word_embeddings": True}),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
 }
+CHAT = {  # ChatML (Qwen2.5-Instruct), and a Llama-3-like template that opens with the BOS token
+    "qwen2": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "llama": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' and loop.first %}"
+    "{{ raise_exception('a conversation starts with the user') }}{% endif %}"
+    "[{{ m['role'] | upper }}] {{ m['content'] | tojson }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[ASSISTANT]{% endif %}",
+}
 TEXT = "the cat sat on the mat 今天天气很好 and the dog ran to the park " * 3
 
 
@@ -82,6 +91,9 @@ def make_folder(folder: Path, family: str, corpus: Path) -> Path:
                 p.add_(0.2 * torch.randn_like(p))
     model.save_pretrained(folder)
     tok.save(str(folder / "tokenizer.json"))
+    if family in CHAT:  # an instruct model's chat template, where transformers' tokenizer finds it
+        special = {"bos_token": "<s>", "eos_token": "</s>"}
+        (folder / "tokenizer_config.json").write_text(json.dumps({**special, "chat_template": CHAT[family]}))
     return folder
 
 
@@ -285,6 +297,7 @@ def test_lora_on_a_hugging_face_folder_changes_only_the_adapted_layers(folders, 
     lora = {"rank": 4, "alpha": 8, "targets": ["qkv", "proj"], "save": "merged"}
     config = _fine_tune(folders["llama"], tmp_path / "runs", corpus, steps=10, lora=lora)
     tuned = largo.load(largo.pretrain(config).path)
+    assert tuned.chat_template == CHAT["llama"]  # the instruct model's template stays with it
     base = import_hf_lm(folders["llama"])
     ours = tuned.model.state_dict()
     changed = {k for k, v in base.model.state_dict().items() if not torch.equal(v, ours[k])}
@@ -363,3 +376,57 @@ def test_a_bf16_checkpoint_is_stored_in_bf16_and_loads_exactly(folders, tmp_path
         assert torch.equal(loaded(ids), before)  # bf16 values in fp32: nothing rounded
     fp32 = largo.import_lm(folders["qwen2"], tmp_path / "fp32")
     assert json.loads((fp32 / "metrics.json").read_text())["imported"]["dtype"] == "float32"
+
+
+MESSAGES = [
+    {"role": "system", "content": "you answer in 中文"},
+    {"role": "user", "content": "the cat sat on"},
+    {"role": "assistant", "content": "the mat"},
+    {"role": "user", "content": "and the dog?"},
+]
+
+
+@pytest.mark.parametrize("family", list(CHAT))
+def test_chat_messages_become_the_prompt_transformers_lays_out(folders, family, tmp_path):
+    out = largo.import_lm(folders[family], tmp_path / family)
+    assert (out / "chat_template.jinja").read_text() == CHAT[family]
+    gen = largo.load(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folders[family])
+    want = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    prompt = gen.chat_prompt(MESSAGES)
+    assert prompt == (want.removeprefix("<s>") if family == "llama" else want)  # encode puts <s> itself
+    assert gen.encode(prompt) == tokenizer(want, add_special_tokens=False)["input_ids"]  # the same ids
+    assert gen.chat(MESSAGES, 8, temperature=0) == gen.generate(prompt, 8, temperature=0)
+    if family == "llama":
+        with pytest.raises(ValueError, match="^a conversation starts with the user$"):
+            gen.chat_prompt([{"role": "assistant", "content": "hi"}])
+    with pytest.raises(ValueError, match="messages.0: an object with string role and content"):
+        gen.chat_prompt([{"role": "user"}])
+
+
+def test_chat_from_the_cli_and_the_server(folders, tmp_path):
+    from largo.deploy.generate_service import create_generate_app
+    from largo.deploy.server import serve_in_thread
+
+    out = largo.import_lm(folders["qwen2"], tmp_path / "chat")
+    plain = largo.import_lm(folders["mistral"], tmp_path / "plain")  # no template
+    runner = CliRunner()
+    said = runner.invoke(app, ["generate", str(out), "the cat", "--chat", "-n", "6", "--temperature", "0"])
+    gen = largo.load(out)
+    expected = gen.chat([{"role": "user", "content": "the cat"}], 6, temperature=0)
+    assert said.exit_code == 0 and said.output.rstrip("\n") == expected
+    refused = runner.invoke(app, ["generate", str(plain), "hi", "--chat"])
+    assert refused.exit_code == 2 and "this model has no chat template" in refused.output
+
+    body = {"messages": MESSAGES, "max_new_tokens": 6, "temperature": 0}
+    with serve_in_thread(create_generate_app(gen)) as url:
+        answer = httpx.post(f"{url}/generate", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["text"] == gen.chat(MESSAGES, 6, temperature=0)
+        both = httpx.post(f"{url}/generate", json={**body, "prompt": "hi"})
+        assert both.status_code == 422 and "prompt or messages" in both.text
+        bad = httpx.post(f"{url}/generate", json={**body, "messages": [{"role": "user"}]})
+        assert bad.status_code == 422 and "content" in bad.text
+    with serve_in_thread(create_generate_app(largo.load(plain))) as url:
+        none = httpx.post(f"{url}/generate", json=body)
+        assert none.status_code == 422 and "no chat template" in none.text

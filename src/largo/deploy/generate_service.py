@@ -3,6 +3,9 @@
 Protocol. POST /generate takes a JSON body (`GenerateRequest`; every field but `prompt` is optional):
     {"prompt": "从前", "max_new_tokens": 100, "temperature": 0.8, "top_k": 50, "top_p": null,
      "seed": null, "stop_at_eot": true, "stream": null}
+  A model with a chat template (an imported instruct model) takes `messages` instead of `prompt`:
+    {"messages": [{"role": "user", "content": "你好"}], ...}, laid out by the template with the
+  assistant's turn opened (`LMText.chat_prompt`); the rendered prompt is what is logged.
 - Streamed when `stream` is true, or when it is left out and the request says `Accept: text/event-stream`:
   a `text/event-stream` answer (server-sent events) with one `token` event per piece of text as it is
   generated and one `done` event at the end, whose `text` is all the pieces joined:
@@ -101,15 +104,32 @@ BEAM_THREADS = 4  # beam searches at once beside a decode loop (each a worker th
 LM_RECENT_IDS = 10_000  # generations remembered, with their text, for /feedback (a store looks up older ones)
 
 
+class ChatMessage(BaseModel):
+    """One turn of a conversation."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: str = Field(
+        ..., min_length=1, description="system, user or assistant (as the model's template knows)."
+    )
+    content: str = Field(..., description="The text of the turn.")
+
+
 class GenerateRequest(BaseModel):
     """The body of POST /generate. Strict: "5" is not a number, and an unknown key is an error."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(
-        ...,
+    prompt: str | None = Field(
+        None,
         description="The text to continue (may be empty; a too long one keeps its end), or a seq2seq "
-        "model's source (a too long one keeps its start).",
+        "model's source (a too long one keeps its start). Give this or messages.",
+    )
+    messages: list[ChatMessage] | None = Field(
+        None,
+        min_length=1,
+        description="A conversation instead of a prompt (a model with a chat template: an imported "
+        "instruct model); the answer is the assistant's next turn.",
     )
     max_new_tokens: int = Field(100, ge=0, description="Most tokens to generate (≤ the server's limit).")
     temperature: float | None = Field(
@@ -510,6 +530,17 @@ class GenerateService:
                 else "beam search is deterministic: leave temperature out (or use beams 1 to sample)"
             )
             raise InputError([{"loc": ["body", "beams"], "msg": msg, "type": "value_error"}])
+        if (body.prompt is None) == (body.messages is None):
+            msg = "give a prompt or messages (one of them)"
+            raise InputError([{"loc": ["body", "prompt"], "msg": msg, "type": "value_error"}])
+        if body.messages is not None:  # the conversation becomes the prompt the model continues
+            try:
+                prompt = self.generator.chat_prompt([m.model_dump() for m in body.messages])
+            except ValueError as e:
+                raise InputError(
+                    [{"loc": ["body", "messages"], "msg": str(e), "type": "value_error"}]
+                ) from None
+            body = body.model_copy(update={"prompt": prompt})
         if body.temperature is None:  # the served model's default, written into the logged row too
             body = body.model_copy(update={"temperature": default_temperature(self.generator)})
         await self._admit()

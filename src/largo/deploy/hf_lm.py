@@ -12,9 +12,10 @@ fine-tunes (LoRA too) and updates like a pretrained one (`largo import FOLDER --
 
 The end-of-text token is the model's eos (`tokenizer.eot`); when the tokenizer's post-processor puts
 a beginning-of-text token first (Llama, Mistral), it becomes `tokenizer.bos`, which largo puts before
-every prompt and fine-tuning document itself (it encodes text without the post-processor). What the
-import does not keep: chat templates, and contexts beyond `context` (default 2048: each served row
-preallocates its KV cache for the whole context).
+every prompt and fine-tuning document itself (it encodes text without the post-processor), and the
+model's other eos ids end generations too (`tokenizer.stop`). An instruct model's chat template comes
+along (chat_template.jinja, see deploy/chat.py). Not kept: positions beyond `context` (default 2048:
+each served row preallocates its KV cache for the whole context).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from largo.config_lm import GPTConfig, validate_lm_config
+from largo.deploy.chat import read_hf_chat_template
 from largo.deploy.metadata import BundleError
 
 HF_LM_TYPES = ("llama", "mistral", "qwen2")  # config.json model_type values that convert
@@ -270,7 +272,7 @@ def import_hf_lm(folder: str | Path, context: int | None = None, name: str | Non
         },
         "config": config.model_dump(mode="json"),
     }
-    return LMBundle(folder, config, tokenizer, model.eval(), metrics)
+    return LMBundle(folder, config, tokenizer, model.eval(), metrics, read_hf_chat_template(folder))
 
 
 def write_imported(bundle: Any, out: str | Path) -> Path:
@@ -284,7 +286,7 @@ def write_imported(bundle: Any, out: str | Path) -> Path:
     if out.exists() and (out.resolve() == bundle.path.resolve() or any(out.iterdir())):
         raise BundleError(f"{out} is not empty (it would overwrite files); choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
-    write_lm_start(out, bundle.config, bundle.tokenizer)
+    write_lm_start(out, bundle.config, bundle.tokenizer, bundle.chat_template)
     dtype = torch.bfloat16 if bundle.metrics["imported"]["dtype"] == "bfloat16" else torch.float32
     params = list(bundle.model.parameters())  # the weights only: RoPE's tables stay fp32
     try:

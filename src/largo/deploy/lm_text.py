@@ -90,6 +90,7 @@ class LMText:
     eot: int
     bos: int | None = None  # put before every prompt (an imported model that reads one)
     stops: frozenset[int] = frozenset()  # what ends a generation: eot, and any tokenizer.stop
+    chat_template: str | None = None  # an imported instruct model's (deploy/chat.py)
     config: Any
     default_temperature = 0.8  # what a served request that names no temperature gets
 
@@ -157,3 +158,20 @@ class LMText:
     def generate(self, prompt: str, max_new_tokens: int = 100, **sampling: Any) -> str:
         """The generated continuation of `prompt` (without the prompt); arguments as `stream`."""
         return "".join(self.stream(prompt, max_new_tokens, **sampling))
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The prompt of chat `messages` ([{"role": "user", "content": "…"}, …]) laid out by the model's
+        chat template with the assistant's turn opened; ValueError when the model has none. A leading
+        beginning-of-text token is left to `encode`, which puts it first itself."""
+        from largo.deploy.chat import render_chat
+
+        if self.chat_template is None:
+            no = "messages: this model has no chat template (an imported instruct model has one)"
+            raise ValueError(f"{no}; send a prompt")
+        bos = "" if self.bos is None else self.tokenizer.id_to_token(self.bos)
+        text = render_chat(self.chat_template, messages, bos, self.config.tokenizer.eot)
+        return text[len(bos) :] if bos and text.startswith(bos) else text
+
+    def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 100, **sampling: Any) -> str:
+        """The assistant's answer to chat `messages` (see `chat_prompt`); sampling as `stream`."""
+        return self.generate(self.chat_prompt(messages), max_new_tokens, **sampling)
