@@ -64,11 +64,15 @@ def prepare_lm(cfg: LMConfig, tokenizer: Any = None) -> tuple[LMConfig, Any, Any
     from largo.models.gpt import GPT
 
     base = _read_base(cfg) if cfg.train.init_from else None
-    if base is not None:  # the base's sizes, and its special tokens (an imported model's own)
+    if base is not None:  # the base's sizes (its context, unless the config names one: RoPE's tables
+        # are not weights) and its special tokens (an imported model's own)
         tokenizer = base.tokenizer if tokenizer is None else tokenizer
         named = base.config.tokenizer.model_dump(include={"eot", "bos", "pad", "stop"})
         tokens = cfg.tokenizer.model_copy(update=named)
-        cfg = cfg.model_copy(update={"model": base.config.model, "tokenizer": tokens})
+        sizes = base.config.model
+        if "context" in cfg.model.model_fields_set:
+            sizes = sizes.model_copy(update={"context": cfg.model.context})
+        cfg = cfg.model_copy(update={"model": sizes, "tokenizer": tokens})
     tokenizer, data = main_first(lambda: prepare_corpus(cfg, tokenizer, log))
     if base is None:
         model = cfg.model.model_copy(update={"vocab_size": tokenizer.get_vocab_size()})

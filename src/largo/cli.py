@@ -548,18 +548,18 @@ def generate(
             gen = OnnxTranslator(bundle, runtime)
     else:
         gen = api.load(bundle, precision=precision)
+    if chat or system is not None:  # the prompt is a user's message (after a system message)
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        try:
+            prompt = gen.chat_prompt([*messages, {"role": "user", "content": prompt}])
+        except ValueError as e:
+            raise ConfigError(f"--chat: {e}") from None
     if task == "seq2seq" and beams != 1:
         if temperature is not None and beams is not None:
             raise ConfigError("--beams N searches deterministically; to sample (--temperature) use --beams 1")
         if temperature is None:  # the whole output at once: beam search
             typer.echo(gen.translate(prompt, beams=beams, max_new_tokens=max_new_tokens)[0])
             return
-    if chat or system is not None:
-        messages = [{"role": "system", "content": system}] if system is not None else []
-        try:
-            prompt = gen.chat_prompt([*messages, {"role": "user", "content": prompt}])
-        except ValueError as e:
-            raise ConfigError(f"--chat: {e}") from None
     if max_new_tokens is None:
         max_new_tokens = gen.config.max_new_tokens if task == "seq2seq" else 100
     temperature = gen.default_temperature if temperature is None else temperature

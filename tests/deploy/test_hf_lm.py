@@ -218,6 +218,12 @@ def test_what_does_not_convert_is_named(folders, tmp_path):
     with pytest.raises(BundleError, match="only pickled weights"):
         import_hf_lm(bad)
     (bad / "pytorch_model.bin").rename(bad / "model.safetensors")
+    (bad / "config.json").write_text(json.dumps({**config, "pad_token_id": -1}))  # older conversions' "none"
+    assert import_hf_lm(bad).config.tokenizer.pad == "</s>"
+    (bad / "config.json").write_text(json.dumps(config))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(BundleError, match="is a file, not a folder"):
+        largo.import_lm(bad, tmp_path / "a-file")
     with pytest.raises(BundleError, match="context 4096 exceeds the model's 256 positions"):
         import_hf_lm(folders["mistral"], context=4096)
     (bad / "config.json").write_text(
@@ -290,6 +296,10 @@ def test_init_from_a_hugging_face_folder_fine_tunes_it(folders, tmp_path, corpus
     assert tuned.eot == 1 and tuned.config.tokenizer.eot == "</s>"  # the base's end of text kept
     assert tuned.config.model.kv_heads == 2 and tuned.config.model.tie_embeddings is False
     assert tuned.context == 64
+    shorter = {**config, "train": {**config["train"], "init_from": str(result.path), "steps": 2}}
+    assert (
+        largo.load(largo.pretrain({**shorter, "model": {"context": 32}}).path).context == 32
+    )  # a bundle too
 
 
 def test_lora_on_a_hugging_face_folder_changes_only_the_adapted_layers(folders, tmp_path, corpus):
@@ -297,7 +307,7 @@ def test_lora_on_a_hugging_face_folder_changes_only_the_adapted_layers(folders, 
     lora = {"rank": 4, "alpha": 8, "targets": ["qkv", "proj"], "save": "merged"}
     config = _fine_tune(folders["llama"], tmp_path / "runs", corpus, steps=10, lora=lora)
     tuned = largo.load(largo.pretrain(config).path)
-    assert tuned.chat_template == CHAT["llama"]  # the instruct model's template stays with it
+    assert tuned.chat_template.source == CHAT["llama"]  # the instruct model's template stays with it
     base = import_hf_lm(folders["llama"])
     ours = tuned.model.state_dict()
     changed = {k for k, v in base.model.state_dict().items() if not torch.equal(v, ours[k])}
@@ -389,19 +399,48 @@ MESSAGES = [
 @pytest.mark.parametrize("family", list(CHAT))
 def test_chat_messages_become_the_prompt_transformers_lays_out(folders, family, tmp_path):
     out = largo.import_lm(folders[family], tmp_path / family)
-    assert (out / "chat_template.jinja").read_text() == CHAT[family]
+    assert json.loads((out / "chat_template.json").read_text())["template"] == CHAT[family]
     gen = largo.load(out)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folders[family])
     want = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     prompt = gen.chat_prompt(MESSAGES)
-    assert prompt == (want.removeprefix("<s>") if family == "llama" else want)  # encode puts <s> itself
-    assert gen.encode(prompt) == tokenizer(want, add_special_tokens=False)["input_ids"]  # the same ids
+    assert prompt == want
+    assert gen.encode(prompt) == tokenizer(want, add_special_tokens=False)["input_ids"]  # one <s>, not two
     assert gen.chat(MESSAGES, 8, temperature=0) == gen.generate(prompt, 8, temperature=0)
     if family == "llama":
         with pytest.raises(ValueError, match="^a conversation starts with the user$"):
             gen.chat_prompt([{"role": "assistant", "content": "hi"}])
     with pytest.raises(ValueError, match="messages.0: an object with string role and content"):
         gen.chat_prompt([{"role": "user"}])
+
+
+def test_chat_templates_get_what_transformers_gives_them(folders, tmp_path):
+    """Loop controls, {% generation %}, tojson's arguments, the special tokens and a message's other
+    keys render as in transformers; a template error is a ValueError; one that does not compile is
+    refused at import."""
+    folder = tmp_path / "chat"
+    shutil.copytree(folders["qwen2"], folder)
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'skip' %}{% continue %}{% endif %}"
+        "{% generation %}{{ m['role'] }}({{ m.get('name', '-') }}): "
+        "{{ m['content'] | tojson(sort_keys=True) }}"
+        "{% endgeneration %}{{ eos_token }}{% endfor %}{{ bos_token }}|{{ pad_token }}|{{ unk_token }}"
+    )
+    tokens = {"bos_token": "<s>", "eos_token": {"__type": "AddedToken", "content": "</s>"}}
+    tokens |= {"pad_token": "<pad>", "unk_token": "<unk>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tokens, "chat_template": template}))
+    messages = [{"role": "user", "content": "你好", "name": "ann"}, {"role": "skip", "content": "x"}]
+    want = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    gen = TextGenerator(import_hf_lm(folder))
+    assert gen.chat_prompt(messages) == want == 'user(ann): "你好"</s><s>|<pad>|<unk>'
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ 'a' + 1 }}"}))
+    with pytest.raises(ValueError, match="the chat template failed: TypeError"):
+        TextGenerator(import_hf_lm(folder)).chat_prompt(messages)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for m in messages %}"}))
+    with pytest.raises(BundleError, match="the chat template does not compile"):
+        import_hf_lm(folder)
 
 
 def test_chat_from_the_cli_and_the_server(folders, tmp_path):

@@ -83,17 +83,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from largo.deploy.generate_request import GenerateRequest, GenerationFeedback, checked_request
 from largo.deploy.lm_text import text_pieces
 from largo.deploy.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram, ServerMetrics
 from largo.deploy.middleware import BodyLimit, NumpyJSONResponse, RequestMetrics
 from largo.deploy.page import render_lm_page
-from largo.deploy.schema import InputError
 from largo.deploy.server import MiB, ModelError, add_error_handlers, find_served, key_check
 from largo.deploy.sink import JsonlSink
 
@@ -102,74 +101,6 @@ TOKEN_RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 LM_RUNTIMES = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")  # LM and seq2seq bundles alike
 BEAM_THREADS = 4  # beam searches at once beside a decode loop (each a worker thread)
 LM_RECENT_IDS = 10_000  # generations remembered, with their text, for /feedback (a store looks up older ones)
-
-
-class ChatMessage(BaseModel):
-    """One turn of a conversation."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    role: str = Field(
-        ..., min_length=1, description="system, user or assistant (as the model's template knows)."
-    )
-    content: str = Field(..., description="The text of the turn.")
-
-
-class GenerateRequest(BaseModel):
-    """The body of POST /generate. Strict: "5" is not a number, and an unknown key is an error."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: str | None = Field(
-        None,
-        description="The text to continue (may be empty; a too long one keeps its end), or a seq2seq "
-        "model's source (a too long one keeps its start). Give this or messages.",
-    )
-    messages: list[ChatMessage] | None = Field(
-        None,
-        min_length=1,
-        description="A conversation instead of a prompt (a model with a chat template: an imported "
-        "instruct model); the answer is the assistant's next turn.",
-    )
-    max_new_tokens: int = Field(100, ge=0, description="Most tokens to generate (≤ the server's limit).")
-    temperature: float | None = Field(
-        None,
-        ge=0,
-        description="0 is greedy; higher is more varied; null: the model's default (0.8 for a language "
-        "model, 0 for a seq2seq model, whose outputs have one right answer).",
-    )
-    top_k: int | None = Field(50, ge=1, description="Sample among the k likeliest tokens (null: all).")
-    top_p: float | None = Field(
-        None, gt=0, le=1, description="Sample among the likeliest tokens of this mass."
-    )
-    seed: int | None = Field(None, ge=0, lt=2**63, description="Sampling seed; null: a new one, answered.")
-    stop_at_eot: bool = Field(True, description="Stop at the end-of-text token.")
-    stream: bool | None = Field(None, description="Server-sent events; default: when Accept asks for them.")
-    beams: int | None = Field(
-        None,
-        ge=1,
-        le=16,
-        description="A seq2seq model only: beam search with this many beams (better outputs; the text "
-        "comes whole, as one piece, when the search ends); null or 1: tokens as they are generated.",
-    )
-
-
-class GenerationFeedback(BaseModel):
-    """The body of POST /feedback on an LM server: a rating of a generation, a better completion, or both."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prediction_id: uuid.UUID = Field(..., description="The `id` of a generation from POST /generate.")
-    rating: Literal["good", "bad"] | None = Field(None, description="Was the generated text good?")
-    completion: str | None = Field(
-        None, min_length=1, description="The text the model should have written after the prompt."
-    )
-
-    @model_validator(mode="after")
-    def _something(self) -> GenerationFeedback:
-        if self.rating is None and self.completion is None:
-            raise ValueError("give a rating ('good' or 'bad'), a completion, or both")
-        return self
 
 
 def generate_app_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -514,33 +445,10 @@ class GenerateService:
 
     async def generate(self, body: GenerateRequest, request: Request) -> Any:
         """Continue a prompt: JSON, or server-sent events as the tokens come (protocol: the module doc)."""
-        if body.max_new_tokens > self.limit:
-            msg = f"Input should be less than or equal to {self.limit} (this server's max_new_tokens_limit)"
-            raise InputError([{"loc": ["body", "max_new_tokens"], "msg": msg, "type": "less_than_equal"}])
+        body = checked_request(body, self.generator, self.task, self.limit)
         accept = request.headers.get("accept", "")
         stream = body.stream if body.stream is not None else "text/event-stream" in accept
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        if not body.stop_at_eot and self.task == "seq2seq":
-            msg = "a seq2seq model's output ends at its end-of-sequence token; leave stop_at_eot true"
-            raise InputError([{"loc": ["body", "stop_at_eot"], "msg": msg, "type": "value_error"}])
-        if (body.beams or 1) > 1 and (self.task != "seq2seq" or body.temperature not in (None, 0)):
-            msg = (
-                "beam search is for a seq2seq model (this one is a language model: sample instead)"
-                if self.task != "seq2seq"
-                else "beam search is deterministic: leave temperature out (or use beams 1 to sample)"
-            )
-            raise InputError([{"loc": ["body", "beams"], "msg": msg, "type": "value_error"}])
-        if (body.prompt is None) == (body.messages is None):
-            msg = "give a prompt or messages (one of them)"
-            raise InputError([{"loc": ["body", "prompt"], "msg": msg, "type": "value_error"}])
-        if body.messages is not None:  # the conversation becomes the prompt the model continues
-            try:
-                prompt = self.generator.chat_prompt([m.model_dump() for m in body.messages])
-            except ValueError as e:
-                raise InputError(
-                    [{"loc": ["body", "messages"], "msg": str(e), "type": "value_error"}]
-                ) from None
-            body = body.model_copy(update={"prompt": prompt})
         if body.temperature is None:  # the served model's default, written into the logged row too
             body = body.model_copy(update={"temperature": default_temperature(self.generator)})
         await self._admit()

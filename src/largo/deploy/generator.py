@@ -24,7 +24,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tokenizers import Tokenizer
 
 from largo.config_lm import LMConfig, dump_lm_config, validate_lm_config
-from largo.deploy.chat import CHAT_TEMPLATE
+from largo.deploy.chat import ChatTemplate
 from largo.deploy.lm_text import LMText, check_sampling
 from largo.deploy.metadata import (
     ADAPTER_RECORD,
@@ -43,14 +43,14 @@ ADAPTER = "adapter.safetensors"  # LoRA adapter weights of an adapter-only bundl
 
 
 def write_lm_start(
-    run_dir: Path, config: LMConfig, tokenizer: Tokenizer, chat_template: str | None = None
+    run_dir: Path, config: LMConfig, tokenizer: Tokenizer, chat_template: ChatTemplate | None = None
 ) -> None:
     """The resolved config, the tokenizer and a chat template (an imported instruct model's, kept by
     the runs that fine-tune it), written before training starts (what resume reads)."""
     (run_dir / "config.yaml").write_text(dump_lm_config(config), encoding="utf-8")
     tokenizer.save(str(run_dir / TOKENIZER))
     if chat_template is not None:
-        (run_dir / CHAT_TEMPLATE).write_text(chat_template, encoding="utf-8")
+        chat_template.write(run_dir)
 
 
 def write_lm_bundle(
@@ -115,7 +115,7 @@ class LMBundle:
     tokenizer: Tokenizer
     model: GPT
     metrics: dict[str, Any]
-    chat_template: str | None = None  # an imported instruct model's (chat_template.jinja)
+    chat_template: ChatTemplate | None = None  # an imported instruct model's
 
 
 def read_lm_config(path: str | Path) -> LMConfig:
@@ -139,8 +139,7 @@ def read_lm_bundle(path: str | Path) -> LMBundle:
     else:
         model = GPT(config.model)
         load_model(model, str(path / WEIGHTS))
-    template = path / CHAT_TEMPLATE
-    chat = template.read_text(encoding="utf-8") if template.is_file() else None
+    chat = ChatTemplate.read(path)
     return LMBundle(path, config, tokenizer, model.eval(), read_json(path / "metrics.json"), chat)
 
 

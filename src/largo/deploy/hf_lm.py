@@ -14,7 +14,7 @@ The end-of-text token is the model's eos (`tokenizer.eot`); when the tokenizer's
 a beginning-of-text token first (Llama, Mistral), it becomes `tokenizer.bos`, which largo puts before
 every prompt and fine-tuning document itself (it encodes text without the post-processor), and the
 model's other eos ids end generations too (`tokenizer.stop`). An instruct model's chat template comes
-along (chat_template.jinja, see deploy/chat.py). Not kept: positions beyond `context` (default 2048:
+along (chat_template.json, see deploy/chat.py). Not kept: positions beyond `context` (default 2048:
 each served row preallocates its KV cache for the whole context).
 """
 
@@ -30,7 +30,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from largo.config_lm import GPTConfig, validate_lm_config
-from largo.deploy.chat import read_hf_chat_template
+from largo.deploy.chat import read_hf_chat
 from largo.deploy.metadata import BundleError
 
 HF_LM_TYPES = ("llama", "mistral", "qwen2")  # config.json model_type values that convert
@@ -172,10 +172,10 @@ def hf_gpt_state(tensors: _Tensors, cfg: GPTConfig) -> dict[str, torch.Tensor]:
 
 
 def _token_ids(value: Any) -> list[int]:
-    """A config's token id setting (an id, a list of ids, or null) as a list."""
-    if isinstance(value, int):
-        return [value]
-    return [v for v in value if isinstance(v, int)] if isinstance(value, list) else []
+    """A config's token id setting (an id, a list of ids, or null) as a list; a negative id (older
+    conversions write -1 for none) is left out."""
+    ids = value if isinstance(value, list) else [value]
+    return [v for v in ids if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
 
 
 def _special_tokens(folder: Path, hf: dict[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:
@@ -237,6 +237,10 @@ def import_hf_lm(folder: str | Path, context: int | None = None, name: str | Non
             f"vocab_size of {cfg.vocab_size}",
         )
     special = _special_tokens(folder, hf, tokenizer)
+    try:
+        chat = read_hf_chat(folder)  # before the weights: a template that does not compile is refused
+    except ValueError as e:
+        raise _fail(folder, str(e)) from None
     state = hf_gpt_state(tensors, cfg)
     with torch.device("meta"):  # no random init of weights about to be replaced
         model = GPT(cfg)
@@ -272,7 +276,7 @@ def import_hf_lm(folder: str | Path, context: int | None = None, name: str | Non
         },
         "config": config.model_dump(mode="json"),
     }
-    return LMBundle(folder, config, tokenizer, model.eval(), metrics, read_hf_chat_template(folder))
+    return LMBundle(folder, config, tokenizer, model.eval(), metrics, chat)
 
 
 def write_imported(bundle: Any, out: str | Path) -> Path:
@@ -283,6 +287,8 @@ def write_imported(bundle: Any, out: str | Path) -> Path:
     from largo.deploy.generator import write_lm_bundle, write_lm_start
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"{out} is a file, not a folder for the bundle")
     if out.exists() and (out.resolve() == bundle.path.resolve() or any(out.iterdir())):
         raise BundleError(f"{out} is not empty (it would overwrite files); choose a new folder")
     out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from largo.deploy.chat import CHAT_TEMPLATE
+from largo.deploy.chat import ChatTemplate
 from largo.deploy.lm_text import LMText, Sampling, check_sampling
 from largo.deploy.metadata import EXPORT_RECORD, BundleError, check_files, read_json, read_task_config
 from largo.deploy.runtime import _has_torch
@@ -392,8 +392,7 @@ class OnnxTextGenerator(LMText):
         self.config = read_task_config(self.path, "lm", validate_lm_config)
         self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
         self.read_special_ids(self.path)
-        template = self.path / CHAT_TEMPLATE
-        self.chat_template = template.read_text(encoding="utf-8") if template.is_file() else None
+        self.chat_template = ChatTemplate.read(self.path)
         self.runtime, self.device = runtime, "cpu"
         self.lm = OnnxLM(self.path / file, threads)
         self.metrics = read_json(self.path / "metrics.json")

@@ -90,7 +90,7 @@ class LMText:
     eot: int
     bos: int | None = None  # put before every prompt (an imported model that reads one)
     stops: frozenset[int] = frozenset()  # what ends a generation: eot, and any tokenizer.stop
-    chat_template: str | None = None  # an imported instruct model's (deploy/chat.py)
+    chat_template: Any = None  # an imported instruct model's `ChatTemplate` (deploy/chat.py)
     config: Any
     default_temperature = 0.8  # what a served request that names no temperature gets
 
@@ -118,8 +118,8 @@ class LMText:
         """A prompt's token ids, after the beginning-of-text token when the model reads one (else an
         empty prompt starts from the end-of-text token)."""
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        if self.bos is not None:
-            return [self.bos, *ids]
+        if self.bos is not None:  # a chat template's prompt may open with it already
+            return ids if ids[:1] == [self.bos] else [self.bos, *ids]
         return ids or [self.eot]
 
     def prompt_tokens(self, prompt: str) -> tuple[int, bool]:
@@ -159,18 +159,13 @@ class LMText:
         """The generated continuation of `prompt` (without the prompt); arguments as `stream`."""
         return "".join(self.stream(prompt, max_new_tokens, **sampling))
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         """The prompt of chat `messages` ([{"role": "user", "content": "…"}, …]) laid out by the model's
-        chat template with the assistant's turn opened; ValueError when the model has none. A leading
-        beginning-of-text token is left to `encode`, which puts it first itself."""
-        from largo.deploy.chat import render_chat
-
+        chat template with the assistant's turn opened; ValueError when the model has none, or the
+        template refuses the messages."""
         if self.chat_template is None:
-            no = "messages: this model has no chat template (an imported instruct model has one)"
-            raise ValueError(f"{no}; send a prompt")
-        bos = "" if self.bos is None else self.tokenizer.id_to_token(self.bos)
-        text = render_chat(self.chat_template, messages, bos, self.config.tokenizer.eot)
-        return text[len(bos) :] if bos and text.startswith(bos) else text
+            raise ValueError("this model has no chat template (an imported instruct model has one)")
+        return self.chat_template.render(messages)
 
     def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 100, **sampling: Any) -> str:
         """The assistant's answer to chat `messages` (see `chat_prompt`); sampling as `stream`."""
