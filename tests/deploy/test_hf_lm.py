@@ -469,3 +469,22 @@ def test_chat_from_the_cli_and_the_server(folders, tmp_path):
     with serve_in_thread(create_generate_app(largo.load(plain))) as url:
         none = httpx.post(f"{url}/generate", json=body)
         assert none.status_code == 422 and "no chat template" in none.text
+
+
+def test_a_chat_template_decides_where_the_bos_token_goes(folders, tmp_path):
+    """Zephyr-style templates write no <s> on a model whose tokenizer adds one: transformers feeds the
+    template's tokens as they are, and so does largo (a plain prompt still gets its <s>)."""
+    folder = tmp_path / "zephyr"
+    shutil.copytree(folders["llama"], folder)
+    template = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    template += "<|assistant|>\n"
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "</s>", "chat_template": template})
+    )
+    gen = TextGenerator(import_hf_lm(folder))
+    messages = [{"role": "user", "content": "the cat"}]
+    want = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, return_dict=False
+    )
+    assert gen.encode(gen.chat_prompt(messages)) == list(want) and want[0] != gen.bos
+    assert gen.encode(str(gen.chat_prompt(messages)))[0] == gen.bos  # the same text as a plain prompt

@@ -22,6 +22,12 @@ CHAT_TEMPLATE = "chat_template.json"  # in a bundle: {"template": …, "tokens":
 TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
+class ChatPrompt(str):
+    """A prompt a chat template laid out: the model reads its tokens as they are, with no
+    beginning-of-text token put first (the template writes one where the model wants it, and
+    transformers tokenizes a template's text without special tokens too)."""
+
+
 class TemplateRaised(ValueError):
     """The template's own `raise_exception` (e.g. roles out of order): its message is the reason."""
 
@@ -134,15 +140,16 @@ class ChatTemplate:
             json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8"
         )
 
-    def render(self, messages: list[dict[str, Any]]) -> str:
+    def render(self, messages: list[dict[str, Any]]) -> ChatPrompt:
         """The prompt text of `messages`, the assistant's turn opened; ValueError when the template
         refuses them (its own message) or fails on them."""
         checked = check_messages(messages)
         try:
-            return self.compiled.render(
+            text = self.compiled.render(
                 messages=checked, add_generation_prompt=True, tools=None, documents=None, **self.tokens
             )
         except TemplateRaised:
             raise
         except Exception as e:  # noqa: BLE001 - a template is someone else's code: any failure is its
             raise ValueError(f"the chat template failed: {type(e).__name__}: {e}") from None
+        return ChatPrompt(text)

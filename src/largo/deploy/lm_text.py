@@ -12,6 +12,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from largo.deploy.chat import ChatPrompt
 from largo.deploy.metadata import BundleError
 
 Sampling = tuple[float, int | None, float | None]  # (temperature, top_k, top_p) of one generation
@@ -115,11 +116,12 @@ class LMText:
         return self.config.model.context
 
     def encode(self, prompt: str) -> list[int]:
-        """A prompt's token ids, after the beginning-of-text token when the model reads one (else an
-        empty prompt starts from the end-of-text token)."""
+        """A prompt's token ids, after the beginning-of-text token when the model reads one and the
+        prompt does not open with it (else an empty prompt starts from the end-of-text token); a
+        `ChatPrompt` is read as its template laid it out."""
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        if self.bos is not None:  # a chat template's prompt may open with it already
-            return ids if ids[:1] == [self.bos] else [self.bos, *ids]
+        if self.bos is not None and ids[:1] != [self.bos] and not isinstance(prompt, ChatPrompt):
+            return [self.bos, *ids]  # (a chat template's prompt has it where the template put it)
         return ids or [self.eot]
 
     def prompt_tokens(self, prompt: str) -> tuple[int, bool]:
