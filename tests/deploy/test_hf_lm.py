@@ -204,6 +204,9 @@ def test_largo_import_writes_a_bundle_that_generates_and_exports(folders, tmp_pa
         assert record["parity"][way]["max_abs_diff"] < 1e-4
     onnx = largo.load(out, runtime="onnx")
     assert onnx.generate("the dog", 30, temperature=0) == loaded.generate("the dog", 30, temperature=0)
+    for info in (loaded.info(), onnx.info()):  # what `largo info` and /health read
+        assert info["imported"]["model_type"] == "qwen2" and info["chat"] is True
+        assert info["tokens"] == {"eot": "</s>", "bos": None, "pad": "</s>", "stop": []}
 
 
 def test_what_does_not_convert_is_named(folders, tmp_path):

@@ -243,15 +243,5 @@ class TextGenerator(LMText):
             yield token
 
     def info(self) -> dict[str, Any]:
-        """What the bundle holds: sizes, parameter count, held-out perplexity."""
-        history = self.bundle.metrics.get("history") or []
-        return {
-            "path": str(self.path),
-            "name": self.config.name,
-            "task": "lm",
-            "model": self.config.model.model_dump(mode="json"),
-            "parameters": self.model.num_parameters(),
-            "vocab_size": self.tokenizer.get_vocab_size(),
-            "valid": self.bundle.metrics.get("valid"),
-            "steps": history[-1]["step"] if history else None,
-        }
+        """What the bundle holds (`LMText.lm_info`)."""
+        return self.lm_info(self.bundle.metrics, self.model.num_parameters())

@@ -425,16 +425,5 @@ class OnnxTextGenerator(LMText):
             yield token
 
     def info(self) -> dict[str, Any]:
-        """What the bundle holds: sizes, parameter count, held-out perplexity, the runtime."""
-        history = self.metrics.get("history") or []
-        return {
-            "path": str(self.path),
-            "name": self.config.name,
-            "task": "lm",
-            "runtime": self.runtime,
-            "model": self.config.model.model_dump(mode="json"),
-            "parameters": self.metrics.get("parameters"),
-            "vocab_size": self.tokenizer.get_vocab_size(),
-            "valid": self.metrics.get("valid"),
-            "steps": history[-1]["step"] if history else None,
-        }
+        """What the bundle holds (`LMText.lm_info`) and the runtime."""
+        return {**self.lm_info(self.metrics, self.metrics.get("parameters")), "runtime": self.runtime}

@@ -87,6 +87,7 @@ class LMText:
     end-of-text id `eot` and a `config` whose `model.context` is the longest sequence it reads (a
     seq2seq model's `Seq2SeqText` reads its sources its own way and shares the streaming)."""
 
+    path: Any  # the bundle folder
     tokenizer: Tokenizer
     eot: int
     bos: int | None = None  # put before every prompt (an imported model that reads one)
@@ -160,6 +161,24 @@ class LMText:
     def generate(self, prompt: str, max_new_tokens: int = 100, **sampling: Any) -> str:
         """The generated continuation of `prompt` (without the prompt); arguments as `stream`."""
         return "".join(self.stream(prompt, max_new_tokens, **sampling))
+
+    def lm_info(self, metrics: dict[str, Any], parameters: int | None) -> dict[str, Any]:
+        """What a language-model bundle holds, from its config and metrics.json: sizes, parameter count,
+        held-out perplexity, its special tokens, whether it chats, where it was imported from."""
+        history = metrics.get("history") or []
+        return {
+            "path": str(self.path),
+            "name": self.config.name,
+            "task": "lm",
+            "model": self.config.model.model_dump(mode="json"),
+            "parameters": parameters,
+            "vocab_size": self.tokenizer.get_vocab_size(),
+            "valid": metrics.get("valid"),
+            "steps": history[-1]["step"] if history else None,
+            "tokens": self.config.tokenizer.model_dump(include={"eot", "bos", "pad", "stop"}),
+            "chat": self.chat_template is not None,
+            "imported": metrics.get("imported"),
+        }
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         """The prompt of chat `messages` ([{"role": "user", "content": "…"}, …]) laid out by the model's
