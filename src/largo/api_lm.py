@@ -73,7 +73,8 @@ def prepare_lm(cfg: LMConfig, tokenizer: Any = None) -> tuple[LMConfig, Any, Any
         if "context" in cfg.model.model_fields_set:
             sizes = sizes.model_copy(update={"context": cfg.model.context})
         cfg = cfg.model_copy(update={"model": sizes, "tokenizer": tokens})
-    tokenizer, data = main_first(lambda: prepare_corpus(cfg, tokenizer, log))
+    chat = base.chat_template if base is not None else None
+    tokenizer, data = main_first(lambda: prepare_corpus(cfg, tokenizer, log, chat))
     if base is None:
         model = cfg.model.model_copy(update={"vocab_size": tokenizer.get_vocab_size()})
         cfg = cfg.model_copy(update={"model": model})

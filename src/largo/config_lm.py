@@ -54,6 +54,13 @@ class CorpusConfig(StrictModel):
         description="Fine-tuning pairs: the prompt field of .jsonl records / .parquet columns; its tokens "
         "are context, and only the completions (text_field) are trained on and scored.",
     )
+    messages_field: str | None = Field(
+        None,
+        min_length=1,
+        description="Chat fine-tuning: the field of .jsonl records holding a conversation ([{role, "
+        "content}, …] ending with the assistant's turn), laid out by the base model's chat template; "
+        "only the last assistant turn is trained on and scored.",
+    )
     encoding: Literal["auto", "utf-8", "utf-8-sig", "gbk", "gb18030"] = Field(
         "auto", description="Encoding of .txt/.jsonl files; auto detects UTF-8 (with BOM) or GBK."
     )
@@ -68,6 +75,14 @@ class CorpusConfig(StrictModel):
         description="Where tokenizers and token files are cached for reuse by later runs "
         "(default: <runs_dir>/.cache).",
     )
+
+    @model_validator(mode="after")
+    def _one_kind_of_pairs(self) -> CorpusConfig:
+        if self.prompt_field is not None and self.messages_field is not None:
+            raise ValueError(
+                "data.messages_field: a corpus of conversations has no prompt_field; give one of them"
+            )
+        return self
 
 
 class LMTokenizerConfig(StrictModel):

@@ -491,3 +491,53 @@ def test_a_chat_template_decides_where_the_bos_token_goes(folders, tmp_path):
     )
     assert gen.encode(gen.chat_prompt(messages)) == list(want) and want[0] != gen.bos
     assert gen.encode(str(gen.chat_prompt(messages)))[0] == gen.bos  # the same text as a plain prompt
+
+
+def test_an_instruct_model_fine_tunes_on_conversations(folders, tmp_path):
+    """data.messages_field: each record is a conversation laid out by the base's chat template; the
+    last (assistant) turn is the only target, and the tuned model gives it back through /chat's path."""
+    from largo.data.corpus import open_tokens
+
+    qa = [("where did the cat sit?", "on the mat"), ("今天天气怎么样？", "天气很好"), ("who ran?", "the dog")]
+    records = [
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": a},
+            ]
+        }
+        for q, a in qa * 40
+    ]
+    corpus = tmp_path / "chats.jsonl"
+    corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    config = _fine_tune(folders["qwen2"], tmp_path / "runs", corpus, steps=60, optimizer={"lr": 1e-2})
+    config["data"] |= {"messages_field": "messages", "valid": 0.1}
+    result = largo.pretrain({**config, "model": {"context": 128}})  # ChatML's markers are bytes here
+    tuned = largo.load(result.path)
+    base = TextGenerator(import_hf_lm(folders["qwen2"]))
+    tokens = open_tokens(next((tmp_path / "runs" / ".cache" / "tokens").iterdir()))
+    first = base.encode(base.chat_prompt(records[0]["messages"][:-1]))
+    answer = base.tokenizer.encode("on the mat", add_special_tokens=False).ids
+    n = len(first) + len(answer) + 1
+    assert tokens.train[:n].tolist() == [*first, *answer, base.eot]  # prompt, answer, end of turn
+    assert tokens.train_mask[:n].tolist() == [0] * len(first) + [1] * (len(answer) + 1)  # the answer only
+    for q, a in qa:
+        chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": q}]
+        assert tuned.chat(chat, 10, temperature=0) == a  # learned, and it stops at the end of turn
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(
+        json.dumps(records[0]) + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+    )
+    config["data"]["paths"] = [str(broken)]
+    with pytest.raises(largo.DataError, match="broken.jsonl:2: expected an object whose 'messages'"):
+        largo.pretrain(config)
+    both = {**config, "data": {**config["data"], "prompt_field": "q"}}
+    with pytest.raises(
+        largo.ConfigError, match="data.messages_field: a corpus of conversations has no prompt_field"
+    ):
+        largo.pretrain(both)
+    plain = _fine_tune(folders["mistral"], tmp_path / "runs2", corpus)
+    plain["data"] |= {"messages_field": "messages"}
+    with pytest.raises(largo.DataError, match="laid out by a chat template; train.init_from must name"):
+        largo.pretrain(plain)

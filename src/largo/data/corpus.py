@@ -161,6 +161,38 @@ def iter_pairs(
                 yield record.get(prompt_field) or "", record[text_field]
 
 
+def iter_conversations(
+    path: Path, field: str, chat: Any, encoding: str = "auto"
+) -> Iterator[tuple[str, str]]:
+    """(prompt, completion) of each conversation of a .jsonl file: the prompt is every turn but the
+    last laid out by the chat template (a `ChatTemplate`: the assistant's turn opened), the completion
+    the last turn, the assistant's. DataError naming the file and line of a record that is not one."""
+    if path.suffix.lower() != ".jsonl":
+        raise DataError(
+            f"data.messages_field is set: conversations come from .jsonl files, not {path.suffix}", path=path
+        )
+    with open(path, encoding=_resolve_encoding(path, encoding), newline="") as f:
+        for number, record in _jsonl_records(f, path):
+            messages = record.get(field) if isinstance(record, dict) else None
+            last = messages[-1] if isinstance(messages, list) and messages else None
+            if not (
+                isinstance(last, dict)
+                and last.get("role") == "assistant"
+                and isinstance(last.get("content"), str)
+            ):
+                raise DataError(
+                    f"expected an object whose {field!r} is a list of messages ending with the assistant's",
+                    path=path,
+                    line=number,
+                )
+            try:
+                prompt = chat.render(messages[:-1])
+            except ValueError as e:
+                raise DataError(f"{field}: {e}", path=path, line=number) from None
+            if last["content"]:
+                yield prompt, last["content"]
+
+
 # --------------------------------------------------------------------------------------- tokenizer
 
 
@@ -269,9 +301,14 @@ def tokenize_corpus(
     prompt_field: str | None = None,
     eot_token: str = EOT,
     bos_token: str | None = None,
+    conversations: tuple[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Tokenize every file into out_dir/{train,valid}.bin (`eot_token` after each document, `bos_token`
     before it when given); returns meta.json.
+
+    With `conversations` (the messages field and the `ChatTemplate`), every .jsonl record is a
+    conversation, tokenized as a pair (`iter_conversations`): the template's prompt (which holds the
+    beginning-of-text token where the template puts it, so none is added) and the assistant's answer.
 
     With `prompt_field`, every record is a prompt and a completion: the .bin files hold prompt +
     completion + EOT, and {train,valid}.mask (uint8) mark the completion tokens and the EOT as targets;
@@ -282,7 +319,9 @@ def tokenize_corpus(
     dtype = token_dtype(tok.get_vocab_size())
     eot = special_id(tok, eot_token)
     bos = [] if bos_token is None else [special_id(tok, bos_token)]
-    pairs = prompt_field is not None
+    pairs = prompt_field is not None or conversations is not None
+    if conversations is not None:
+        bos = []  # the template writes it
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tokens-", dir=out_dir.parent))
     counts = {"train_tokens": 0, "valid_tokens": 0, "train_chars": 0, "valid_chars": 0}
@@ -318,10 +357,13 @@ def tokenize_corpus(
                 batch.clear()
 
             for path in files:
-                if pairs:
+                if conversations is not None:
+                    field, chat = conversations
                     pieces: Iterator[tuple[str, str, bool]] = (
-                        (p, t, True) for p, t in iter_pairs(path, prompt_field, text_field, encoding)
+                        (p, t, True) for p, t in iter_conversations(path, field, chat, encoding)
                     )
+                elif pairs:
+                    pieces = ((p, t, True) for p, t in iter_pairs(path, prompt_field, text_field, encoding))
                 else:
                     pieces = (("", t, ends) for t, ends in iter_pieces(path, text_field, encoding))
                 starts = True  # a file starts a document; so does the piece after one that ends
@@ -368,18 +410,27 @@ def _key(*parts: str) -> str:
 
 def _fields(d: Any) -> tuple[str, ...]:
     """What of the corpus config the cache keys depend on (a plain corpus keeps its old keys)."""
-    return (d.text_field, d.encoding) + ((f"prompt:{d.prompt_field}",) if d.prompt_field is not None else ())
+    fields = (d.text_field, d.encoding) + (
+        (f"prompt:{d.prompt_field}",) if d.prompt_field is not None else ()
+    )
+    return fields + ((f"messages:{d.messages_field}",) if d.messages_field is not None else ())
 
 
 def prepare_corpus(
-    cfg: LMConfig, tokenizer: Tokenizer | None = None, log: Any = None
+    cfg: LMConfig, tokenizer: Tokenizer | None = None, log: Any = None, chat: Any = None
 ) -> tuple[Tokenizer, TokenData]:
     """The run's tokenizer (given, read from tokenizer.path, cached, or trained) and token files
-    (cached, or made now) for the config's corpus."""
+    (cached, or made now) for the config's corpus; `chat` (the base model's `ChatTemplate`) lays out
+    a corpus of conversations (data.messages_field)."""
     say = log or (lambda _msg: None)
     d = cfg.data
     if not d.paths:
         raise DataError("data.paths: no corpus files or folders named")
+    if d.messages_field is not None and (chat is None or tokenizer is None):
+        raise DataError(
+            "data.messages_field: conversations are laid out by a chat template; train.init_from must name "
+            "a model that has one (an imported instruct model)"
+        )
     files = corpus_files(d.paths)
     fp = fingerprint(files)
     if tokenizer is None and cfg.tokenizer.path:
@@ -404,12 +455,26 @@ def prepare_corpus(
         special_id(tokenizer, token)
     tok_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
     named = cfg.tokenizer.named()
+    if d.messages_field is not None:  # another template lays the same records out otherwise
+        named += (hashlib.sha256(chat.source.encode()).hexdigest()[:16],)
     folder = cfg.cache_dir / "tokens" / _key(fp, tok_hash, *_fields(d), repr(d.valid), *named)
     if (folder / "meta.json").exists():
         say(f"token files: reused {folder}")
     else:
         say(f"token files: tokenizing {len(files)} file(s) into {folder}")
-        tokenize_corpus(files, tokenizer, folder, d.valid, d.text_field, d.encoding, d.prompt_field, eot, bos)
+        conversations = (d.messages_field, chat) if d.messages_field is not None else None
+        tokenize_corpus(
+            files,
+            tokenizer,
+            folder,
+            d.valid,
+            d.text_field,
+            d.encoding,
+            d.prompt_field,
+            eot,
+            bos,
+            conversations,
+        )
     data = open_tokens(folder)
     if len(data.train) <= cfg.model.context:
         raise DataError(

@@ -197,7 +197,8 @@ def held_out_windows(
         raise DataError("the bundle names no corpus (an imported model): pass --data FILE to check on")
     else:
         try:
-            tokens = np.asarray(prepare_corpus(bundle.config, bundle.tokenizer)[1].valid, dtype=np.int64)
+            corpus = prepare_corpus(bundle.config, bundle.tokenizer, chat=bundle.chat_template)
+            tokens = np.asarray(corpus[1].valid, dtype=np.int64)
         except (FileNotFoundError, DataError) as exc:
             raise DataError(f"cannot re-read the run's validation tokens ({exc}); pass --data FILE") from None
         source = "valid split"

@@ -110,7 +110,7 @@ def reference_stream(parent: LMBundle, reference: dict[str, Any]) -> tuple[Any, 
     data = {**reference["data"], "paths": [d["path"] for d in reference["lineage"]]}  # absolute paths
     data["cache_dir"] = data.get("cache_dir") or str(cache_dir(parent))
     cfg = parent.config.model_copy(update={"data": CorpusConfig.model_validate(data)})
-    _, data = prepare_corpus(cfg, parent.tokenizer)
+    _, data = prepare_corpus(cfg, parent.tokenizer, chat=parent.chat_template)
     if len(data.valid) >= 2:
         return data.valid, data.valid_mask, "held out"
     return data.train, data.train_mask, "training windows: none held out"
