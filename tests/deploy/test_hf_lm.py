@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -495,36 +496,52 @@ def test_a_chat_template_decides_where_the_bos_token_goes(folders, tmp_path):
 
 def test_an_instruct_model_fine_tunes_on_conversations(folders, tmp_path):
     """data.messages_field: each record is a conversation laid out by the base's chat template; the
-    last (assistant) turn is the only target, and the tuned model gives it back through /chat's path."""
+    last (assistant) turn with the template's end of turn is the only target (the end-of-text token
+    after it only when that end holds no stopping token), and the tuned model gives it back."""
     from largo.data.corpus import open_tokens
 
     qa = [("where did the cat sit?", "on the mat"), ("今天天气怎么样？", "天气很好"), ("who ran?", "the dog")]
+    system = {"role": "system", "content": "be brief"}
     records = [
-        {
-            "messages": [
-                {"role": "system", "content": "be brief"},
-                {"role": "user", "content": q},
-                {"role": "assistant", "content": a},
-            ]
-        }
+        {"messages": [system, {"role": "user", "content": q}, {"role": "assistant", "content": a}]}
         for q, a in qa * 40
     ]
     corpus = tmp_path / "chats.jsonl"
     corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    config = _fine_tune(folders["qwen2"], tmp_path / "runs", corpus, steps=60, optimizer={"lr": 1e-2})
-    config["data"] |= {"messages_field": "messages", "valid": 0.1}
-    result = largo.pretrain({**config, "model": {"context": 128}})  # ChatML's markers are bytes here
-    tuned = largo.load(result.path)
+
+    def layout(folder: Path, runs: Path, steps: int) -> tuple[Path, list[int], list[int]]:
+        config = _fine_tune(folder, runs, corpus, steps=steps, optimizer={"lr": 1e-2})
+        config["data"] |= {"messages_field": "messages", "valid": 0.1}
+        result = largo.pretrain({**config, "model": {"context": 128}})  # the markers are bytes here
+        tokens = open_tokens(next((runs / ".cache" / "tokens").iterdir()))
+        n = int(np.flatnonzero(tokens.train_mask[1:] < tokens.train_mask[:-1])[0]) + 1  # the first record
+        return result.path, tokens.train[:n].tolist(), tokens.train_mask[:n].tolist()
+
+    # ChatML in this toy tokenizer: <|im_end|> is text, not a stopping token, so </s> follows it
     base = TextGenerator(import_hf_lm(folders["qwen2"]))
-    tokens = open_tokens(next((tmp_path / "runs" / ".cache" / "tokens").iterdir()))
+    _, ids, mask = layout(folders["qwen2"], tmp_path / "runs", 1)
     first = base.encode(base.chat_prompt(records[0]["messages"][:-1]))
-    answer = base.tokenizer.encode("on the mat", add_special_tokens=False).ids
-    n = len(first) + len(answer) + 1
-    assert tokens.train[:n].tolist() == [*first, *answer, base.eot]  # prompt, answer, end of turn
-    assert tokens.train_mask[:n].tolist() == [0] * len(first) + [1] * (len(answer) + 1)  # the answer only
+    answer = base.tokenizer.encode("on the mat<|im_end|>\n", add_special_tokens=False).ids
+    assert ids == [*first, *answer, base.eot]  # prompt, answer and the template's end of turn, </s>
+    assert mask == [0] * len(first) + [1] * (len(answer) + 1)  # the answer only
+
+    # a template that ends each turn with the eos itself (Zephyr): nothing is added after it
+    zephyr = tmp_path / "zephyr"
+    shutil.copytree(folders["qwen2"], zephyr)
+    template = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    template += "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    (zephyr / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "</s>", "chat_template": template})
+    )
+    path, ids, _ = layout(zephyr, tmp_path / "runs-z", 60)
+    end = base.tokenizer.encode("on the mat</s>\n", add_special_tokens=False).ids
+    assert ids[-len(end) :] == end and end.count(base.eot) == 1
+    tuned = largo.load(path)
     for q, a in qa:
-        chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": q}]
+        chat = [system, {"role": "user", "content": q}]
         assert tuned.chat(chat, 10, temperature=0) == a  # learned, and it stops at the end of turn
+    config = _fine_tune(zephyr, tmp_path / "runs-z", corpus)
+    config["data"] |= {"messages_field": "messages"}
     broken = tmp_path / "broken.jsonl"
     broken.write_text(
         json.dumps(records[0]) + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"

@@ -163,10 +163,11 @@ def iter_pairs(
 
 def iter_conversations(
     path: Path, field: str, chat: Any, encoding: str = "auto"
-) -> Iterator[tuple[str, str]]:
-    """(prompt, completion) of each conversation of a .jsonl file: the prompt is every turn but the
-    last laid out by the chat template (a `ChatTemplate`: the assistant's turn opened), the completion
-    the last turn, the assistant's. DataError naming the file and line of a record that is not one."""
+) -> Iterator[tuple[str, str, str]]:
+    """(prompt, answer, turn end) of each conversation of a .jsonl file: the prompt is every turn but
+    the last laid out by the chat template (a `ChatTemplate`: the assistant's turn opened), the answer
+    the last turn's content, the assistant's, and the turn end what the template writes after it.
+    DataError naming the file and line of a record that is not one."""
     if path.suffix.lower() != ".jsonl":
         raise DataError(
             f"data.messages_field is set: conversations come from .jsonl files, not {path.suffix}", path=path
@@ -186,11 +187,22 @@ def iter_conversations(
                     line=number,
                 )
             try:
-                prompt = chat.render(messages[:-1])
+                prompt, end = chat.render(messages[:-1]), chat.turn_end(messages)
             except ValueError as e:
                 raise DataError(f"{field}: {e}", path=path, line=number) from None
             if last["content"]:
-                yield prompt, last["content"]
+                yield prompt, last["content"], end
+
+
+def _conversation_pieces(
+    path: Path, tok: Tokenizer, conversations: tuple[str, Any, set[int]], encoding: str
+) -> Iterator[tuple[str, str, bool]]:
+    """(prompt, answer + its end of turn, whether the end-of-text token must follow: the end of turn
+    holds none of the stopping tokens) of each conversation of a file."""
+    field, chat, stops = conversations
+    for prompt, answer, end in iter_conversations(path, field, chat, encoding):
+        closed = bool(stops & set(tok.encode(end, add_special_tokens=False).ids))
+        yield prompt, answer + end, not closed
 
 
 # --------------------------------------------------------------------------------------- tokenizer
@@ -301,14 +313,16 @@ def tokenize_corpus(
     prompt_field: str | None = None,
     eot_token: str = EOT,
     bos_token: str | None = None,
-    conversations: tuple[str, Any] | None = None,
+    conversations: tuple[str, Any, set[int]] | None = None,
 ) -> dict[str, Any]:
     """Tokenize every file into out_dir/{train,valid}.bin (`eot_token` after each document, `bos_token`
     before it when given); returns meta.json.
 
-    With `conversations` (the messages field and the `ChatTemplate`), every .jsonl record is a
-    conversation, tokenized as a pair (`iter_conversations`): the template's prompt (which holds the
-    beginning-of-text token where the template puts it, so none is added) and the assistant's answer.
+    With `conversations` (the messages field, the `ChatTemplate` and the ids that stop a generation),
+    every .jsonl record is a conversation, tokenized as a pair (`iter_conversations`): the template's
+    prompt (which holds the beginning-of-text token where the template puts it, so none is added) and
+    the assistant's answer with the template's end of turn; `eot_token` follows only when that end
+    holds no stopping token.
 
     With `prompt_field`, every record is a prompt and a completion: the .bin files hold prompt +
     completion + EOT, and {train,valid}.mask (uint8) mark the completion tokens and the EOT as targets;
@@ -358,9 +372,8 @@ def tokenize_corpus(
 
             for path in files:
                 if conversations is not None:
-                    field, chat = conversations
-                    pieces: Iterator[tuple[str, str, bool]] = (
-                        (p, t, True) for p, t in iter_conversations(path, field, chat, encoding)
+                    pieces: Iterator[tuple[str, str, bool]] = _conversation_pieces(
+                        path, tok, conversations, encoding
                     )
                 elif pairs:
                     pieces = ((p, t, True) for p, t in iter_pairs(path, prompt_field, text_field, encoding))
@@ -462,7 +475,8 @@ def prepare_corpus(
         say(f"token files: reused {folder}")
     else:
         say(f"token files: tokenizing {len(files)} file(s) into {folder}")
-        conversations = (d.messages_field, chat) if d.messages_field is not None else None
+        stops = {special_id(tokenizer, t) for t in (eot, *cfg.tokenizer.stop)}
+        conversations = (d.messages_field, chat, stops) if d.messages_field is not None else None
         tokenize_corpus(
             files,
             tokenizer,

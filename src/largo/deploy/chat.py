@@ -140,16 +140,29 @@ class ChatTemplate:
             json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8"
         )
 
-    def render(self, messages: list[dict[str, Any]]) -> ChatPrompt:
-        """The prompt text of `messages`, the assistant's turn opened; ValueError when the template
-        refuses them (its own message) or fails on them."""
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> ChatPrompt:
+        """The prompt text of `messages`, the assistant's turn opened (unless not
+        `add_generation_prompt`); ValueError when the template refuses them (its own message) or fails
+        on them."""
         checked = check_messages(messages)
         try:
             text = self.compiled.render(
-                messages=checked, add_generation_prompt=True, tools=None, documents=None, **self.tokens
+                messages=checked,
+                add_generation_prompt=add_generation_prompt,
+                tools=None,
+                documents=None,
+                **self.tokens,
             )
         except TemplateRaised:
             raise
         except Exception as e:  # noqa: BLE001 - a template is someone else's code: any failure is its
             raise ValueError(f"the chat template failed: {type(e).__name__}: {e}") from None
         return ChatPrompt(text)
+
+    def turn_end(self, messages: list[dict[str, Any]]) -> str:
+        """What the template writes after the last turn's content ("<|im_end|>\n" for ChatML,
+        "<|eot_id|>" for Llama 3): the whole conversation laid out, less the prompt before the last
+        turn and its content; "" when the layout does not split so."""
+        whole = self.render(messages, add_generation_prompt=False)
+        before = self.render(messages[:-1]) + messages[-1]["content"]
+        return whole[len(before) :] if whole.startswith(before) else ""
