@@ -475,16 +475,23 @@ def test_chat_from_the_cli_and_the_server(folders, tmp_path):
         assert none.status_code == 422 and "no chat template" in none.text
 
 
+ZEPHYR = (  # each turn ends with the eos itself, and no <s> is written
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def with_template(folder: Path, copy: Path, template: str) -> Path:
+    """A copy of a model folder whose tokenizer_config.json holds `template` (eos_token </s>)."""
+    shutil.copytree(folder, copy)
+    (copy / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "chat_template": template}))
+    return copy
+
+
 def test_a_chat_template_decides_where_the_bos_token_goes(folders, tmp_path):
     """Zephyr-style templates write no <s> on a model whose tokenizer adds one: transformers feeds the
     template's tokens as they are, and so does largo (a plain prompt still gets its <s>)."""
-    folder = tmp_path / "zephyr"
-    shutil.copytree(folders["llama"], folder)
-    template = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-    template += "<|assistant|>\n"
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": "</s>", "chat_template": template})
-    )
+    folder = with_template(folders["llama"], tmp_path / "zephyr", ZEPHYR)
     gen = TextGenerator(import_hf_lm(folder))
     messages = [{"role": "user", "content": "the cat"}]
     want = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(
@@ -526,13 +533,7 @@ def test_an_instruct_model_fine_tunes_on_conversations(folders, tmp_path):
     assert mask == [0] * len(first) + [1] * (len(answer) + 1)  # the answer only
 
     # a template that ends each turn with the eos itself (Zephyr): nothing is added after it
-    zephyr = tmp_path / "zephyr"
-    shutil.copytree(folders["qwen2"], zephyr)
-    template = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-    template += "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-    (zephyr / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": "</s>", "chat_template": template})
-    )
+    zephyr = with_template(folders["qwen2"], tmp_path / "zephyr", ZEPHYR)
     path, ids, _ = layout(zephyr, tmp_path / "runs-z", 60)
     end = base.tokenizer.encode("on the mat</s>\n", add_special_tokens=False).ids
     assert ids[-len(end) :] == end and end.count(base.eot) == 1
