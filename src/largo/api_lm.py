@@ -70,8 +70,8 @@ def prepare_lm(cfg: LMConfig, tokenizer: Any = None) -> tuple[LMConfig, Any, Any
         named = base.config.tokenizer.model_dump(include={"eot", "bos", "pad", "stop"})
         tokens = cfg.tokenizer.model_copy(update=named)
         sizes = base.config.model
-        if "context" in cfg.model.model_fields_set:
-            sizes = sizes.model_copy(update={"context": cfg.model.context})
+        if (context := _named_context(cfg)) is not None:
+            sizes = sizes.model_copy(update={"context": context})
         cfg = cfg.model_copy(update={"model": sizes, "tokenizer": tokens})
     chat = base.chat_template if base is not None else None
     tokenizer, data = main_first(lambda: prepare_corpus(cfg, tokenizer, log, chat))
@@ -112,8 +112,13 @@ def _read_base(cfg: LMConfig) -> Any:
     path = cfg.train.init_from
     if not is_hf_folder(path):
         return read_lm_bundle(path)
-    # a context the config names explicitly (an imported model's own is long and costly to train at)
-    return import_hf_lm(path, cfg.model.context if "context" in cfg.model.model_fields_set else None)
+    return import_hf_lm(path, _named_context(cfg))  # checked against the model's positions
+
+
+def _named_context(cfg: LMConfig) -> int | None:
+    """model.context when the config names it (a fine-tuning run's shorter one: an imported model's own
+    is long and costly to train at), else None (the base's)."""
+    return cfg.model.context if "context" in cfg.model.model_fields_set else None
 
 
 def import_lm(folder: str | Path, out: str | Path, *, context: int | None = None) -> Path:

@@ -117,11 +117,11 @@ class LMTokenizerConfig(StrictModel):
     def named(self) -> tuple[str, ...]:
         """Cache-key parts for the special tokens that differ from a trained tokenizer's defaults (the
         defaults add none, so caches written before these settings existed stay valid)."""
-        default = LMTokenizerConfig.model_fields
+        default = LMTokenizerConfig()
         return tuple(
             f"{key}={getattr(self, key)}"
             for key in ("eot", "bos", "pad", "stop")
-            if getattr(self, key) != (default[key].default if key != "stop" else [])
+            if getattr(self, key) != getattr(default, key)
         )
 
     vocab_size: int = Field(8192, ge=260, le=1 << 20, description="Vocabulary size, special tokens included.")

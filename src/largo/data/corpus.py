@@ -200,9 +200,11 @@ def _conversation_pieces(
     """(prompt, answer + its end of turn, whether the end-of-text token must follow: the end of turn
     holds none of the stopping tokens) of each conversation of a file."""
     field, chat, stops = conversations
+    closed: dict[str, bool] = {}  # per end of turn: one for every record, as a rule
     for prompt, answer, end in iter_conversations(path, field, chat, encoding):
-        closed = bool(stops & set(tok.encode(end, add_special_tokens=False).ids))
-        yield prompt, answer + end, not closed
+        if end not in closed:
+            closed[end] = bool(stops & set(tok.encode(end, add_special_tokens=False).ids))
+        yield prompt, answer + end, not closed[end]
 
 
 # --------------------------------------------------------------------------------------- tokenizer
@@ -332,10 +334,9 @@ def tokenize_corpus(
     """
     dtype = token_dtype(tok.get_vocab_size())
     eot = special_id(tok, eot_token)
-    bos = [] if bos_token is None else [special_id(tok, bos_token)]
+    # a conversation's template writes the beginning-of-text token where it wants it
+    bos = [] if bos_token is None or conversations is not None else [special_id(tok, bos_token)]
     pairs = prompt_field is not None or conversations is not None
-    if conversations is not None:
-        bos = []  # the template writes it
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tokens-", dir=out_dir.parent))
     counts = {"train_tokens": 0, "valid_tokens": 0, "train_chars": 0, "valid_chars": 0}

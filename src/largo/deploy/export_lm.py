@@ -98,12 +98,15 @@ class GraphCache:
         self.new_v.append(v)
         b, heads, t, d = q.shape
         group = heads // k.shape[1]  # query heads per key/value head (grouped-query attention)
-        mask = self.mask if group == 1 else self.mask.repeat(1, 1, group, 1)
         q = q.reshape(b, k.shape[1], group * t, d)  # a key head's queries, its group's heads in a row
         scale = 1.0 / math.sqrt(d)
         past_kt, past_v = self.past_k[layer], self.past_v[layer]
         scores = torch.cat([q @ past_kt, q @ k.transpose(-1, -2)], dim=-1) * scale  # [b, kvh, g·t, past + t]
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        # the mask [b, 1, t, past + t] broadcasts over the group's heads
+        scores = scores.unflatten(2, (group, t)).masked_fill(
+            ~self.mask[:, :, None], torch.finfo(scores.dtype).min
+        )
+        scores = scores.flatten(2, 3)
         weights = scores.softmax(-1)
         past = past_v.shape[2]
         out = weights[..., :past] @ past_v + weights[..., past:] @ v

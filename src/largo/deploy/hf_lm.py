@@ -211,7 +211,6 @@ def import_hf_lm(folder: str | Path, context: int | None = None, name: str | Non
     folder; BundleError naming the folder and what does not convert."""
     from largo.deploy.generator import LMBundle
     from largo.models.gpt import GPT
-    from largo.models.layers import rope_tables
 
     folder = Path(folder)
     if not is_hf_folder(folder):
@@ -250,7 +249,7 @@ def import_hf_lm(folder: str | Path, context: int | None = None, name: str | Non
         raise _fail(folder, f"its weights do not match config.json: {e}") from None
     if cfg.tie_embeddings:
         model.head.weight = model.embed.weight
-    model.cos, model.sin = rope_tables(cfg.dim // cfg.heads, cfg.context, cfg.rope_theta, cfg.rope_scaling)
+    model.reset_rope("cpu")
     config = validate_lm_config(
         {
             "name": name or folder.name,

@@ -33,6 +33,16 @@ def text_pieces(tokens: Iterable[int], tokenizer: Tokenizer) -> Iterator[str]:
         yield piece
 
 
+def encode_prompt(tokenizer: Tokenizer, prompt: str, eot: int, bos: int | None = None) -> list[int]:
+    """A prompt's token ids as a language model reads it: after the beginning-of-text token `bos`
+    when the model reads one and the prompt does not open with it (else an empty prompt starts from
+    the end-of-text token `eot`); a `ChatPrompt` is read as its template laid it out."""
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    if bos is not None and ids[:1] != [bos] and not isinstance(prompt, ChatPrompt):
+        return [bos, *ids]  # (a chat template's prompt has it where the template put it)
+    return ids or [eot]
+
+
 class TextPieces:
     """`text_pieces` one token at a time: `push(token)` gives the new text ("" while a character is
     unfinished), `end()` whatever is left (for a loop that serves many streams at once).
@@ -117,13 +127,8 @@ class LMText:
         return self.config.model.context
 
     def encode(self, prompt: str) -> list[int]:
-        """A prompt's token ids, after the beginning-of-text token when the model reads one and the
-        prompt does not open with it (else an empty prompt starts from the end-of-text token); a
-        `ChatPrompt` is read as its template laid it out."""
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        if self.bos is not None and ids[:1] != [self.bos] and not isinstance(prompt, ChatPrompt):
-            return [self.bos, *ids]  # (a chat template's prompt has it where the template put it)
-        return ids or [self.eot]
+        """A prompt's token ids (`encode_prompt` with the model's eot and bos)."""
+        return encode_prompt(self.tokenizer, prompt, self.eot, self.bos)
 
     def prompt_tokens(self, prompt: str) -> tuple[int, bool]:
         """(tokens of the prompt the model reads, whether it was cut): see `prompt_ids`."""

@@ -44,6 +44,7 @@ from largo.config import ConfigError
 from largo.config_lm import CorpusConfig, LMConfig, validate_lm_config
 from largo.data.corpus import EOT, prepare_corpus, special_id
 from largo.deploy.generator import LMBundle, read_lm_bundle
+from largo.deploy.lm_text import encode_prompt
 from largo.deploy.metadata import read_json
 from largo.lifecycle.feedback import lm_feedback_texts, write_jsonl
 from largo.lifecycle.registry import Registry, Version, path_sha256
@@ -149,10 +150,10 @@ def completion_loss(
     once (a text longer than the context in overlapping windows: `completion_windows`); None without a
     completion token. Prompt and completion are encoded apart, as generation sees them."""
     context, eot_id = model.cfg.context, special_id(tokenizer, eot)
-    start = [] if bos is None else [special_id(tokenizer, bos)]  # before every prompt, as generation
+    bos_id = None if bos is None else special_id(tokenizer, bos)
     rows, texts_scored = [], 0
     for t in texts:
-        prompt = start + tokenizer.encode(t["prompt"], add_special_tokens=False).ids or [eot_id]
+        prompt = encode_prompt(tokenizer, t["prompt"], eot_id, bos_id)  # as generation reads it
         completion = tokenizer.encode(t["completion"], add_special_tokens=False).ids
         if completion:
             rows += completion_windows(prompt, completion, context)

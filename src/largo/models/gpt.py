@@ -64,11 +64,18 @@ class GPT(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight  # tied input and output embeddings
-        cos, sin = rope_tables(cfg.dim // cfg.heads, cfg.context, cfg.rope_theta, cfg.rope_scaling)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("cos", None, persistent=False)
+        self.register_buffer("sin", None, persistent=False)
+        self.reset_rope()
         self.own_init = True
         self.reset_parameters()
+
+    def reset_rope(self, device: torch.device | str | None = None) -> None:
+        """Compute RoPE's cos and sin tables (buffers, not weights: never saved) for the context, on
+        `device` (a model built on the meta device gets real ones this way once its weights are in)."""
+        c = self.cfg
+        cos, sin = rope_tables(c.dim // c.heads, c.context, c.rope_theta, c.rope_scaling)
+        self.cos, self.sin = (t.to(device) if device is not None else t for t in (cos, sin))
 
     def reset_parameters(self) -> None:
         """GPT-2's init: N(0, 0.02), residual projections scaled down by sqrt(2·layers)."""
